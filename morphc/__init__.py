@@ -1,0 +1,41 @@
+"""morphc: a model-morphism compiler for PyTorch.
+
+Extend a model with bypass branches that change nothing, train in the larger space, and fold the
+branches back into the model's own weights, exactly.
+"""
+
+from morphc.api import contract, extend
+from morphc.errors import (
+    BypassError,
+    ContractionError,
+    FamilyError,
+    MorphcError,
+    PassError,
+    SiteError,
+    TraceError,
+)
+from morphc.extended import ExtendedModel
+from morphc.families import available_families, register_activation
+from morphc.frontend import trace
+from morphc.inspection import InspectionReport, inspect
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BypassError",
+    "ContractionError",
+    "ExtendedModel",
+    "FamilyError",
+    "MorphcError",
+    "PassError",
+    "SiteError",
+    "TraceError",
+    "__version__",
+    "InspectionReport",
+    "available_families",
+    "contract",
+    "extend",
+    "inspect",
+    "register_activation",
+    "trace",
+]

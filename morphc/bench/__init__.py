@@ -1,0 +1,1 @@
+"""``morphc bench``: reproducible evidence, side by side with the usual remedies."""

@@ -1,0 +1,29 @@
+"""Typed errors. Each says what went wrong *and* what to do about it."""
+
+
+class MorphcError(Exception):
+    """Base class of every error morphc raises on purpose."""
+
+
+class TraceError(MorphcError):
+    """Neither frontend (symbolic_trace, torch.export) could turn the model into a graph."""
+
+
+class SiteError(MorphcError):
+    """A requested extension site does not exist or cannot be extended."""
+
+
+class FamilyError(MorphcError):
+    """An activation family is malformed or its constraint set C cannot be derived."""
+
+
+class ContractionError(MorphcError):
+    """Contraction would not be exact (constraints unmet) or would produce bad weights."""
+
+
+class PassError(MorphcError):
+    """A graph pass failed; the message names the pass and those that ran before it."""
+
+
+class BypassError(MorphcError):
+    """The Bypass runtime hit a state it cannot recover from (e.g. NaN with on_nan='raise')."""

@@ -1,0 +1,43 @@
+"""Escape scores: how strongly a bypass at each site could move the loss, ``‖∂L/∂B‖`` at B = 0.
+
+At a stationary point of the original model ``∂L/∂W = Σ δ xᵀ = 0``, yet
+``∂L/∂B = Σ δ ρ(Ax + a)ᵀ`` is non-zero when ρ is non-linear: that is the escape direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from morphc.frontend import no_side_effects
+
+Probe = Callable[[nn.Module], torch.Tensor]
+
+
+def random_direction_probe(example_inputs: tuple, seed: int = 0) -> Probe:
+    """Fallback when no probe is given: ``L = ⟨f(x), R⟩`` for a fixed random direction R.
+
+    It ranks sites by how strongly a bypass there can move the output at all — a proxy for
+    the escape signal when no loss is known.
+    """
+    def probe(module: nn.Module) -> torch.Tensor:
+        out = module(*example_inputs)
+        tensors = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+                   and t.is_floating_point()]
+        gen = torch.Generator().manual_seed(seed)
+        return sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
+                   for t in tensors)
+    return probe
+
+
+def escape_scores(ext, probe: Probe | None = None) -> dict[str, float]:
+    """``‖∂L/∂B‖`` per site of an extended model, without touching ``.grad`` or BN statistics."""
+    probe = probe or random_direction_probe(ext.traced.example_inputs)
+    names = list(ext.branches)
+    with no_side_effects(ext):
+        loss = probe(ext)
+        grads = torch.autograd.grad(loss, [ext.branches[n].B for n in names], allow_unused=True)
+    return {n: (float(g.norm()) if g is not None else 0.0) for n, g in zip(names, grads,
+                                                                            strict=True)}

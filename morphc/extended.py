@@ -1,0 +1,123 @@
+"""``ExtendedModel``: the user's model with bypass branches, as one ``nn.Module``."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from morphc.errors import ContractionError
+from morphc.frontend import TracedModel
+from morphc.sites import Site, SiteTable
+
+
+@dataclass
+class ExtensionConfig:
+    """How an extension was made, so it can be made again identically (e.g. on every DDP rank)."""
+
+    sites: list[str]
+    widths: dict[str, int]
+    families: dict[str, str]
+    seed: int
+    init_scale: float = 1.0
+    escape_scores: dict[str, float] | None = None
+    selection: str = "all"
+
+
+@dataclass
+class ContractionReport:
+    """What a contraction did: parameters written, measured deviation, any forced snap."""
+
+    parameters: list[str]
+    deviation: float | None
+    snap_change: float | None = None
+    residual_before: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = f"folded {len(self.parameters)} parameters; max relative deviation {self.deviation}"
+        if self.snap_change is not None:
+            text += f"; forced snap onto C changed the output by {self.snap_change:.3g}"
+        return text
+
+
+class ExtendedModel(nn.Module):
+    """The extended graph. Calling it computes ``model(x)`` plus every branch.
+
+    The graph module holds the user's own Parameter objects, so training this module trains the
+    user's model; ``extension_parameters()`` are the only new ones.
+    """
+
+    def __init__(self, model: nn.Module, traced: TracedModel, graph_module: fx.GraphModule,
+                 site_table: SiteTable, sites: list[Site], branches: dict[str, nn.Module],
+                 homotopy: torch.Tensor, config: ExtensionConfig) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        object.__setattr__(self, "_model", model)   # the user's object, not a submodule
+        object.__setattr__(self, "branches", dict(branches))
+        self.traced, self.site_table, self.sites, self.config = traced, site_table, sites, config
+        self._homotopy = homotopy
+        self.contracted = False
+        self.contraction_report: ContractionReport | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The user's model object (what ``morphc.contract`` returns)."""
+        return self._model
+
+    def forward(self, *args, **kwargs):
+        if self.contracted:
+            raise ContractionError(
+                "this extended model was contracted: its branches now live in the user's weights; "
+                "call the model that morphc.contract returned"
+            )
+        return self.graph_module(*args, **kwargs)
+
+    def extension_parameters(self):
+        """The new parameters only (A, a, B, α of every branch)."""
+        for branch in self.branches.values():
+            yield from branch.parameters()
+
+    def named_extension_parameters(self):
+        for name, branch in self.branches.items():
+            for pname, param in branch.named_parameters():
+                yield f"{name}.{pname}", param
+
+    def set_homotopy(self, s: float) -> None:
+        """1.0: free non-linearity; 0.0: on the constraint set C. Updated in place, so compiled
+        graphs are not recaptured."""
+        s = float(s)
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"homotopy must be in [0, 1], got {s}")
+        with torch.no_grad():
+            self._homotopy.fill_(s)
+
+    @property
+    def homotopy(self) -> float:
+        return float(self._homotopy)
+
+    def constraint_residual(self) -> float:
+        """Largest violation of the constraint equations over all branches; 0.0 when contraction
+        is exact."""
+        with torch.no_grad():
+            values = [float(b.constraint_residual()) for b in self.branches.values()]
+        return max(values, default=0.0)
+
+    def train(self, mode: bool = True):
+        if self.traced.frontend == "export":
+            if mode != self.traced.training:
+                captured = "train" if self.traced.training else "eval"
+                warnings.warn(
+                    f"this model was captured by torch.export in {captured} "
+                    "mode; its graph keeps that mode's behaviour (dropout, BatchNorm). Call "
+                    "model.train()/eval() before morphc.extend to choose.", stacklevel=2)
+            for module in [self, *self.branches.values()]:
+                module.training = mode
+            return self
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return (f"frontend={self.traced.frontend}, sites={[s.name for s in self.sites]}, "
+                f"homotopy={self.homotopy}")

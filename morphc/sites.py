@@ -1,0 +1,131 @@
+"""The site table: which linear operators in a graph can carry a bypass branch.
+
+A *site* is one weight Parameter of the user's model used as the weight of linear operators
+(``linear``, ``convNd``, ``matmul`` against a parameter). A weight used at several graph nodes
+(tied weights) is one site with several ``node_names``: they share one branch, so the fold stays
+consistent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+from morphc.errors import SiteError
+
+SITE_META = "morphc_site"  # node.meta key on site nodes: the site name
+ROLE_META = "morphc_role"  # node.meta key on inserted nodes: "extension" | "extension_add"
+
+
+@dataclass
+class ConvConfig:
+    """Hyper-parameters a bypass conv must copy so its output grid matches the site's."""
+
+    dim: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str = "zeros"
+
+
+@dataclass
+class SiteUse:
+    """One graph node that uses the site's weight."""
+
+    node: str
+    op: str                      # e.g. "nn.Linear", "F.linear", "aten.conv2d", "matmul"
+    input_arg: int               # index of the node argument the branch reads
+    bias_name: str | None
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class Site:
+    """A weight parameter that can be extended, and everything a branch needs to know about it."""
+
+    name: str
+    kind: str                    # "linear" | "conv" | "matmul_right" | "matmul_left"
+    weight_name: str
+    in_features: int
+    out_features: int
+    uses: list[SiteUse] = field(default_factory=list)
+    conv: ConvConfig | None = None
+    excluded: str | None = None  # why this weight cannot be extended (e.g. used elsewhere)
+    bias_foldable: bool = True   # False: some use has no bias, or a bias is used elsewhere
+
+    @property
+    def node_names(self) -> list[str]:
+        return [u.node for u in self.uses]
+
+    @property
+    def groups(self) -> int:
+        return self.conv.groups if self.conv else 1
+
+    @property
+    def tied(self) -> bool:
+        return len(self.uses) > 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SiteTable(dict[str, Site]):
+    """Sites by name, in graph order."""
+
+    def extendable(self) -> list[Site]:
+        return [s for s in self.values() if s.excluded is None]
+
+    def describe(self) -> str:
+        return ", ".join(self) or "(none)"
+
+
+SiteSpec = str | Iterable[str] | Callable[[Site], bool]
+
+
+def _matches(pattern: str, site: Site) -> bool:
+    """PEFT-style matching: exact name, weight name, a ``.suffix`` match, or a full-match regex."""
+    names = (site.name, site.weight_name)
+    if pattern in names or any(n.endswith("." + pattern) for n in names):
+        return True
+    try:
+        return any(re.fullmatch(pattern, n) for n in names)
+    except re.error:
+        return False
+
+
+def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = ()) -> list[Site]:
+    """Resolve a user's site choice to a list of sites; no match is an error listing what exists.
+
+    ``sites`` is ``"all"``, one name/pattern, a list of names/patterns, or a predicate
+    ``(Site) -> bool``. (``"auto"`` is resolved by the caller from escape scores.)
+    """
+    candidates = table.extendable()
+    if sites == "all":
+        chosen = list(candidates)
+    elif callable(sites):
+        chosen = [s for s in candidates if sites(s)]
+    else:
+        patterns = [sites] if isinstance(sites, str) else list(sites)
+        chosen = []
+        for pattern in patterns:
+            hits = [s for s in candidates if _matches(pattern, s)]
+            if not hits:
+                blocked = [s for s in table.values() if s.excluded and _matches(pattern, s)]
+                if blocked:
+                    raise SiteError(f"site {pattern!r} cannot be extended: {blocked[0].excluded}")
+                raise SiteError(
+                    f"no site matches {pattern!r}; sites in this model: {table.describe()}"
+                )
+            chosen.extend(h for h in hits if h not in chosen)
+    excluded = list(exclude)
+    chosen = [s for s in chosen if not any(_matches(p, s) for p in excluded)]
+    if not chosen:
+        raise SiteError(
+            f"the site selection {sites!r} (exclude={excluded}) left no site to extend; "
+            f"sites in this model: {table.describe()}"
+        )
+    return chosen

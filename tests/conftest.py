@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+# Deterministic, quiet, and fair to a 2-core CI machine.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
