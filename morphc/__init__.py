@@ -21,7 +21,31 @@ from morphc.inspection import InspectionReport, inspect
 
 __version__ = "0.1.0"
 
+# Heavier parts load on first use, so `import morphc` stays cheap.
+_LAZY = {
+    "Bypass": "morphc.bypass",
+    "Plateau": "morphc.triggers",
+    "GradientNorm": "morphc.triggers",
+    "Schedule": "morphc.triggers",
+    "Trigger": "morphc.triggers",
+    "ModelSpace": "morphc.space",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'morphc' has no attribute {name!r}")
+
 __all__ = [
+    "Bypass",
+    "GradientNorm",
+    "ModelSpace",
+    "Plateau",
+    "Schedule",
+    "Trigger",
     "BypassError",
     "ContractionError",
     "ExtendedModel",
