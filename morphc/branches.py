@@ -41,10 +41,11 @@ class BypassBranch(nn.Module):
             (out_features, width)
         fan_in = math.prod(a_shape[1:])
         factory = dict(dtype=dtype, device=device)
-        a_init = torch.randn(a_shape, generator=generator, dtype=torch.float64)
-        self.A = nn.Parameter((a_init * init_scale / math.sqrt(fan_in)).to(**factory))
+        init_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        a_init = torch.randn(a_shape, generator=generator, dtype=init_dtype)
+        self.A = nn.Parameter((a_init * (init_scale / math.sqrt(fan_in))).to(**factory))
         if with_bias:
-            a_bias = torch.randn(width, generator=generator, dtype=torch.float64) * 0.1
+            a_bias = torch.randn(width, generator=generator, dtype=init_dtype) * 0.1
             self.a = nn.Parameter(a_bias.to(**factory))
         else:
             self.register_parameter("a", None)

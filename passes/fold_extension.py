@@ -19,14 +19,14 @@ from morphc.sites import ROLE_META, Site
 
 
 def _fold_linear(A, B, p):          # ΔW[o,i] = Σ_k B[o,k] p[k] A[k,i]
-    return torch.einsum("ok,k,ki->oi", B, p, A)
+    return (B * p) @ A
 
 
 def _fold_conv(A, B, p, groups):    # per group g: ΔW_g = B_g · diag(p_g) · A_g (A_g a kernel stack)
     k, out = A.shape[0], B.shape[0]
     a = A.reshape(groups, k // groups, -1)
     b = B.reshape(groups, out // groups, k // groups)
-    delta = torch.einsum("gok,gk,gkr->gor", b, p.reshape(groups, -1), a)
+    delta = torch.bmm(b * p.reshape(groups, 1, -1), a)
     return delta.reshape(out, *A.shape[1:])
 
 
