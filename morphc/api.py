@@ -132,7 +132,8 @@ def _run(module: nn.Module, inputs: tuple, guard: nn.Module):
         return module(*inputs)
 
 
-VERIFY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+VERIFY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2,
+                    torch.float16: 5e-2}  # a safety net against bugs, not the C1 target
 
 
 def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) -> nn.Module:

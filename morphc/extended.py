@@ -58,7 +58,7 @@ class ExtendedModel(nn.Module):
         object.__setattr__(self, "_model", model)   # the user's object, not a submodule
         object.__setattr__(self, "branches", dict(branches))
         self.traced, self.site_table, self.sites, self.config = traced, site_table, sites, config
-        self._homotopy = homotopy
+        self.register_buffer("_homotopy", homotopy, persistent=False)
         self.contracted = False
         self.contraction_report: ContractionReport | None = None
 
@@ -117,6 +117,13 @@ class ExtendedModel(nn.Module):
                 module.training = mode
             return self
         return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()`` / ``.double()`` make new tensors; keep one homotopy shared by all branches."""
+        super()._apply(fn, recurse)
+        for branch in self.branches.values():
+            branch.homotopy = self._homotopy
+        return self
 
     def extra_repr(self) -> str:
         return (f"frontend={self.traced.frontend}, sites={[s.name for s in self.sites]}, "

@@ -119,7 +119,7 @@ def _conv_from_node(node: fx.Node, rule: _FunctionRule, weight: torch.Tensor) ->
     )
 
 
-def _record_module_call(gm, node, uses: _Uses, found: dict) -> None:
+def _record_module_call(gm, node, uses: _Uses) -> None:
     module = gm.get_submodule(node.target)
     site_weight = module.weight if isinstance(module, SITE_MODULES) else None
     bias = getattr(module, "bias", None) if site_weight is not None else None
@@ -226,7 +226,7 @@ def find_sites(gm: fx.GraphModule) -> PassResult:
     consumed: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            _record_module_call(gm, node, uses, {})
+            _record_module_call(gm, node, uses)
         elif node.op == "call_function":
             consumed |= _record_function_call(gm, node, uses)
     for node in gm.graph.nodes:  # any other use of a parameter blocks folding into it

@@ -179,3 +179,30 @@ def test_failed_contraction_leaves_weights_untouched():
     with pytest.raises(morphc.ContractionError, match="non-finite"):
         morphc.contract(ext)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_low_precision_fold_is_done_in_float64_and_reported():
+    model, inputs = build("mlp")
+    model = model.to(torch.bfloat16)
+    inputs = tuple(x.to(torch.bfloat16) for x in inputs)
+    ext = morphc.extend(model, inputs, sites="all", width=4)
+    with torch.no_grad():
+        for branch in ext.branches.values():
+            branch.B.normal_(0, 0.1)
+    ext.set_homotopy(0.0)
+    with torch.no_grad():
+        extended = ext(*inputs)
+    morphc.contract(ext)
+    deviation = ext.contraction_report.deviation
+    # one bf16 rounding of the folded weights (8-bit mantissa) is what remains
+    assert 0 < deviation < 2e-2
+    with torch.no_grad():
+        assert max_rel(extended, model(*inputs)) == pytest.approx(deviation)
+
+
+def test_moving_the_extended_model_keeps_one_shared_homotopy():
+    model, inputs = build("mlp")
+    ext = morphc.extend(model, inputs, sites="all", width=2).double()
+    ext.set_homotopy(0.25)
+    assert all(float(b.homotopy) == 0.25 for b in ext.branches.values())
+    assert all(p.dtype == torch.float64 for p in ext.extension_parameters())

@@ -114,9 +114,10 @@ def test_escape_signal_nonzero_only_for_nonlinear_rho():
     probe = lambda m: F.mse_loss(m(x), y)  # noqa: E731
     for family in ("tanh", "poly", "prelu", "swish"):
         ext = morphc.extend(model, (x,), sites="all", width=4, activation=family)
-        nonlinear = morphc.escape.escape_scores(ext, probe)["0"]
+        (site,) = ext.config.sites
+        nonlinear = morphc.escape.escape_scores(ext, probe)[site]
         ext.set_homotopy(0.0)   # ρ affine: the branch can only do what W can
-        affine = morphc.escape.escape_scores(ext, probe)["0"]
+        affine = morphc.escape.escape_scores(ext, probe)[site]
         assert nonlinear > 1e-3, family
         assert affine < 1e-10, family
 
