@@ -1,0 +1,227 @@
+"""Write a suite's results: ``results.md``, ``results.json`` and one loss-curve PNG per problem.
+
+    >>> from morphc.bench.report import write_report
+    >>> paths = write_report(suite, "bench-results")     # doctest: +SKIP
+    >>> paths["markdown"], paths["json"], paths["plots"]  # doctest: +SKIP
+
+The markdown says plainly where a method loses to plain Adam: every ratio carries a marker
+(``✓ better``, ``= same``, ``✗ WORSE``), each row ends with a verdict, and a summary at the top
+lists every loss. The JSON holds every number (config, per-run curves and measures, aggregates)
+and is strict JSON (non-finite values are written as ``null``); :func:`load_suite` reads it back.
+Plots use matplotlib's Agg canvas directly, without pyplot or any global backend switch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from morphc.bench.baselines import PLAIN, Smoother
+from morphc.bench.harness import SuiteResult
+
+WORSE, BETTER, SAME = "✗ WORSE", "✓", "="
+
+
+def _jsonable(value):
+    """Recursively replace non-finite floats by None so the file is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(suite: SuiteResult, out_dir: str | Path) -> Path:
+    """``results.json``: config, problems, methods, every run (with its curve), aggregates."""
+    path = Path(out_dir) / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = suite.to_dict()
+    data["aggregates"] = suite.aggregate()
+    path.write_text(json.dumps(_jsonable(data), indent=1, allow_nan=False, default=str))
+    return path
+
+
+def load_suite(path: str | Path) -> SuiteResult:
+    """Read a ``results.json`` back into a :class:`SuiteResult` (e.g. to re-render plots)."""
+    return SuiteResult.from_dict(json.loads(Path(path).read_text()))
+
+
+# --- markdown --------------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if math.isinf(value):
+        return "diverged" if value > 0 else "-inf"
+    return f"{value:.{digits}g}"
+
+
+def _spread(s: dict | None) -> str:
+    if not s or s["median"] is None:
+        return "—"
+    return f"{_num(s['median'])} [{_num(s['min'])} – {_num(s['max'])}]"
+
+
+def _marked(ratio: float | None, is_worse: bool) -> str:
+    """'0.12× ✓' / '1× =' / '1.3× ✗ WORSE' ('✗ WORSE' alone when a side diverged)."""
+    if ratio is None:
+        return WORSE if is_worse else "—"
+    mark = WORSE if is_worse else SAME if ratio == 1.0 else BETTER
+    return f"{_num(ratio)}× {mark}"
+
+
+def _steps_cell(agg: dict) -> str:
+    steps = "never" if agg["steps_to_target"] is None else f"{agg['steps_to_target']:.0f}"
+    return f"{steps} ({agg['reached_target']}/{agg['n_runs']})"
+
+
+def _steps_vs_plain(agg: dict, plain: dict, key: str) -> str:
+    worse = key in agg["worse_than_plain"]
+    if agg["vs_plain"][key] is not None:
+        return _marked(agg["vs_plain"][key], worse)
+    if plain[key] is None and agg[key] is not None:
+        return f"plain never {BETTER}"
+    return f"never {WORSE}" if worse else "—"
+
+
+def _row(method: str, agg: dict, plain: dict | None) -> str:
+    vs = agg["vs_plain"] or {}
+    worse = agg["worse_than_plain"]
+    if method == PLAIN or plain is None:
+        verdict, cells = "reference", ["", "", "", "", ""]
+    else:
+        verdict = ("**worse than plain on " + ", ".join(worse) + "**") if worse \
+            else "not worse than plain"
+        cells = [_marked(vs["final_loss"], "final_loss" in worse),
+                 _marked(vs["metric"], "metric" in worse),
+                 _steps_vs_plain(agg, plain, "steps_to_target"),
+                 _steps_vs_plain(agg, plain, "seconds_to_target"),
+                 "—" if vs["seconds"] is None else f"{vs['seconds']:.2f}×"]
+    secs_to_target = _num(agg["seconds_to_target"])
+    return (f"| {method} | {_spread(agg['final_loss'])} | {cells[0]} | {_spread(agg['metric'])} "
+            f"| {cells[1]} | {_steps_cell(agg)} | {cells[2]} | {secs_to_target} | {cells[3]} "
+            f"| {_num(agg['seconds']['median'])} | {cells[4]} | {agg['params']} | {verdict} |")
+
+
+def _problem_section(suite: SuiteResult, name: str, per_method: dict) -> list[str]:
+    info = suite.problems[name]
+    plain = per_method.get(PLAIN)
+    metric = next((a["metric_name"] for a in per_method.values() if a["metric_name"]), "metric")
+    direction = "higher is better" if info.get("higher_is_better") else "lower is better"
+    batch = "full batch" if info.get("batch_size") is None else f"batch {info['batch_size']}"
+    lines = [
+        f"### {name}", "", f"{info.get('description', '')}. {suite.config['steps'][name]} "
+        f"steps, {batch}, target loss {info['target_loss']:g}, "
+        f"{len(suite.config['seeds'])} seeds; median [min – max] over seeds; "
+        f"{metric}: {direction}.", "",
+        f"| method | final train loss | vs plain | {metric} | vs plain | steps to target "
+        "(reached) | vs plain | s to target | vs plain | run s | vs plain | params | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_row(m, agg, plain) for m, agg in per_method.items()]
+    return lines + [""]
+
+
+def _losses_summary(aggregates: dict) -> list[str]:
+    lines = [f"## Where a method loses to plain ({PLAIN})", ""]
+    for problem, per_method in aggregates.items():
+        for method, agg in per_method.items():
+            if agg["worse_than_plain"]:
+                lines.append(f"- **{problem} / {method}**: worse on "
+                             + ", ".join(agg["worse_than_plain"]))
+    if len(lines) == 2:
+        lines.append("- nowhere: every method is at least as good as plain on every measure.")
+    return lines + [""]
+
+
+def format_markdown(suite: SuiteResult) -> str:
+    """The results as markdown: a summary of losses to plain, then one table per problem."""
+    aggregates = suite.aggregate()
+    cfg = suite.config
+    lines = [
+        "# morphc bench", "",
+        f"Methods: {', '.join(f'`{m}` ({d})' for m, d in suite.methods.items())}.", "",
+        f"Seeds {cfg.get('seeds')}, {'quick' if cfg.get('quick') else 'full'} budget, "
+        f"torch {cfg.get('torch')}, {cfg.get('threads')} thread(s), "
+        f"{cfg.get('total_seconds', 0):.1f} s in all. Ratios are method / plain of the "
+        f"medians; {BETTER} better, {SAME} same, {WORSE} worse than plain.", "",
+    ]
+    lines += _losses_summary(aggregates)
+    lines += ["## Results", ""]
+    for problem, per_method in aggregates.items():
+        lines += _problem_section(suite, problem, per_method)
+    return "\n".join(lines)
+
+
+def write_markdown(suite: SuiteResult, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / "results.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(format_markdown(suite) + "\n")
+    return path
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _smoothed(curves: np.ndarray, beta: float) -> np.ndarray:
+    if beta == 0:
+        return curves
+    out = np.empty_like(curves)
+    for i, row in enumerate(curves):
+        smoother = Smoother(beta)
+        out[i] = [smoother.update(v) for v in row]
+    return out
+
+
+def plot_problem(suite: SuiteResult, problem: str, path: str | Path) -> Path:
+    """Loss vs step, log scale: median over seeds and a min–max band per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    info = suite.problems[problem]
+    beta = 0.0 if info.get("batch_size") is None else 0.9
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method in suite.methods:
+        curves = suite.curves(problem, method)
+        if curves.size == 0:
+            continue
+        curves = np.clip(_smoothed(curves, beta), 1e-12, None)
+        steps = np.arange(1, curves.shape[1] + 1)
+        with np.errstate(all="ignore"):
+            lo, mid, hi = (np.nanmin(curves, 0), np.nanmedian(curves, 0),
+                           np.nanmax(curves, 0))
+        # plain on top, black and dashed, so a method that tracks it exactly stays visible
+        style = {"color": "black", "ls": "--", "lw": 1.6, "zorder": 5} if method == PLAIN \
+            else {"lw": 1.4}
+        (line,) = ax.plot(steps, mid, label=method, **style)
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+    ax.axhline(info["target_loss"], color="grey", ls=":", lw=1.0, label="target")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss" + (" (EMA 0.9)" if beta else ""))
+    ax.set_title(f"{problem}: median and min–max over {len(suite.config.get('seeds', []))} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_curves(suite: SuiteResult, out_dir: str | Path) -> list[Path]:
+    """One ``loss_<problem>.png`` per problem."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [plot_problem(suite, p, out / f"loss_{p}.png") for p in suite.problems]
+
+
+def write_report(suite: SuiteResult, out_dir: str | Path) -> dict:
+    """All of it: ``{'markdown': Path, 'json': Path, 'plots': [Path, …]}``."""
+    return {"markdown": write_markdown(suite, out_dir), "json": write_json(suite, out_dir),
+            "plots": plot_curves(suite, out_dir)}
