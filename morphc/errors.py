@@ -27,3 +27,12 @@ class PassError(MorphcError):
 
 class BypassError(MorphcError):
     """The Bypass runtime hit a state it cannot recover from (e.g. NaN with on_nan='raise')."""
+
+
+class MoveError(MorphcError):
+    """A model-space move cannot be applied here, or would change the function (so it was
+    refused)."""
+
+
+class FormatError(MorphcError):
+    """A graph cannot be written as data, or a saved file is not a valid, allowed graph."""

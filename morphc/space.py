@@ -1,0 +1,412 @@
+"""``ModelSpace``: architectures as nodes, function-preserving moves as edges, and search over them.
+
+Extension and contraction (and their permanent cousins Grow / Deepen / Widen / Ungrow, see
+``morphc.space_moves``) keep the function, so training can walk from one architecture to the next
+without starting from scratch — network morphism / NAS. The space is a ``networkx.DiGraph``:
+
+- a node is an architecture, identified by :func:`architecture_hash`, holding its current module
+  (weights), its scores and how many training steps those weights have had;
+- an edge is a move, holding its description and the function change measured when it was
+  applied (``apply`` refuses any move whose change exceeds ``tolerance``).
+
+>>> import morphc, torch
+>>> from morphc.space_moves import Widen
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> space = morphc.ModelSpace(model, (torch.randn(16, 4),))
+>>> child = space.apply(Widen("0", to=16))
+>>> space.graph.number_of_nodes(), space.graph.edges[space.root, child]["move"]
+(2, "Widen(first='0', to=16)")
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+from morphc.api import relative_deviation
+from morphc.branches import BypassBranch
+from morphc.errors import MorphcError, TraceError
+from morphc.extended import ExtendedModel
+from morphc.frontend import _as_tuple, no_side_effects
+from morphc.space_moves import (
+    DEEP_PREFIX,
+    GROWN_PREFIX,
+    Move,
+    MoveError,
+    graph_of,
+    neighborhood,
+    private_copy,
+)
+
+TrainFn = Callable[[nn.Module, int], Any]     # train the module in place for n steps
+EvalFn = Callable[[nn.Module], float]         # a score, higher is better (e.g. val accuracy)
+_WL_MAX_ITERATIONS = 64
+
+
+# -- identity of an architecture ----------------------------------------------------------------
+def _qualname(fn) -> str:
+    if isinstance(fn, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return str(fn)
+    return f"{getattr(fn, '__module__', None) or ''}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _constant(value) -> str:
+    """Arguments that are not nodes, canonically (nodes become ``%``: the edges say which)."""
+    if isinstance(value, fx.Node):
+        return "%"
+    if isinstance(value, list | tuple):
+        inner = ",".join(_constant(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_constant(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _node_label(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Op kind + target type + parameter shapes + constant arguments. No node names, module
+    paths or weight values: the label describes what is computed, not what it is called."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        shapes = ",".join(f"{n}:{tuple(p.shape)}" for n, p in
+                          [*module.named_parameters(), *module.named_buffers()])
+        target = f"{type(module).__name__}({module.extra_repr()})[{shapes}]"
+    elif node.op == "get_attr":
+        value = _attr(gm, node.target)
+        target = f"tensor{tuple(value.shape)}" if isinstance(value, torch.Tensor) \
+            else type(value).__name__
+    elif node.op == "call_function":
+        target = _qualname(node.target)
+    elif node.op == "call_method":
+        target = node.target
+    else:                                  # placeholder, output
+        target = ""
+    return f"{node.op}:{target}:{_constant(node.args)}:{_constant(node.kwargs)}"
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _argument_positions(node: fx.Node) -> dict[fx.Node, list[str]]:
+    """Where each input node sits in ``node``'s arguments (``"0"``, ``"1.2"``, ``"dim"``)."""
+    positions: dict[fx.Node, list[str]] = {}
+
+    def walk(value, path: str) -> None:
+        if isinstance(value, fx.Node):
+            positions.setdefault(value, []).append(path)
+        elif isinstance(value, list | tuple):
+            for i, inner in enumerate(value):
+                walk(inner, f"{path}.{i}")
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, f"{path}.{key}")
+
+    for key, arg in [*enumerate(node.args), *node.kwargs.items()]:
+        walk(arg, str(key))
+    return positions
+
+
+def architecture_graph(module: nn.Module) -> nx.DiGraph:
+    """The fx graph as a labelled networkx graph: edges ``producer → consumer`` labelled with
+    the argument position(s), nodes with :func:`_node_label`."""
+    gm = graph_of(module)
+    graph = nx.DiGraph()
+    ids = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node, i in ids.items():
+        graph.add_node(i, label=_node_label(gm, node))
+        for source, keys in _argument_positions(node).items():
+            graph.add_edge(ids[source], i, position=",".join(keys))
+    return graph
+
+
+def architecture_hash(module: nn.Module) -> str:
+    """A structural hash: the same architecture gets the same hash in any run or process.
+
+    Weisfeiler-Lehman over the fx graph (networkx), node labels from op kind, target type,
+    hyper-parameters (``extra_repr``), parameter/buffer shapes and constant arguments; edge
+    labels from argument positions. *Names do not matter*: renaming a module or an fx node keeps
+    the hash; weights and dtype do not enter either. An ``ExtendedModel`` (temporary branches)
+    hashes differently from the same graph made permanent by ``Grow``.
+    """
+    if not isinstance(graph_of(module), fx.GraphModule):
+        raise TraceError(f"architecture_hash needs a graph, got {type(module).__name__}: pass "
+                         "morphc.trace(model, example_inputs).graph_module or a space's module")
+    graph = architecture_graph(module)
+    iterations = max(1, min(graph.number_of_nodes(), _WL_MAX_ITERATIONS))
+    with warnings.catch_warnings():   # networkx ≥ 3.5 warns that directed hashes changed in 3.5
+        warnings.simplefilter("ignore", UserWarning)
+        wl = nx.weisfeiler_lehman_graph_hash(graph, edge_attr="position", node_attr="label",
+                                             iterations=iterations)
+    kind = "extended" if isinstance(module, ExtendedModel) else "graph"
+    return hashlib.blake2b(f"{kind}:{wl}".encode(), digest_size=8).hexdigest()
+
+
+def function_change(before: nn.Module, after: nn.Module, inputs: tuple) -> dict[str, float]:
+    """Relative output change ``max|a − b| / max|a|`` between two modules, ``{"eval": ...,
+    "train": ...}`` (train mode: BatchNorm uses batch statistics), without side effects on
+    buffers or the RNG."""
+    change = {}
+    modes = (before.training, after.training)
+    try:
+        with warnings.catch_warnings():   # probing both modes is intended, also for export graphs
+            warnings.filterwarnings("ignore", message="this model was captured by torch.export")
+            for mode in ("eval", "train"):
+                outputs = []
+                for module in (before, after):
+                    module.train(mode == "train")
+                    with no_side_effects(module), torch.no_grad():
+                        torch.manual_seed(0)
+                        outputs.append(module(*inputs))
+                change[mode] = relative_deviation(*outputs)
+    finally:
+        before.train(modes[0])
+        after.train(modes[1])
+    return change
+
+
+def summarize(module: nn.Module, limit: int = 72) -> str:
+    """A one-line sketch of the layers, e.g. ``L64-8 relu L8-10 +res8`` (for tables, DOT)."""
+    gm = graph_of(module)
+    parts = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.Linear):
+            parts.append(f"L{m.in_features}-{m.out_features}")
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            parts.append(f"C{m.in_channels}-{m.out_channels}k{m.kernel_size[0]}")
+        elif isinstance(m, BypassBranch):
+            tag = {DEEP_PREFIX: "res", GROWN_PREFIX: "br"}.get(node.target.split(".")[0], "ext")
+            parts.append(f"+{tag}{m.width}")
+        else:
+            parts.append(type(m).__name__.lower()[:6])
+    text = " ".join(parts) or f"{len(gm.graph.nodes)} nodes"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in graph_of(module).parameters())
+
+
+@dataclass
+class SearchResult:
+    """What a search found: the chosen node, its module and score, and what it cost."""
+
+    node: str
+    module: nn.Module
+    score: float | None
+    steps: int
+    seconds: float
+
+
+class Strategy(Protocol):
+    """A search strategy: drive ``space`` (``apply`` / ``train`` / ``evaluate``) within ``budget``
+    training steps and return the chosen node. Any callable with this signature works."""
+
+    def __call__(self, space: ModelSpace, train: TrainFn, evaluate: EvalFn,
+                 budget: int) -> str: ...
+
+
+class ModelSpace:
+    """Architectures reachable from ``model`` by function-preserving moves (see module doc).
+
+    The space works on a private copy: the user's model is never trained or modified. Node
+    attributes: ``module``, ``steps`` (training steps its weights have had), ``score`` (latest),
+    ``scores`` (``[steps, score]`` history), ``params``, ``summary``, ``kind``, ``visits``. Edge
+    attributes: ``move`` (text), ``spec`` (JSON-able), ``change`` / ``change_train`` (measured
+    relative output change in eval / train mode), ``count``.
+    Reaching an architecture again (e.g. Extend then Contract) updates that node's module.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, *, tolerance: float = 1e-6,
+                 train_tolerance: float = 1e-4) -> None:
+        self.example_inputs = _as_tuple(example_inputs)
+        self.tolerance, self.train_tolerance = tolerance, train_tolerance
+        self.graph = nx.DiGraph()
+        self.steps_spent = 0
+        self.rejected: list[dict] = []
+        self._best: tuple[float, str, nn.Module] | None = None
+        self.root = self._record(private_copy(model, self.example_inputs), steps=0)
+
+    def module(self, node: str | None = None) -> nn.Module:
+        """The module (current weights) of ``node`` (default: the root)."""
+        return self.graph.nodes[node or self.root]["module"]
+
+    def _record(self, module: nn.Module, steps: int) -> str:
+        node = architecture_hash(module)
+        attrs = dict(module=module, steps=steps, score=None, params=_parameter_count(module),
+                     summary=summarize(module),
+                     kind="extended" if isinstance(module, ExtendedModel) else "graph")
+        if node in self.graph:
+            self.graph.nodes[node].update(attrs)
+            self.graph.nodes[node]["visits"] += 1
+        else:
+            self.graph.add_node(node, scores=[], visits=1, order=len(self.graph), **attrs)
+        return node
+
+    def _reject(self, parent: str, move: Move, reason: str) -> None:
+        self.rejected.append({"from": parent, "move": str(move), "reason": reason})
+
+    def apply(self, move: Move, node: str | None = None) -> str:
+        """Apply ``move`` to ``node`` (default root); return the new node.
+
+        The function change is measured on the example inputs. In eval mode — the function the
+        model computes — it must be ≤ ``tolerance`` (1e-6: float32 rounding). In train mode it
+        must be ≤ ``train_tolerance`` (1e-4): BatchNorm's batch statistics over a small example
+        batch amplify the same rounding (measured 1.3e-6 for Contract on ``zoo.resnet_small``
+        with batch 2), while a real bug changes the output by orders of magnitude more. Above
+        either, the move is refused with ``MoveError`` and the space is left as it was (every
+        move works on a copy: nothing to roll back). Refusals are listed in ``space.rejected``.
+        """
+        parent = node or self.root
+        source = self.module(parent)
+        start = time.perf_counter()
+        try:
+            child = move(source, self.example_inputs)
+            change = function_change(source, child, self.example_inputs)
+        except MorphcError as exc:
+            self._reject(parent, move, str(exc))
+            raise
+        if not (change["eval"] <= self.tolerance and change["train"] <= self.train_tolerance):
+            reason = (f"{move} changed the function by {change['eval']:.3g} in eval mode and "
+                      f"{change['train']:.3g} in train mode (tolerances {self.tolerance:g}, "
+                      f"{self.train_tolerance:g}); refused, the space is unchanged. Either the "
+                      "move has a bug or the model is not deterministic (dropout in train mode) "
+                      "or has low precision: raise ModelSpace(tolerance=...) in that case")
+            self._reject(parent, move, reason)
+            raise MoveError(reason)
+        child_node = self._record(child, self.graph.nodes[parent]["steps"])
+        previous = self.graph.get_edge_data(parent, child_node) or {}
+        self.graph.add_edge(parent, child_node, move=str(move), spec=move.describe(),
+                            change=change["eval"], change_train=change["train"],
+                            seconds=time.perf_counter() - start,
+                            count=previous.get("count", 0) + 1,
+                            order=previous.get("order", self.graph.number_of_edges()))
+        return child_node
+
+    def train(self, node: str, train: TrainFn, steps: int) -> None:
+        """Train ``node``'s module in place for ``steps`` steps (counted in ``steps_spent``)."""
+        module = self.module(node)
+        module.train()
+        train(module, steps)
+        self.graph.nodes[node]["steps"] += steps
+        self.steps_spent += steps
+
+    def evaluate(self, node: str, evaluate: EvalFn) -> float:
+        """Score ``node``'s current weights; the best scored weights are kept (``best()``)."""
+        module = self.module(node)
+        module.eval()
+        score = float(evaluate(module))
+        attrs = self.graph.nodes[node]
+        attrs["score"] = score
+        attrs["scores"].append([attrs["steps"], score])
+        if self._best is None or score > self._best[0]:
+            self._best = (score, node, copy.deepcopy(module))
+        return score
+
+    def best(self) -> tuple[str, nn.Module, float]:
+        """``(node, module, score)`` of the best weights ever evaluated (a snapshot)."""
+        if self._best is None:
+            raise MoveError("nothing was evaluated yet: call space.evaluate or space.search")
+        score, node, module = self._best
+        return node, module, score
+
+    def neighbors(self, node: str | None = None, **options) -> list[Move]:
+        """Candidate moves from ``node`` (``morphc.space_moves.neighborhood`` options)."""
+        return neighborhood(self.module(node), **options)
+
+    def search(self, train: TrainFn, evaluate: EvalFn, budget: int,
+               strategy: Strategy | None = None) -> SearchResult:
+        """Run ``strategy`` (default :class:`HillClimb`) for ``budget`` training steps."""
+        start, spent = time.perf_counter(), self.steps_spent
+        node = (strategy or HillClimb())(self, train, evaluate, budget)
+        return SearchResult(node, self.module(node), self.graph.nodes[node]["score"],
+                            self.steps_spent - spent, time.perf_counter() - start)
+
+    def to_json(self) -> dict:
+        from morphc.space_io import space_to_json
+        return space_to_json(self)
+
+    def to_dot(self) -> str:
+        from morphc.space_io import space_to_dot
+        return space_to_dot(self)
+
+    def save(self, directory, *, weights: str = "best") -> dict:
+        """Write ``space.json``, ``space.dot`` (+ ``space.svg`` with Graphviz) and the best
+        architecture (``best.json`` / ``best.pt`` / ``best.py``); see ``morphc.space_io``."""
+        from morphc.space_io import save_space
+        return save_space(self, directory, weights=weights)
+
+
+@dataclass
+class HillClimb:
+    """Hill climbing with network morphisms (NASH, Elsken et al. 2017).
+
+    Each round samples ``neighbors`` moves from the current node, trains every child *and* the
+    current node ("stay") for ``child_steps``, and moves to the best scored (ties stay). Warm-up
+    training precedes the rounds; ``final_steps`` of the budget are reserved to train the chosen
+    node at the end. ``moves(module) -> list[Move]`` replaces the default neighbourhood.
+    """
+
+    neighbors: int = 4
+    child_steps: int = 100
+    warmup_steps: int = 100
+    final_steps: int = 0
+    seed: int = 0
+    moves: Callable[[nn.Module], list[Move]] | None = None
+    options: dict | None = None
+    log: Callable[[str], None] | None = None
+
+    def __call__(self, space: ModelSpace, train: TrainFn, evaluate: EvalFn, budget: int) -> str:
+        rng = random.Random(self.seed)
+        start = space.steps_spent
+        current = space.root
+        space.train(current, train, min(self.warmup_steps, budget))
+        space.evaluate(current, evaluate)
+        round_cost = (self.neighbors + 1) * self.child_steps
+        while space.steps_spent - start + round_cost <= budget - self.final_steps:
+            current = self._round(space, current, train, evaluate, rng)
+        rest = budget - (space.steps_spent - start)
+        if rest > 0:
+            space.train(current, train, rest)
+            space.evaluate(current, evaluate)
+        return current
+
+    def _candidates(self, space: ModelSpace, node: str, rng: random.Random) -> list[Move]:
+        if self.moves is not None:
+            moves = self.moves(space.module(node))
+        else:
+            moves = space.neighbors(node, seed=rng.randrange(2**31), **(self.options or {}))
+        return rng.sample(moves, min(self.neighbors, len(moves)))
+
+    def _round(self, space: ModelSpace, current: str, train: TrainFn, evaluate: EvalFn,
+               rng: random.Random) -> str:
+        children: list[str] = []
+        for move in self._candidates(space, current, rng):
+            try:
+                child = space.apply(move, current)
+            except MorphcError:
+                continue                       # recorded in space.rejected
+            if child != current and child not in children:
+                children.append(child)
+        for node in [current, *children]:
+            space.train(node, train, self.child_steps)
+            space.evaluate(node, evaluate)
+        scores = {n: space.graph.nodes[n]["score"] for n in [current, *children]}
+        best = max([current, *children], key=lambda n: scores[n])
+        if self.log is not None:
+            self.log(f"round: {len(children)} children, best {scores[best]:.4f} "
+                     f"({space.graph.nodes[best]['summary']})")
+        return best

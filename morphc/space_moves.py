@@ -1,0 +1,472 @@
+"""Moves between architectures that keep the function: the edges of a ``ModelSpace``.
+
+A move maps ``(module, example_inputs)`` to a *new* module (the input is never modified) that
+computes the same function at the moment it is applied:
+
+- ``Extend`` / ``Contract``: the temporary Bypass pair (``morphc.extend`` / ``morphc.contract``);
+- ``Grow``: keep an extension for good — its branches become ordinary submodules;
+- ``Ungrow`` (alias ``Shrink``): fold grown branches back into their sites, when on C;
+- ``Deepen``: insert an identity-initialised residual block ``x + B·ρ(Ax + a)``, ``B = 0``;
+- ``Widen``: Net2Net widening of the hidden layer between two sites.
+
+Architectures are ``torch.fx.GraphModule`` objects (or an ``ExtendedModel`` between ``Extend`` and
+``Contract``/``Grow``), so every result has readable code (``gm.code``).
+
+>>> from morphc import zoo
+>>> model, inputs = zoo.mlp()
+>>> wide = Widen("0", to=48)(model, inputs)
+>>> wide.get_submodule("0").out_features, wide.get_submodule("2").in_features
+(48, 48)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from morphc.api import contract, extend
+from morphc.branches import BypassBranch
+from morphc.errors import ContractionError, MoveError, SiteError
+from morphc.extended import ExtendedModel
+from morphc.frontend import TracedModel, _as_tuple, no_side_effects, trace
+from morphc.passes.find_sites import find_sites
+from morphc.passes.fold_extension import fold_extension
+from morphc.passes.infra import copy_graph_module, run_pass
+from morphc.passes.insert_extension import EXTENSION_PREFIX
+from morphc.passes.insert_residual_block import SPACE_ROLE_META, insert_residual_block
+from morphc.passes.widen_layer import SITES, widen_layer, widenable_pairs
+from morphc.sites import ROLE_META, SITE_META, ConvConfig
+
+GROWN_PREFIX = "morphc_grown"
+DEEP_PREFIX = "morphc_deep"
+FRONTEND_META = "morphc_frontend"   # gm.meta key: which frontend produced the root graph
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Mish,
+                      nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Softplus, nn.PReLU)
+ACTIVATION_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, torch.nn.functional.relu,
+                        torch.nn.functional.gelu, torch.nn.functional.silu,
+                        torch.nn.functional.elu, torch.nn.functional.leaky_relu,
+                        torch.nn.functional.tanh, torch.nn.functional.sigmoid,
+                        torch.ops.aten.relu.default, torch.ops.aten.gelu.default,
+                        torch.ops.aten.tanh.default}
+ACTIVATION_METHODS = {"relu", "tanh", "sigmoid"}
+
+
+# -- working copies ---------------------------------------------------------------------------
+def graph_of(module: nn.Module) -> fx.GraphModule:
+    return module.graph_module if isinstance(module, ExtendedModel) else module
+
+
+def annotate(module: nn.Module, inputs: tuple) -> None:
+    """Record each node's shape (``node.meta['tensor_meta']``) without touching BN statistics."""
+    gm = graph_of(module)
+    with no_side_effects(gm), torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+
+
+def private_copy(module: nn.Module, inputs: tuple) -> nn.Module:
+    """A deep copy as a graph (tracing a plain ``nn.Module`` first), shapes annotated."""
+    if isinstance(module, fx.GraphModule | ExtendedModel):
+        work = copy.deepcopy(module)
+    else:
+        traced = trace(module, inputs)
+        work = copy.deepcopy(traced.graph_module)
+        work.meta[FRONTEND_META] = traced.frontend
+    annotate(work, inputs)
+    return work
+
+
+def as_traced(gm: fx.GraphModule, inputs: tuple) -> TracedModel:
+    """Hand an architecture that already is a graph to ``morphc.extend`` without re-tracing
+    (re-tracing would inline grown branches and lose them as modules)."""
+    frontend = getattr(gm, "meta", {}).get(FRONTEND_META, "symbolic_trace")
+    return TracedModel(gm, frontend, "a ModelSpace architecture (already a graph)", inputs,
+                       gm.training, dynamic_batch=True)
+
+
+def set_homotopy(module: nn.Module, s: float) -> None:
+    """Move every bypass branch (temporary or grown) along its homotopy: 1 free, 0 on C.
+
+    Changing ``s`` changes the function unless the branches are already affine; anneal it while
+    training (as the Bypass return phase does) before ``Contract`` / ``Ungrow``.
+    """
+    if isinstance(module, ExtendedModel):
+        module.set_homotopy(s)
+        return
+    with torch.no_grad():
+        for branch in module.modules():
+            if isinstance(branch, BypassBranch):
+                branch.homotopy.fill_(float(s))
+
+
+def _fresh_name(gm: fx.GraphModule, prefix: str, base: str) -> str:
+    base = base.replace(".", "_")
+    for i in range(len(list(gm.modules())) + 1):
+        name = f"{prefix}.{base}" if i == 0 else f"{prefix}.{base}_{i}"
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            return name
+    raise AssertionError("unreachable")
+
+
+def _need_graph(module: nn.Module, move: str) -> fx.GraphModule:
+    if isinstance(module, ExtendedModel):
+        raise MoveError(f"{move} needs a standalone architecture, but this one is extended: "
+                        "apply Contract (back to the original) or Grow (keep the branches) first")
+    return module
+
+
+# -- moves --------------------------------------------------------------------------------------
+@dataclass
+class Move:
+    """Base class: ``move(module, example_inputs) -> new module``; the input stays untouched."""
+
+    def __call__(self, module: nn.Module, example_inputs) -> nn.Module:
+        inputs = _as_tuple(example_inputs)
+        result = self.apply_to(private_copy(module, inputs), inputs)
+        annotate(result, inputs)
+        return result
+
+    def apply_to(self, module: nn.Module, inputs: tuple) -> nn.Module:
+        """Rewrite ``module`` (a private copy, shapes annotated) into the new architecture."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-able description (edge attribute in the space)."""
+        spec = {"move": type(self).__name__}
+        for key, value in asdict(self).items():
+            spec[key] = value if isinstance(value, str | int | float | bool | None | list) \
+                else repr(value)
+        return spec
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                         if getattr(self, f.name) != f.default)
+        return f"{type(self).__name__}({args})"
+
+
+@dataclass
+class Extend(Move):
+    """Temporary bypass branches (``morphc.extend``); undo: ``Contract``; keep: ``Grow``."""
+
+    sites: str | list[str] = "auto"
+    width: int = 8
+    activation: str = "tanh"
+    seed: int = 0
+
+    def apply_to(self, module, inputs):
+        gm = _need_graph(module, "Extend")
+        return extend(gm, inputs, self.sites, self.width, self.activation, seed=self.seed,
+                      traced=as_traced(gm, inputs))
+
+
+@dataclass
+class Contract(Move):
+    """Fold an extension back (``morphc.contract``); needs the branches on C."""
+
+    def apply_to(self, module, inputs):
+        if not isinstance(module, ExtendedModel):
+            raise MoveError("Contract needs an extended architecture (the result of Extend); "
+                            "to remove grown branches use Ungrow")
+        return contract(module)
+
+
+@dataclass
+class Grow(Move):
+    """Make an extension permanent: branches become submodules ``morphc_grown.at_<site>``.
+
+    On an extended architecture it keeps its (trained) branches; on a standalone one it extends
+    ``sites`` first (``B = 0``) and keeps those branches.
+    """
+
+    sites: str | list[str] = "all"
+    width: int = 8
+    activation: str = "tanh"
+    seed: int = 0
+
+    def apply_to(self, module, inputs):
+        if not isinstance(module, ExtendedModel):
+            module = extend(module, inputs, self.sites, self.width, self.activation,
+                            seed=self.seed, traced=as_traced(module, inputs))
+        return _make_permanent(module)
+
+
+def _make_permanent(ext: ExtendedModel) -> fx.GraphModule:
+    """The extended graph as a standalone architecture, its branches renamed out of the
+    ``morphc_ext`` namespace and unmarked, so later Extend/Contract rounds leave them alone."""
+    gm = ext.graph_module
+    renames: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        role = node.meta.pop(ROLE_META, None)
+        node.meta.pop(SITE_META, None)
+        if role is not None:
+            node.meta[SPACE_ROLE_META] = "grown_branch" if role == "extension" else "grown_add"
+        if node.op == "call_module" and node.target.startswith(EXTENSION_PREFIX + "."):
+            if node.target not in renames:
+                site = node.target.split(".", 1)[1]
+                renames[node.target] = _fresh_name(gm, GROWN_PREFIX, f"at_{site}")
+                gm.add_submodule(renames[node.target], gm.get_submodule(node.target))
+            node.target = renames[node.target]
+    gm.delete_submodule(EXTENSION_PREFIX)
+    gm.recompile()
+    gm.train(ext.training)
+    return gm
+
+
+@dataclass
+class Deepen(Move):
+    """Insert ``x + B·ρ(Ax + a)`` (B = 0) on the activation tensor named ``at`` (an fx node name;
+    None: the last activation). ``kind``: "linear" (features last), "conv" (channels on dim 1) or
+    "auto" (from the tensor's rank / the op that produced it)."""
+
+    at: str | None = None
+    width: int | None = None
+    activation: str = "prelu"
+    kind: str = "auto"
+    seed: int = 0
+
+    def apply_to(self, module, inputs):
+        gm = _need_graph(module, "Deepen")
+        points = deepen_points(gm)
+        at = self.at if self.at is not None else (points[-1] if points else None)
+        node = next((n for n in gm.graph.nodes if n.name == at), None)
+        if node is None or "tensor_meta" not in node.meta:
+            raise SiteError(f"cannot deepen at {at!r}: no such tensor node; activation "
+                            f"tensors: {points}")
+        kind, dim = _layout(gm, node, self.kind)
+        shape = node.meta["tensor_meta"].shape
+        channels = int(shape[-1] if kind == "linear" else shape[1])
+        conv = ConvConfig(dim, (3,) * dim, (1,) * dim, (1,) * dim, (1,) * dim, 1) \
+            if kind == "conv" else None
+        ref = next(gm.parameters(), torch.empty(0))
+        block = BypassBranch(kind, channels, channels, self.width or channels, self.activation,
+                             with_bias=True, homotopy=torch.ones((), device=ref.device),
+                             conv=conv, dtype=ref.dtype, device=ref.device,
+                             generator=torch.Generator().manual_seed(self.seed))
+        target = _fresh_name(gm, DEEP_PREFIX, "block")
+        return run_pass(insert_residual_block, gm, node.name, block, target).graph_module
+
+
+def _layout(gm: fx.GraphModule, node: fx.Node, kind: str) -> tuple[str, int]:
+    """``(kind, conv dim)`` of a tensor: rank 2 is features, rank 4/5 channels-first; rank 3 is
+    decided by the nearest site that produced it."""
+    rank = len(node.meta["tensor_meta"].shape)
+    if kind == "linear" or (kind == "auto" and rank == 2):
+        return "linear", 0
+    if kind == "conv" or (kind == "auto" and rank in (4, 5)):
+        if rank < 3:
+            raise SiteError(f"a conv block needs a (N, C, ...) tensor; {node.name} has rank {rank}")
+        return "conv", rank - 2
+    producer = node
+    while producer.op != "placeholder" and producer.all_input_nodes:
+        if producer.op == "call_module":
+            site = gm.get_submodule(producer.target)
+            if isinstance(site, SITES):
+                return ("linear", 0) if isinstance(site, nn.Linear) else ("conv", rank - 2)
+        producer = producer.all_input_nodes[0]
+    raise SiteError(f"cannot tell whether {node.name} (rank {rank}) is (N, C, L) or (N, L, C); "
+                    "pass kind='conv' or kind='linear'")
+
+
+@dataclass
+class Widen(Move):
+    """Net2Net widening of module ``first``'s output units to ``to`` (or ``factor`` × width),
+    with BatchNorm in between widened alike and the consumer's weights split among the copies.
+    ``noise`` randomises the split (symmetry breaking that keeps the function)."""
+
+    first: str
+    to: int | None = None
+    factor: float = 2.0
+    noise: float = 0.05
+    seed: int = 0
+    second: str | None = None
+
+    def apply_to(self, module, inputs):
+        gm = _need_graph(module, "Widen")
+        try:
+            site = gm.get_submodule(self.first)
+        except AttributeError:
+            site = None
+        if not isinstance(site, SITES):
+            raise SiteError(f"cannot widen {self.first!r}: not an nn.Linear/ConvNd module; "
+                            f"widenable (first, second) pairs: {widenable_pairs(gm)}")
+        old = site.weight.shape[0]
+        new = self.to if self.to is not None else math.ceil(old * self.factor)
+        generator = torch.Generator().manual_seed(self.seed)
+        return run_pass(widen_layer, gm, self.first, new, second=self.second, noise=self.noise,
+                        generator=generator).graph_module
+
+
+# -- grown branches and their removal ----------------------------------------------------------
+@dataclass
+class GrownBranch:
+    """A branch in a standalone architecture: at a site (``z + B·ρ(Ax + a)``, foldable on C)
+    or a residual block (``x + B·ρ(Ax + a)``, removable only while ``B = 0``)."""
+
+    target: str                 # submodule path of the branch
+    site: str | None            # site name for a site branch, None for a residual block
+    nodes: list[tuple[fx.Node, fx.Node]]   # (branch call, add) per use
+
+    def module(self, gm: fx.GraphModule) -> BypassBranch:
+        return gm.get_submodule(self.target)
+
+
+def grown_branches(gm: fx.GraphModule) -> list[GrownBranch]:
+    """Every ``BypassBranch`` call in ``gm`` whose output is added to its site's output (or to
+    its own input), found from the graph's structure alone (so it works after save/load)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    site_inputs = {}     # site node -> (site name, the input its branch must read)
+    for site in find_sites(gm).info.values():
+        for use in site.uses:
+            site_inputs[by_name[use.node]] = (site.name, _use_input(by_name[use.node],
+                                                                    use.input_arg))
+    found: dict[str, GrownBranch] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target),
+                                                       BypassBranch):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].target is not operator.add or len(users[0].args) != 2:
+            continue
+        add, x = users[0], node.args[0]
+        other = _past_branches(gm, add.args[0] if add.args[1] is node else add.args[1], x)
+        site = None
+        if other is not x:
+            site, site_input = site_inputs.get(other, (None, None))
+            if site is None or site_input is not x:
+                continue
+        entry = found.setdefault(node.target, GrownBranch(node.target, site, []))
+        entry.nodes.append((node, add))
+    return list(found.values())
+
+
+def _past_branches(gm: fx.GraphModule, node, x: fx.Node):
+    """Skip ``add(·, branch(x))`` nodes of other branches at the same site (Grow twice)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and \
+            node.target is operator.add and len(node.args) == 2:
+        branch = [a for a in node.args if isinstance(a, fx.Node) and a.op == "call_module"
+                  and isinstance(gm.get_submodule(a.target), BypassBranch) and a.args[0] is x]
+        if len(branch) != 1:
+            break
+        node = node.args[0] if node.args[1] is branch[0] else node.args[1]
+    return node
+
+
+def _use_input(node: fx.Node, index: int):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get("input", node.kwargs.get("other"))
+
+
+def _removable(gm: fx.GraphModule, branch: GrownBranch) -> str | None:
+    """Why ``branch`` cannot be removed exactly right now (None: it can)."""
+    module = branch.module(gm)
+    if not bool(torch.any(module.B != 0)):
+        return None
+    if branch.site is None:
+        return (f"residual block {branch.target} has B ≠ 0 and no weight to fold into; it can "
+                "only be removed while B = 0")
+    with torch.no_grad():
+        residual = float(module.constraint_residual())
+    if residual != 0.0:
+        return (f"grown branch {branch.target} is off the constraint set (residual "
+                f"{residual:.3g}); anneal it to C while training (set_homotopy(module, s) with "
+                "s → 0) before Ungrow")
+    return None
+
+
+@dataclass
+class Ungrow(Move):
+    """Remove grown branches exactly (alias ``Shrink``): fold site branches on C into their
+    site's weights; drop residual blocks whose ``B`` is zero. ``branch``: a branch path or site
+    name; None removes every branch that can be removed exactly (at least one)."""
+
+    branch: str | None = None
+
+    def apply_to(self, module, inputs):
+        gm = _need_graph(module, "Ungrow")
+        branches = grown_branches(gm)
+        chosen = [b for b in branches if self.branch in (None, b.target, b.site)]
+        if not chosen:
+            raise SiteError(f"no grown branch {self.branch!r}; grown branches: "
+                            f"{[(b.target, b.site) for b in branches]}")
+        reasons = {b.target: _removable(gm, b) for b in chosen}
+        if self.branch is None:
+            chosen = [b for b in chosen if reasons[b.target] is None] or chosen
+        blocked = [reasons[b.target] for b in chosen if reasons[b.target] is not None]
+        if blocked:
+            raise ContractionError("; ".join(blocked))
+        for target in [b.target for b in chosen]:     # one at a time: a site may have several
+            gm = _fold_branch(gm, next(b for b in grown_branches(gm) if b.target == target))
+        return gm
+
+
+Shrink = Ungrow
+
+
+def _fold_branch(gm: fx.GraphModule, branch: GrownBranch) -> fx.GraphModule:
+    """Fold a site branch with the contraction pass, or drop a zero residual block; returns a
+    new graph module (the caller's copy is discarded on failure: all-or-nothing)."""
+    if branch.site is None:
+        drop = {node: call.args[0] for call, add in branch.nodes for node in (call, add)}
+        result = copy_graph_module(gm, replace=lambda node: drop.get(node))
+        result.graph.lint()
+        result.recompile()
+        return result
+    for node in gm.graph.nodes:
+        node.meta.pop(ROLE_META, None)
+    for call, add in branch.nodes:
+        call.meta[ROLE_META], add.meta[ROLE_META] = "extension", "extension_add"
+    site = find_sites(gm).info[branch.site]
+    result = run_pass(fold_extension, gm, [site], {site.name: branch.module(gm)},
+                      history=("find_sites",))
+    if not all(torch.isfinite(value).all() for value in result.info.values()):
+        raise ContractionError(f"folding {branch.target} gives non-finite weights; check the "
+                               "branch for NaN/Inf")
+    with torch.no_grad():
+        for name, value in result.info.items():
+            param = result.graph_module.get_parameter(name)
+            param.copy_(value.to(param.dtype))
+    return result.graph_module
+
+
+# -- where moves can go -------------------------------------------------------------------------
+def deepen_points(gm: fx.GraphModule) -> list[str]:
+    """Names of activation nodes with a known shape of rank 2, 4 or 5 (or 3 with a site
+    upstream): where ``Deepen`` can insert a block."""
+    points = []
+    for node in gm.graph.nodes:
+        is_act = (node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                           ACTIVATION_MODULES)) or \
+            (node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in ACTIVATION_METHODS)
+        if not is_act or "tensor_meta" not in node.meta:
+            continue
+        try:
+            _layout(gm, node, "auto")
+        except SiteError:
+            continue
+        points.append(node.name)
+    return points
+
+
+def neighborhood(module: nn.Module, *, widen_factor: float = 2.0, max_width: int = 512,
+                 grow_width: int = 8, seed: int = 0) -> list[Move]:
+    """Every move a search may try from ``module`` (shapes must be annotated)."""
+    if isinstance(module, ExtendedModel):
+        return [Contract(), Grow()]
+    moves: list[Move] = [Deepen(at=p, seed=seed) for p in deepen_points(module)]
+    for first, second in widenable_pairs(module):
+        width = module.get_submodule(first).weight.shape[0]
+        if math.ceil(width * widen_factor) <= max_width:
+            moves.append(Widen(first, factor=widen_factor, seed=seed, second=second))
+    table = find_sites(module).info
+    moves += [Grow(sites=[site.name], width=grow_width, seed=seed)
+              for site in table.extendable()]
+    return moves
