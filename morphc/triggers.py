@@ -1,0 +1,248 @@
+"""Stagnation triggers: when should Bypass extend the model?
+
+A trigger watches one scalar per training step and says "now". Bypass calls
+``trigger.update(loss, step=..., grad_norm=...)`` once per step of the normal (unextended) phase
+and ``trigger.reset()`` after every extend/contract cycle, so a trigger only ever looks at the
+model it will extend. Every built-in trigger is O(1) per step and keeps its state as plain numbers
+and lists (``state_dict()``), so a checkpoint loads with ``torch.load(weights_only=True)``.
+
+Write your own by subclassing :class:`Trigger` and overriding ``update`` (and ``reset`` /
+``state_dict`` / ``load_state_dict`` if it keeps state)::
+
+    class EveryEpoch(morphc.Trigger):
+        def __init__(self, steps_per_epoch):
+            self.steps_per_epoch = steps_per_epoch
+
+        def update(self, loss, *, step, grad_norm=None):
+            return step > 0 and step % self.steps_per_epoch == 0
+
+Triggers combine with ``|`` (any fires) and ``&`` (all fire on the same step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+
+
+class Trigger:
+    """Base class / protocol of a stagnation trigger.
+
+    ``needs_grad_norm``: set it to True when ``update`` uses ``grad_norm``; Bypass then measures
+    the gradient norm of the user's parameters after each backward (one pass over the grads),
+    and skips that cost otherwise.
+    """
+
+    needs_grad_norm = False
+
+    def update(self, loss: float, *, step: int, grad_norm: float | None = None) -> bool:
+        """Observe one training step; return True to start a bypass cycle now."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update(loss, *, step, "
+                                  "grad_norm=None) -> bool")
+
+    def reset(self) -> None:
+        """Forget what was observed (called after each cycle: the model has changed)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+    def __or__(self, other: Trigger) -> AnyOf:
+        return AnyOf(self, other)
+
+    def __and__(self, other: Trigger) -> AllOf:
+        return AllOf(self, other)
+
+
+class _Combined(Trigger):
+    """Several triggers observed together; every member sees every step."""
+
+    def __init__(self, *triggers: Trigger) -> None:
+        self.triggers = list(triggers)
+        self.needs_grad_norm = any(t.needs_grad_norm for t in self.triggers)
+
+    def _votes(self, loss, step, grad_norm) -> list[bool]:
+        return [bool(t.update(loss, step=step, grad_norm=grad_norm)) for t in self.triggers]
+
+    def reset(self) -> None:
+        for t in self.triggers:
+            t.reset()
+
+    def state_dict(self) -> dict:
+        return {"triggers": [t.state_dict() for t in self.triggers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for t, s in zip(self.triggers, state["triggers"], strict=True):
+            t.load_state_dict(s)
+
+
+class AnyOf(_Combined):
+    """Fires when any member fires (``a | b``)."""
+
+    def update(self, loss, *, step, grad_norm=None) -> bool:
+        return any(self._votes(loss, step, grad_norm))
+
+
+class AllOf(_Combined):
+    """Fires when every member fires on the same step (``a & b``)."""
+
+    def update(self, loss, *, step, grad_norm=None) -> bool:
+        return all(self._votes(loss, step, grad_norm))
+
+
+class Plateau(Trigger):
+    """Fires when a smoothed loss stopped improving.
+
+    The loss is smoothed by an exponential moving average (``smoothing`` is its decay; a
+    bias-corrected EMA so the first steps are not biased to 0). The trigger compares the smoothed
+    loss now with its value ``window`` steps ago and fires when the relative improvement
+    ``(old − now) / |old|`` is below ``threshold``. A ring buffer of ``window`` floats makes this
+    O(1) per step. ``warmup`` steps after each reset are ignored (default: ``window``), so the
+    comparison always spans a full window of the current model. Losses below ``floor`` never
+    fire: a model that has converged to ~0 loss is not stuck. Non-finite losses are ignored.
+
+    >>> t = Plateau(window=3, threshold=1e-2, warmup=0)
+    >>> [t.update(1.0, step=i) for i in range(5)]
+    [False, False, False, True, True]
+    """
+
+    def __init__(self, window: int = 100, threshold: float = 1e-3, smoothing: float = 0.9,
+                 warmup: int | None = None, floor: float = 0.0) -> None:
+        if window < 1:
+            raise ValueError(f"Plateau window must be >= 1 step, got {window}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"Plateau smoothing is an EMA decay in [0, 1), got {smoothing}")
+        self.window, self.threshold, self.smoothing = int(window), float(threshold), smoothing
+        self.warmup = self.window if warmup is None else int(warmup)
+        self.floor = float(floor)
+        self.reset()
+
+    def reset(self) -> None:
+        self._ema = 0.0
+        self._count = 0
+        self._history: deque[float] = deque(maxlen=self.window + 1)
+
+    @property
+    def smoothed(self) -> float | None:
+        """The bias-corrected smoothed loss (None before the first finite loss)."""
+        if self._count == 0:
+            return None
+        return self._ema / (1.0 - self.smoothing ** self._count)
+
+    def improvement(self) -> float | None:
+        """Relative improvement of the smoothed loss over the last ``window`` steps."""
+        if len(self._history) <= self.window:
+            return None
+        old, now = self._history[0], self._history[-1]
+        return (old - now) / max(abs(old), 1e-30)
+
+    def update(self, loss, *, step, grad_norm=None) -> bool:
+        loss = float(loss)
+        if not math.isfinite(loss):
+            return False
+        self._count += 1
+        self._ema = self.smoothing * self._ema + (1.0 - self.smoothing) * loss
+        now = self.smoothed
+        self._history.append(now)
+        if self._count <= self.warmup or now < self.floor:
+            return False
+        gain = self.improvement()
+        return gain is not None and gain < self.threshold
+
+    def state_dict(self) -> dict:
+        return {"ema": self._ema, "count": self._count, "history": list(self._history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ema, self._count = float(state["ema"]), int(state["count"])
+        self._history = deque((float(v) for v in state["history"]), maxlen=self.window + 1)
+
+
+class GradientNorm(Trigger):
+    """Fires when the smoothed gradient norm stays below ``threshold`` for ``patience`` steps.
+
+    Near a stationary point the gradient vanishes while the loss may still be far from good:
+    that is what this trigger looks for. With ``relative=True`` the threshold is a fraction of
+    the largest smoothed norm seen since the last reset (scale-free, useful when the gradient's
+    size is unknown in advance).
+    """
+
+    needs_grad_norm = True
+
+    def __init__(self, threshold: float = 1e-3, patience: int = 20, smoothing: float = 0.9,
+                 relative: bool = False) -> None:
+        if patience < 1:
+            raise ValueError(f"GradientNorm patience must be >= 1, got {patience}")
+        self.threshold, self.patience = float(threshold), int(patience)
+        self.smoothing, self.relative = float(smoothing), bool(relative)
+        self.reset()
+
+    def reset(self) -> None:
+        self._ema, self._count, self._below, self._peak = 0.0, 0, 0, 0.0
+
+    def update(self, loss, *, step, grad_norm=None) -> bool:
+        if grad_norm is None:
+            raise ValueError("GradientNorm needs grad_norm; Bypass passes it because "
+                             "needs_grad_norm is True — pass it when calling update yourself")
+        grad_norm = float(grad_norm)
+        if not math.isfinite(grad_norm):
+            return False
+        self._count += 1
+        self._ema = self.smoothing * self._ema + (1.0 - self.smoothing) * grad_norm
+        smoothed = self._ema / (1.0 - self.smoothing ** self._count)
+        self._peak = max(self._peak, smoothed)
+        limit = self.threshold * self._peak if self.relative else self.threshold
+        self._below = self._below + 1 if smoothed < limit else 0
+        return self._below >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"ema": self._ema, "count": self._count, "below": self._below, "peak": self._peak}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ema, self._count = float(state["ema"]), int(state["count"])
+        self._below, self._peak = int(state["below"]), float(state["peak"])
+
+
+class Schedule(Trigger):
+    """Fires on a fixed schedule of global training steps, whatever the loss does.
+
+    ``every=N`` fires at steps N, 2N, … (offset by ``start``); ``at=[...]`` at exactly those
+    steps. A step that falls inside a bypass cycle (when the trigger is not consulted) fires
+    at the first normal step after it, so no scheduled cycle is silently skipped.
+
+    >>> t = Schedule(every=3)
+    >>> [t.update(0.0, step=i) for i in range(1, 8)]
+    [False, False, True, False, False, True, False]
+    """
+
+    def __init__(self, every: int | None = None, *, at: Iterable[int] = (), start: int = 0
+                 ) -> None:
+        if every is None and not at:
+            raise ValueError("Schedule needs every=N or at=[steps]")
+        if every is not None and every < 1:
+            raise ValueError(f"Schedule every must be >= 1, got {every}")
+        self.every, self.start = every, int(start)
+        self.at = sorted(int(s) for s in at)
+        self._fired: int = 0   # how many scheduled steps were consumed
+
+    def _due(self) -> int | None:
+        """The next scheduled step not yet fired."""
+        if self.at:
+            return self.at[self._fired] if self._fired < len(self.at) else None
+        return self.start + (self._fired + 1) * self.every
+
+    def update(self, loss, *, step, grad_norm=None) -> bool:
+        due = self._due()
+        if due is None or step < due:
+            return False
+        while (nxt := self._due()) is not None and nxt <= step:
+            self._fired += 1   # several due steps passed during a cycle: fire once
+        return True
+
+    def state_dict(self) -> dict:
+        return {"fired": self._fired}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._fired = int(state["fired"])
