@@ -114,7 +114,7 @@ def _add_inspect(subparsers, debug: argparse.ArgumentParser) -> None:
     out.add_argument("--png", metavar="FILE", help="the graph(s) as PNG (needs Graphviz)")
     out.add_argument("--html", metavar="FILE",
                      help="one self-contained HTML page: graphs side by side and the report")
-    p.set_defaults(run=run_inspect)
+    p.set_defaults(run=run_inspect, parser=p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if extras and args.command not in PASSTHROUGH:
-        parser.parse_args(argv)  # reports the unknown options, exit 2
+        args.parser.error(f"unrecognized arguments: {' '.join(extras)}")  # exit 2
     args.debug = getattr(args, "debug", False) or os.environ.get("MORPHC_DEBUG") == "1"
     try:
         return _run(args, extras)

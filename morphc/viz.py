@@ -259,10 +259,10 @@ def _layers(graph: fx.Graph) -> list[list[fx.Node]]:
     return [row for row in rows if row]
 
 
-def _layout(gm) -> tuple[list[_Box], float, float]:
+def _layout(gm, top: float = MARGIN) -> tuple[list[_Box], float, float]:
     """Layered layout: a row per topological generation, each row ordered by the mean x of the
     node's inputs (barycenter), rows centred."""
-    rows, placed, y = [], {}, MARGIN + 20
+    rows, placed, y = [], {}, top
     for layer in _layers(_graph(gm)):
         boxes = []
         for node in layer:
@@ -289,7 +289,7 @@ def _layout(gm) -> tuple[list[_Box], float, float]:
 
 def _svg_group(gm, uid: str, title: str | None) -> tuple[str, float, float]:
     """SVG markup (without the ``<svg>`` element) of one graph, its width and height."""
-    boxes, width, height = _layout(gm)
+    boxes, width, height = _layout(gm, MARGIN + 20 if title else MARGIN)
     where = {b.node: b for b in boxes}
     esc = html.escape
     parts = [f'<g class="morphc-graph" id="{uid}">']

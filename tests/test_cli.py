@@ -171,3 +171,11 @@ def test_demo_and_bench_get_their_arguments(monkeypatch, command, module):
     monkeypatch.setitem(sys.modules, module, fake)
     assert cli.main([command, "--help", "--quick", "x"]) == 0
     assert seen == [["--help", "--quick", "x"]]
+
+
+def test_unknown_option_is_reported_by_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["inspect", f"{FACTORIES}:small_cnn", "--input-shape", "1,3,8,8", "--bogus"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: morphc inspect" in err and "unrecognized arguments: --bogus" in err

@@ -293,3 +293,29 @@ def test_measure_deviation_is_seeded_and_leaves_batchnorm_alone():
     assert torch.equal(model[1].running_mean, stats)
     other = nn.Sequential(nn.Linear(4, 4))
     assert measure_deviation(model.eval(), other, x) > 0
+
+
+class TwoHeads(nn.Module):
+    """Nested outputs: a dict holding a tuple, so every leaf must be compared."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.fc, self.scale = nn.Linear(3, 2), scale
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"logits": y, "extra": (y * self.scale, x.sum(1))}
+
+
+def test_measure_deviation_compares_every_leaf_of_tuple_and_dict_outputs():
+    torch.manual_seed(0)
+    a = TwoHeads()
+    b = TwoHeads(scale=1.5)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 3)
+    same = TwoHeads()
+    same.load_state_dict(a.state_dict())
+    assert measure_deviation(a, same, x) == 0.0
+    y = a.fc(x).detach()
+    assert measure_deviation(a, b, (x,)) == pytest.approx(
+        float((0.5 * y).abs().max() / y.abs().max()), rel=1e-6), "only the scaled leaf differs"

@@ -27,7 +27,7 @@ def _timed(fn):
 
 
 def time_passes(name: str, width: float = 0.125, activation: str = "tanh",
-                repeats: int = 3) -> dict:
+                repeats: int = 3, quick: bool = False) -> dict:
     """Seconds for each stage on model ``name`` (one of ``MODELS``), plus derivation counts.
 
     extend/contract run ``repeats`` times; the first run (cold allocator) and the median of the
@@ -35,6 +35,7 @@ def time_passes(name: str, width: float = 0.125, activation: str = "tanh",
     """
     torch.manual_seed(0)
     model, inputs = MODELS[name]()
+    repeats = 2 if quick else repeats
     params = sum(p.numel() for p in model.parameters())
     traced, trace_s = _timed(lambda: morphc.trace(model, inputs))
     extend_s, contract_s, derivations = [], [], []

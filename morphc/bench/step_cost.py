@@ -75,8 +75,9 @@ def _median_times(steps: dict, repeats: int, inner: int) -> dict:
 def measure_step_cost(model_name: str, make, compiled: bool, quick: bool) -> list[dict]:
     torch.manual_seed(0)
     model, inputs = make()
+    widths = {"1/8": WIDTHS["1/8"]} if quick else WIDTHS   # quick: a smoke test, one width
     exts = {label: morphc.extend(model, inputs, sites="all", width=w, seed=0)
-            for label, w in WIDTHS.items()}
+            for label, w in widths.items()}
     steps = {"original": _step_fn(model, inputs, compiled)}
     steps.update({label: _step_fn(ext, inputs, compiled) for label, ext in exts.items()})
     for step in steps.values():   # warm-up, including compilation
