@@ -1,19 +1,23 @@
 """``morphc bench``: training evidence, step cost and pass times, in one reproducible run.
 
-Writes into ``--out``: ``results.md`` (training tables), ``results.json`` (every training
-number), ``cost.md`` / ``cost.json`` (step-time ratios beside their FLOP bound, pass times),
-and PNG plots (loss curves with spread; cost bars). Timings are reported, never asserted.
+Writes into ``--out``: ``results.md`` (headline, training tables, cost and pass-time tables),
+``results.json`` (every number: config, each run's loss curve and measures, aggregates, step
+costs, pass times), ``headline.md`` (the table for the README), and PNG plots (``loss_<problem>
+.png``: loss curves with their spread over seeds; ``cost.png``: measured step-time ratio beside
+the FLOP bound). Prints the markdown. Timings are reported, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
+import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
+import torch
+from tqdm.auto import tqdm
 
 PARTS = ("training", "cost", "passes")
 
@@ -21,97 +25,149 @@ PARTS = ("training", "cost", "passes")
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="morphc bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 2 seeds, short budgets, small cost models (~2 min)")
-    parser.add_argument("--out", default="bench-results", help="output directory")
+                        help="smoke test: 2 seeds, short budgets, small cost models, one width, "
+                             "torch.compile timed on the MLP only (< 2 min)")
+    parser.add_argument("--out", default="bench-results", help="output directory "
+                        "(default: bench-results/)")
     parser.add_argument("--only", default=",".join(PARTS),
-                        help=f"comma-separated parts to run, from {','.join(PARTS)}")
+                        help=f"comma-separated parts to run, from {','.join(PARTS)} (default: all)")
     parser.add_argument("--problems", nargs="+", help="training problems (default: all)")
     parser.add_argument("--methods", nargs="+", help="training methods (default: all)")
-    parser.add_argument("--seeds", type=int, help="seeds (default 2 quick, 5 full)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 2 quick, 5 full)")
     parser.add_argument("--steps", type=int, help="override every problem's step budget")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     args.parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(args.parts) - set(PARTS)
-    if unknown:
+    if unknown or not args.parts:
         parser.error(f"unknown part(s) {sorted(unknown)}; choose from {','.join(PARTS)}")
+    if args.seeds is not None and args.seeds < 1 or args.steps is not None and args.steps < 1:
+        parser.error("--seeds and --steps must be positive")
     return args
 
 
-def _training(args, out: Path) -> str:
+def _command(argv: Sequence[str] | None) -> str:
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and args[:1] == ["bench"]:
+        args = args[1:]
+    return " ".join(["morphc bench", *args])
+
+
+def _demote(markdown: str) -> str:
+    """Nest a section's headings one level deeper."""
+    return "\n".join("#" + line if line.startswith("#") else line
+                     for line in markdown.splitlines())
+
+
+def _training(args, out: Path, data: dict) -> list[str]:
     import morphc.bench.methods  # noqa: F401  (registers bypass, growth, linear_bypass)
     from morphc.bench import report
     from morphc.bench.harness import run_suite
 
     suite = run_suite(args.problems, args.methods, args.seeds, steps=args.steps,
                       quick=args.quick, progress=not args.no_progress)
-    report.write_report(suite, out)
-    return report.format_markdown(suite)
+    data["suite"] = suite
+    headline = report.format_headline(suite)
+    (out / "headline.md").write_text(headline + "\n")
+    report.plot_curves(suite, out)
+    return ["## Headline: same budget, same seeds, ratio to plain Adam", "", headline, "",
+            "## Training", "", _demote(report.format_markdown(suite, title=None)), ""]
 
 
-def _cost(args, out: Path) -> tuple[str, dict]:
+def _cost(args, out: Path, data: dict) -> list[str]:
+    from morphc.bench.step_cost import (
+        MODEL_LABELS,
+        cost_models,
+        cost_summary,
+        format_step_costs,
+        run_step_costs,
+    )
+
+    with tqdm(total=len(cost_models(args.quick)), desc="step cost", unit="model",
+              disable=args.no_progress) as bar:
+        rows = run_step_costs(args.quick, progress=bar)
+    data["step_cost"], data["cost_summary"] = rows, cost_summary(rows)
+    plot_cost(rows, out / "cost.png")
+    models = "; ".join(f"`{k}`: {v}" for k, v in MODEL_LABELS.items())
+    scale = " (quick: models 4× smaller)" if args.quick else ""
+    return ["## Step cost: extended / original, beside the FLOP bound", "",
+            f"Every site extended, width a fraction of each site's output size; "
+            f"{rows[0]['threads'] if rows else 1} thread(s); models{scale}: {models}.", "",
+            format_step_costs(rows), ""]
+
+
+def _passes(args, out: Path, data: dict) -> list[str]:
     from morphc.bench.pass_times import MODELS, format_pass_times, time_passes
-    from morphc.bench.step_cost import cost_models, format_step_costs, run_step_costs
 
-    data: dict = {}
-    text = []
-    if "cost" in args.parts:
-        modes = (False, True)
-        with tqdm(total=len(cost_models(args.quick)) * len(modes), desc="step cost",
-                  disable=args.no_progress) as bar:
-            data["step_cost"] = run_step_costs(args.quick, modes, progress=bar)
-        text += ["## Step cost: extended / original, beside the FLOP bound", "",
-                 format_step_costs(data["step_cost"]), ""]
-        plot_cost(data["step_cost"], out / "cost.png")
-    if "passes" in args.parts:
-        names = list(MODELS)
-        bar = tqdm(names, desc="pass times", disable=args.no_progress)
-        data["pass_times"] = [time_passes(n, quick=args.quick) for n in bar]
-        text += ["## Pass times (tracing reported apart)", "",
-                 format_pass_times(data["pass_times"]), ""]
-    return "\n".join(text), data
+    bar = tqdm(list(MODELS), desc="pass times", unit="model", disable=args.no_progress)
+    rows = [time_passes(name, quick=args.quick) for name in bar]
+    data["pass_times"] = rows
+    return ["## Pass times (tracing apart)", "", format_pass_times(rows), ""]
 
 
-def plot_cost(rows: list[dict], path: Path) -> None:
-    """Bars: measured step-time ratio per model/width/mode, the FLOP bound as a marker."""
-    import matplotlib
+def plot_cost(rows: list[dict], path: Path) -> Path:
+    """Bars: measured step-time ratio per model/width/mode; the FLOP bound and bound + 10% as
+    markers."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['model']}\n{r['mode']} {r['width']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4))
-    xs = range(len(rows))
-    ax.bar(xs, [r["step_ratio"] for r in rows], color=["#4c72b0" if r["mode"] == "eager"
-                                                        else "#dd8452" for r in rows],
-           label="measured step-time ratio (blue eager, orange compiled)")
-    ax.scatter(xs, [r["flop_ratio"] for r in rows], marker="_", s=400, color="black",
-               label="FLOP-ratio bound", zorder=3)
+    fig = Figure(figsize=(max(6.0, 0.5 * len(rows) + 1), 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = list(range(len(rows)))
+    colours = {"eager": "#4c72b0", "compile": "#dd8452"}
+    for mode, colour in colours.items():
+        idx = [i for i, r in enumerate(rows) if r["mode"] == mode]
+        ax.bar(idx, [rows[i]["step_ratio"] for i in idx], color=colour,
+               label=f"measured step-time ratio, {mode}")
+    ax.scatter(xs, [r["flop_bound"] for r in rows], marker="_", s=300, color="black",
+               zorder=3, label="FLOP bound")
+    ax.scatter(xs, [1.1 * r["flop_bound"] for r in rows], marker="_", s=300, color="red",
+               zorder=3, label="target: bound + 10%")
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xticks(list(xs), labels, fontsize=6)
-    ax.set_ylabel("extended / original")
+    ax.set_xticks(xs, [f"{r['model']} {r['width']} {r['mode']}" for r in rows], fontsize=7,
+                  rotation=40, ha="right")
+    ax.set_ylabel("step time, extended / original")
+    ax.set_title("Cost of a bypass per training step")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path)
+    return path
+
+
+def _header(args, argv, seconds: float) -> list[str]:
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return ["# morphc bench", "",
+            f"`{_command(argv)}` — {when}; torch {torch.__version__}, Python "
+            f"{platform.python_version()}, {platform.machine()}, {torch.get_num_threads()} "
+            f"default thread(s); {seconds:.0f} s in all.", ""]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the parts asked for, write results.md / results.json / plots, print the markdown."""
+    from morphc.bench import report
+
     args = _parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    sections = []
-    if "training" in args.parts:
-        sections.append(_training(args, out))
-    if {"cost", "passes"} & set(args.parts):
-        text, data = _cost(args, out)
-        (out / "cost.md").write_text(text)
-        (out / "cost.json").write_text(json.dumps(data, indent=1))
-        sections.append(text)
-    command = "morphc bench" + (" --quick" if args.quick else "")
-    print("\n\n".join(sections))
-    print(f"\n`{command}` took {time.perf_counter() - start:.0f} s; results in {out}/")
+    data: dict = {}
+    body: list[str] = []
+    for part, run in (("training", _training), ("cost", _cost), ("passes", _passes)):
+        if part in args.parts:
+            body += run(args, out, data)
+    seconds = time.perf_counter() - start
+    markdown = "\n".join(_header(args, argv, seconds) + body)
+    (out / "results.md").write_text(markdown + "\n")
+    extra = {k: v for k, v in data.items() if k != "suite"}
+    extra["run"] = {"command": _command(argv), "seconds": seconds, "parts": args.parts,
+                    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    report.write_json(data.get("suite"), out, extra)
+    print(markdown)
+    print(f"\n`{_command(argv)}` took {seconds:.0f} s; results in {out}/ "
+          f"(results.md, results.json, *.png)")
     return 0
 
 

@@ -17,10 +17,8 @@ which it loses to plain.
 
 from __future__ import annotations
 
-import argparse
 import math
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,7 +31,7 @@ from morphc.bench.problems import Problem, get_problems
 
 QUICK_SEEDS, FULL_SEEDS = 2, 5
 
-__all__ = ["RunResult", "SuiteResult", "aggregate", "main", "run_suite", "stats"]
+__all__ = ["RunResult", "SuiteResult", "aggregate", "run_suite", "stats"]
 
 
 @dataclass
@@ -233,32 +231,3 @@ def aggregate(suite: SuiteResult) -> dict[str, dict[str, dict]]:
                 agg["vs_plain"], agg["worse_than_plain"] = _compare(agg, plain, higher)
         out[problem] = per_method
     return out
-
-
-# --- command line ----------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``morphc bench [--quick] [--out DIR] [--problems …] [--methods …] [--seeds N]``."""
-    from morphc.bench import report
-
-    parser = argparse.ArgumentParser(prog="morphc bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer seeds and steps (< 1 min)")
-    parser.add_argument("--out", default="bench-results", help="output directory")
-    parser.add_argument("--problems", nargs="+", help="problem names (default: all)")
-    parser.add_argument("--methods", nargs="+", help="method names (default: all registered)")
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 2 quick, 5 full)")
-    parser.add_argument("--steps", type=int, help="override every problem's step budget")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    suite = run_suite(args.problems, args.methods, args.seeds, steps=args.steps,
-                      quick=args.quick, progress=not args.no_progress)
-    paths = report.write_report(suite, args.out)
-    print(report.format_markdown(suite))
-    print(f"\nwrote {paths['markdown']}, {paths['json']} and {len(paths['plots'])} plots "
-          f"in {suite.config['total_seconds']:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

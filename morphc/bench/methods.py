@@ -1,15 +1,28 @@
 """The morphc methods of the suite: Bypass, permanent growth, and the linear-bypass ablation.
 
-- ``bypass``: ``morphc.Bypass`` with its library defaults (Plateau trigger, all sites, width 8,
-  tanh, anneal), phases scaled to the step budget.
-- ``growth``: the same extension at the same trigger, never contracted — the model keeps the
-  extra parameters (what "just make it bigger" buys).
-- ``linear_bypass``: the same cycle with ρ affine from the start (homotopy 0 for the whole
-  bypass phase: a LoRA-like branch). It cannot open new descent directions, so it should not
-  escape a saddle: the check that the learnable non-linearity is what matters.
+All three are one :class:`morphc.Bypass` run with one knob changed, so they extend at the same
+step, at the same sites, with the same branch initialisation:
+
+- ``bypass``: ``morphc.Bypass`` with the settings of :data:`BYPASS_DEFAULTS` (plateau trigger,
+  every site, width 8, tanh, anneal), phases scaled to the step budget; repeats its cycle at
+  every plateau and returns the user's own architecture.
+- ``growth``: one cycle that never returns: the extension is kept (homotopy 1) for the rest of
+  the budget and the *extended* model is evaluated — more parameters, what "just make it bigger
+  at the plateau" buys.
+- ``linear_bypass``: the ablation. The same cycles with ρ affine throughout (homotopy held at 0
+  from the extension on): a LoRA-like branch ``B·(p·(Ax + a) + q)``, folded back exactly. At a
+  stationary point its ``∂L/∂B`` is zero, so it opens no new descent direction (the check that
+  the learnable non-linearity is what matters); ``docs/benchmarks.md`` reports what it does on
+  each problem.
+
+Budget: a cycle is not started when fewer than ``bypass_steps + return_steps`` steps remain, so
+every run ends contracted inside its step budget (``finish()`` never trains extra steps).
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -18,95 +31,86 @@ import morphc
 from morphc.bench.baselines import adam, default_window, register, stepper_method
 from morphc.bench.problems import Problem
 
+VARIANTS = ("bypass", "growth", "linear")
 
-def _phase_steps(steps: int) -> int:
+# Chosen by measurement (docs/benchmarks.md, "Choosing Bypass's settings"): the library defaults,
+# with phases and trigger window scaled to the budget.
+BYPASS_DEFAULTS: dict = {"sites": "all", "width": 32, "activation": "tanh"}
+
+
+def phase_steps(steps: int) -> int:
     """100 steps per phase (the library default) within budgets of ≥ 2000 steps, less below."""
     return max(10, min(100, steps // 20))
 
 
-def bypass_stepper(problem: Problem, model: nn.Module, seed: int, steps: int):
-    phase = _phase_steps(steps)
-    return morphc.Bypass(model, adam(problem), trigger=morphc.Plateau(window=default_window(steps)),
-                         bypass_steps=phase, return_steps=phase, seed=seed, verbose=False)
+class BypassStepper:
+    """A :class:`~morphc.bench.baselines.Stepper` around one ``morphc.Bypass`` run.
 
-
-class ExtendOnPlateau:
-    """Adam; at the first plateau, extend every site and train the extended model.
-
-    ``contract_after=None`` keeps the extension for good (growth); an int contracts after that
-    many steps. ``homotopy`` is held fixed while extended (1.0 free ρ, 0.0 affine ρ).
+    ``variant``: ``"bypass"`` (as is), ``"growth"`` (one cycle, never returned, the extended
+    model is the result) or ``"linear"`` (homotopy held at 0 from each extension on).
+    ``options`` go to ``morphc.Bypass`` and override :data:`BYPASS_DEFAULTS`.
     """
 
     def __init__(self, problem: Problem, model: nn.Module, seed: int, steps: int, *,
-                 homotopy: float, contract_after: int | None) -> None:
-        self.user_model, self._model, self.seed = model, model, seed
-        self.optimizer = adam(problem)(model.parameters())
-        self.trigger = morphc.Plateau(window=default_window(steps))
-        self.homotopy, self.contract_after = homotopy, contract_after
-        self.ext, self.extended_steps, self.done = None, 0, False
-        self.events: dict = {"extended_at": None, "contracted_at": None}
-        self.step_count, self._inputs = 0, None
-        model.register_forward_pre_hook(self._capture, with_kwargs=False)
-
-    def _capture(self, module, args):
-        if self._inputs is None:
-            self._inputs = tuple(a.detach() for a in args)
+                 variant: str = "bypass", phase: int | None = None,
+                 options: Mapping | None = None) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        phase = phase_steps(steps) if phase is None else phase
+        config = {**BYPASS_DEFAULTS, "trigger": morphc.Plateau(window=default_window(steps)),
+                  "bypass_steps": phase, "return_steps": phase,
+                  **copy.deepcopy(dict(options or {}))}   # a fresh trigger state per run
+        if variant == "growth":
+            config.update(bypass_steps=steps + 1, max_cycles=1)
+        self.variant, self.steps, self.step_count = variant, steps, 0
+        self.cycle_steps = config["bypass_steps"] + config["return_steps"]
+        self.bp = morphc.Bypass(model, adam(problem), seed=seed, verbose=False, **config)
 
     @property
     def model(self) -> nn.Module:
-        return self._model
+        return self.bp.model
 
     def step(self, closure) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = closure(self._model)
-        loss.backward()
-        self.optimizer.step()
+        loss = self.bp.step(closure)
         self.step_count += 1
-        if self.ext is None and not self.done and self.trigger.update(loss.item(),
-                                                                      step=self.step_count):
-            self._extend()
-        elif self.ext is not None:
-            self.extended_steps += 1
-            if self.contract_after is not None and self.extended_steps >= self.contract_after:
-                self._contract()
-        return loss.detach()
-
-    def _extend(self) -> None:
-        self.ext = morphc.extend(self.user_model, self._inputs, sites="all", width=8,
-                                 seed=self.seed)
-        self.ext.set_homotopy(self.homotopy)
-        self.optimizer.add_param_group({"params": list(self.ext.extension_parameters())})
-        self._model = self.ext
-        self.events["extended_at"] = self.step_count
-
-    def _contract(self) -> None:
-        self.ext.set_homotopy(0.0)
-        morphc.contract(self.ext)
-        self.optimizer.param_groups.pop()
-        self.ext, self._model, self.done = None, self.user_model, True
-        self.events["contracted_at"] = self.step_count
+        if self.variant == "linear" and self.bp.extended is not None \
+                and self.bp.extended.homotopy != 0.0:
+            self.bp.extended.set_homotopy(0.0)   # ρ affine from the first extended step on
+        if self.variant != "growth" and self.steps - self.step_count <= self.cycle_steps:
+            self.bp.max_cycles = self.bp.cycle   # a cycle from the next step on would not end
+            #                                      inside the budget: start none
+        return loss
 
     def finish(self) -> nn.Module:
-        return self._model
+        if self.variant == "growth" and self.bp.extended is not None:
+            return self.bp.extended            # the extension is kept: more parameters
+        return self.bp.finish()
+
+    @property
+    def events(self) -> dict:
+        """Cycle steps for the report: when each extension and contraction happened."""
+        history = self.bp.history
+        return {"extended_at": [e["step"] for e in history if e["event"] == "extend"],
+                "contracted_at": [e["step"] for e in history if e["event"] == "contract"],
+                "rollbacks": sum(e["event"] == "rollback" for e in history)}
 
 
-def growth_stepper(problem, model, seed, steps):
-    return ExtendOnPlateau(problem, model, seed, steps, homotopy=1.0, contract_after=None)
+def bypass_method(name: str, variant: str, description: str, **stepper_options):
+    """A suite method running :class:`BypassStepper` (``stepper_options``: ``phase``,
+    ``options``); used for the registered methods and for settings sweeps."""
+    def make(problem, model, seed, steps):
+        return BypassStepper(problem, model, seed, steps, variant=variant, **stepper_options)
+    return stepper_method(name, make, description)
 
 
-def linear_bypass_stepper(problem, model, seed, steps):
-    return ExtendOnPlateau(problem, model, seed, steps, homotopy=0.0,
-                           contract_after=2 * _phase_steps(steps))
-
-
+_SETTINGS = "plateau → extend every site, width 32, tanh"
 MORPHC_METHODS = [
-    register(stepper_method("bypass", bypass_stepper,
-                            "morphc.Bypass, library defaults (plateau → extend all sites, "
-                            "width 8, tanh → anneal → contract)")),
-    register(stepper_method("growth", growth_stepper,
-                            "extend all sites (width 8, tanh) at the first plateau and keep "
-                            "the extension: more parameters")),
-    register(stepper_method("linear_bypass", linear_bypass_stepper,
-                            "ablation: the same branch with ρ affine throughout (LoRA-like), "
-                            "contracted after the same number of steps")),
+    register(bypass_method("bypass", "bypass",
+                           f"morphc.Bypass: {_SETTINGS} → anneal → contract, at every plateau")),
+    register(bypass_method("growth", "growth",
+                           f"{_SETTINGS} at the first plateau, never contracted: the extended "
+                           "model is kept (more parameters)")),
+    register(bypass_method("linear_bypass", "linear",
+                           "ablation: Bypass with ρ affine throughout (homotopy 0, a LoRA-like "
+                           "branch), same trigger, sites, init and phases")),
 ]

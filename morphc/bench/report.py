@@ -36,12 +36,16 @@ def _jsonable(value):
     return value
 
 
-def write_json(suite: SuiteResult, out_dir: str | Path) -> Path:
-    """``results.json``: config, problems, methods, every run (with its curve), aggregates."""
+def write_json(suite: SuiteResult | None, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """``results.json``: config, problems, methods, every run (with its curve), aggregates, plus
+    any ``extra`` sections (``morphc bench`` adds step costs and pass times)."""
     path = Path(out_dir) / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = suite.to_dict()
-    data["aggregates"] = suite.aggregate()
+    data = {}
+    if suite is not None:
+        data = suite.to_dict()
+        data["aggregates"] = suite.aggregate()
+    data.update(extra or {})
     path.write_text(json.dumps(_jsonable(data), indent=1, allow_nan=False, default=str))
     return path
 
@@ -140,12 +144,12 @@ def _losses_summary(aggregates: dict) -> list[str]:
     return lines + [""]
 
 
-def format_markdown(suite: SuiteResult) -> str:
+def format_markdown(suite: SuiteResult, title: str | None = "# morphc bench") -> str:
     """The results as markdown: a summary of losses to plain, then one table per problem."""
     aggregates = suite.aggregate()
     cfg = suite.config
-    lines = [
-        "# morphc bench", "",
+    lines = [] if title is None else [title, ""]
+    lines += [
         f"Methods: {', '.join(f'`{m}` ({d})' for m, d in suite.methods.items())}.", "",
         f"Seeds {cfg.get('seeds')}, {'quick' if cfg.get('quick') else 'full'} budget, "
         f"torch {cfg.get('torch')}, {cfg.get('threads')} thread(s), "
@@ -157,6 +161,87 @@ def format_markdown(suite: SuiteResult) -> str:
     for problem, per_method in aggregates.items():
         lines += _problem_section(suite, problem, per_method)
     return "\n".join(lines)
+
+
+# --- headline --------------------------------------------------------------------------------
+
+MORPHC_FIRST = ("bypass", "growth", "linear_bypass")
+
+
+def _headline_cell(agg: dict, plain: dict) -> str:
+    """'0.41× ✓ · test 0.34× ✓' — final-loss and test-metric ratios to plain, marked."""
+    worse = agg["worse_than_plain"]
+    vs = agg["vs_plain"]
+    cell = _marked(vs["final_loss"], "final_loss" in worse)
+    if vs["metric"] is not None:
+        cell += " · test " + _marked(vs["metric"], "metric" in worse)
+    if agg["params"] != plain["params"]:
+        cell += f" · {agg['params'] / plain['params']:.1f}× params"
+    return cell
+
+
+def _ordered_methods(methods) -> list[str]:
+    first = [m for m in MORPHC_FIRST if m in methods]
+    return first + [m for m in methods if m not in first and m != PLAIN]
+
+
+def format_headline(suite: SuiteResult) -> str:
+    """One row per problem: plain's medians, then every method's ratios to plain (final train
+    loss · test metric, ✗ where worse), then a line per problem on where ``bypass`` stands."""
+    aggregates = suite.aggregate()
+    methods = _ordered_methods(suite.methods)
+    n_seeds = len(suite.config.get("seeds", []))
+    lines = [f"Medians over {n_seeds} seeds; each cell: final train loss ratio to plain Adam · "
+             f"test metric ratio (MSE: lower is better, accuracy: higher is better); "
+             f"{BETTER} better, {WORSE} worse than plain.", "",
+             "| problem | plain Adam: final loss · test | " + " | ".join(methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for problem, per_method in aggregates.items():
+        plain = per_method.get(PLAIN)
+        if plain is None:
+            continue
+        metric = (plain["metric_name"] or "metric").replace("test_", "")
+        first = f"{_num(plain['final_loss']['median'])} · {metric} " \
+                f"{_num(plain['metric']['median']) if plain['metric'] else '—'}"
+        cells = [_headline_cell(per_method[m], plain) if m in per_method else "—"
+                 for m in methods]
+        lines.append(f"| {problem} | {first} | " + " | ".join(cells) + " |")
+    verdicts = bypass_verdicts(suite)
+    if verdicts:
+        lines += ["", "Where `bypass` stands:", ""] + [f"- {v}" for v in verdicts]
+    return "\n".join(lines)
+
+
+def _rank(values: dict[str, float], method: str) -> str:
+    """'rank 2/7 (best: `growth`)'; ties share a rank (1 + the number strictly better)."""
+    rank = 1 + sum(v < values[method] for v in values.values())
+    best = min(values, key=values.get)
+    return f"rank {rank}/{len(values)} (best: `{best}`)"
+
+
+def bypass_verdicts(suite: SuiteResult, method: str = "bypass") -> list[str]:
+    """Per problem: bypass's rank by median final train loss and by test metric among all
+    methods, the best method, and every measure on which bypass is worse than plain."""
+    out = []
+    for problem, per_method in suite.aggregate().items():
+        if method not in per_method:
+            continue
+        higher = bool(suite.problems[problem].get("higher_is_better", False))
+        loss_of = {m: a["final_loss"]["median"] for m, a in per_method.items()}
+        metric_of = {m: (-1 if higher else 1) * a["metric"]["median"]
+                     for m, a in per_method.items() if a["metric"]}   # lower is better now
+        agg = per_method[method]
+        text = f"**{problem}**: final train loss {_rank(loss_of, method)}"
+        if method in metric_of:
+            text += f", test {_rank(metric_of, method)}"
+        cycles = [len(r.extra.get("extended_at") or []) for r in suite.runs
+                  if r.problem == problem and r.method == method]
+        if cycles and not any(cycles):
+            text += "; never triggered (no plateau within the budget), so it equals plain"
+        if agg["worse_than_plain"]:
+            text += "; **worse than plain on " + ", ".join(agg["worse_than_plain"]) + "**"
+        out.append(text + ".")
+    return out
 
 
 def write_markdown(suite: SuiteResult, out_dir: str | Path) -> Path:
