@@ -28,7 +28,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from morphc.space import HillClimb, ModelSpace
-from morphc.space_io import load_module, save_module
+from morphc.space.io import load, save
 
 BUDGET = 3000            # optimizer steps per method
 SEARCH = dict(neighbors=3, child_steps=100, warmup_steps=200, final_steps=1000)
@@ -92,8 +92,8 @@ def run(seed: int, data, out: Path | None) -> dict:
     found = result.module
     if out is not None:
         space.save(out / f"seed{seed}")
-        save_module(found, out / f"seed{seed}" / "chosen")
-        reloaded = load_module(out / f"seed{seed}" / "chosen")
+        save(found, out / f"seed{seed}" / "chosen")
+        reloaded = load(out / f"seed{seed}" / "chosen")
         assert accuracy(reloaded, data["test"]) == accuracy(found, data["test"])
     return dict(
         seed=seed, steps=(BUDGET, result.steps),

@@ -2,6 +2,6 @@
 
 import sys
 
-from morphc.cli import main
+from morphc.tools.cli import main
 
 sys.exit(main())

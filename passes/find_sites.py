@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from morphc.passes.infra import PassResult
 from torch import fx, nn
 
-from morphc.sites import SITE_META, ConvConfig, Site, SiteTable, SiteUse
+from morphc.ir.sites import SITE_META, ConvConfig, Site, SiteTable, SiteUse
 
 aten = torch.ops.aten
 

@@ -15,7 +15,7 @@ import torch
 from morphc.passes.infra import PassResult, copy_graph_module
 from torch import fx
 
-from morphc.sites import ROLE_META, Site
+from morphc.ir.sites import ROLE_META, Site
 
 
 def _fold_linear(A, B, p):          # ΔW[o,i] = Σ_k B[o,k] p[k] A[k,i]

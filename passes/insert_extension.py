@@ -16,7 +16,7 @@ import operator
 from morphc.passes.infra import PassResult
 from torch import fx, nn
 
-from morphc.sites import ROLE_META, SITE_META, Site
+from morphc.ir.sites import ROLE_META, SITE_META, Site
 
 EXTENSION_PREFIX = "morphc_ext"
 

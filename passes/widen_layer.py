@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from morphc.passes.infra import PassResult
 from torch import fx, nn
 
-from morphc.branches import BypassBranch
 from morphc.errors import SiteError
+from morphc.ir.branch import BypassBranch
 
 SITES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

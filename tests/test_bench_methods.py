@@ -224,7 +224,7 @@ def test_bench_cli_rejects_unknown_parts():
 @pytest.mark.slow
 def test_bench_quick_writes_every_part(tmp_path):
     """`morphc bench --quick` end to end, through the `morphc` command (timings not asserted)."""
-    from morphc.cli import main as morphc_main
+    from morphc.tools.cli import main as morphc_main
 
     assert morphc_main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import morphc
-from morphc import cli
+from morphc.tools import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORIES = "tests.cli_factories"
@@ -162,7 +162,7 @@ def test_svg_falls_back_to_the_builtin_layout_without_graphviz(tmp_path, monkeyp
     assert_one_line_error(capsys.readouterr().err, "apt-get install graphviz", ".dot")
 
 
-@pytest.mark.parametrize("command, module", [("demo", "morphc.demo"),
+@pytest.mark.parametrize("command, module", [("demo", "morphc.tools.demo"),
                                               ("bench", "morphc.bench.cli")])
 def test_demo_and_bench_get_their_arguments(monkeypatch, command, module):
     seen = []

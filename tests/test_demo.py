@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from morphc import demo
+from morphc.tools import demo
 
 
 def test_quick_demo_bypass_escapes_the_symmetric_saddle(tmp_path, capsys):

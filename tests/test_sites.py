@@ -115,9 +115,9 @@ def test_escape_signal_nonzero_only_for_nonlinear_rho():
     for family in ("tanh", "poly", "prelu", "swish"):
         ext = morphc.extend(model, (x,), sites="all", width=4, activation=family)
         (site,) = ext.config.sites
-        nonlinear = morphc.escape.escape_scores(ext, probe)[site]
+        nonlinear = morphc.compiler.escape.escape_scores(ext, probe)[site]
         ext.set_homotopy(0.0)   # ρ affine: the branch can only do what W can
-        affine = morphc.escape.escape_scores(ext, probe)[site]
+        affine = morphc.compiler.escape.escape_scores(ext, probe)[site]
         assert nonlinear > 1e-3, family
         assert affine < 1e-10, family
 

@@ -12,10 +12,10 @@ from torch import nn
 
 import morphc
 from morphc import zoo
-from morphc.branches import BypassBranch
+from morphc.ir.branch import BypassBranch
 from morphc.space import HillClimb, ModelSpace, architecture_hash, function_change
-from morphc.space_io import FormatError, graph_from_json, graph_to_json, load_module, save_module
-from morphc.space_moves import (
+from morphc.space.io import FormatError, graph_from_json, graph_to_json, load, save
+from morphc.space.moves import (
     Contract,
     Deepen,
     Extend,
@@ -302,11 +302,11 @@ def _morphed(name):
 @pytest.mark.parametrize("name", ARCHS)
 def test_save_load_round_trip_without_running_saved_code(name, tmp_path):
     gm, inputs = _morphed(name)
-    paths = save_module(gm, tmp_path / "arch")
+    paths = save(gm, tmp_path / "arch")
     paths["py"].write_text("raise SystemExit('the saved code must never run')\n")
     state = torch.load(paths["pt"], weights_only=True)
     assert set(state) == set(gm.state_dict())
-    loaded = load_module(tmp_path / "arch")
+    loaded = load(tmp_path / "arch")
     for mode in (False, True):
         gm.train(mode)
         loaded.train(mode)
@@ -412,7 +412,7 @@ def test_tiny_search_records_nodes_edges_scores_and_saves(tmp_path):
     assert dot.count("->") == graph.number_of_edges()
     if "svg" in paths:
         assert paths["svg"].read_text().lstrip().startswith("<")
-    reloaded = load_module(tmp_path / "best")
+    reloaded = load(tmp_path / "best")
     assert evaluate(reloaded) == pytest.approx(best_score)
 
 
@@ -454,7 +454,7 @@ def test_passes_follow_the_pass_contract():
         0, torch.tensor(info.mapping), torch.tensor(info.split, dtype=torch.float64))
     assert torch.allclose(totals, torch.ones(32, dtype=torch.float64), atol=1e-12)
     assert gm.get_submodule("blk").A.shape == (4, 40), "the residual block was widened too"
-    assert morphc.space_moves.Shrink is Ungrow
+    assert morphc.space.moves.Shrink is Ungrow
 
 
 def test_ungrow_handles_two_branches_grown_at_one_site():

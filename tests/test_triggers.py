@@ -6,7 +6,7 @@ import time
 import pytest
 
 import morphc
-from morphc.triggers import AllOf, AnyOf
+from morphc.runtime.triggers import AllOf, AnyOf
 
 
 def feed(trigger, losses, grad_norms=None):

@@ -12,9 +12,10 @@ import torch
 from torch import fx, nn
 
 import morphc
-from morphc import viz, zoo
-from morphc.graph_diff import diff_graphs, diff_models, measure_deviation
-from morphc.sites import ROLE_META, SITE_META
+from morphc import zoo
+from morphc.ir.sites import ROLE_META, SITE_META
+from morphc.tools import pictures as viz
+from morphc.tools.graph_diff import diff_graphs, diff_models, measure_deviation
 
 EVIL = 'x"];\n evil -> pwned [label="<script>alert(1)</script>\\'
 DOT_NODE = re.compile(r"^\s*(\w+) \[label=", re.M)

@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import fx
 
 from morphc.errors import MorphcError
-from morphc.sites import ROLE_META, SITE_META
+from morphc.ir.sites import ROLE_META, SITE_META
 
 
 class VizError(MorphcError):
@@ -81,7 +81,7 @@ def node_shape(node: fx.Node) -> str | None:
 
 
 def _target_text(node: fx.Node) -> str:
-    from morphc.graph_diff import target_name
+    from morphc.tools.graph_diff import target_name
 
     if node.op == "placeholder":
         return "input"
@@ -209,7 +209,7 @@ def render(dot_source: str, path: str | Path) -> Path:
         raise VizError(
             f"rendering {path.name} needs the Graphviz 'dot' program, which is not installed; "
             "install it (apt-get install graphviz / brew install graphviz / conda install "
-            "graphviz), or write a .dot file (always works), or use morphc.viz.to_svg / "
+            "graphviz), or write a .dot file (always works), or use morphc.tools.pictures.to_svg / "
             "write_html, which need no Graphviz")
     try:
         done = subprocess.run([exe, f"-T{fmt}", "-o", str(path)], input=dot_source.encode(),

@@ -9,12 +9,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx, nn
 
-from morphc.escape import Probe, escape_scores
-from morphc.extended import ExtendedModel
-from morphc.frontend import trace
+from morphc.compiler.escape import Probe, escape_scores
+from morphc.compiler.extended import ExtendedModel
+from morphc.ir.sites import Site
+from morphc.ir.trace import trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import run_pass
-from morphc.sites import Site
 
 
 def _concrete(shape, batch: int | None) -> tuple[int, ...] | None:
@@ -157,7 +157,7 @@ def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None) -> Inspect
         table = run_pass(find_sites, traced.graph_module).info
         scores = {}
         if probe is not None and table.extendable():
-            from morphc.api import extend  # late: api builds on this module's siblings
+            from morphc.compiler.extend import extend  # late: api builds on this module's siblings
             scores = escape_scores(extend(model, example_inputs, sites="all", traced=traced),
                                    probe)
     batch = None

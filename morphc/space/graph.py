@@ -1,7 +1,7 @@
 """``ModelSpace``: architectures as nodes, function-preserving moves as edges, and search over them.
 
 Extension and contraction (and their permanent cousins Grow / Deepen / Widen / Ungrow, see
-``morphc.space_moves``) keep the function, so training can walk from one architecture to the next
+``morphc.space.moves``) keep the function, so training can walk from one architecture to the next
 without starting from scratch — network morphism / NAS. The space is a ``networkx.DiGraph``:
 
 - a node is an architecture, identified by :func:`architecture_hash`, holding its current module
@@ -10,7 +10,7 @@ without starting from scratch — network morphism / NAS. The space is a ``netwo
   applied (``apply`` refuses any move whose change exceeds ``tolerance``).
 
 >>> import morphc, torch
->>> from morphc.space_moves import Widen
+>>> from morphc.space.moves import Widen
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
 >>> space = morphc.ModelSpace(model, (torch.randn(16, 4),))
 >>> child = space.apply(Widen("0", to=16))
@@ -33,12 +33,12 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from morphc.api import relative_deviation
-from morphc.branches import BypassBranch
+from morphc.compiler.extend import relative_deviation
+from morphc.compiler.extended import ExtendedModel
 from morphc.errors import MorphcError, TraceError
-from morphc.extended import ExtendedModel
-from morphc.frontend import _as_tuple, no_side_effects
-from morphc.space_moves import (
+from morphc.ir.branch import BypassBranch
+from morphc.ir.trace import _as_tuple, no_side_effects
+from morphc.space.moves import (
     DEEP_PREFIX,
     GROWN_PREFIX,
     Move,
@@ -324,7 +324,7 @@ class ModelSpace:
         return node, module, score
 
     def neighbors(self, node: str | None = None, **options) -> list[Move]:
-        """Candidate moves from ``node`` (``morphc.space_moves.neighborhood`` options)."""
+        """Candidate moves from ``node`` (``morphc.space.moves.neighborhood`` options)."""
         return neighborhood(self.module(node), **options)
 
     def search(self, train: TrainFn, evaluate: EvalFn, budget: int,
@@ -336,17 +336,17 @@ class ModelSpace:
                             self.steps_spent - spent, time.perf_counter() - start)
 
     def to_json(self) -> dict:
-        from morphc.space_io import space_to_json
+        from morphc.space.io import space_to_json
         return space_to_json(self)
 
     def to_dot(self) -> str:
-        from morphc.space_io import space_to_dot
+        from morphc.space.io import space_to_dot
         return space_to_dot(self)
 
     def save(self, directory, *, weights: str = "best") -> dict:
         """Write ``space.json``, ``space.dot`` (+ ``space.svg`` with Graphviz) and the best
-        architecture (``best.json`` / ``best.pt`` / ``best.py``); see ``morphc.space_io``."""
-        from morphc.space_io import save_space
+        architecture (``best.json`` / ``best.pt`` / ``best.py``); see ``morphc.space.io``."""
+        from morphc.space.io import save_space
         return save_space(self, directory, weights=weights)
 
 

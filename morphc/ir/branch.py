@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from morphc.families import get_family
-from morphc.sites import ConvConfig
+from morphc.ir.sites import ConvConfig
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

@@ -18,9 +18,9 @@ import torch
 from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 
-from morphc.api import relative_deviation
-from morphc.frontend import no_side_effects
-from morphc.sites import ROLE_META, SITE_META
+from morphc.compiler.extend import relative_deviation
+from morphc.ir.sites import ROLE_META, SITE_META
+from morphc.ir.trace import no_side_effects
 
 
 def target_name(node: fx.Node) -> str:
@@ -180,8 +180,8 @@ class ModelDiff:
 
 
 def _graph_module_of(obj, inputs: tuple, other) -> fx.GraphModule:
-    from morphc.extended import ExtendedModel
-    from morphc.frontend import trace
+    from morphc.compiler.extended import ExtendedModel
+    from morphc.ir.trace import trace
 
     if isinstance(obj, fx.GraphModule):
         return obj
@@ -206,7 +206,7 @@ def diff_models(a: nn.Module, b: nn.Module, example_inputs, *,
     contracting (they stand in for ``a``'s outputs); without them the deviation
     ``morphc.contract`` measured is reported.
     """
-    from morphc.extended import ExtendedModel
+    from morphc.compiler.extended import ExtendedModel
 
     inputs = _as_tuple(example_inputs)
     graph = diff_graphs(_graph_module_of(a, inputs, b), _graph_module_of(b, inputs, a))

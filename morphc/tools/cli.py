@@ -299,7 +299,7 @@ def _write(path: str, text: str | None = None, writer=None) -> None:
 
 def _pictures(args, graphs: list, labels: tuple[str, ...], title: str, report_text: str,
               reports: list):
-    from morphc import viz
+    from morphc.tools import pictures as viz
 
     if args.dot or args.svg or args.png:
         dot = viz.to_dot(graphs[0], title=title) if len(graphs) == 1 else \
@@ -324,7 +324,7 @@ def _pictures(args, graphs: list, labels: tuple[str, ...], title: str, report_te
 
 def run_inspect(args) -> int:
     import morphc
-    from morphc import graph_diff
+    from morphc.tools import graph_diff
 
     loaded = load_model(args.factory)
     model = loaded.model
@@ -375,7 +375,7 @@ def _error(message: str) -> None:
 
 
 def _passthrough(command: str, rest: list[str]) -> int:
-    module = {"demo": "morphc.demo", "bench": "morphc.bench.cli"}[command]
+    module = {"demo": "morphc.tools.demo", "bench": "morphc.bench.cli"}[command]
     try:
         entry = importlib.import_module(module).main
     except (ImportError, AttributeError) as e:

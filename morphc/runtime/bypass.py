@@ -41,12 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from morphc.api import contract, extend
+from morphc.compiler.escape import escape_scores, random_direction_probe
+from morphc.compiler.extend import contract, extend
+from morphc.compiler.extended import ExtendedModel
 from morphc.errors import BypassError, MorphcError
-from morphc.escape import escape_scores, random_direction_probe
-from morphc.extended import ExtendedModel
-from morphc.frontend import TracedModel, trace
-from morphc.triggers import Plateau, Trigger
+from morphc.ir.trace import TracedModel, trace
+from morphc.runtime.triggers import Plateau, Trigger
 
 logger = logging.getLogger("morphc.bypass")
 
@@ -625,7 +625,7 @@ class Bypass:
         logger.info(message)
         shown = logger.isEnabledFor(logging.INFO) and logger.hasHandlers()
         if self.verbose and not shown:
-            print(f"[morphc.bypass] {message}", file=sys.stderr)
+            print(f"[morphc.runtime.bypass] {message}", file=sys.stderr)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

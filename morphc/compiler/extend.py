@@ -8,16 +8,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from morphc.branches import BypassBranch
+from morphc.compiler.escape import Probe, escape_scores
+from morphc.compiler.extended import ContractionReport, ExtendedModel, ExtensionConfig
 from morphc.errors import ContractionError, SiteError
-from morphc.escape import Probe, escape_scores
-from morphc.extended import ContractionReport, ExtendedModel, ExtensionConfig
-from morphc.frontend import TracedModel, no_side_effects, trace
+from morphc.ir.branch import BypassBranch
+from morphc.ir.sites import Site, SiteSpec, select_sites
+from morphc.ir.trace import TracedModel, no_side_effects, trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.fold_extension import fold_extension
 from morphc.passes.infra import copy_graph_module, run_pass
 from morphc.passes.insert_extension import insert_extension
-from morphc.sites import Site, SiteSpec, select_sites
 
 Width = int | float
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from morphc.frontend import no_side_effects
+from morphc.ir.trace import no_side_effects
 
 Probe = Callable[[nn.Module], torch.Tensor]
 

@@ -9,8 +9,8 @@ import torch
 from torch import fx, nn
 
 from morphc.errors import ContractionError
-from morphc.frontend import TracedModel
-from morphc.sites import Site, SiteTable
+from morphc.ir.sites import Site, SiteTable
+from morphc.ir.trace import TracedModel
 
 
 @dataclass

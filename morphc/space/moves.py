@@ -30,18 +30,18 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from morphc.api import contract, extend
-from morphc.branches import BypassBranch
+from morphc.compiler.extend import contract, extend
+from morphc.compiler.extended import ExtendedModel
 from morphc.errors import ContractionError, MoveError, SiteError
-from morphc.extended import ExtendedModel
-from morphc.frontend import TracedModel, _as_tuple, no_side_effects, trace
+from morphc.ir.branch import BypassBranch
+from morphc.ir.sites import ROLE_META, SITE_META, ConvConfig
+from morphc.ir.trace import TracedModel, _as_tuple, no_side_effects, trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.fold_extension import fold_extension
 from morphc.passes.infra import copy_graph_module, run_pass
 from morphc.passes.insert_extension import EXTENSION_PREFIX
 from morphc.passes.insert_residual_block import SPACE_ROLE_META, insert_residual_block
 from morphc.passes.widen_layer import SITES, widen_layer, widenable_pairs
-from morphc.sites import ROLE_META, SITE_META, ConvConfig
 
 GROWN_PREFIX = "morphc_grown"
 DEEP_PREFIX = "morphc_deep"

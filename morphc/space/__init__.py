@@ -1,0 +1,19 @@
+"""Model space: architectures joined by function-preserving moves, search over them, save/load.
+
+>>> from morphc.space import ModelSpace, Widen   # doctest: +SKIP
+"""
+
+from morphc.space.graph import (
+    HillClimb,
+    ModelSpace,
+    SearchResult,
+    architecture_graph,
+    architecture_hash,
+    function_change,
+    summarize,
+)
+from morphc.space.moves import Contract, Deepen, Extend, Grow, Move, Shrink, Ungrow, Widen
+
+__all__ = ["Contract", "Deepen", "Extend", "Grow", "HillClimb", "ModelSpace", "Move",
+           "SearchResult", "Shrink", "Ungrow", "Widen", "architecture_graph", "architecture_hash",
+           "function_change", "summarize"]

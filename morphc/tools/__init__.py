@@ -1,0 +1,2 @@
+"""What people look at and type: ``inspect``, pictures, graph diffs, the ``morphc`` command, the
+demo. The top layer: nothing below imports it."""
