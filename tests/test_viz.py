@@ -15,6 +15,7 @@ import morphc
 from morphc import zoo
 from morphc.ir.sites import ROLE_META, SITE_META
 from morphc.tools import pictures as viz
+from morphc.tools import svg_layout
 from morphc.tools.graph_diff import diff_graphs, diff_models, measure_deviation
 
 EVIL = 'x"];\n evil -> pwned [label="<script>alert(1)</script>\\'
@@ -139,7 +140,7 @@ def test_pure_svg_parses_and_highlights_extension_nodes(extended):
 
 
 def test_pure_svg_layout_is_layered_top_down(extended):
-    boxes, width, height = viz._layout(extended.graph_module)
+    boxes, width, height = svg_layout._layout(extended.graph_module)
     at = {b.node.name: b for b in boxes}
     for box in boxes:
         for src in box.node.all_input_nodes:

@@ -30,8 +30,6 @@ import keyword
 import math
 import operator
 import re
-import shutil
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from torch import fx, nn
 from morphc.compiler.extended import ExtendedModel
 from morphc.errors import FormatError
 from morphc.ir.branch import BypassBranch
+from morphc.ir.dot import dot_string, graphviz_available, render
 from morphc.ir.sites import ConvConfig
 
 GRAPH_FORMAT, SPACE_FORMAT, VERSION = "morphc.graph", "morphc.space", 1
@@ -405,10 +404,6 @@ def space_to_json(space) -> dict:
             "edges": edges, "rejected": space.rejected}
 
 
-def _dot_text(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def space_to_dot(space) -> str:
     """Graphviz DOT: one box per architecture (hash, layers, parameters, steps, score), one
     arrow per move (with the measured function change); root and best are highlighted."""
@@ -422,23 +417,19 @@ def space_to_dot(space) -> str:
                  f"params {attrs['params']}, steps {attrs['steps']}\nscore {score}")
         style = ', style=filled, fillcolor="palegreen"' if node == best else \
             (', style=filled, fillcolor="lightgrey"' if node == space.root else "")
-        lines.append(f'  "{node}" [label="{_dot_text(label)}"{style}];')
+        lines.append(f"  {dot_string(node)} [label={dot_string(label)}{style}];")
     for u, v, attrs in space.graph.edges(data=True):
         label = f"{attrs['move']}\nΔ={attrs['change']:.1e}"
-        lines.append(f'  "{u}" -> "{v}" [label="{_dot_text(label)}"];')
+        lines.append(f"  {dot_string(u)} -> {dot_string(v)} [label={dot_string(label)}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 def render_svg(dot_path: Path) -> Path | None:
     """``dot -Tsvg`` when Graphviz is installed; None (nothing written) otherwise."""
-    executable = shutil.which("dot")
-    if executable is None:
+    if not graphviz_available():
         return None
-    svg = dot_path.with_suffix(".svg")
-    subprocess.run([executable, "-Tsvg", str(dot_path), "-o", str(svg)], check=True,
-                   timeout=120, capture_output=True)
-    return svg
+    return render(dot_path.read_text(encoding="utf-8"), dot_path.with_suffix(".svg"))
 
 
 def save_space(space, directory, *, weights: str = "best") -> dict[str, Path]:
