@@ -41,6 +41,20 @@ def test_help_and_version():
     assert version.returncode == 0 and version.stdout.strip() == f"morphc {morphc.__version__}"
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["--version"]])
+def test_help_does_not_import_torch(argv):
+    """``morphc --help`` answers at once: torch (seconds to import) loads only when a command
+    runs."""
+    probe = ("import sys\nfrom morphc.tools.cli import main\n"
+             f"try:\n    main({argv!r})\nexcept SystemExit as stop:\n    assert stop.code == 0\n"
+             "heavy = sorted(m for m in ('torch', 'sympy', 'networkx') if m in sys.modules)\n"
+             "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: morphc" in done.stdout or done.stdout.startswith("morphc ")
+
+
 def test_bad_factory_is_one_line_exit_1():
     done = run("inspect", "no_such_module_xyz:make", "--input-shape", "1,4")
     assert done.returncode == 1 and done.stdout == ""

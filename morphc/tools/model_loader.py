@@ -1,0 +1,126 @@
+"""Loading a user's model for the command line: ``package.module:name`` → model and inputs.
+
+The factory is imported, never evaluated as code; it may be an ``nn.Module``, a callable
+returning one, or a callable returning ``(model, example_inputs)`` (like ``morphc.zoo:cnn_bn``).
+Every failure is a :class:`~morphc.tools.cli_args.CLIError` saying what to do. torch is imported
+inside the functions, so the command's ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+
+from morphc.tools.cli_args import CLIError, one_line
+
+
+@dataclass
+class Loaded:
+    model: object
+    inputs: tuple | None
+    label: str
+
+
+def _import_module(module_name: str, spec: str):
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: models in the current directory
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise CLIError(f"cannot import module {module_name!r} (from {spec!r}): no module "
+                           f"named {e.name!r}; check the spelling, run from the directory that "
+                           "contains it, or add it to PYTHONPATH") from e
+        raise CLIError(f"importing {module_name!r} failed: it needs {e.name!r}, which is not "
+                       f"installed; install it (pip install ...) and retry") from e
+    except Exception as e:
+        raise CLIError(f"importing {module_name!r} failed: {type(e).__name__}: "
+                       f"{one_line(e)}; fix the module (run with --debug for the traceback)"
+                       ) from e
+
+
+def _call_factory(obj, spec: str):
+    try:
+        inspect.signature(obj).bind()
+    except TypeError as e:
+        raise CLIError(f"{spec} cannot be called without arguments ({one_line(e)}); give its "
+                       "parameters defaults or point at a factory that needs none") from e
+    except ValueError:
+        pass  # no signature (some builtins): just try the call
+    try:
+        return obj()
+    except Exception as e:
+        raise CLIError(f"calling {spec}() failed: {type(e).__name__}: {one_line(e)}; "
+                       "run with --debug for the traceback") from e
+
+
+def load_model(spec: str) -> Loaded:
+    """Resolve ``package.module:name`` to a model and, if the factory gave them, inputs."""
+    from torch import nn
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CLIError(f"{spec!r} is not a factory path; write 'package.module:name', "
+                       "e.g. morphc.zoo:cnn_bn or mypkg.models:make_model")
+    module = _import_module(module_name, spec)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(module) if not n.startswith("_"))[:12]
+            raise CLIError(f"module {module_name!r} has no attribute {attr!r}; "
+                           f"available: {', '.join(public) or 'nothing public'}")
+        obj = getattr(obj, part)
+    if isinstance(obj, nn.Module):
+        return Loaded(obj, None, spec)
+    if not callable(obj):
+        raise CLIError(f"{spec} is a {type(obj).__name__}, not an nn.Module or a callable "
+                       "returning one; point at a model factory")
+    result = _call_factory(obj, spec)
+    if isinstance(result, nn.Module):
+        return Loaded(result, None, spec)
+    if isinstance(result, tuple | list) and len(result) == 2 and \
+            isinstance(result[0], nn.Module):
+        inputs = result[1]
+        inputs = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+        return Loaded(result[0], inputs, spec)
+    raise CLIError(f"{spec}() returned a {type(result).__name__}; it must return an nn.Module "
+                   "or a (model, example_inputs) pair")
+
+
+def make_inputs(shapes, dtype, loaded: Loaded) -> tuple:
+    import torch
+
+    if not shapes:
+        if loaded.inputs is None:
+            raise CLIError(f"{loaded.label} gave no example inputs; pass --input-shape, "
+                           "e.g. --input-shape 1,3,32,32")
+        if dtype is None:
+            return loaded.inputs
+        return tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in loaded.inputs)
+    dtype = dtype or torch.float32
+    generator = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point or dtype.is_complex:
+        return tuple(torch.randn(s, dtype=dtype, generator=generator) for s in shapes)
+    return tuple(torch.randint(0, 2, s, generator=generator).to(dtype) for s in shapes)
+
+
+def _describe(inputs: tuple) -> str:
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+                     if hasattr(t, "shape") else type(t).__name__ for t in inputs)
+
+
+def check_runs(model, inputs: tuple, label: str) -> None:
+    """Run the model once so a shape mismatch is reported as such, not as a trace failure."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:
+        raise CLIError(f"{label} fails on inputs {_describe(inputs)}: {type(e).__name__}: "
+                       f"{one_line(e)}; pass an --input-shape (and --input-dtype) the model "
+                       "accepts") from e
+
