@@ -11,8 +11,13 @@ def test_quick_demo_bypass_escapes_the_symmetric_saddle(tmp_path, capsys):
     threads = torch.get_num_threads()
     assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
     assert torch.get_num_threads() == threads, "the demo restores the thread count"
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "geometric-mean ratio" in printed
+    for term, meaning in demo.GLOSSARY:   # every term of the report is explained, once
+        assert printed.count(meaning) == 1 and term in printed.split("what the terms mean:")[0]
+    assert "seed 1 bypass" in captured.err and f"{4 * demo.QUICK_STEPS}/{4 * demo.QUICK_STEPS}" \
+        in captured.err, "a progress bar on stderr, ending at the total number of steps"
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
     summary = json.loads((tmp_path / "results.json").read_text())
     runs = summary["results"]

@@ -21,7 +21,8 @@ inspection report of the extended model, and the measured deviations of extensio
 contraction (C1).
 
 Output: a table (plain vs Bypass final training loss per seed, their ratio, and whether the
-student is still symmetric), ``loss_curves.png`` and ``results.json`` in ``--out``.
+student is still symmetric), ``loss_curves.png`` and ``results.json`` in ``--out``. A progress bar
+on stderr shows the training runs.
 """
 
 from __future__ import annotations
@@ -29,15 +30,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from morphc.bench.problems import PROBLEMS, hidden_units_identical
 
 DEFAULT_SEEDS = 5
 QUICK_STEPS = 1000
+
+# one plain-language line per term the compiler report prints
+GLOSSARY = (
+    ("homotopy s", "1 = branches as trained (non-linear); 0 = on C, where they are linear "
+                   "and fold"),
+    ("constraint residual", "how far the branches are from C; 0 means the fold into the weights "
+                            "is exact"),
+    ("E1", "extending changes nothing: branches start with B = 0, outputs stay identical"),
+    ("C1", "contracting changes nothing: folded into your weights, the outputs stay the same"),
+)
 
 
 def bypass_options() -> dict:
@@ -69,11 +82,19 @@ def compiler_report() -> str:
         c1 = relative_deviation(extended, model(*inputs))
     return (f"{report}\nE1: extended vs original, max relative deviation {e1:.3g} "
             f"(bit-for-bit: {e1 == 0})\nC1: contracted vs extended on C, max relative "
-            f"deviation {c1:.3g} (target ≤ 1e-6)\n")
+            f"deviation {c1:.3g} (target ≤ 1e-6)\n\n{glossary()}\n")
 
 
-def run(seed: int, steps: int, bypass: bool) -> dict:
-    """Train one student, plain Adam or Adam + Bypass; same data, init and budget."""
+def glossary() -> str:
+    """What the report's terms mean, one line each."""
+    width = max(len(term) for term, _ in GLOSSARY)
+    return "\n".join(["what the terms mean:", *(f"  {term:<{width}}  {meaning}"
+                                                 for term, meaning in GLOSSARY)])
+
+
+def run(seed: int, steps: int, bypass: bool, progress: tqdm | None = None) -> dict:
+    """Train one student, plain Adam or Adam + Bypass; same data, init and budget. ``progress``
+    (a tqdm bar) advances one tick per step."""
     import morphc
 
     problem = PROBLEMS["teacher_student"]
@@ -92,7 +113,11 @@ def run(seed: int, steps: int, bypass: bool) -> dict:
     else:
         stepper = _Plain(model, factory(model.parameters()))
     start = time.perf_counter()
-    losses = [float(stepper.step(closure)) for _ in range(steps)]
+    losses = []
+    for _ in range(steps):
+        losses.append(float(stepper.step(closure)))
+        if progress is not None:
+            progress.update()
     final_model = stepper.finish()
     with torch.no_grad():
         final = float(problem.loss_fn(final_model(data.x_train), data.y_train))
@@ -219,8 +244,14 @@ def main(argv=None) -> int:
 def _run_all(args) -> list[dict]:
     print(f"teacher–student, {args.steps} full-batch Adam steps, seeds 0..{args.seeds - 1}: "
           "plain vs Bypass", flush=True)
-    return [run(seed, args.steps, bypass) for seed in range(args.seeds)
-            for bypass in (False, True)]
+    results = []
+    with tqdm(total=2 * args.seeds * args.steps, unit="step", file=sys.stderr,
+              mininterval=0.5, dynamic_ncols=True) as progress:
+        for seed in range(args.seeds):
+            for bypass in (False, True):
+                progress.set_description(f"seed {seed} {'bypass' if bypass else 'plain'}")
+                results.append(run(seed, args.steps, bypass, progress))
+    return results
 
 
 if __name__ == "__main__":
