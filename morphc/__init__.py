@@ -40,7 +40,7 @@ _PUBLIC = {
     "Ungrow": "morphc.space.moves",
     "Widen": "morphc.space.moves",
     "available_families": "morphc.families",
-    "contract": "morphc.compiler.extend",
+    "contract": "morphc.compiler.contract",
     "extend": "morphc.compiler.extend",
     "inspect": "morphc.tools.inspect",
     "load": "morphc.space.io",

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from morphc.passes.infra import PassResult
 from torch import fx, nn
 
-from morphc.ir.sites import SITE_META, ConvConfig, Site, SiteTable, SiteUse
+from morphc.ir.sites import ConvConfig, Site, SiteTable, SiteUse
+from morphc.ir.tags import Role, tag
 
 aten = torch.ops.aten
 
@@ -217,10 +218,9 @@ def _build_site(key: int, uses: _Uses, taken: set[str]) -> Site:
     return site
 
 
-def find_sites(gm: fx.GraphModule) -> PassResult:
-    """Find every extension site; annotate site nodes with ``node.meta['morphc_site']``.
-
-    Returns ``PassResult(gm, modified=False, info=SiteTable)``. The graph is not rewritten.
+def find_sites(gm: fx.GraphModule) -> PassResult[SiteTable]:
+    """Find every extension site and tag its nodes ``Role.SITE`` (an analysis: the graph is not
+    rewritten). ``analysis``: the :class:`~morphc.ir.sites.SiteTable`.
     """
     uses = _Uses()
     consumed: set[fx.Node] = set()
@@ -243,8 +243,8 @@ def find_sites(gm: fx.GraphModule) -> PassResult:
         table[site.name] = site
         for node in gm.graph.nodes:
             if node.name in site.node_names:
-                node.meta[SITE_META] = site.name
-    return PassResult(gm, modified=False, info=table)
+                tag(node, Role.SITE, site.name)
+    return PassResult(gm, modified=False, analysis=table)
 
 
 def _is_site_operand(user: fx.Node, operand: fx.Node, uses: _Uses, key: int) -> bool:

@@ -4,44 +4,23 @@ On the constraint set, ``ρ(t) = p·t + q`` per unit, so the branch is linear an
 
     W' = W + B · diag(p) · A          b' = b + B · (p ⊙ a + q)
 
-Fold rules are data, one per operator kind; for (grouped) convs ``A`` is a k-channel conv and ``B``
-a 1×1 conv, composed per group into one kernel of W's shape. Arithmetic runs in float64 and is cast
-once. The pass computes new tensors but writes nothing: the caller applies them all-or-nothing.
+The fold rule of each operator kind lives in its :mod:`~morphc.ir.kinds` strategy. Arithmetic
+runs in float64. The pass removes the branch nodes from the graph it is given and *computes* the
+new weights without writing them: the caller applies them all-or-nothing
+(``morphc.compiler.write``), and runs the pass on a fork when it needs the extended graph after.
 """
 
 from __future__ import annotations
 
 import torch
-from morphc.passes.infra import PassResult, copy_graph_module
+from morphc.passes.infra import PassResult, delete_submodules, graph_pass, remove_nodes
 from torch import fx
 
-from morphc.ir.sites import ROLE_META, Site
+from morphc.ir.kinds import bias_delta
+from morphc.ir.sites import Site
+from morphc.ir.tags import is_temporary
 
-
-def _fold_linear(A, B, p):          # ΔW[o,i] = Σ_k B[o,k] p[k] A[k,i]
-    return (B * p) @ A
-
-
-def _fold_conv(A, B, p, groups):    # per group g: ΔW_g = B_g · diag(p_g) · A_g (A_g a kernel stack)
-    k, out = A.shape[0], B.shape[0]
-    a = A.reshape(groups, k // groups, -1)
-    b = B.reshape(groups, out // groups, k // groups)
-    delta = torch.bmm(b * p.reshape(groups, 1, -1), a)
-    return delta.reshape(out, *A.shape[1:])
-
-
-def _bias_delta(B, offset, groups):  # Δb = B · (p ⊙ a + q), per group for convs
-    out = B.shape[0]
-    b = B.reshape(groups, out // groups, -1)
-    return torch.einsum("gok,gk->go", b, offset.reshape(groups, -1)).reshape(out)
-
-
-FOLD_RULES = {
-    "linear": lambda A, B, p, g: _fold_linear(A, B, p),
-    "matmul_left": lambda A, B, p, g: _fold_linear(A, B, p),
-    "matmul_right": lambda A, B, p, g: _fold_linear(A, B, p).T,   # x @ P: P = Wᵀ
-    "conv": _fold_conv,
-}
+NewValues = dict[str, torch.Tensor]   # parameter qualified name -> folded value (float64)
 
 
 def branch_deltas(site: Site, branch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -50,22 +29,18 @@ def branch_deltas(site: Site, branch) -> tuple[torch.Tensor, torch.Tensor | None
         p, q = (t.to(torch.float64).reshape(-1) for t in branch.affine_form())
         A = branch.A.detach().to(torch.float64)
         B = branch.B.detach().to(torch.float64).reshape(branch.B.shape[0], -1)
-        delta_w = FOLD_RULES[site.kind](A, B, p, site.groups)
+        delta_w = branch.strategy.fold(A, B, p, site.groups)
         offset = q.expand(branch.width).clone()
         if branch.a is not None:
             offset = offset + p * branch.a.detach().to(torch.float64)
-        delta_b = _bias_delta(B, offset, site.groups) if not branch.zero_offset else None
+        delta_b = bias_delta(B, offset, site.groups) if not branch.zero_offset else None
     return delta_w, delta_b
 
 
-def fold_extension(gm: fx.GraphModule, sites: list[Site], branches: dict) -> PassResult:
-    """Compute folded weights for every branch and return a contracted copy of the graph.
-
-    ``info`` maps each parameter's qualified name to its new value (float64), one entry per
-    parameter even when a bias is shared. The returned graph module shares ``gm``'s submodules
-    and parameters, with the branch and add nodes removed.
-    """
-    new_values: dict[str, torch.Tensor] = {}
+def folded_values(gm: fx.GraphModule, sites: list[Site], branches: dict) -> NewValues:
+    """New values of every weight and bias the branches fold into (one entry per parameter,
+    also when a bias is shared)."""
+    new_values: NewValues = {}
     for site in sites:
         delta_w, delta_b = branch_deltas(site, branches[site.name])
         weight = gm.get_parameter(site.weight_name)
@@ -75,9 +50,21 @@ def fold_extension(gm: fx.GraphModule, sites: list[Site], branches: dict) -> Pas
         for bias_name in dict.fromkeys(u.bias_name for u in site.uses):
             bias = gm.get_parameter(bias_name)
             new_values[bias_name] = bias.detach().to(torch.float64) + delta_b
+    return new_values
 
-    def branch_input(node: fx.Node) -> fx.Node | None:  # x for the branch, z for z + branch
-        return node.args[0] if node.meta.get(ROLE_META) is not None else None
 
-    contracted = copy_graph_module(gm, replace=branch_input)
-    return PassResult(contracted, modified=True, info=new_values)
+def _no_temporary_node(gm: fx.GraphModule) -> str | None:
+    left = [n.name for n in gm.graph.nodes if is_temporary(n)]
+    return f"extension nodes survived the fold: {left}" if left else None
+
+
+@graph_pass(ensures=_no_temporary_node)
+def fold_extension(gm: fx.GraphModule, sites: list[Site],
+                   branches: dict) -> PassResult[NewValues]:
+    """Remove every extension node of ``gm`` (a branch call reads ``x``, its add ``z``: users
+    read those instead) and return the folded weights as ``analysis``."""
+    new_values = folded_values(gm, sites, branches)
+    calls = [n.target for n in gm.graph.nodes if is_temporary(n) and n.op == "call_module"]
+    remove_nodes(gm, lambda node: node.args[0] if is_temporary(node) else None)
+    delete_submodules(gm, calls)
+    return PassResult(gm, modified=True, analysis=new_values)

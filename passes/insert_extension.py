@@ -11,31 +11,31 @@ A tied weight (several nodes) gets one branch module called at each node.
 
 from __future__ import annotations
 
-import operator
-
-from morphc.passes.infra import PassResult
+from morphc.passes.infra import PassResult, graph_pass, insert_added_call
 from torch import fx, nn
 
-from morphc.ir.sites import ROLE_META, SITE_META, Site
-
-EXTENSION_PREFIX = "morphc_ext"
+from morphc.ir.sites import Site, input_of
+from morphc.ir.tags import EXTENSION_PREFIX, Role, role_of
 
 
 def branch_target(site: Site) -> str:
     return f"{EXTENSION_PREFIX}.{site.name.replace('.', '_')}"
 
 
-def _input_of(node: fx.Node, index: int) -> fx.Node:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get("input", node.kwargs.get("other"))
+def _each_branch_feeds_one_add(gm: fx.GraphModule) -> str | None:
+    for node in gm.graph.nodes:
+        if role_of(node) is Role.EXTENSION and \
+                [role_of(u) for u in node.users] != [Role.EXTENSION_ADD]:
+            return f"extension node {node.format_node()} must feed exactly one extension add"
+    return None
 
 
+@graph_pass(ensures=_each_branch_feeds_one_add)
 def insert_extension(gm: fx.GraphModule, sites: list[Site],
-                     branches: dict[str, nn.Module]) -> PassResult:
-    """Insert ``branches[site.name]`` at every use of every site; returns the same gm, rewritten.
+                     branches: dict[str, nn.Module]) -> PassResult[dict[str, str]]:
+    """Insert ``branches[site.name]`` at every use of every site, in place.
 
-    Returns ``PassResult(gm, modified, info={site name: branch target})``.
+    ``analysis``: ``{site name: branch submodule path}``.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     targets: dict[str, str] = {}
@@ -47,16 +47,6 @@ def insert_extension(gm: fx.GraphModule, sites: list[Site],
         targets[site.name] = target
         for use in site.uses:
             node = nodes[use.node]
-            with gm.graph.inserting_after(node):
-                branch = gm.graph.call_module(target, (_input_of(node, use.input_arg),))
-            with gm.graph.inserting_after(branch):
-                total = gm.graph.call_function(operator.add, (node, branch))
-            node.replace_all_uses_with(total, delete_user_cb=lambda user, t=total: user is not t)
-            branch.meta[ROLE_META] = "extension"
-            total.meta[ROLE_META] = "extension_add"
-            for new in (branch, total):
-                new.meta[SITE_META] = site.name
-                for key in ("tensor_meta", "val"):
-                    if key in node.meta:
-                        new.meta[key] = node.meta[key]
-    return PassResult(gm, modified=bool(targets), info=targets)
+            insert_added_call(gm, node, target, input_of(node, use.input_arg),
+                              (Role.EXTENSION, Role.EXTENSION_ADD), site.name)
+    return PassResult(gm, modified=bool(targets), analysis=targets)

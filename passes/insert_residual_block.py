@@ -13,26 +13,31 @@ Before and after ``insert_residual_block(gm, "relu", block, "morphc_deep.block0"
     morphc_deep_block0 = self.morphc_deep.block0(relu)
     add = relu + morphc_deep_block0;  linear_1 = self.fc2(add)
 
-Inserted nodes carry ``node.meta['morphc_space_role']`` = ``"residual_block"`` /
-``"residual_add"`` (not ``morphc_role``: the contraction pass removes nodes with that key).
+Inserted nodes are tagged ``Role.RESIDUAL_BLOCK`` / ``Role.RESIDUAL_ADD`` (never the temporary
+extension roles: a contraction must leave them alone).
 """
 
 from __future__ import annotations
 
-import operator
+from dataclasses import dataclass
 
-from morphc.passes.infra import PassResult
+from morphc.passes.infra import PassResult, insert_added_call
 from torch import fx, nn
 
 from morphc.errors import SiteError
+from morphc.ir.tags import Role
 
-SPACE_ROLE_META = "morphc_space_role"
+
+@dataclass
+class InsertedBlock:
+    block: fx.Node   # block(x)
+    add: fx.Node     # x + block(x)
 
 
 def insert_residual_block(gm: fx.GraphModule, at: str, block: nn.Module,
-                          target: str) -> PassResult:
+                          target: str) -> PassResult[InsertedBlock]:
     """Add ``block`` as submodule ``target`` and route every user of node ``at`` through
-    ``at + block(at)``. Returns ``PassResult(gm, True, info={"block": node, "add": node})``."""
+    ``at + block(at)``, in place."""
     nodes = {n.name: n for n in gm.graph.nodes}
     node = nodes.get(at)
     if node is None or node.op in ("output", "get_attr"):
@@ -45,14 +50,6 @@ def insert_residual_block(gm: fx.GraphModule, at: str, block: nn.Module,
     else:
         raise SiteError(f"submodule {target!r} already exists; choose another block name")
     gm.add_submodule(target, block)
-    with gm.graph.inserting_after(node):
-        block_node = gm.graph.call_module(target, (node,))
-    with gm.graph.inserting_after(block_node):
-        add = gm.graph.call_function(operator.add, (node, block_node))
-    node.replace_all_uses_with(add, delete_user_cb=lambda user: user not in (block_node, add))
-    block_node.meta[SPACE_ROLE_META] = "residual_block"
-    add.meta[SPACE_ROLE_META] = "residual_add"
-    for key in ("tensor_meta", "val"):
-        if key in node.meta:
-            block_node.meta[key] = add.meta[key] = node.meta[key]
-    return PassResult(gm, modified=True, info={"block": block_node, "add": add})
+    block_node, add = insert_added_call(gm, node, target, node,
+                                        (Role.RESIDUAL_BLOCK, Role.RESIDUAL_ADD))
+    return PassResult(gm, modified=True, analysis=InsertedBlock(block_node, add))

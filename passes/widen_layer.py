@@ -376,7 +376,8 @@ def _replace(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 
 
 def widen_layer(gm: fx.GraphModule, first: str, new_width: int, *, second: str | None = None,
-                noise: float = 0.0, generator: torch.Generator | None = None) -> PassResult:
+                noise: float = 0.0,
+                generator: torch.Generator | None = None) -> PassResult[WidenInfo]:
     """Widen the output units of module ``first`` (and its consumer ``second``) to ``new_width``.
 
     ``first``/``second`` are module paths (site names); ``second`` is found by following the graph
@@ -404,7 +405,7 @@ def widen_layer(gm: fx.GraphModule, first: str, new_width: int, *, second: str |
                       chain.copy_out.get(node))
     info = WidenInfo(first, chain.second.target, [n.target for n in chain.norms], old, new_width,
                      mapping, split.tolist())
-    return PassResult(gm, modified=True, info=info)
+    return PassResult(gm, modified=True, analysis=info)
 
 
 def widenable_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:

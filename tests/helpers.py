@@ -21,4 +21,4 @@ def train_extension(ext, inputs, steps=5, lr=1e-2, seed=0):
 
 
 def max_rel(a, b):
-    return morphc.compiler.extend.relative_deviation(a, b)
+    return morphc.compiler.deviation.relative_deviation(a, b)

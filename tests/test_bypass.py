@@ -240,7 +240,7 @@ def test_finish_with_zero_steps_snaps_and_reports():
     snap = events(bp, "contract")[0]["snap_change"]
     with torch.no_grad():
         folded = model(*bp.example_inputs)
-    deviation = morphc.compiler.extend.relative_deviation(extended, folded)
+    deviation = morphc.compiler.deviation.relative_deviation(extended, folded)
     assert snap == pytest.approx(deviation, rel=1e-3)
     assert snap > 0
 

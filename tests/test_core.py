@@ -8,6 +8,7 @@ from torch import nn
 
 import morphc
 from morphc import zoo
+from morphc.ir.tags import Role, role_of
 from tests.helpers import max_rel, train_extension
 
 ARCHS = sorted(zoo.ZOO)
@@ -150,7 +151,7 @@ def test_tied_weight_is_one_site_with_one_branch():
     enc = ext.site_table["enc"]
     assert enc.tied and len(enc.uses) == 2
     extension_nodes = [n for n in ext.graph_module.graph.nodes
-                       if n.meta.get("morphc_role") == "extension"]
+                       if role_of(n) == Role.EXTENSION]
     assert len(extension_nodes) == 3   # two uses of enc share a branch, plus proj
     assert sum(1 for _ in ext.graph_module.morphc_ext.children()) == 2
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from morphc.passes.find_sites import find_sites
-from morphc.passes.infra import run_pass
+from morphc.passes.infra import Pipeline
 from torch import nn
 
 import morphc
@@ -12,7 +12,7 @@ from morphc import zoo
 
 
 def sites_of(model, inputs):
-    return run_pass(find_sites, morphc.trace(model, inputs).graph_module).info
+    return Pipeline(morphc.trace(model, inputs).graph_module).run(find_sites).analysis
 
 
 def test_every_supported_operator_is_found():

@@ -432,7 +432,7 @@ def test_a_custom_strategy_plugs_in():
 
 
 def test_passes_follow_the_pass_contract():
-    from morphc.passes.infra import run_pass
+    from morphc.passes.infra import Pipeline
     from morphc.passes.insert_residual_block import insert_residual_block
     from morphc.passes.widen_layer import widen_layer
 
@@ -440,14 +440,16 @@ def test_passes_follow_the_pass_contract():
     gm = private_copy(model, inputs)
     count = len(gm.graph.nodes)
     block = BypassBranch("linear", 32, 32, 4, "prelu", with_bias=True, homotopy=torch.ones(()))
-    result = run_pass(insert_residual_block, gm, "_1", block, "blk")
+    pipeline = Pipeline(gm)
+    result = pipeline.run(insert_residual_block, "_1", block, "blk")
     assert result.modified and len(result.graph_module.graph.nodes) == count + 2
-    assert list(result.info["block"].users) == [result.info["add"]]
+    assert list(result.analysis.block.users) == [result.analysis.add]
     with pytest.raises(morphc.SiteError, match="already exists"):
         insert_residual_block(gm, "_3", block, "blk")
-    result = run_pass(widen_layer, gm, "0", 40, generator=torch.Generator().manual_seed(0),
-                      noise=0.3)
-    info = result.info
+    result = pipeline.run(widen_layer, "0", 40, generator=torch.Generator().manual_seed(0),
+                          noise=0.3)
+    assert pipeline.history == ["insert_residual_block", "widen_layer"]
+    info = result.analysis
     assert result.modified and len(gm.graph.nodes) == count + 2
     assert info.mapping[:32] == list(range(32)) and info.second == "2"
     totals = torch.zeros(32, dtype=torch.float64).index_add_(

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 import morphc
 from morphc import zoo
-from morphc.ir.sites import ROLE_META, SITE_META
+from morphc.ir.tags import Role, tag
 from morphc.tools import pictures as viz
 from morphc.tools import svg_layout
 from morphc.tools.graph_diff import diff_graphs, diff_models, measure_deviation
@@ -36,12 +36,15 @@ def hand_graph(target: str = "relu") -> fx.Graph:
     x = graph.placeholder("x")
     x.meta["val"] = torch.empty(2, 3)
     y = graph.call_function(torch.relu, (x,))
-    y.meta.update(tensor_meta=torch.empty(2, 3), **{SITE_META: "s"})
+    y.meta.update(tensor_meta=torch.empty(2, 3))
+    tag(y, Role.SITE, "s")
     y.name = target if target.isidentifier() else y.name
     branch = graph.call_module("morphc_ext.s", (x,))
-    branch.meta.update(val=torch.empty(2, 3), **{ROLE_META: "extension", SITE_META: "s"})
+    branch.meta.update(val=torch.empty(2, 3))
+    tag(branch, Role.EXTENSION, "s")
     add = graph.call_function(torch.add, (y, branch))
-    add.meta.update(val=torch.empty(2, 3), **{ROLE_META: "extension_add", SITE_META: "s"})
+    add.meta.update(val=torch.empty(2, 3))
+    tag(add, Role.EXTENSION_ADD, "s")
     graph.output(add)
     return graph
 

@@ -6,6 +6,7 @@ At a stationary point of the original model ``∂L/∂W = Σ δ xᵀ = 0``, yet
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -41,3 +42,11 @@ def escape_scores(ext, probe: Probe | None = None) -> dict[str, float]:
         grads = torch.autograd.grad(loss, [ext.branches[n].B for n in names], allow_unused=True)
     return {n: (float(g.norm()) if g is not None else 0.0) for n, g in zip(names, grads,
                                                                             strict=True)}
+
+
+def rank_sites(scores: dict[str, float], top_k: int | None = None) -> list[str]:
+    """The ``top_k`` best-scoring site names (default: half, at least one), in graph order."""
+    names = list(scores)
+    keep = top_k or max(1, math.ceil(len(names) / 2))
+    best = set(sorted(names, key=lambda n: -scores[n])[:keep])
+    return [n for n in names if n in best]

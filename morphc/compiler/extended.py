@@ -11,6 +11,7 @@ from torch import fx, nn
 from morphc.errors import ContractionError
 from morphc.ir.sites import Site, SiteTable
 from morphc.ir.trace import TracedModel
+from morphc.passes.infra import Pipeline
 
 
 @dataclass
@@ -50,17 +51,24 @@ class ExtendedModel(nn.Module):
     user's model; ``extension_parameters()`` are the only new ones.
     """
 
-    def __init__(self, model: nn.Module, traced: TracedModel, graph_module: fx.GraphModule,
+    def __init__(self, model: nn.Module, traced: TracedModel, pipeline: Pipeline,
                  site_table: SiteTable, sites: list[Site], branches: dict[str, nn.Module],
                  homotopy: torch.Tensor, config: ExtensionConfig) -> None:
         super().__init__()
-        self.graph_module = graph_module
+        self.graph_module = pipeline.graph_module
+        self.pipeline = pipeline     # the passes that made graph_module, in order
         object.__setattr__(self, "_model", model)   # the user's object, not a submodule
         object.__setattr__(self, "branches", dict(branches))
         self.traced, self.site_table, self.sites, self.config = traced, site_table, sites, config
         self.register_buffer("_homotopy", homotopy, persistent=False)
         self.contracted = False
         self.contraction_report: ContractionReport | None = None
+        self.contracted_graph_module: fx.GraphModule | None = None
+
+    def mark_contracted(self, report: ContractionReport, graph_module: fx.GraphModule) -> None:
+        """Called by ``morphc.contract`` once the fold is written: this module is spent."""
+        self.contracted, self.contraction_report = True, report
+        self.contracted_graph_module = graph_module
 
     @property
     def model(self) -> nn.Module:

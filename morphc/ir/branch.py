@@ -12,17 +12,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from morphc.families import get_family
+from morphc.ir.kinds import kind_of
 from morphc.ir.sites import ConvConfig
-
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class BypassBranch(nn.Module):
-    """One bypass branch. ``kind`` is ``linear``, ``conv``, ``matmul_right`` or ``matmul_left``."""
+    """One bypass branch; ``kind`` names its :class:`~morphc.ir.kinds.SiteKind` (``linear``,
+    ``conv``, ``matmul_right``, ``matmul_left``), which knows the operators' shapes and how to
+    apply them."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, width: int,
                  family: str, *, with_bias: bool, homotopy: torch.Tensor,
@@ -30,15 +30,13 @@ class BypassBranch(nn.Module):
                  generator: torch.Generator | None = None, init_scale: float = 1.0) -> None:
         super().__init__()
         self.kind, self.width, self.family_name = kind, width, family
+        self.strategy = kind_of(kind)
         self.in_features, self.out_features = in_features, out_features
         self.conv = conv
         self.zero_offset = not with_bias
         self.compiled = get_family(family).compile(zero_offset=self.zero_offset)
-        groups = conv.groups if conv else 1
-        a_shape = (width, in_features // groups, *conv.kernel_size) if conv else \
-            (width, in_features)
-        b_shape = (out_features, width // groups, *([1] * conv.dim)) if conv else \
-            (out_features, width)
+        a_shape = self.strategy.a_shape(width, in_features, conv)
+        b_shape = self.strategy.b_shape(out_features, width, conv)
         fan_in = math.prod(a_shape[1:])
         factory = dict(dtype=dtype, device=device)
         init_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -57,38 +55,19 @@ class BypassBranch(nn.Module):
     # -- the forward the graph calls ------------------------------------------------------------
     def unit_shape(self) -> tuple[int, ...]:
         """Shape under which per-unit α broadcasts against the pre-activation ``A x + a``."""
-        if self.kind == "conv":
-            return (self.width, *([1] * self.conv.dim))
-        if self.kind == "matmul_left":
-            return (self.width, 1)
-        return (self.width,)
+        return self.strategy.unit_shape(self.width, self.conv)
 
     def effective_alpha(self) -> torch.Tensor:
         """α on the homotopy path: ``α_C`` exactly at ``s = 0``, the free α at ``s = 1``."""
         return self.compiled.homotopy(self.alpha, self.homotopy.to(self.alpha.dtype))
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv":
-            c = self.conv
-            if c.padding_mode != "zeros":
-                x = F.pad(x, _reversed_padding(c), mode=c.padding_mode)
-                padding = 0
-            else:
-                padding = c.padding
-            return _CONV_FN[c.dim](x, self.A, self.a, c.stride, padding, c.dilation, c.groups)
-        if self.kind == "matmul_left":
-            u = self.A @ x
-            return u if self.a is None else u + self.a[:, None]
-        return F.linear(x, self.A, self.a)
+        return self.strategy.pre_activation(x, self.A, self.a, self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.effective_alpha()
         h = self.compiled.rho(self.pre_activation(x), alpha.reshape(-1, *self.unit_shape()))
-        if self.kind == "conv":
-            return _CONV_FN[self.conv.dim](h, self.B, None, 1, 0, 1, self.conv.groups)
-        if self.kind == "matmul_left":
-            return self.B @ h
-        return F.linear(h, self.B)
+        return self.strategy.apply_b(h, self.B, self.conv)
 
     # -- what the constraint compiler says about the current state ------------------------------
     def affine_form(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +82,3 @@ class BypassBranch(nn.Module):
         return (f"kind={self.kind}, in={self.in_features}, out={self.out_features}, "
                 f"width={self.width}, family={self.family_name!r}, zero_offset={self.zero_offset}")
 
-
-def _reversed_padding(conv: ConvConfig) -> tuple[int, ...]:
-    """``F.pad`` order for a conv's symmetric padding (last dim first), as ``nn.ConvNd`` does."""
-    out: list[int] = []
-    for p in reversed(conv.padding):
-        out += [p, p]
-    return tuple(out)

@@ -14,9 +14,6 @@ from dataclasses import asdict, dataclass, field
 
 from morphc.errors import SiteError
 
-SITE_META = "morphc_site"  # node.meta key on site nodes: the site name
-ROLE_META = "morphc_role"  # node.meta key on inserted nodes: "extension" | "extension_add"
-
 
 @dataclass
 class ConvConfig:
@@ -129,3 +126,11 @@ def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = ())
             f"sites in this model: {table.describe()}"
         )
     return chosen
+
+
+def input_of(node, index: int):
+    """The argument of a site node that its branch reads (positional, or the ``input`` /
+    ``other`` keyword)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get("input", node.kwargs.get("other"))

@@ -41,8 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from morphc.compiler.contract import contract
 from morphc.compiler.escape import escape_scores, random_direction_probe
-from morphc.compiler.extend import contract, extend
+from morphc.compiler.extend import extend
 from morphc.compiler.extended import ExtendedModel
 from morphc.errors import BypassError, MorphcError
 from morphc.ir.trace import TracedModel, trace

@@ -33,20 +33,13 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from morphc.compiler.extend import relative_deviation
+from morphc.compiler.deviation import relative_deviation
 from morphc.compiler.extended import ExtendedModel
 from morphc.errors import MorphcError, TraceError
 from morphc.ir.branch import BypassBranch
+from morphc.ir.tags import DEEP_PREFIX, GROWN_PREFIX
 from morphc.ir.trace import _as_tuple, no_side_effects
-from morphc.space.moves import (
-    DEEP_PREFIX,
-    GROWN_PREFIX,
-    Move,
-    MoveError,
-    graph_of,
-    neighborhood,
-    private_copy,
-)
+from morphc.space.moves import Move, MoveError, graph_of, neighborhood, private_copy
 
 TrainFn = Callable[[nn.Module, int], Any]     # train the module in place for n steps
 EvalFn = Callable[[nn.Module], float]         # a score, higher is better (e.g. val accuracy)

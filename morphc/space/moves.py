@@ -23,29 +23,29 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from morphc.compiler.extend import contract, extend
+from morphc.compiler.contract import contract
+from morphc.compiler.extend import extend
 from morphc.compiler.extended import ExtendedModel
+from morphc.compiler.write import write_weights
 from morphc.errors import ContractionError, MoveError, SiteError
 from morphc.ir.branch import BypassBranch
-from morphc.ir.sites import ROLE_META, SITE_META, ConvConfig
+from morphc.ir.sites import ConvConfig
+from morphc.ir.tags import DEEP_PREFIX, FRONTEND
 from morphc.ir.trace import TracedModel, _as_tuple, no_side_effects, trace
+from morphc.passes.find_grown_branches import GrownBranch, find_grown_branches
 from morphc.passes.find_sites import find_sites
-from morphc.passes.fold_extension import fold_extension
-from morphc.passes.infra import copy_graph_module, run_pass
-from morphc.passes.insert_extension import EXTENSION_PREFIX
-from morphc.passes.insert_residual_block import SPACE_ROLE_META, insert_residual_block
+from morphc.passes.infra import Pipeline, fresh_name
+from morphc.passes.insert_residual_block import insert_residual_block
+from morphc.passes.make_permanent import make_permanent
+from morphc.passes.remove_branch import remove_branch
 from morphc.passes.widen_layer import SITES, widen_layer, widenable_pairs
 
-GROWN_PREFIX = "morphc_grown"
-DEEP_PREFIX = "morphc_deep"
-FRONTEND_META = "morphc_frontend"   # gm.meta key: which frontend produced the root graph
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Mish,
                       nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Softplus, nn.PReLU)
 ACTIVATION_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, torch.nn.functional.relu,
@@ -76,7 +76,7 @@ def private_copy(module: nn.Module, inputs: tuple) -> nn.Module:
     else:
         traced = trace(module, inputs)
         work = copy.deepcopy(traced.graph_module)
-        work.meta[FRONTEND_META] = traced.frontend
+        work.meta[FRONTEND] = traced.frontend
     annotate(work, inputs)
     return work
 
@@ -84,7 +84,7 @@ def private_copy(module: nn.Module, inputs: tuple) -> nn.Module:
 def as_traced(gm: fx.GraphModule, inputs: tuple) -> TracedModel:
     """Hand an architecture that already is a graph to ``morphc.extend`` without re-tracing
     (re-tracing would inline grown branches and lose them as modules)."""
-    frontend = getattr(gm, "meta", {}).get(FRONTEND_META, "symbolic_trace")
+    frontend = getattr(gm, "meta", {}).get(FRONTEND, "symbolic_trace")
     return TracedModel(gm, frontend, "a ModelSpace architecture (already a graph)", inputs,
                        gm.training, dynamic_batch=True)
 
@@ -102,17 +102,6 @@ def set_homotopy(module: nn.Module, s: float) -> None:
         for branch in module.modules():
             if isinstance(branch, BypassBranch):
                 branch.homotopy.fill_(float(s))
-
-
-def _fresh_name(gm: fx.GraphModule, prefix: str, base: str) -> str:
-    base = base.replace(".", "_")
-    for i in range(len(list(gm.modules())) + 1):
-        name = f"{prefix}.{base}" if i == 0 else f"{prefix}.{base}_{i}"
-        try:
-            gm.get_submodule(name)
-        except AttributeError:
-            return name
-    raise AssertionError("unreachable")
 
 
 def _need_graph(module: nn.Module, move: str) -> fx.GraphModule:
@@ -198,25 +187,11 @@ class Grow(Move):
 
 
 def _make_permanent(ext: ExtendedModel) -> fx.GraphModule:
-    """The extended graph as a standalone architecture, its branches renamed out of the
-    ``morphc_ext`` namespace and unmarked, so later Extend/Contract rounds leave them alone."""
-    gm = ext.graph_module
-    renames: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        role = node.meta.pop(ROLE_META, None)
-        node.meta.pop(SITE_META, None)
-        if role is not None:
-            node.meta[SPACE_ROLE_META] = "grown_branch" if role == "extension" else "grown_add"
-        if node.op == "call_module" and node.target.startswith(EXTENSION_PREFIX + "."):
-            if node.target not in renames:
-                site = node.target.split(".", 1)[1]
-                renames[node.target] = _fresh_name(gm, GROWN_PREFIX, f"at_{site}")
-                gm.add_submodule(renames[node.target], gm.get_submodule(node.target))
-            node.target = renames[node.target]
-    gm.delete_submodule(EXTENSION_PREFIX)
-    gm.recompile()
-    gm.train(ext.training)
-    return gm
+    """The extended graph as a standalone architecture (the ``make_permanent`` pass)."""
+    pipeline = Pipeline(ext.graph_module, tuple(ext.pipeline.history))
+    pipeline.run(make_permanent)
+    pipeline.graph_module.train(ext.training)
+    return pipeline.graph_module
 
 
 @dataclass
@@ -249,8 +224,8 @@ class Deepen(Move):
                              with_bias=True, homotopy=torch.ones((), device=ref.device),
                              conv=conv, dtype=ref.dtype, device=ref.device,
                              generator=torch.Generator().manual_seed(self.seed))
-        target = _fresh_name(gm, DEEP_PREFIX, "block")
-        return run_pass(insert_residual_block, gm, node.name, block, target).graph_module
+        target = fresh_name(gm, DEEP_PREFIX, "block")
+        return Pipeline(gm).run(insert_residual_block, node.name, block, target).graph_module
 
 
 def _layout(gm: fx.GraphModule, node: fx.Node, kind: str) -> tuple[str, int]:
@@ -299,69 +274,13 @@ class Widen(Move):
         old = site.weight.shape[0]
         new = self.to if self.to is not None else math.ceil(old * self.factor)
         generator = torch.Generator().manual_seed(self.seed)
-        return run_pass(widen_layer, gm, self.first, new, second=self.second, noise=self.noise,
-                        generator=generator).graph_module
+        return Pipeline(gm).run(widen_layer, self.first, new, second=self.second,
+                                noise=self.noise, generator=generator).graph_module
 
 
 # -- grown branches and their removal ----------------------------------------------------------
-@dataclass
-class GrownBranch:
-    """A branch in a standalone architecture: at a site (``z + B·ρ(Ax + a)``, foldable on C)
-    or a residual block (``x + B·ρ(Ax + a)``, removable only while ``B = 0``)."""
-
-    target: str                 # submodule path of the branch
-    site: str | None            # site name for a site branch, None for a residual block
-    nodes: list[tuple[fx.Node, fx.Node]]   # (branch call, add) per use
-
-    def module(self, gm: fx.GraphModule) -> BypassBranch:
-        return gm.get_submodule(self.target)
-
-
 def grown_branches(gm: fx.GraphModule) -> list[GrownBranch]:
-    """Every ``BypassBranch`` call in ``gm`` whose output is added to its site's output (or to
-    its own input), found from the graph's structure alone (so it works after save/load)."""
-    by_name = {n.name: n for n in gm.graph.nodes}
-    site_inputs = {}     # site node -> (site name, the input its branch must read)
-    for site in find_sites(gm).info.values():
-        for use in site.uses:
-            site_inputs[by_name[use.node]] = (site.name, _use_input(by_name[use.node],
-                                                                    use.input_arg))
-    found: dict[str, GrownBranch] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target),
-                                                       BypassBranch):
-            continue
-        users = list(node.users)
-        if len(users) != 1 or users[0].target is not operator.add or len(users[0].args) != 2:
-            continue
-        add, x = users[0], node.args[0]
-        other = _past_branches(gm, add.args[0] if add.args[1] is node else add.args[1], x)
-        site = None
-        if other is not x:
-            site, site_input = site_inputs.get(other, (None, None))
-            if site is None or site_input is not x:
-                continue
-        entry = found.setdefault(node.target, GrownBranch(node.target, site, []))
-        entry.nodes.append((node, add))
-    return list(found.values())
-
-
-def _past_branches(gm: fx.GraphModule, node, x: fx.Node):
-    """Skip ``add(·, branch(x))`` nodes of other branches at the same site (Grow twice)."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and \
-            node.target is operator.add and len(node.args) == 2:
-        branch = [a for a in node.args if isinstance(a, fx.Node) and a.op == "call_module"
-                  and isinstance(gm.get_submodule(a.target), BypassBranch) and a.args[0] is x]
-        if len(branch) != 1:
-            break
-        node = node.args[0] if node.args[1] is branch[0] else node.args[1]
-    return node
-
-
-def _use_input(node: fx.Node, index: int):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get("input", node.kwargs.get("other"))
+    return find_grown_branches(gm).analysis
 
 
 def _removable(gm: fx.GraphModule, branch: GrownBranch) -> str | None:
@@ -411,29 +330,12 @@ Shrink = Ungrow
 
 
 def _fold_branch(gm: fx.GraphModule, branch: GrownBranch) -> fx.GraphModule:
-    """Fold a site branch with the contraction pass, or drop a zero residual block; returns a
-    new graph module (the caller's copy is discarded on failure: all-or-nothing)."""
-    if branch.site is None:
-        drop = {node: call.args[0] for call, add in branch.nodes for node in (call, add)}
-        result = copy_graph_module(gm, replace=lambda node: drop.get(node))
-        result.graph.lint()
-        result.recompile()
-        return result
-    for node in gm.graph.nodes:
-        node.meta.pop(ROLE_META, None)
-    for call, add in branch.nodes:
-        call.meta[ROLE_META], add.meta[ROLE_META] = "extension", "extension_add"
-    site = find_sites(gm).info[branch.site]
-    result = run_pass(fold_extension, gm, [site], {site.name: branch.module(gm)},
-                      history=("find_sites",))
-    if not all(torch.isfinite(value).all() for value in result.info.values()):
-        raise ContractionError(f"folding {branch.target} gives non-finite weights; check the "
-                               "branch for NaN/Inf")
-    with torch.no_grad():
-        for name, value in result.info.items():
-            param = result.graph_module.get_parameter(name)
-            param.copy_(value.to(param.dtype))
-    return result.graph_module
+    """Remove one grown branch (``remove_branch``) and write its fold all-or-nothing; ``gm`` is
+    the move's private copy, discarded on failure."""
+    new_values = Pipeline(gm).run(remove_branch, branch).analysis
+    params = {name: gm.get_parameter(name) for name in new_values}
+    write_weights(params, new_values, what=f"folding {branch.target}")
+    return gm
 
 
 # -- where moves can go -------------------------------------------------------------------------
@@ -466,7 +368,7 @@ def neighborhood(module: nn.Module, *, widen_factor: float = 2.0, max_width: int
         width = module.get_submodule(first).weight.shape[0]
         if math.ceil(width * widen_factor) <= max_width:
             moves.append(Widen(first, factor=widen_factor, seed=seed, second=second))
-    table = find_sites(module).info
+    table = find_sites(module).analysis
     moves += [Grow(sites=[site.name], width=grow_width, seed=seed)
               for site in table.extendable()]
     return moves

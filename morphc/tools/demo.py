@@ -65,7 +65,7 @@ def compiler_report() -> str:
     vacuous); return the inspection report and the measured E1 / C1 deviations."""
     import morphc
     from morphc import zoo
-    from morphc.compiler.extend import relative_deviation
+    from morphc.compiler.deviation import relative_deviation
 
     torch.manual_seed(0)
     model, inputs = zoo.cnn_bn()

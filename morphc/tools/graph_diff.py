@@ -14,13 +14,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 
-from morphc.compiler.extend import relative_deviation
-from morphc.ir.sites import ROLE_META, SITE_META
-from morphc.ir.trace import no_side_effects
+from morphc.compiler.deviation import deterministic_forward, relative_deviation
+from morphc.ir.tags import role_of, site_of
+from morphc.ir.trace import _as_tuple
 
 
 def target_name(node: fx.Node) -> str:
@@ -48,8 +47,8 @@ class NodeInfo:
 
     @classmethod
     def of(cls, node: fx.Node) -> NodeInfo:
-        return cls(node.name, node.op, target_name(node), node.meta.get(ROLE_META),
-                   node.meta.get(SITE_META))
+        return cls(node.name, node.op, target_name(node), role_of(node),
+                   site_of(node))
 
     def __str__(self) -> str:
         text = f"{self.op} {self.name}"
@@ -139,27 +138,14 @@ def diff_graphs(gm_a: fx.GraphModule | fx.Graph, gm_b: fx.GraphModule | fx.Graph
     return GraphDiff(len(nodes_a), len(nodes_b), added, removed, renamed)
 
 
-def _as_tuple(example_inputs) -> tuple:
-    return tuple(example_inputs) if isinstance(example_inputs, tuple | list) else \
-        (example_inputs,)
-
-
-def _outputs(module, inputs: tuple):
-    """One deterministic forward: same RNG seed for both models (dropout), buffers restored."""
-    guard = module if isinstance(module, nn.Module) else nn.Module()
-    with no_side_effects(guard), torch.no_grad():
-        torch.manual_seed(0)
-        return module(*inputs)
-
-
 def measure_deviation(a, b, example_inputs) -> float:
     """Max relative deviation ``max|a(x) − b(x)| / max|a(x)|`` over all tensor outputs.
 
-    Both run under ``no_grad`` with the same RNG seed; BatchNorm statistics are left as they
-    were. ``0.0`` means identical outputs.
+    Both run as :func:`~morphc.compiler.deviation.deterministic_forward`: under ``no_grad`` with
+    the same RNG seed; BatchNorm statistics are left as they were. ``0.0`` means identical outputs.
     """
     inputs = _as_tuple(example_inputs)
-    return relative_deviation(_outputs(a, inputs), _outputs(b, inputs))
+    return relative_deviation(deterministic_forward(a, inputs), deterministic_forward(b, inputs))
 
 
 @dataclass
@@ -212,8 +198,8 @@ def diff_models(a: nn.Module, b: nn.Module, example_inputs, *,
     graph = diff_graphs(_graph_module_of(a, inputs, b), _graph_module_of(b, inputs, a))
     contracted = [m for m in (a, b) if isinstance(m, ExtendedModel) and m.contracted]
     if reference_outputs is not None:
-        return ModelDiff(graph, relative_deviation(reference_outputs, _outputs(b, inputs)),
-                         "against the given reference outputs")
+        deviation = relative_deviation(reference_outputs, deterministic_forward(b, inputs))
+        return ModelDiff(graph, deviation, "against the given reference outputs")
     if contracted:
         report = contracted[0].contraction_report
         return ModelDiff(graph, report.deviation if report else None,

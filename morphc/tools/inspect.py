@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -11,10 +10,11 @@ from torch import fx, nn
 
 from morphc.compiler.escape import Probe, escape_scores
 from morphc.compiler.extended import ExtendedModel
+from morphc.ir.kinds import kind_of
 from morphc.ir.sites import Site
 from morphc.ir.trace import trace
 from morphc.passes.find_sites import find_sites
-from morphc.passes.infra import run_pass
+from morphc.passes.infra import Pipeline
 
 
 def _concrete(shape, batch: int | None) -> tuple[int, ...] | None:
@@ -27,25 +27,15 @@ def site_macs(site: Site, output_shape) -> int:
     """Multiply-accumulates of one use of a site, from its output shape."""
     if output_shape is None:
         return 0
-    if site.kind == "conv":
-        return math.prod(output_shape) * (site.in_features // site.groups) * \
-            math.prod(site.conv.kernel_size)
-    if site.kind == "matmul_left":
-        positions = math.prod(output_shape) // max(output_shape[-2], 1)
-        return positions * site.in_features * site.out_features
-    return math.prod(output_shape[:-1]) * site.in_features * site.out_features
+    return kind_of(site.kind).macs(site.in_features, site.out_features, site.conv, output_shape)
 
 
 def branch_macs(site: Site, width: int, output_shape) -> int:
-    """Multiply-accumulates a width-``k`` branch adds at one use: ``A`` (k channels of the site's
-    operator) plus ``B`` (a 1×1 ``k → out``); ρ's elementwise work is not counted."""
+    """Multiply-accumulates a width-``k`` branch adds at one use (ρ's elementwise work aside)."""
     if output_shape is None:
         return 0
-    site_cost = site_macs(site, output_shape)
-    a_cost = site_cost * width // site.out_features
-    b_cost = site_cost // (site.in_features // site.groups) // max(
-        math.prod(site.conv.kernel_size) if site.conv else 1, 1) * width // site.groups
-    return a_cost + b_cost
+    return kind_of(site.kind).branch_macs(site.in_features, site.out_features, width, site.conv,
+                                          output_shape)
 
 
 @dataclass
@@ -154,7 +144,7 @@ def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None) -> Inspect
     else:
         ext, model = None, model_or_ext
         traced = trace(model, example_inputs)
-        table = run_pass(find_sites, traced.graph_module).info
+        table = Pipeline(traced.graph_module).run(find_sites).analysis
         scores = {}
         if probe is not None and table.extendable():
             from morphc.compiler.extend import extend  # late: api builds on this module's siblings

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from morphc.ir.sites import ROLE_META, SITE_META
+from morphc.ir.tags import Role, role_of, site_of
 
 # kind → (fill, stroke, legend text); order is the legend's order
 STYLES = {
@@ -31,10 +31,10 @@ EXTENSION_KINDS = ("extension", "extension_add")
 def node_kind(node: fx.Node) -> str:
     """``extension`` / ``extension_add`` / ``site`` / ``placeholder`` / ``output`` /
     ``get_attr`` / ``op``."""
-    role = node.meta.get(ROLE_META)
+    role = role_of(node)
     if role in EXTENSION_KINDS:
-        return role
-    if node.meta.get(SITE_META) is not None:
+        return str(role)
+    if role is Role.SITE:
         return "site"
     if node.op in ("placeholder", "output", "get_attr"):
         return node.op
@@ -100,8 +100,8 @@ def node_lines(node: fx.Node, limit: int = 36) -> list[str]:
     shape = node_shape(node)
     if shape:
         lines.append(shape)
-    if node.meta.get(SITE_META) is not None and node_kind(node) == "site":
-        lines.append(f"site {node.meta[SITE_META]}")
+    if node_kind(node) == "site":
+        lines.append(f"site {site_of(node)}")
     return [line if len(line) <= limit else line[:limit - 1] + "…" for line in lines]
 
 

@@ -1,0 +1,160 @@
+"""One strategy object per site kind: everything that differs between a linear map, a convolution
+and a matmul against a parameter, in one place.
+
+A kind knows the shapes of its branch operators, how to apply them (``A x + a`` with the site's
+own operator, then the 1×1 ``B``), how a branch folds into the site's weight on C, and what a use
+costs. The branch module, the fold pass and ``inspect`` ask the kind; none of them switches on
+the kind's name.
+
+Fold rules (on C, ρ(t) = p·t + q per unit)::
+
+    linear          ΔW = B · diag(p) · A                      # z = x Wᵀ + b
+    matmul_left     ΔW = B · diag(p) · A                      # z = W x
+    matmul_right    ΔP = (B · diag(p) · A)ᵀ                   # z = x P, P = Wᵀ
+    conv            ΔW_g = B_g · diag(p_g) · A_g per group     # A a kernel stack, B 1×1
+    all             Δb = B · (p ⊙ a + q)   (per group for convs)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from morphc.ir.sites import ConvConfig
+
+Tensor = torch.Tensor
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class SiteKind:
+    """Linear maps ``in → out`` along the last dimension (``nn.Linear``, ``F.linear``)."""
+
+    name = "linear"
+
+    def a_shape(self, width: int, in_features: int, conv: ConvConfig | None) -> tuple[int, ...]:
+        return (width, in_features)
+
+    def b_shape(self, out_features: int, width: int, conv: ConvConfig | None) -> tuple[int, ...]:
+        return (out_features, width)
+
+    def unit_shape(self, width: int, conv: ConvConfig | None) -> tuple[int, ...]:
+        """Shape under which per-unit α broadcasts against the pre-activation ``A x + a``."""
+        return (width,)
+
+    def pre_activation(self, x: Tensor, A: Tensor, a: Tensor | None,
+                       conv: ConvConfig | None) -> Tensor:
+        return F.linear(x, A, a)
+
+    def apply_b(self, h: Tensor, B: Tensor, conv: ConvConfig | None) -> Tensor:
+        return F.linear(h, B)
+
+    def fold(self, A: Tensor, B: Tensor, p: Tensor, groups: int) -> Tensor:
+        """ΔW in the layout of the site's weight (B flattened to ``(out, k/groups)``)."""
+        return (B * p) @ A                      # ΔW[o,i] = Σ_k B[o,k] p[k] A[k,i]
+
+    def macs(self, in_features: int, out_features: int, conv: ConvConfig | None,
+             output_shape: tuple[int, ...]) -> int:
+        """Multiply-accumulates of one use, from its output shape."""
+        return math.prod(output_shape[:-1]) * in_features * out_features
+
+    def branch_macs(self, in_features: int, out_features: int, width: int,
+                    conv: ConvConfig | None, output_shape: tuple[int, ...]) -> int:
+        """What a width-``k`` branch adds at one use: ``A`` (k units of the site's operator)
+        plus ``B`` (a 1×1 ``k → out``); ρ's elementwise work is not counted."""
+        site = self.macs(in_features, out_features, conv, output_shape)
+        groups = conv.groups if conv else 1
+        kernel = math.prod(conv.kernel_size) if conv else 1
+        return site * width // out_features + \
+            site // (in_features // groups) // max(kernel, 1) * width // groups
+
+
+class MatmulLeft(SiteKind):
+    """``W @ x``: units along dimension −2 of the output."""
+
+    name = "matmul_left"
+
+    def unit_shape(self, width, conv):
+        return (width, 1)
+
+    def pre_activation(self, x, A, a, conv):
+        u = A @ x
+        return u if a is None else u + a[:, None]
+
+    def apply_b(self, h, B, conv):
+        return B @ h
+
+    def macs(self, in_features, out_features, conv, output_shape):
+        positions = math.prod(output_shape) // max(output_shape[-2], 1)
+        return positions * in_features * out_features
+
+
+class MatmulRight(SiteKind):
+    """``x @ P`` with ``P = Wᵀ`` a parameter: a linear map whose weight is stored transposed."""
+
+    name = "matmul_right"
+
+    def fold(self, A, B, p, groups):
+        return super().fold(A, B, p, groups).T
+
+
+class Conv(SiteKind):
+    """``convNd`` with any stride, padding (mode), dilation and groups; ``A`` copies them, ``B`` is
+    a grouped 1×1 conv."""
+
+    name = "conv"
+
+    def a_shape(self, width, in_features, conv):
+        return (width, in_features // conv.groups, *conv.kernel_size)
+
+    def b_shape(self, out_features, width, conv):
+        return (out_features, width // conv.groups, *([1] * conv.dim))
+
+    def unit_shape(self, width, conv):
+        return (width, *([1] * conv.dim))
+
+    def pre_activation(self, x, A, a, conv):
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, _reversed_padding(conv), mode=conv.padding_mode)
+            padding = 0
+        return _CONV_FN[conv.dim](x, A, a, conv.stride, padding, conv.dilation, conv.groups)
+
+    def apply_b(self, h, B, conv):
+        return _CONV_FN[conv.dim](h, B, None, 1, 0, 1, conv.groups)
+
+    def fold(self, A, B, p, groups):
+        k, out = A.shape[0], B.shape[0]
+        a = A.reshape(groups, k // groups, -1)
+        b = B.reshape(groups, out // groups, k // groups)
+        delta = torch.bmm(b * p.reshape(groups, 1, -1), a)
+        return delta.reshape(out, *A.shape[1:])
+
+    def macs(self, in_features, out_features, conv, output_shape):
+        return math.prod(output_shape) * (in_features // conv.groups) * \
+            math.prod(conv.kernel_size)
+
+
+def _reversed_padding(conv: ConvConfig) -> tuple[int, ...]:
+    """``F.pad`` order for a conv's symmetric padding (last dim first), as ``nn.ConvNd`` does."""
+    out: list[int] = []
+    for p in reversed(conv.padding):
+        out += [p, p]
+    return tuple(out)
+
+
+def bias_delta(B: Tensor, offset: Tensor, groups: int) -> Tensor:
+    """Δb = B · (p ⊙ a + q), per group for convs (every kind stores B as ``(out, k/groups, …)``)."""
+    out = B.shape[0]
+    b = B.reshape(groups, out // groups, -1)
+    return torch.einsum("gok,gk->go", b, offset.reshape(groups, -1)).reshape(out)
+
+
+KINDS: dict[str, SiteKind] = {k.name: k for k in (SiteKind(), Conv(), MatmulLeft(), MatmulRight())}
+
+
+def kind_of(name: str) -> SiteKind:
+    if name not in KINDS:
+        raise ValueError(f"unknown site kind {name!r}; known: {sorted(KINDS)}")
+    return KINDS[name]
