@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 import morphc
-from morphc.tools.inspect import branch_macs, site_macs
+from morphc.ir.kinds import branch_macs, site_macs
 from morphc.zoo import ConvBN, transformer
 
 WIDTHS = {"1/16": 1 / 16, "1/8": 1 / 8, "1/4": 1 / 4}

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from morphc.ir.sites import ConvConfig
+from morphc.ir.sites import ConvConfig, Site
 
 Tensor = torch.Tensor
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -158,3 +158,18 @@ def kind_of(name: str) -> SiteKind:
     if name not in KINDS:
         raise ValueError(f"unknown site kind {name!r}; known: {sorted(KINDS)}")
     return KINDS[name]
+
+
+def site_macs(site: Site, output_shape) -> int:
+    """Multiply-accumulates of one use of a site, from its output shape (0 when unknown)."""
+    if output_shape is None:
+        return 0
+    return kind_of(site.kind).macs(site.in_features, site.out_features, site.conv, output_shape)
+
+
+def branch_macs(site: Site, width: int, output_shape) -> int:
+    """Multiply-accumulates a width-``k`` branch adds at one use (ρ's elementwise work aside)."""
+    if output_shape is None:
+        return 0
+    return kind_of(site.kind).branch_macs(site.in_features, site.out_features, width, site.conv,
+                                          output_shape)

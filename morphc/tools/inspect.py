@@ -10,8 +10,7 @@ from torch import fx, nn
 
 from morphc.compiler.escape import Probe, escape_scores
 from morphc.compiler.extended import ExtendedModel
-from morphc.ir.kinds import kind_of
-from morphc.ir.sites import Site
+from morphc.ir.kinds import site_macs
 from morphc.ir.trace import trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline
@@ -21,21 +20,6 @@ def _concrete(shape, batch: int | None) -> tuple[int, ...] | None:
     if shape is None:
         return None
     return tuple(batch if d == -1 and batch is not None else d for d in shape)
-
-
-def site_macs(site: Site, output_shape) -> int:
-    """Multiply-accumulates of one use of a site, from its output shape."""
-    if output_shape is None:
-        return 0
-    return kind_of(site.kind).macs(site.in_features, site.out_features, site.conv, output_shape)
-
-
-def branch_macs(site: Site, width: int, output_shape) -> int:
-    """Multiply-accumulates a width-``k`` branch adds at one use (ρ's elementwise work aside)."""
-    if output_shape is None:
-        return 0
-    return kind_of(site.kind).branch_macs(site.in_features, site.out_features, width, site.conv,
-                                          output_shape)
 
 
 @dataclass
