@@ -34,6 +34,7 @@ _PUBLIC = {
     "PassError": "morphc.errors",
     "Plateau": "morphc.runtime.triggers",
     "Schedule": "morphc.runtime.triggers",
+    "ShapeError": "morphc.errors",
     "SiteError": "morphc.errors",
     "TraceError": "morphc.errors",
     "Trigger": "morphc.runtime.triggers",

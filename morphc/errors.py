@@ -9,6 +9,12 @@ class TraceError(MorphcError):
     """Neither frontend (symbolic_trace, torch.export) could turn the model into a graph."""
 
 
+class ShapeError(MorphcError):
+    """An input has a shape the traced graph cannot take (torch.export fixed or bounded that
+    dimension); the message names the input, the dimension, what is allowed and how to allow
+    more (``dynamic_shapes=...`` at extend time)."""
+
+
 class SiteError(MorphcError):
     """A requested extension site does not exist or cannot be extended."""
 

@@ -3,13 +3,21 @@
 Rules as data: each supported operator maps to how its weight, bias, input and hyper-parameters
 are read. Export graphs (aten ops) and symbolic_trace graphs (``call_module`` / ``F.*``) share one
 table, so the site table speaks in module paths and parameter names whichever frontend ran.
+
+A weight operand is resolved through the ways models build it from a parameter
+(:func:`_resolve`): a row slice of one packed parameter (``split`` / ``chunk`` / ``slice`` +
+``getitem``: ``nn.MultiheadAttention``'s cross-attention ``in_proj_weight``) is a site per slice,
+folded into its rows; ``_weight_norm(v, g, dim)`` is a site folded into ``v`` and ``g``. Every
+linear-operator weight that cannot be a site is listed in ``SiteTable.exclusions`` with the
+reason (fused RNN ops, bilinear maps, weights computed by other code such as spectral_norm,
+weights used inside higher-order-op subgraphs).
 """
 
 from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,16 +34,20 @@ aten = torch.ops.aten
 class _FunctionRule:
     """Where a functional site keeps its operands: positional index and keyword name."""
 
-    kind: str                      # "linear" | "conv" | "matmul"
+    kind: str                      # a SiteKind name
     label: str
     weight: tuple[int, str]
     bias: tuple[int, str] | None = None
+    input: int = 0
     conv_dim: int | None = None    # None for convolution.default: read from the weight
-    aten_convolution: bool = False
+    layout: str = "plain"          # plain | aten_convolution | transpose | addmm
+    out_dim: int = 0               # the weight dimension that indexes outputs
 
 
 _LINEAR = dict(kind="linear", weight=(1, "weight"), bias=(2, "bias"))
 _CONV = dict(kind="conv", weight=(1, "weight"), bias=(2, "bias"))
+_CONV_T = dict(kind="conv_transpose", weight=(1, "weight"), bias=(2, "bias"), layout="transpose",
+               out_dim=1)
 FUNCTION_RULES: dict[object, _FunctionRule] = {
     F.linear: _FunctionRule(label="F.linear", **_LINEAR),                      # x Wᵀ + b
     aten.linear.default: _FunctionRule(label="aten.linear", **_LINEAR),
@@ -48,12 +60,49 @@ FUNCTION_RULES: dict[object, _FunctionRule] = {
     aten.conv1d.padding: _FunctionRule(label="aten.conv1d", conv_dim=1, **_CONV),
     aten.conv2d.padding: _FunctionRule(label="aten.conv2d", conv_dim=2, **_CONV),
     aten.conv3d.padding: _FunctionRule(label="aten.conv3d", conv_dim=3, **_CONV),
-    aten.convolution.default: _FunctionRule(label="aten.convolution", aten_convolution=True,
-                                            **_CONV),
+    aten.convolution.default: _FunctionRule(label="aten.convolution",
+                                            layout="aten_convolution", **_CONV),
+    F.conv_transpose1d: _FunctionRule(label="F.conv_transpose1d", conv_dim=1, **_CONV_T),
+    F.conv_transpose2d: _FunctionRule(label="F.conv_transpose2d", conv_dim=2, **_CONV_T),
+    F.conv_transpose3d: _FunctionRule(label="F.conv_transpose3d", conv_dim=3, **_CONV_T),
+    aten.conv_transpose1d.default: _FunctionRule(label="aten.conv_transpose1d", conv_dim=1,
+                                                 **_CONV_T),
+    aten.conv_transpose2d.input: _FunctionRule(label="aten.conv_transpose2d", conv_dim=2,
+                                               **_CONV_T),
+    aten.conv_transpose3d.input: _FunctionRule(label="aten.conv_transpose3d", conv_dim=3,
+                                               **_CONV_T),
+    # b + x P with P = Wᵀ stored (in, out): HF Conv1D (GPT-2); beta = alpha = 1 checked
+    torch.addmm: _FunctionRule(kind="matmul_right", label="torch.addmm", weight=(2, "mat2"),
+                               bias=(0, "input"), input=1, layout="addmm", out_dim=1),
+    aten.addmm.default: _FunctionRule(kind="matmul_right", label="aten.addmm",
+                                      weight=(2, "mat2"), bias=(0, "self"), input=1,
+                                      layout="addmm", out_dim=1),
 }
 MATMUL_TARGETS = {operator.matmul: "@", torch.matmul: "torch.matmul", torch.mm: "torch.mm",
                   aten.matmul.default: "aten.matmul", aten.mm.default: "aten.mm"}
-SITE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SITE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+_RNN = ("fused RNN op: the weights act inside the recurrence, where a branch cannot be inserted "
+        "without unrolling the cell")
+_BILINEAR = "bilinear map x1ᵀ W x2: linear in neither input alone, so no bypass branch folds in"
+_BADDBMM = ("baddbmm against a parameter (a batch of G linear maps): not a site kind yet; use "
+            "one linear per group to extend it")
+_EINSUM = ("einsum against a parameter: only equations of the form '...i,oi->...o' / "
+           "'...i,io->...o' (a plain linear map on the last axis) are sites")
+# operators whose parameter operands are linear-operator weights that cannot be sites
+EXCLUDED_TARGETS: dict[object, str] = {
+    aten.lstm.input: _RNN, aten.gru.input: _RNN, aten.rnn_tanh.input: _RNN,
+    aten.rnn_relu.input: _RNN, aten.lstm.data: _RNN, aten.gru.data: _RNN,
+    aten.bilinear.default: _BILINEAR, F.bilinear: _BILINEAR,
+    aten.baddbmm.default: _BADDBMM, torch.baddbmm: _BADDBMM,
+}
+EXCLUDED_MODULES: tuple[tuple[type, str], ...] = ((nn.RNNBase, _RNN), (nn.Bilinear, _BILINEAR))
+EINSUM_TARGETS = (torch.einsum, aten.einsum.default)
+_SPLITS = {aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, torch.split,
+           torch.chunk, aten.split_with_sizes_copy.default, aten.split_copy.Tensor}
+_TRANSPOSES = {aten.t.default, torch.t}
+_WEIGHT_NORM = {aten._weight_norm.default, torch._weight_norm}
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -81,64 +130,26 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(int(d) if not isinstance(d, torch.SymInt) else -1 for d in shape)
 
 
-class _Uses:
-    """Every use of every parameter, so a weight also used elsewhere is never folded into."""
+@dataclass
+class _Ref:
+    """A weight/bias operand resolved to a parameter: which rows of it, through which nodes."""
 
-    def __init__(self) -> None:
-        self.site: dict[int, list[tuple[fx.Node, str, str | None, dict]]] = defaultdict(list)
-        self.bias: dict[int, list[fx.Node]] = defaultdict(list)
-        self.other: dict[int, list[str]] = defaultdict(list)
-        self.names: dict[int, str] = {}
-        self.tensors: dict[int, torch.Tensor] = {}
+    name: str
+    tensor: torch.Tensor
+    edges: list[tuple[fx.Node, fx.Node | None]]   # (node, its reader); None: the operator
+    rows: tuple[int, int] | None = None
+    weight_norm: tuple[str, torch.Tensor, int] | None = None   # (g name, g, dim)
+    transposed: bool = False
 
-    def note(self, name: str, tensor: torch.Tensor) -> int:
-        key = id(tensor)
-        self.names.setdefault(key, name)
-        self.tensors[key] = tensor
-        return key
+    @property
+    def key(self) -> tuple[int, tuple[int, int] | None]:
+        return id(self.tensor), self.rows
 
-
-def _conv_from_module(m: nn.modules.conv._ConvNd) -> ConvConfig:
-    padding = m.padding if isinstance(m.padding, str) else tuple(m.padding)
-    return ConvConfig(len(m.kernel_size), tuple(m.kernel_size), tuple(m.stride), padding,
-                      tuple(m.dilation), m.groups, m.padding_mode)
-
-
-def _conv_from_node(node: fx.Node, rule: _FunctionRule, weight: torch.Tensor) -> ConvConfig:
-    dim = rule.conv_dim or weight.dim() - 2
-    if rule.aten_convolution:
-        if _arg(node, 6, "transposed", False):
-            raise NotImplementedError("transposed convolution")
-        groups = _arg(node, 8, "groups", 1)
-    else:
-        groups = _arg(node, 6, "groups", 1)
-    padding = _arg(node, 4, "padding", 0)
-    return ConvConfig(
-        dim, tuple(weight.shape[2:]), _ntuple(_arg(node, 3, "stride", 1), dim),
-        padding if isinstance(padding, str) else _ntuple(padding, dim),
-        _ntuple(_arg(node, 5, "dilation", 1), dim), int(groups),
-    )
-
-
-def _record_module_call(gm, node, uses: _Uses) -> None:
-    module = gm.get_submodule(node.target)
-    site_weight = module.weight if isinstance(module, SITE_MODULES) else None
-    bias = getattr(module, "bias", None) if site_weight is not None else None
-    for pname, tensor in module.named_parameters(prefix=node.target):
-        key = uses.note(pname, tensor)
-        if tensor is site_weight:
-            bias_key = uses.note(f"{node.target}.bias", bias) if bias is not None else None
-            if bias_key is not None:
-                uses.bias[bias_key].append(node)
-            label = f"nn.{type(module).__name__}"
-            conv = _conv_from_module(module) if isinstance(module, nn.modules.conv._ConvNd) \
-                else None
-            uses.site[key].append((node, "linear" if conv is None else "conv", label,
-                                   dict(conv=conv, bias_key=bias_key, input_arg=0,
-                                        in_f=module.weight.shape[1] * (conv.groups if conv else 1),
-                                        out_f=module.weight.shape[0], name=node.target)))
-        elif tensor is not bias:
-            uses.other[key].append(node.name)
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.weight_norm is not None or self.rows is None:
+            return tuple(self.tensor.shape)
+        return (self.rows[1] - self.rows[0], *self.tensor.shape[1:])
 
 
 def _param_node(gm, arg) -> tuple[str, torch.Tensor] | None:
@@ -151,71 +162,410 @@ def _param_node(gm, arg) -> tuple[str, torch.Tensor] | None:
     return None
 
 
-def _record_function_call(gm, node, uses: _Uses) -> set[fx.Node]:
-    """Record a functional site; return the get_attr nodes it consumed as weight/bias."""
+def _split_rows(node: fx.Node, size0: int) -> list[tuple[int, int]] | None:
+    """Row ranges of the pieces of a split/chunk along dimension 0 (None: another dim)."""
+    dim = _arg(node, 2, "dim", 0)
+    if dim != 0:
+        return None
+    spec = node.args[1]
+    if node.target in (aten.chunk.default, torch.chunk):
+        step = -(-size0 // int(spec))
+        sizes = [min(step, size0 - i) for i in range(0, size0, step)]
+    elif isinstance(spec, int):
+        sizes = [min(spec, size0 - i) for i in range(0, size0, spec)]
+    else:
+        sizes = [int(s) for s in spec]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(a, a + s) for a, s in zip(starts, sizes, strict=True)]
+
+
+def _resolve(gm, arg) -> _Ref | None:
+    """The parameter (rows) behind an operand, through slicing, ``t`` and weight_norm."""
+    param = _param_node(gm, arg)
+    if param is not None:
+        return _Ref(param[0], param[1], [(arg, None)])
+    if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_module"):
+        return None
+    if arg.op == "call_module":
+        module = gm.get_submodule(arg.target)
+        if type(module).__name__ == "_WeightNorm" and len(arg.args) == 2:
+            g, v = (_param_node(gm, a) for a in arg.args)
+            if g and v:
+                return _Ref(v[0], v[1], [(arg.args[1], arg), (arg.args[0], arg), (arg, None)],
+                            weight_norm=(g[0], g[1], int(module.dim)))
+        return None
+    if arg.target in _WEIGHT_NORM:
+        v, g = _param_node(gm, arg.args[0]), _param_node(gm, arg.args[1])
+        if v and g:
+            return _Ref(v[0], v[1], [(arg.args[0], arg), (arg.args[1], arg), (arg, None)],
+                        weight_norm=(g[0], g[1], int(_arg(arg, 2, "dim", 0))))
+        return None
+    if arg.target in _TRANSPOSES:
+        inner = _param_node(gm, arg.args[0])
+        if inner and inner[1].dim() == 2:
+            return _Ref(inner[0], inner[1], [(arg.args[0], arg), (arg, None)],
+                        transposed=True)
+        return None
+    if arg.target is operator.getitem and isinstance(arg.args[0], fx.Node) \
+            and arg.args[0].target in _SPLITS:
+        split = arg.args[0]
+        inner = _param_node(gm, split.args[0])
+        rows = _split_rows(split, inner[1].shape[0]) if inner else None
+        if rows and isinstance(arg.args[1], int) and arg.args[1] < len(rows):
+            return _Ref(inner[0], inner[1], [(split.args[0], split), (split, arg), (arg, None)],
+                        rows=rows[arg.args[1]])
+        return None
+    if arg.target is aten.slice.Tensor:
+        inner = _param_node(gm, arg.args[0])
+        if inner and _arg(arg, 1, "dim", 0) == 0 and _arg(arg, 4, "step", 1) == 1:
+            size0 = inner[1].shape[0]
+            start = _arg(arg, 2, "start", 0) or 0
+            stop = min(_arg(arg, 3, "end", size0) or size0, size0)
+            if isinstance(start, int) and isinstance(stop, int):
+                return _Ref(inner[0], inner[1], [(arg.args[0], arg), (arg, None)],
+                            rows=(start, stop))
+    return None
+
+
+@dataclass
+class _Use:
+    node: fx.Node
+    kind: str
+    label: str
+    weight: _Ref
+    bias: _Ref | None
+    input_arg: int
+    in_f: int
+    out_f: int
+    conv: ConvConfig | None = None
+    module_name: str | None = None
+
+
+@dataclass
+class _Uses:
+    """Every use of every parameter, so a weight also used elsewhere is never folded into."""
+
+    site: dict[tuple, list[_Use]] = field(default_factory=lambda: defaultdict(list))
+    bias: dict[int, list[fx.Node]] = field(default_factory=lambda: defaultdict(list))
+    other: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    names: dict[int, str] = field(default_factory=dict)
+    operands: dict[fx.Node, set[fx.Node]] = field(default_factory=lambda: defaultdict(set))
+    exclusions: dict[str, str] = field(default_factory=dict)
+
+    def note(self, name: str, tensor: torch.Tensor) -> int:
+        self.names.setdefault(id(tensor), name)
+        return id(tensor)
+
+    def consume(self, user: fx.Node, ref: _Ref | None) -> None:
+        """``user`` reads ``ref`` as its weight/bias: each node of the chain is one such use."""
+        if ref is None:
+            return
+        for node, reader in ref.edges:
+            self.operands[node].add(reader if reader is not None else user)
+
+
+def _conv_from_module(m: nn.modules.conv._ConvNd) -> ConvConfig:
+    padding = m.padding if isinstance(m.padding, str) else tuple(m.padding)
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    return ConvConfig(len(m.kernel_size), tuple(m.kernel_size), tuple(m.stride), padding,
+                      tuple(m.dilation), m.groups, m.padding_mode, transposed,
+                      tuple(m.output_padding) if transposed else ())
+
+
+def _conv_from_node(node: fx.Node, rule: _FunctionRule, weight: torch.Tensor) -> ConvConfig:
+    dim = rule.conv_dim or weight.dim() - 2
+    if rule.layout == "aten_convolution":
+        transposed = bool(_arg(node, 6, "transposed", False))
+        return ConvConfig(
+            dim, tuple(weight.shape[2:]), _ntuple(_arg(node, 3, "stride", 1), dim),
+            _ntuple(_arg(node, 4, "padding", 0), dim), _ntuple(_arg(node, 5, "dilation", 1), dim),
+            int(_arg(node, 8, "groups", 1)), "zeros", transposed,
+            _ntuple(_arg(node, 7, "output_padding", 0), dim) if transposed else ())
+    if rule.layout == "transpose":
+        return ConvConfig(
+            dim, tuple(weight.shape[2:]), _ntuple(_arg(node, 3, "stride", 1), dim),
+            _ntuple(_arg(node, 4, "padding", 0), dim), _ntuple(_arg(node, 7, "dilation", 1), dim),
+            int(_arg(node, 6, "groups", 1)), "zeros", True,
+            _ntuple(_arg(node, 5, "output_padding", 0), dim))
+    padding = _arg(node, 4, "padding", 0)
+    return ConvConfig(
+        dim, tuple(weight.shape[2:]), _ntuple(_arg(node, 3, "stride", 1), dim),
+        padding if isinstance(padding, str) else _ntuple(padding, dim),
+        _ntuple(_arg(node, 5, "dilation", 1), dim), int(_arg(node, 6, "groups", 1)),
+    )
+
+
+def _features(kind: str, shape: tuple[int, ...], conv: ConvConfig | None) -> tuple[int, int]:
+    """``(in, out)`` of an operator from its weight's shape."""
+    if kind == "conv_transpose":
+        return shape[0], shape[1] * conv.groups
+    if kind == "matmul_right":
+        return shape[0], shape[1]
+    return shape[1] * (conv.groups if conv else 1), shape[0]
+
+
+def _record_module_call(gm, node, uses: _Uses) -> None:
+    module = gm.get_submodule(node.target)
+    for cls, reason in EXCLUDED_MODULES:
+        if isinstance(module, cls):
+            for pname, tensor in module.named_parameters(prefix=node.target):
+                uses.note(pname, tensor)
+                uses.exclusions.setdefault(pname, reason)
+                uses.other[id(tensor)].append(node.name)
+            return
+    site_weight = module.weight if isinstance(module, SITE_MODULES) else None
+    if site_weight is not None and isinstance(module, nn.modules.conv._ConvTransposeNd) and \
+            (len(node.args) > 1 or node.kwargs):
+        uses.exclusions[f"{node.target}.weight"] = (
+            "ConvTranspose called with output_size: the output grid is chosen at call time")
+        site_weight = None
+    bias = getattr(module, "bias", None) if site_weight is not None else None
+    for pname, tensor in module.named_parameters(prefix=node.target):
+        key = uses.note(pname, tensor)
+        if tensor is site_weight:
+            bias_ref = None
+            if bias is not None:
+                uses.note(f"{node.target}.bias", bias)
+                bias_ref = _Ref(f"{node.target}.bias", bias, [])
+                uses.bias[id(bias)].append(node)
+            conv = _conv_from_module(module) if isinstance(module, nn.modules.conv._ConvNd) \
+                else None
+            kind = "linear" if conv is None else "conv_transpose" if conv.transposed else "conv"
+            in_f, out_f = _features(kind, tuple(tensor.shape), conv)
+            uses.site[(key, None)].append(_Use(
+                node, kind, f"nn.{type(module).__name__}", _Ref(pname, tensor, []), bias_ref, 0,
+                in_f, out_f, conv, node.target))
+        elif tensor is not bias:
+            uses.other[key].append(node.name)
+
+
+def _record_rule(gm, node, rule: _FunctionRule, uses: _Uses) -> None:
+    weight = _resolve(gm, _arg(node, *rule.weight))
+    if weight is None:
+        return
+    if rule.layout == "addmm" and (node.kwargs.get("beta", 1) != 1 or
+                                   node.kwargs.get("alpha", 1) != 1):
+        return
+    bias = _resolve(gm, _arg(node, *rule.bias)) if rule.bias else None
+    if bias is not None and bias.weight_norm is not None:
+        bias = None
+    shape = weight.shape
+    conv = _conv_from_node(node, rule, weight.tensor) if rule.kind in ("conv", "conv_transpose") \
+        else None
+    kind = rule.kind
+    if conv is not None and conv.transposed:
+        kind = "conv_transpose"
+    if weight.transposed:        # x @ t(W) with W (out, in) is a linear map; mm(t(W)) in addmm
+        kind = {"matmul_right": "linear"}.get(kind)
+        shape = tuple(weight.tensor.shape)
+        if kind is None:
+            return
+    if weight.rows is not None and (kind != "linear" or conv is not None):
+        return
+    in_f, out_f = _features(kind, shape, conv)
+    uses.consume(node, weight)
+    uses.consume(node, bias)
+    uses.note(weight.name, weight.tensor)
+    if weight.weight_norm:
+        uses.note(weight.weight_norm[0], weight.weight_norm[1])
+    if bias is not None:
+        uses.note(bias.name, bias.tensor)
+        uses.bias[id(bias.tensor)].append(node)
+    uses.site[weight.key].append(_Use(node, kind, rule.label, weight, bias, rule.input,
+                                      in_f, out_f, conv))
+
+
+def _einsum_operands(node: fx.Node):
+    ops = node.args[1] if isinstance(node.args[1], list | tuple) else node.args[1:]
+    return node.args[0], list(ops)
+
+
+def _record_function_call(gm, node, uses: _Uses) -> None:
     rule = FUNCTION_RULES.get(node.target)
     if rule is not None:
-        weight = _param_node(gm, _arg(node, *rule.weight))
-        if weight is None:
-            return set()
-        bias_arg = _arg(node, *rule.bias)
-        bias = _param_node(gm, bias_arg)
-        consumed = {_arg(node, *rule.weight)} | ({bias_arg} if bias else set())
-        try:
-            conv = _conv_from_node(node, rule, weight[1]) if rule.kind == "conv" else None
-        except NotImplementedError:
-            return set()
-        key = uses.note(*weight)
-        bias_key = uses.note(*bias) if bias else None
-        if bias_key is not None:
-            uses.bias[bias_key].append(node)
-        w = weight[1]
-        uses.site[key].append((node, rule.kind, rule.label, dict(
-            conv=conv, bias_key=bias_key, input_arg=0,
-            in_f=w.shape[1] * (conv.groups if conv else 1), out_f=w.shape[0], name=None)))
-        return consumed
+        _record_rule(gm, node, rule, uses)
+        return
+    if node.target in EXCLUDED_TARGETS:
+        for leaf in _flatten([*node.args, *node.kwargs.values()]):
+            ref = _resolve(gm, leaf)
+            if ref is not None:
+                uses.exclusions.setdefault(ref.name, EXCLUDED_TARGETS[node.target])
+        return
+    if node.target in EINSUM_TARGETS:
+        _, operands = _einsum_operands(node)
+        for operand in operands:
+            ref = _resolve(gm, operand)
+            if ref is not None and ref.tensor.dim() >= 2:
+                uses.exclusions.setdefault(ref.name, _EINSUM)
+        return
     if node.target in MATMUL_TARGETS and len(node.args) == 2:
         for side, (param_arg, input_arg) in (("matmul_right", (1, 0)), ("matmul_left", (0, 1))):
-            param = _param_node(gm, node.args[param_arg])
-            if param is not None and param[1].dim() == 2:
-                w = param[1]
-                in_f, out_f = (w.shape[0], w.shape[1]) if side == "matmul_right" \
-                    else (w.shape[1], w.shape[0])
-                uses.site[uses.note(*param)].append((node, side, MATMUL_TARGETS[node.target], dict(
-                    conv=None, bias_key=None, input_arg=input_arg, in_f=in_f, out_f=out_f,
-                    name=None)))
-                return {node.args[param_arg]}
-    return set()
+            ref = _resolve(gm, node.args[param_arg])
+            if ref is None or ref.tensor.dim() != 2 or ref.rows or ref.weight_norm:
+                continue
+            kind = side
+            if ref.transposed:
+                if side == "matmul_left":
+                    continue
+                kind = "linear"         # x @ Wᵀ
+            in_f, out_f = _features(kind, tuple(ref.tensor.shape), None) \
+                if kind != "matmul_left" else (ref.tensor.shape[1], ref.tensor.shape[0])
+            uses.consume(node, ref)
+            uses.note(ref.name, ref.tensor)
+            uses.site[ref.key].append(_Use(node, kind, MATMUL_TARGETS[node.target], ref, None,
+                                           input_arg, in_f, out_f))
+            return
 
 
-def _site_name(weight_name: str, module_name: str | None, taken: set[str]) -> str:
-    name = module_name or weight_name.removesuffix(".weight")
-    return name if name not in taken else weight_name
+def _flatten(value):
+    if isinstance(value, list | tuple):
+        for v in value:
+            yield from _flatten(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _flatten(v)
+    else:
+        yield value
 
 
-def _build_site(key: int, uses: _Uses, taken: set[str]) -> Site:
+def _site_name(use: _Use, taken: set[str]) -> str:
+    ref = use.weight
+    name = use.module_name or ref.name.removesuffix(".weight")
+    if ref.weight_norm is not None:
+        name = ref.name.removesuffix(".parametrizations.weight.original1")
+    if ref.rows is not None:
+        name = f"{ref.name}.rows{ref.rows[0]}_{ref.rows[1]}"
+    return name if name not in taken else f"{ref.name}.{use.node.name}"
+
+
+def _build_site(key, uses: _Uses, taken: set[str]) -> Site:
     entries = uses.site[key]
-    node0, kind, _, info0 = entries[0]
-    site = Site(name=_site_name(uses.names[key], info0["name"], taken), kind=kind,
-                weight_name=uses.names[key], in_features=int(info0["in_f"]),
-                out_features=int(info0["out_f"]), conv=info0["conv"])
-    for node, use_kind, label, info in entries:
-        bias_key = info["bias_key"]
+    first = entries[0]
+    ref = first.weight
+    site = Site(name=_site_name(first, taken), kind=first.kind, weight_name=ref.name,
+                in_features=int(first.in_f), out_features=int(first.out_f), conv=first.conv,
+                rows=ref.rows,
+                weight_norm=(ref.weight_norm[0], ref.weight_norm[2]) if ref.weight_norm else None)
+    for use in entries:
         site.uses.append(SiteUse(
-            node=node.name, op=label, input_arg=info["input_arg"],
-            bias_name=uses.names[bias_key] if bias_key is not None else None,
-            input_shape=_shape(node.args[info["input_arg"]]), output_shape=_shape(node)))
-        if use_kind != kind or info["conv"] != site.conv:
+            node=use.node.name, op=use.label, input_arg=use.input_arg,
+            bias_name=use.bias.name if use.bias else None,
+            input_shape=_shape(use.node.args[use.input_arg]), output_shape=_shape(use.node),
+            bias_rows=use.bias.rows if use.bias else None))
+        if use.kind != first.kind or use.conv != site.conv or \
+                bool(use.weight.weight_norm) != bool(ref.weight_norm):
             site.excluded = (f"weight {site.weight_name} is used by different operators "
-                             f"({kind} at {node0.name}, {use_kind} at {node.name})")
-        if bias_key is None or uses.other.get(bias_key):
+                             f"({first.kind} at {first.node.name}, {use.kind} at "
+                             f"{use.node.name})")
+        if use.bias is None or uses.other.get(id(use.bias.tensor)):
             site.bias_foldable = False
-    if uses.other.get(key):
+    tensor_key = id(ref.tensor)
+    if uses.other.get(tensor_key):
         site.excluded = (f"weight {site.weight_name} is also used outside linear sites "
-                         f"(by {', '.join(uses.other[key])}); folding into it would change them")
-    if key in uses.bias:
+                         f"(by {', '.join(uses.other[tensor_key])}); folding into it would "
+                         "change them")
+    if ref.weight_norm and uses.other.get(id(ref.weight_norm[1])):
+        site.excluded = f"weight-norm gain {ref.weight_norm[0]} is also used outside the site"
+    if tensor_key in uses.bias:
         site.excluded = f"weight {site.weight_name} is also used as a bias"
+    if ref.rows is not None and ref.weight_norm is None and \
+            any(k[0] == tensor_key and k[1] is None for k in uses.site):
+        site.excluded = f"weight {site.weight_name} is used both whole and by row slices"
     return site
+
+
+def _check_other_uses(gm, uses: _Uses) -> None:
+    """Any use of a parameter that is not a recorded site operand blocks folding into it."""
+    for node in gm.graph.nodes:
+        param = _param_node(gm, node) if node.op == "get_attr" else None
+        if param is None:
+            continue
+        key = uses.note(*param)
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            for user in current.users:
+                if user not in uses.operands.get(current, ()) or \
+                        sum(a is current for a in _flatten([*user.args,
+                                                           *user.kwargs.values()])) != 1:
+                    uses.other[key].append(user.name)
+                elif user.target in _SPLITS or user.target is operator.getitem or \
+                        user.target in _TRANSPOSES or user.target is aten.slice.Tensor or \
+                        user.target in _WEIGHT_NORM or user.op == "call_module" and \
+                        type(gm.get_submodule(user.target)).__name__ == "_WeightNorm":
+                    stack.append(user)
+
+
+def _linear_weight_operands(node: fx.Node) -> list:
+    """Weight operands of a linear-family op (for exclusions when it is not a site)."""
+    rule = FUNCTION_RULES.get(node.target)
+    if rule is not None:
+        return [_arg(node, *rule.weight)]
+    if node.target in MATMUL_TARGETS:
+        return list(node.args[:2])
+    return []
+
+
+def _computed_weights(gm, uses: _Uses, sites: SiteTable) -> None:
+    """A linear-family op whose weight is computed from parameters by other code (spectral_norm,
+    scaling, a parametrization without a fold rule): list those parameters as excluded."""
+    site_nodes = {u.node for s in sites.values() for u in s.uses}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.name in site_nodes:
+            continue
+        for operand in _linear_weight_operands(node):
+            if not isinstance(operand, fx.Node) or _param_node(gm, operand):
+                continue
+            params, ops = _ancestor_params(gm, operand)
+            for name in params:
+                if name not in sites.covered():
+                    uses.exclusions.setdefault(name, (
+                        f"the weight of {node.name} is computed from it by other code "
+                        f"({', '.join(sorted(ops)[:4])}); folding needs a parameter equal to "
+                        "the weight (spectral_norm divides by a norm estimate, so no parameter "
+                        "value reproduces an arbitrary W')"))
+
+
+def _ancestor_params(gm, node: fx.Node, limit: int = 40) -> tuple[list[str], set[str]]:
+    params, ops, seen, stack = [], set(), set(), [node]
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        param = _param_node(gm, current)
+        if param is not None:
+            params.append(param[0])
+            continue
+        if current.op in ("placeholder", "get_attr"):
+            continue
+        ops.add(str(getattr(current.target, "__name__", current.target)))
+        stack.extend(a for a in _flatten([*current.args, *current.kwargs.values()])
+                     if isinstance(a, fx.Node))
+    return params, ops
+
+
+def _higher_order_uses(gm, uses: _Uses) -> None:
+    """Parameters passed into a higher-order op (``wrap_with_set_grad_enabled`` …) and used
+    there as a linear-operator weight: sites inside HOP subgraphs are not supported."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target,
+                                                        torch._ops.HigherOrderOperator):
+            continue
+        bodies = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"
+                  and isinstance(getattr(gm, str(a.target), None), fx.GraphModule)]
+        for body_node in bodies:
+            body = getattr(gm, str(body_node.target))
+            operands = node.args[node.args.index(body_node) + 1:]
+            holders = [n for n in body.graph.nodes if n.op == "placeholder"]
+            for holder, operand in zip(holders, operands, strict=False):
+                param = _param_node(gm, operand)
+                if param is None:
+                    continue
+                if any(holder in _linear_weight_operands(u) for u in holder.users):
+                    uses.exclusions.setdefault(param[0], (
+                        f"used as a linear weight inside the higher-order op {node.name} "
+                        f"({node.target}); sites inside such subgraphs are not supported"))
 
 
 def find_sites(gm: fx.GraphModule) -> PassResult[SiteTable]:
@@ -223,20 +573,14 @@ def find_sites(gm: fx.GraphModule) -> PassResult[SiteTable]:
     rewritten). ``analysis``: the :class:`~morphc.ir.sites.SiteTable`.
     """
     uses = _Uses()
-    consumed: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            _record_module_call(gm, node, uses)
+            if type(gm.get_submodule(node.target)).__name__ != "_WeightNorm":
+                _record_module_call(gm, node, uses)
         elif node.op == "call_function":
-            consumed |= _record_function_call(gm, node, uses)
-    for node in gm.graph.nodes:  # any other use of a parameter blocks folding into it
-        param = _param_node(gm, node) if node.op == "get_attr" else None
-        if param is None:
-            continue
-        key = uses.note(*param)
-        for user in node.users:
-            if not (node in consumed and _is_site_operand(user, node, uses, key)):
-                uses.other[key].append(user.name)
+            _record_function_call(gm, node, uses)
+    _check_other_uses(gm, uses)
+    _higher_order_uses(gm, uses)
     table = SiteTable()
     for key in uses.site:
         site = _build_site(key, uses, set(table))
@@ -244,12 +588,7 @@ def find_sites(gm: fx.GraphModule) -> PassResult[SiteTable]:
         for node in gm.graph.nodes:
             if node.name in site.node_names:
                 tag(node, Role.SITE, site.name)
+    _computed_weights(gm, uses, table)
+    covered = table.covered()
+    table.exclusions.update({k: v for k, v in uses.exclusions.items() if k not in covered})
     return PassResult(gm, modified=False, analysis=table)
-
-
-def _is_site_operand(user: fx.Node, operand: fx.Node, uses: _Uses, key: int) -> bool:
-    """Is ``operand`` (a get_attr) used by ``user`` only as a recorded site weight or bias?"""
-    recorded = [entry[0] for entry in uses.site.get(key, [])] + uses.bias.get(key, [])
-    if user not in recorded:
-        return False
-    return sum(a is operand for a in [*user.args, *user.kwargs.values()]) == 1

@@ -4,6 +4,9 @@ On the constraint set, ``ρ(t) = p·t + q`` per unit, so the branch is linear an
 
     W' = W + B · diag(p) · A          b' = b + B · (p ⊙ a + q)
 
+A site on rows of a packed parameter folds into those rows; a weight-norm site (W = g·v/‖v‖)
+sets ``v ← W'`` and ``g ← ‖W'‖``, which reproduces ``W'``.
+
 The fold rule of each operator kind lives in its :mod:`~morphc.ir.kinds` strategy. Arithmetic
 runs in float64. The pass removes the branch nodes from the graph it is given and *computes* the
 new weights without writing them: the caller applies them all-or-nothing
@@ -37,19 +40,49 @@ def branch_deltas(site: Site, branch) -> tuple[torch.Tensor, torch.Tensor | None
     return delta_w, delta_b
 
 
+def _placed(delta: torch.Tensor, rows: tuple[int, int] | None, like: torch.Tensor):
+    """``delta`` as an update of the whole parameter ``like`` (zero outside ``rows``)."""
+    if rows is None:
+        return delta
+    full = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
+    full[rows[0]:rows[1]] = delta
+    return full
+
+
+def _current(new_values: NewValues, gm: fx.GraphModule, name: str) -> torch.Tensor:
+    """A parameter's value in float64, with the updates already folded into it this round
+    (two row-slice sites of one packed parameter both fold into it)."""
+    if name in new_values:
+        return new_values[name]
+    return gm.get_parameter(name).detach().to(torch.float64)
+
+
+def _fold_weight(new_values: NewValues, gm: fx.GraphModule, site: Site,
+                 delta_w: torch.Tensor) -> None:
+    if site.weight_norm is None:
+        weight = _current(new_values, gm, site.weight_name)
+        new_values[site.weight_name] = weight + _placed(delta_w, site.rows, weight)
+        return
+    # W = g·v/‖v‖ (norm over every dim but `dim`): v ← W', g ← ‖W'‖ gives back W' exactly
+    g_name, dim = site.weight_norm
+    v, g = _current(new_values, gm, site.weight_name), _current(new_values, gm, g_name)
+    folded = torch._weight_norm(v, g, dim) + delta_w
+    new_values[site.weight_name] = folded
+    new_values[g_name] = torch.norm_except_dim(folded, 2, dim).reshape(g.shape)
+
+
 def folded_values(gm: fx.GraphModule, sites: list[Site], branches: dict) -> NewValues:
     """New values of every weight and bias the branches fold into (one entry per parameter,
-    also when a bias is shared)."""
+    also when a bias is shared or a packed parameter holds several sites' rows)."""
     new_values: NewValues = {}
     for site in sites:
         delta_w, delta_b = branch_deltas(site, branches[site.name])
-        weight = gm.get_parameter(site.weight_name)
-        new_values[site.weight_name] = weight.detach().to(torch.float64) + delta_w
+        _fold_weight(new_values, gm, site, delta_w)
         if delta_b is None:
             continue
-        for bias_name in dict.fromkeys(u.bias_name for u in site.uses):
-            bias = gm.get_parameter(bias_name)
-            new_values[bias_name] = bias.detach().to(torch.float64) + delta_b
+        for bias_name, rows in dict.fromkeys((u.bias_name, u.bias_rows) for u in site.uses):
+            bias = _current(new_values, gm, bias_name)
+            new_values[bias_name] = bias + _placed(delta_b, rows, bias)
     return new_values
 
 

@@ -46,7 +46,7 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
     if ext.contracted:
         raise ContractionError("this extended model was already contracted")
     check_owner(ext)
-    inputs = ext.traced.example_inputs
+    inputs, kwargs = ext.traced.example_inputs, ext.traced.example_kwargs
     residual = ext.constraint_residual()
     snap_change = None
     if residual != 0.0:
@@ -55,17 +55,18 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
                 f"the branches are off the constraint set (residual {residual:.3g}), so folding "
                 "would change the function. Reach C first: ext.set_homotopy(0.0) (or let the "
                 "Bypass return phase anneal it), or pass force=True to snap and measure.")
-        before = deterministic_forward(ext, inputs)
+        before = deterministic_forward(ext, inputs, kwargs=kwargs)
         ext.set_homotopy(0.0)
-        snap_change = relative_deviation(before, deterministic_forward(ext, inputs, guard=ext))
+        snap_change = relative_deviation(before, deterministic_forward(ext, inputs, guard=ext,
+                                                                      kwargs=kwargs))
     folded = ext.pipeline.fork()
     new_values = folded.run(fold_extension, ext.sites, ext.branches).analysis
     params = {name: ext.graph_module.get_parameter(name) for name in new_values}
     measured: list[float] = []
 
     def check() -> None:
-        deviation = relative_deviation(reference, deterministic_forward(folded.graph_module,
-                                                                        inputs, guard=ext))
+        deviation = relative_deviation(reference, deterministic_forward(
+            folded.graph_module, inputs, guard=ext, kwargs=kwargs))
         measured.append(deviation)
         tolerance = VERIFY_TOLERANCE.get(str(next(iter(params.values())).dtype), 1e-2)
         if not deviation <= tolerance:
@@ -75,7 +76,7 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
                 "model can do this through rounding alone: compare in float64 (model.double() "
                 "before extend); if float64 deviates too, it is a morphc bug: please report it.")
 
-    reference = deterministic_forward(ext, inputs) if verify else None
+    reference = deterministic_forward(ext, inputs, kwargs=kwargs) if verify else None
     write_weights(params, new_values, verify=check if verify else None)
     ext.mark_contracted(ContractionReport(list(new_values), measured[0] if measured else None,
                                           snap_change, residual), folded.graph_module)

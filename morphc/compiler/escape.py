@@ -17,14 +17,15 @@ from morphc.ir.trace import no_side_effects
 Probe = Callable[[nn.Module], torch.Tensor]
 
 
-def random_direction_probe(example_inputs: tuple, seed: int = 0) -> Probe:
+def random_direction_probe(example_inputs: tuple, seed: int = 0,
+                           kwargs: dict | None = None) -> Probe:
     """Fallback when no probe is given: ``L = ⟨f(x), R⟩`` for a fixed random direction R.
 
     It ranks sites by how strongly a bypass there can move the output at all — a proxy for
     the escape signal when no loss is known.
     """
     def probe(module: nn.Module) -> torch.Tensor:
-        out = module(*example_inputs)
+        out = module(*example_inputs, **(kwargs or {}))
         tensors = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
                    and t.is_floating_point()]
         gen = torch.Generator().manual_seed(seed)
@@ -35,7 +36,8 @@ def random_direction_probe(example_inputs: tuple, seed: int = 0) -> Probe:
 
 def escape_scores(ext, probe: Probe | None = None) -> dict[str, float]:
     """``‖∂L/∂B‖`` per site of an extended model, without touching ``.grad`` or BN statistics."""
-    probe = probe or random_direction_probe(ext.traced.example_inputs)
+    probe = probe or random_direction_probe(ext.traced.example_inputs,
+                                            kwargs=ext.traced.example_kwargs)
     names = list(ext.branches)
     with no_side_effects(ext):
         loss = probe(ext)

@@ -71,8 +71,9 @@ def _build(model, traced, analysed: Pipeline, table, chosen, width, activation, 
     return ext
 
 
-def extend(model: nn.Module, example_inputs, sites: SiteSpec = "auto", width: Width = 8,
-           activation: str = "tanh", *, exclude=(), overrides: Mapping[str, Mapping] | None = None,
+def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", width: Width = 8,
+           activation: str = "tanh", *, kwargs: Mapping | None = None, dynamic_shapes=None,
+           exclude=(), overrides: Mapping[str, Mapping] | None = None,
            seed: int = 0, probe: Probe | None = None, top_k: int | None = None,
            frontend: str = "auto", traced: TracedModel | None = None,
            init_scale: float = 1.0) -> ExtendedModel:
@@ -87,18 +88,23 @@ def extend(model: nn.Module, example_inputs, sites: SiteSpec = "auto", width: Wi
     of those, or a predicate ``(Site) -> bool``. ``overrides`` maps a site name to
     ``{"width": ..., "activation": ...}``.
 
+    Inputs are given as torch.export takes them: ``example_inputs`` the positional ones,
+    ``kwargs`` the keyword ones (``attention_mask=``, ``use_cache=False``), ``dynamic_shapes``
+    torch.export's own spec (default: every dimension of every tensor input may vary, and
+    ``ext.traced.specialised`` says which ones the model fixed and why). Traces are cached per
+    model and input signature.
+
     >>> ext = extend(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)),
     ...              (torch.randn(16, 4),), sites="all", width=2)
     >>> [s.name for s in ext.sites]
     ['0', '2']
     """
-    traced = traced or trace(model, example_inputs, frontend=frontend)
+    traced = traced or trace(model, example_inputs, frontend=frontend, kwargs=kwargs,
+                             dynamic_shapes=dynamic_shapes)
     analysed = Pipeline(traced.graph_module)
     table = analysed.run(find_sites).analysis
     if not table.extendable():
-        reasons = "; ".join(f"{s.name}: {s.excluded}" for s in table.values()) or \
-            "no nn.Linear / convNd / F.linear / matmul against a parameter in the graph"
-        raise SiteError(f"{type(model).__name__} has no extendable site ({reasons})")
+        raise SiteError(f"{type(model).__name__} has no extendable site: {table.explain()}")
     if isinstance(sites, str) and sites == "auto":
         candidates = select_sites(table, "all", exclude)
         full = _build(model, traced, analysed, table, candidates, width, activation, overrides,

@@ -81,7 +81,7 @@ class ExtendedModel(nn.Module):
                 "this extended model was contracted: its branches now live in the user's weights; "
                 "call the model that morphc.contract returned"
             )
-        return self.graph_module(*args, **kwargs)
+        return self.traced.call(self.graph_module, args, kwargs)
 
     def extension_parameters(self):
         """The new parameters only (A, a, B, α of every branch)."""

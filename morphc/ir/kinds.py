@@ -12,6 +12,7 @@ Fold rules (on C, ρ(t) = p·t + q per unit)::
     matmul_left     ΔW = B · diag(p) · A                      # z = W x
     matmul_right    ΔP = (B · diag(p) · A)ᵀ                   # z = x P, P = Wᵀ
     conv            ΔW_g = B_g · diag(p_g) · A_g per group     # A a kernel stack, B 1×1
+    conv_transpose  ΔW_g[i,o] = Σ_j A_g[i,j] p_j B_g[o,j]      # W (in, out/groups, k...)
     all             Δb = B · (p ⊙ a + q)   (per group for convs)
 """
 
@@ -26,6 +27,7 @@ from morphc.ir.sites import ConvConfig, Site
 
 Tensor = torch.Tensor
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class SiteKind:
@@ -136,6 +138,36 @@ class Conv(SiteKind):
             math.prod(conv.kernel_size)
 
 
+class ConvTranspose(Conv):
+    """``conv_transposeNd`` (weight ``(in, out/groups, k...)``): ``A`` is a transposed conv with
+    the site's stride, padding, output padding, dilation and groups and ``k/groups`` outputs per
+    group, so its output grid is the site's; ``B`` a grouped 1×1 conv on that grid. The fold is
+    exact: a 1×1 conv after a transposed conv composes into one transposed conv."""
+
+    name = "conv_transpose"
+
+    def a_shape(self, width, in_features, conv):
+        return (in_features, width // conv.groups, *conv.kernel_size)
+
+    def pre_activation(self, x, A, a, conv):
+        return _CONV_T_FN[conv.dim](x, A, a, conv.stride, conv.padding,
+                                    conv.output_padding or 0, conv.groups, conv.dilation)
+
+    def fold(self, A, B, p, groups):
+        in_f, k_g = A.shape[0], A.shape[1]
+        out = B.shape[0]
+        a = A.reshape(groups, in_f // groups, k_g, -1)             # g, i, j, kernel
+        b = B.reshape(groups, out // groups, k_g) * p.reshape(groups, 1, k_g)
+        delta = torch.einsum("gijk,goj->giok", a, b)
+        return delta.reshape(in_f, out // groups, *A.shape[2:])
+
+    def macs(self, in_features, out_features, conv, output_shape):
+        positions = math.prod(output_shape) // max(output_shape[1], 1) // \
+            max(math.prod(conv.stride), 1)
+        return positions * in_features * (out_features // conv.groups) * \
+            math.prod(conv.kernel_size)
+
+
 def _reversed_padding(conv: ConvConfig) -> tuple[int, ...]:
     """``F.pad`` order for a conv's symmetric padding (last dim first), as ``nn.ConvNd`` does."""
     out: list[int] = []
@@ -151,7 +183,8 @@ def bias_delta(B: Tensor, offset: Tensor, groups: int) -> Tensor:
     return torch.einsum("gok,gk->go", b, offset.reshape(groups, -1)).reshape(out)
 
 
-KINDS: dict[str, SiteKind] = {k.name: k for k in (SiteKind(), Conv(), MatmulLeft(), MatmulRight())}
+KINDS: dict[str, SiteKind] = {k.name: k for k in (SiteKind(), Conv(), ConvTranspose(),
+                                                    MatmulLeft(), MatmulRight())}
 
 
 def kind_of(name: str) -> SiteKind:

@@ -26,6 +26,8 @@ class ConvConfig:
     dilation: tuple[int, ...]
     groups: int
     padding_mode: str = "zeros"
+    transposed: bool = False     # conv_transposeNd: weight (in, out/groups, k...)
+    output_padding: tuple[int, ...] = ()
 
 
 @dataclass
@@ -38,6 +40,7 @@ class SiteUse:
     bias_name: str | None
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
+    bias_rows: tuple[int, int] | None = None   # the bias is rows [start, stop) of bias_name
 
 
 @dataclass
@@ -53,6 +56,9 @@ class Site:
     conv: ConvConfig | None = None
     excluded: str | None = None  # why this weight cannot be extended (e.g. used elsewhere)
     bias_foldable: bool = True   # False: some use has no bias, or a bias is used elsewhere
+    rows: tuple[int, int] | None = None     # the operator uses rows [start, stop) of the weight
+    # weight_norm: the operator's weight is g·v/‖v‖ with v = weight_name; (g's name, dim)
+    weight_norm: tuple[str, int] | None = None
 
     @property
     def node_names(self) -> list[str]:
@@ -71,10 +77,34 @@ class Site:
 
 
 class SiteTable(dict[str, Site]):
-    """Sites by name, in graph order."""
+    """Sites by name, in graph order. ``exclusions`` maps each linear-operator weight that is
+    not a site at all (fused RNN, bilinear, computed weights, ...) to the reason."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.exclusions: dict[str, str] = {}
 
     def extendable(self) -> list[Site]:
         return [s for s in self.values() if s.excluded is None]
+
+    def covered(self) -> set[str]:
+        """Every parameter the table speaks for: site weights (and weight-norm gains) and
+        excluded linear-operator weights."""
+        names = set(self.exclusions)
+        for site in self.values():
+            names.add(site.weight_name)
+            if site.weight_name and site.weight_norm:
+                names.add(site.weight_norm[0])
+        return names
+
+    def explain(self) -> str:
+        """What was found and why each was excluded (for errors)."""
+        found = [f"{s.name} ({s.kind}): " + (f"excluded: {s.excluded}" if s.excluded else "ok")
+                 for s in self.values()]
+        found += [f"{name}: excluded: {why}" for name, why in self.exclusions.items()]
+        return "; ".join(found) if found else (
+            "no nn.Linear / convNd / conv-transpose / F.linear / addmm / matmul against a "
+            "parameter in the graph")
 
     def describe(self) -> str:
         return ", ".join(self) or "(none)"

@@ -2,13 +2,23 @@
 
 ``torch.fx.symbolic_trace`` is tried first (cheap, keeps ``call_module`` nodes that name the user's
 submodules); when it fails, typically on data-dependent control flow, ``torch.export`` is used
-(its graph names every parameter by its qualified name). Whichever ran, the resulting graph module
-holds the user's *own* Parameter and buffer objects, so training it trains the user's model.
+(its graph names every parameter by its qualified name), with positional *and* keyword inputs and
+torch.export's own ``dynamic_shapes`` — by default every dimension of every tensor input is
+``Dim.AUTO``, and the result reports each dimension export had to fix and why
+(:mod:`morphc.ir.shapes`). Whichever ran, the resulting graph module holds the user's *own*
+Parameter and buffer objects, so training it trains the user's model.
+
+Before tracing, the model runs once on the example inputs, so a wrong input is reported as such
+and not as a tracing failure. Traces are cached per model object and input signature: extending
+the same model again (a Bypass cycle, a sweep over widths) does not re-export.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -16,14 +26,31 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from morphc.errors import TraceError
+from morphc.errors import ShapeError, TraceError
+from morphc.ir.shapes import (
+    DimRange,
+    Specialisation,
+    auto_dynamic_shapes,
+    capture_shape_log,
+    check_call,
+    exported_dims,
+    forward_names,
+    guard_error,
+    input_labels,
+    specialisation_reasons,
+)
 
 FRONTENDS = ("auto", "symbolic_trace", "export")
 
 
 @dataclass
 class TracedModel:
-    """A graph of the user's model plus how it was obtained."""
+    """A graph of the user's model plus how it was obtained.
+
+    ``example_inputs`` are the positional example inputs, ``example_kwargs`` the keyword ones.
+    For the export frontend, ``input_dims`` says what each tensor input dimension accepts and
+    ``specialised`` lists each dimension torch.export fixed, with the reason.
+    """
 
     graph_module: fx.GraphModule
     frontend: str
@@ -32,6 +59,36 @@ class TracedModel:
     training: bool
     dynamic_batch: bool | None = None
     notes: list[str] = field(default_factory=list)
+    example_kwargs: dict = field(default_factory=dict)
+    dynamic_shapes: object = None
+    specialised: list[Specialisation] = field(default_factory=list)
+    input_dims: list[DimRange] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)   # the forward's parameter names
+    trace_seconds: float = 0.0
+    cached: bool = False
+
+    def check_call(self, args: tuple, kwargs: dict) -> dict:
+        """Refuse, with a ``ShapeError``, inputs the graph cannot take; returns the kwargs with
+        non-tensor example kwargs (e.g. ``use_cache=False``, baked into an exported graph)
+        filled in where the call omits them."""
+        if self.frontend != "export":
+            return kwargs
+        filled = {k: v for k, v in self.example_kwargs.items()
+                  if k not in kwargs and not isinstance(v, torch.Tensor)}
+        kwargs = {**kwargs, **filled} if filled else kwargs
+        if self.input_dims:
+            check_call(self.input_dims, input_labels(self.input_names, args, kwargs))
+        return kwargs
+
+    def call(self, module: nn.Module, args: tuple, kwargs: dict):
+        """``module(*args, **kwargs)`` for a graph of this trace, shape errors typed."""
+        kwargs = self.check_call(args, kwargs)
+        try:
+            return module(*args, **kwargs)
+        except AssertionError as exc:
+            if str(exc).strip().startswith("Guard failed"):
+                raise guard_error(exc) from exc
+            raise
 
 
 class _SiteAwareTracer(fx.Tracer):
@@ -58,13 +115,16 @@ def no_side_effects(module: nn.Module) -> Iterator[None]:
 
 
 def _as_tuple(example_inputs) -> tuple:
+    if example_inputs is None:
+        return ()
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, list | tuple):
         return tuple(example_inputs)
     raise TraceError(
         f"example_inputs must be a tensor or a tuple of positional inputs, got "
-        f"{type(example_inputs).__name__}; pass e.g. (torch.randn(8, 3, 32, 32),)"
+        f"{type(example_inputs).__name__}; pass e.g. (torch.randn(8, 3, 32, 32),), and keyword "
+        "inputs as kwargs={...}"
     )
 
 
@@ -73,7 +133,26 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _symbolic_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
+def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """``args`` + ``kwargs`` as positional inputs in the forward's order (for ShapeProp), or
+    None when the signature does not allow it (``*args`` / ``**kwargs``)."""
+    if not kwargs:
+        return args
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        return None
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
+
+
+def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    inputs = _positional(model, args, kwargs)
+    if inputs is None:
+        raise TraceError("keyword inputs that do not bind to named forward parameters")
     tracer = _SiteAwareTracer()
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
@@ -82,30 +161,24 @@ def _symbolic_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     return gm
 
 
-def _export(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, bool, list[str]]:
-    notes: list[str] = []
-    dynamic = tuple(
-        {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-        for x in inputs
-    )
-    with no_side_effects(model):
-        program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> TracedModel:
+    spec = auto_dynamic_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
+    with no_side_effects(model), capture_shape_log() as messages:
+        program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec)
     gm = program.module()
     _bind_user_tensors(gm, model)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    batch_dims = [
-        n.meta["val"].shape[0]
-        for n in placeholders
-        if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0
-    ]
-    dynamic_batch = bool(batch_dims) and all(isinstance(d, torch.SymInt) for d in batch_dims)
-    if not dynamic_batch:
-        notes.append(
-            "torch.export specialised the batch dimension: the extended model only accepts "
-            f"batch size {[int(d) for d in batch_dims]}; make the model's shapes independent "
-            "of the batch size to lift this."
-        )
-    return gm, dynamic_batch, notes
+    names = forward_names(model)
+    labels = input_labels(names, args, kwargs)
+    ranges, fixed = exported_dims(gm, program, labels, specialisation_reasons(messages))
+    batch = [r for r in ranges if r.dim == 0]
+    dynamic_batch = bool(batch) and not any(r.fixed for r in batch)
+    notes = [f"torch.export fixed {f}" for f in fixed]
+    if batch and not dynamic_batch:
+        notes.append("the batch dimension is fixed: the extended model only accepts the "
+                     "example batch size; make the model's shapes independent of the batch size "
+                     "(or pass dynamic_shapes=...) to lift this.")
+    return TracedModel(gm, "export", "", args, model.training, dynamic_batch, notes,
+                       dict(kwargs), dynamic_shapes, fixed, ranges, names)
 
 
 def _bind_user_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
@@ -125,8 +198,55 @@ def _bind_user_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
                 owner._buffers[attr] = tensor
 
 
-def trace(model: nn.Module, example_inputs, frontend: str = "auto") -> TracedModel:
+def _unflattenable(output) -> list[str]:
+    """Type names of output leaves torch.export cannot return (e.g. ``DynamicCache``)."""
+    leaves = torch.utils._pytree.tree_leaves(output)
+    return sorted({type(x).__name__ for x in leaves
+                   if not isinstance(x, torch.Tensor | int | float | bool | str | type(None))})
+
+
+def _run_once(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Run the model on the example inputs (no grad, no side effects); returns the kwargs to
+    trace with. A failing model is reported as such, before any tracing."""
+    try:
+        with no_side_effects(model), torch.no_grad():
+            output = model(*args, **kwargs)
+    except Exception as exc:
+        raise TraceError(f"the model fails on the example inputs: {_first_line(exc)}. Check the "
+                         "inputs' shapes and dtypes (and pass keyword inputs as kwargs=...)"
+                         ) from exc
+    bad = _unflattenable(output)
+    if not bad:
+        return kwargs
+    caches = [b for b in bad if "Cache" in b]
+    has_flag = "use_cache" in inspect.signature(model.forward).parameters
+    if caches and has_flag and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    hint = ("pass use_cache=False in kwargs (or set model.config.use_cache = False)" if caches
+            else "return tensors (or register a pytree node for these types)")
+    raise TraceError(f"{type(model).__name__} returns {', '.join(bad)}, which torch.export cannot "
+                     f"flatten; {hint}")
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, frontend) -> tuple:
+    """What a trace depends on: inputs' structure, shapes and dtypes, the non-tensor values, the
+    dynamic_shapes spec, the mode and the identity of every parameter and buffer."""
+    leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+    described = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor)
+                      else repr(x) for x in leaves)
+    tensors = tuple(id(t) for t in [*model.parameters(), *model.buffers()])
+    return (str(spec), described, repr(dynamic_shapes), frontend, model.training, tensors)
+
+
+def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwargs=None,
+          dynamic_shapes=None, args=None, cache: bool = True) -> TracedModel:
     """Trace ``model`` into a graph; report which frontend was used and why.
+
+    ``example_inputs`` (or ``args``) are the positional inputs, ``kwargs`` the keyword ones;
+    ``dynamic_shapes`` is torch.export's own spec (default: every dimension ``Dim.AUTO``).
 
     >>> traced = trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(2, 4),))
     >>> traced.frontend
@@ -136,13 +256,33 @@ def trace(model: nn.Module, example_inputs, frontend: str = "auto") -> TracedMod
         raise TraceError(f"morphc needs an nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
         raise TraceError(f"unknown frontend {frontend!r}; choose one of {FRONTENDS}")
-    inputs = _as_tuple(example_inputs)
+    inputs = _as_tuple(args if args is not None else example_inputs)
+    kwargs = dict(kwargs or {})
+    key = _signature(model, inputs, kwargs, dynamic_shapes, frontend) if cache else None
+    hit = _CACHE.get(model, {}).get(key) if cache else None
+    if hit is not None:
+        hit.cached = True
+        return hit
+    started = time.perf_counter()
+    traced = _trace(model, inputs, kwargs, dynamic_shapes, frontend)
+    traced.trace_seconds = time.perf_counter() - started
+    if cache:
+        _CACHE.setdefault(model, {})[key] = traced
+    return traced
+
+
+def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
+    traced_kwargs = _run_once(model, inputs, kwargs)
+    notes = [] if traced_kwargs is kwargs else [
+        "use_cache=True returns a cache object torch.export cannot flatten: traced with "
+        "use_cache=False (the extended model returns no cache)"]
     symbolic_error = None
-    if frontend in ("auto", "symbolic_trace"):
+    if frontend in ("auto", "symbolic_trace") and dynamic_shapes is None:
         try:
-            gm = _symbolic_trace(model, inputs)
+            gm = _symbolic_trace(model, inputs, traced_kwargs)
             return TracedModel(gm, "symbolic_trace", "torch.fx.symbolic_trace succeeded",
-                               inputs, model.training, dynamic_batch=True)
+                               inputs, model.training, dynamic_batch=True, notes=notes,
+                               example_kwargs=dict(traced_kwargs))
         except Exception as exc:  # any tracing failure means: try the next frontend
             symbolic_error = exc
             if frontend == "symbolic_trace":
@@ -151,17 +291,21 @@ def trace(model: nn.Module, example_inputs, frontend: str = "auto") -> TracedMod
                     "use frontend='auto' or 'export'"
                 ) from exc
     try:
-        gm, dynamic_batch, notes = _export(model, inputs)
+        traced = _export(model, inputs, traced_kwargs, dynamic_shapes)
     except Exception as exc:
         tried = f"symbolic_trace: {_first_line(symbolic_error)}; " if symbolic_error else ""
         raise TraceError(
             f"could not trace {type(model).__name__}: {tried}torch.export: {_first_line(exc)}. "
-            "Data-dependent Python control flow (if/for on tensor values) defeats both "
-            "frontends: rewrite it with torch.where / torch.cond, or check that the model runs "
-            "on example_inputs."
+            "The model runs on the example inputs, so this is its tracing: data-dependent "
+            "Python control flow (if/for on tensor values) defeats both frontends — rewrite it "
+            "with torch.where / torch.cond; a dynamic_shapes spec torch.export rejects is "
+            "reported here too."
         ) from exc
-    reason = (
-        f"symbolic_trace failed ({_first_line(symbolic_error)})"
-        if symbolic_error else "requested"
-    )
-    return TracedModel(gm, "export", reason, inputs, model.training, dynamic_batch, notes)
+    traced.reason = (f"symbolic_trace failed ({_first_line(symbolic_error)})"
+                     if symbolic_error else
+                     "requested" if frontend == "export" else "dynamic_shapes given")
+    traced.notes = notes + traced.notes
+    return traced
+
+
+__all__ = ["FRONTENDS", "ShapeError", "TracedModel", "no_side_effects", "trace"]
