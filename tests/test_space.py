@@ -328,11 +328,12 @@ def _tamper(data, select: str, changes: dict) -> dict:
     ("call_module", {"op": "call_function", "target": "os.system"}, "not allowed"),
     ("call_module", {"op": "call_function", "target": "torch.load"}, "not allowed"),
     ("call_module", {"op": "call_method", "target": "relu(); import os; os.system('x'); y.relu"},
-     "public torch.Tensor method"),
-    ("call_module", {"op": "call_method", "target": "__reduce_ex__"}, "public torch.Tensor"),
-    ("call_module", {"target": "x; import os"}, "dotted identifier"),
+     "plain Python identifier"),
+    ("call_module", {"op": "call_method", "target": "__reduce_ex__"}, "plain Python identifier"),
+    ("call_module", {"op": "call_method", "target": "register_hook"}, "public torch.Tensor"),
+    ("call_module", {"target": "x; import os"}, "dotted path"),
     ("placeholder", {"target": "x=__import__('os')"}, "identifier"),
-    ("placeholder", {"name": "a b"}, "invalid node"),
+    ("placeholder", {"name": "a b"}, "node name 'a b' is not a plain Python identifier"),
 ])
 def test_loader_rejects_anything_outside_the_allow_lists(op, changes, match):
     gm, _ = _morphed("mlp")
