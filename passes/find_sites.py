@@ -485,6 +485,8 @@ def _check_other_uses(gm, uses: _Uses) -> None:
         while stack:
             current = stack.pop()
             for user in current.users:
+                if _reads_metadata(user):
+                    continue
                 if user not in uses.operands.get(current, ()) or \
                         sum(a is current for a in _flatten([*user.args,
                                                            *user.kwargs.values()])) != 1:
@@ -494,6 +496,15 @@ def _check_other_uses(gm, uses: _Uses) -> None:
                         user.target in _WEIGHT_NORM or user.op == "call_module" and \
                         type(gm.get_submodule(user.target)).__name__ == "_WeightNorm":
                     stack.append(user)
+
+
+def _reads_metadata(user: fx.Node) -> bool:
+    """``w.shape`` / ``w.size()`` / ``w.dtype`` read no values: not a use that blocks a fold."""
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[1] in ("shape", "dtype", "device", "ndim", "requires_grad")
+    if user.op == "call_method":
+        return user.target in ("size", "dim")
+    return user.op == "call_function" and user.target in (aten.sym_size.int, torch.Tensor.size)
 
 
 def _linear_weight_operands(node: fx.Node) -> list:
@@ -516,7 +527,10 @@ def _computed_weights(gm, uses: _Uses, sites: SiteTable) -> None:
         for operand in _linear_weight_operands(node):
             if not isinstance(operand, fx.Node) or _param_node(gm, operand):
                 continue
-            params, ops = _ancestor_params(gm, operand)
+            found = _ancestor_params(gm, operand)
+            if found is None:
+                continue
+            params, ops = found
             for name in params:
                 if name not in sites.covered():
                     uses.exclusions.setdefault(name, (
@@ -526,9 +540,13 @@ def _computed_weights(gm, uses: _Uses, sites: SiteTable) -> None:
                         "value reproduces an arbitrary W')"))
 
 
-def _ancestor_params(gm, node: fx.Node, limit: int = 40) -> tuple[list[str], set[str]]:
+def _ancestor_params(gm, node: fx.Node, limit: int = 40) -> tuple[list[str], set[str]] | None:
+    """The parameters a weight operand is computed from, or None when it depends on the
+    inputs (an activation, e.g. attention's ``q @ kᵀ``)."""
     params, ops, seen, stack = [], set(), set(), [node]
-    while stack and len(seen) < limit:
+    while stack:
+        if len(seen) > limit:
+            return None
         current = stack.pop()
         if current in seen:
             continue
@@ -537,7 +555,9 @@ def _ancestor_params(gm, node: fx.Node, limit: int = 40) -> tuple[list[str], set
         if param is not None:
             params.append(param[0])
             continue
-        if current.op in ("placeholder", "get_attr"):
+        if current.op == "placeholder":
+            return None
+        if current.op == "get_attr":
             continue
         ops.add(str(getattr(current.target, "__name__", current.target)))
         stack.extend(a for a in _flatten([*current.args, *current.kwargs.values()])

@@ -31,7 +31,7 @@ from morphc.errors import ShapeError
 
 _LOG = "torch.fx.experimental.symbolic_shapes"
 _CREATE = re.compile(r"create_symbol (s\d+) = (\d+) for L\[(.*?)\]\.size\(\)\[(\d+)\]")
-_GUARD = re.compile(r"eval Eq\((s\d+), (\d+)\) \[guard added\] \((.*?)\)\s*$")
+_GUARD = re.compile(r"eval Eq\((s\d+), (\d+)\) \[guard added\] \(([^)]*)\)")
 _REPLACE = re.compile(r"set_replacement (s\d+) = (\d+) \((\w+)\)")
 _GUARD_FAILED = re.compile(r"(\w+)\.size\(\)\[(\d+)\]")
 
