@@ -10,7 +10,7 @@ from torch import nn
 
 from morphc.compiler.escape import Probe, escape_scores, rank_sites
 from morphc.compiler.extended import ExtendedModel, ExtensionConfig
-from morphc.errors import SiteError
+from morphc.errors import SiteError, TraceError
 from morphc.ir.branch import BypassBranch
 from morphc.ir.sites import Site, SiteSpec, select_sites
 from morphc.ir.trace import TracedModel, trace
@@ -24,7 +24,8 @@ Width = int | float
 def resolve_width(site: Site, width: Width) -> int:
     """An int is a unit count; a float in (0, 1] a fraction of the site's output size. Convs
     round up to a multiple of ``groups`` so the branch can be grouped like the site."""
-    if isinstance(width, bool) or not isinstance(width, int | float) or width <= 0:
+    if isinstance(width, bool) or not isinstance(width, int | float) or \
+            not math.isfinite(width) or width <= 0:
         raise SiteError(f"width must be a positive int or a fraction in (0, 1], got {width!r}")
     if isinstance(width, float):
         if width > 1:
@@ -85,7 +86,8 @@ def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", widt
     ``sites``: ``"all"``, ``"auto"`` (rank by the escape score ``‖∂L/∂B‖`` on ``probe`` — a
     ``probe(module) -> loss`` closure — or, without one, on a fixed random output direction; keep
     the ``top_k`` best, default half the sites), a name / ``.suffix`` / full-match regex, a list
-    of those, or a predicate ``(Site) -> bool``. ``overrides`` maps a site name to
+    of those, or a predicate ``(Site) -> bool``. A frozen weight (``requires_grad=False``) is
+    only extended when named explicitly (its name or ``.suffix``). ``overrides`` maps a site name to
     ``{"width": ..., "activation": ...}``.
 
     Inputs are given as torch.export takes them: ``example_inputs`` the positional ones,
@@ -99,14 +101,20 @@ def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", widt
     >>> [s.name for s in ext.sites]
     ['0', '2']
     """
+    if isinstance(model, nn.Module) and any(
+            t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
+        raise TraceError(f"{type(model).__name__} is on the meta device (no values to trace, "
+                         "check or fold); materialise it first: model.to_empty(device='cpu') "
+                         "and load its weights")
     traced = traced or trace(model, example_inputs, frontend=frontend, kwargs=kwargs,
                              dynamic_shapes=dynamic_shapes)
+    frozen = [n for n, p in traced.graph_module.named_parameters() if not p.requires_grad]
     analysed = Pipeline(traced.graph_module)
     table = analysed.run(find_sites).analysis
     if not table.extendable():
         raise SiteError(f"{type(model).__name__} has no extendable site: {table.explain()}")
     if isinstance(sites, str) and sites == "auto":
-        candidates = select_sites(table, "all", exclude)
+        candidates = select_sites(table, "all", exclude, frozen)
         full = _build(model, traced, analysed, table, candidates, width, activation, overrides,
                       seed, init_scale, "auto")
         scores = escape_scores(full, probe)
@@ -114,6 +122,6 @@ def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", widt
         chosen = [s for s in candidates if s.name in best]
         return _build(model, traced, analysed, table, chosen, width, activation, overrides, seed,
                       init_scale, "auto", scores)
-    chosen = select_sites(table, sites, exclude)
+    chosen = select_sites(table, sites, exclude, frozen)
     return _build(model, traced, analysed, table, chosen, width, activation, overrides, seed,
                   init_scale, "explicit")

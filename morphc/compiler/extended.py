@@ -134,5 +134,6 @@ class ExtendedModel(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        homotopy = "meta" if self._homotopy.device.type == "meta" else self.homotopy
         return (f"frontend={self.traced.frontend}, sites={[s.name for s in self.sites]}, "
-                f"homotopy={self.homotopy}")
+                f"homotopy={homotopy}")

@@ -9,6 +9,8 @@ consistent.
 from __future__ import annotations
 
 import re
+import re._constants as sre_constants
+import re._parser as sre_parse
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -113,37 +115,103 @@ class SiteTable(dict[str, Site]):
 SiteSpec = str | Iterable[str] | Callable[[Site], bool]
 
 
+_REPEATS = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT)
+
+
+def _risky(items, inside_repeat: bool) -> str | None:
+    """What in a parsed regex can backtrack exponentially: a repeat or an alternation inside a
+    repeat (``(a+)+``, ``(a|aa)*``), or a backreference."""
+    for op, av in items:
+        if op == sre_constants.GROUPREF:
+            return "a backreference"
+        if op in _REPEATS:
+            if inside_repeat:
+                return "a quantifier inside a quantified group"
+            found = _risky(av[2], av[1] > 1)
+        elif op == sre_constants.BRANCH:
+            if inside_repeat:
+                return "an alternation inside a quantified group"
+            found = next(filter(None, (_risky(b, inside_repeat) for b in av[1])), None)
+        elif op == sre_constants.SUBPATTERN:
+            found = _risky(av[3], inside_repeat)
+        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            found = _risky(av[1], inside_repeat)
+        else:
+            found = None
+        if found:
+            return found
+    return None
+
+
+def safe_pattern(pattern: str) -> re.Pattern | None:
+    """The compiled full-match regex of a site pattern, or None if it is not a regex.
+
+    Site patterns are matched against every parameter name, so a regex that can backtrack
+    exponentially would hang ``extend``: one with a quantifier or alternation inside a quantified
+    group, or a backreference, is refused with ``SiteError`` (write ``layers\\.\\d+\\.fc``,
+    not ``(layers\\.\\d+)+``).
+    """
+    try:
+        parsed = sre_parse.parse(pattern)
+        compiled = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return None
+    reason = _risky(parsed.data, False)
+    if reason:
+        raise SiteError(f"site pattern {pattern!r} has {reason}, which can take exponential "
+                        "time to match; allowed: exact names, '.suffix' names, and full-match "
+                        "regexes without nested quantifiers, quantified alternations or "
+                        r"backreferences (e.g. r'layers\.\d+\.linear1')")
+    return compiled
+
+
 def _matches(pattern: str, site: Site) -> bool:
-    """PEFT-style matching: exact name, weight name, a ``.suffix`` match, or a full-match regex."""
+    """PEFT-style matching: exact name, weight name, a ``.suffix`` match, or a full-match regex
+    (checked by :func:`safe_pattern`)."""
     names = (site.name, site.weight_name)
     if pattern in names or any(n.endswith("." + pattern) for n in names):
         return True
-    try:
-        return any(re.fullmatch(pattern, n) for n in names)
-    except re.error:
-        return False
+    compiled = safe_pattern(pattern)
+    return compiled is not None and any(compiled.fullmatch(n) for n in names)
 
 
-def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = ()) -> list[Site]:
+def _names(pattern: str, site: Site) -> bool:
+    """The pattern names this site: its name, weight name, or a ``.suffix`` of either."""
+    names = (site.name, site.weight_name)
+    return pattern in names or any(n.endswith("." + pattern) for n in names)
+
+
+def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = (),
+                 frozen: Iterable[str] = ()) -> list[Site]:
     """Resolve a user's site choice to a list of sites; no match is an error listing what exists.
 
     ``sites`` is ``"all"``, one name/pattern, a list of names/patterns, or a predicate
     ``(Site) -> bool``. (``"auto"`` is resolved by the caller from escape scores.)
+
+    ``frozen``: weight names with ``requires_grad=False``. A frozen weight is not a site unless
+    the user names it (its name, weight name or ``.suffix``): ``"all"``, regexes and predicates
+    skip it, so fine-tuning with frozen layers never changes them.
     """
+    frozen = set(frozen)
     candidates = table.extendable()
     if sites == "all":
-        chosen = list(candidates)
+        chosen = [s for s in candidates if s.weight_name not in frozen]
     elif callable(sites):
-        chosen = [s for s in candidates if sites(s)]
+        chosen = [s for s in candidates if s.weight_name not in frozen and sites(s)]
     else:
         patterns = [sites] if isinstance(sites, str) else list(sites)
         chosen = []
         for pattern in patterns:
-            hits = [s for s in candidates if _matches(pattern, s)]
+            hits = [s for s in candidates if _names(pattern, s) or
+                    (s.weight_name not in frozen and _matches(pattern, s))]
             if not hits:
                 blocked = [s for s in table.values() if s.excluded and _matches(pattern, s)]
                 if blocked:
                     raise SiteError(f"site {pattern!r} cannot be extended: {blocked[0].excluded}")
+                if any(_matches(pattern, s) for s in candidates):
+                    raise SiteError(f"{pattern!r} only matches frozen (requires_grad=False) "
+                                    "weights, which a pattern does not select; name them "
+                                    "exactly to extend them")
                 raise SiteError(
                     f"no site matches {pattern!r}; sites in this model: {table.describe()}"
                 )
@@ -151,9 +219,12 @@ def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = ())
     excluded = list(exclude)
     chosen = [s for s in chosen if not any(_matches(p, s) for p in excluded)]
     if not chosen:
+        skipped = sorted(s.name for s in candidates if s.weight_name in frozen)
         raise SiteError(
             f"the site selection {sites!r} (exclude={excluded}) left no site to extend; "
             f"sites in this model: {table.describe()}"
+            + (f"; frozen (requires_grad=False) sites are only extended when named: {skipped}"
+               if skipped else "")
         )
     return chosen
 
