@@ -69,7 +69,8 @@ def _loss_after_extension(variant: str, seed: int, after: int, steps: int = 1000
     """(loss on the step before the extension, loss ``after`` steps into the bypass phase)."""
     data, model = TS.make_data(seed), TS.make_model(seed)
     torch.manual_seed(seed)
-    stepper = BypassStepper(TS, model, seed, steps, variant=variant)
+    stepper = BypassStepper(TS, model, seed, steps, variant=variant,
+                            options={"free_phase": "plain"})   # the branch's effect alone
     losses = []
     while not stepper.events["extended_at"] or len(losses) < stepper.events["extended_at"][0] \
             + after:

@@ -41,8 +41,11 @@ def snapshot(model):
 
 
 def cycle_bypass(model, opt, **kw):
+    """The cycle's mechanics with the earlier settings made explicit (free phase at s = 1 only,
+    annealed return, every cycle kept); tests of the defaults build Bypass themselves."""
     options = dict(trigger=morphc.Schedule(every=4), bypass_steps=4, return_steps=4,
-                   sites="all", width=4, verbose=False)
+                   sites="all", width=4, verbose=False, free_phase="plain",
+                   return_mode="anneal", accept="always")
     options.update(kw)
     return morphc.Bypass(model, opt, **options)
 
@@ -96,8 +99,8 @@ def test_extension_parameters_join_and_leave_the_optimizer():
     assert len(groups) == 2 and groups[1] == ext_params, "one step, one optimizer, own group"
     assert len(bp.optimizer.param_groups) == 1, "between steps the optimizer is the user's"
     assert bp.optimizer.state_dict()["param_groups"][0]["params"] == list(range(6))
-    assert all(p in bp._group.state for p in ext_params), "the extension trains"
-    ext_group = bp._group.group
+    assert all(p in bp.extension_group.state for p in ext_params), "the extension trains"
+    ext_group = bp.extension_group.group
     assert ext_group["lr"] == bp.optimizer.param_groups[0]["lr"]
     assert ext_group["betas"] == bp.optimizer.param_groups[0]["betas"]
     run(bp, closure, 6)
@@ -142,15 +145,17 @@ def test_existing_optimizer_and_lr_scheduler(make_scheduler):
     model, closure, _ = mlp_task()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     scheduler = make_scheduler(opt)
-    bp = cycle_bypass(model, opt)
+    bp = cycle_bypass(model, opt, min_lr_fraction=0.0)
     assert bp.optimizer is opt
+    peak = opt.param_groups[0]["lr"]
     for _ in range(30):
-        lr = opt.param_groups[0]["lr"]
+        peak = max(peak, opt.param_groups[0]["lr"])
         bp.step(closure)
         scheduler.step()
         if bp.phase != "train" and bp.phase_step > 0:
             assert len(opt.param_groups) == 1
-            assert bp._group.group["lr"] == pytest.approx(lr), "the extension follows the LR"
+            assert bp.extension_group.group["lr"] == pytest.approx(peak), \
+                "the extension trains at the peak lr of group 0, so it moves in a decayed tail"
     assert bp.cycle >= 2 and bp.finish() is model
 
 
@@ -162,7 +167,7 @@ def test_reduce_lr_on_plateau_and_fixed_extension_lr():
     for _ in range(20):
         scheduler.step(float(bp.step(closure)))
         if bp.phase != "train":
-            assert bp._group.group["lr"] == 0.5
+            assert bp.extension_group.group["lr"] == 0.5
     assert bp.cycle >= 1
 
 
@@ -214,48 +219,57 @@ def test_max_snap_change_rolls_back():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_finish_mid_bypass_runs_the_return_phase():
+def test_finish_never_trains_and_keeps_a_cycle_only_if_it_pays():
     model, closure, _ = mlp_task()
-    bp = cycle_bypass(model, OPTIMIZERS["adam"], bypass_steps=50, return_steps=6,
+    bp = cycle_bypass(model, OPTIMIZERS["adam"], bypass_steps=50, accept="if_better",
                       trigger=morphc.Schedule(at=[3]))
-    run(bp, closure, 5)
+    run(bp, closure, 8)
     assert bp.phase == "bypass"
-    ext = bp.extended
-    step = bp.step_count
+    ext, step = bp.extended, bp.step_count
+    with torch.no_grad():
+        extended = ext(*bp.example_inputs)
     assert bp.finish() is model
-    assert bp.phase == "train" and ext.contracted and ext.homotopy == 0.0
-    assert bp.step_count == step + 6, "the return phase trained with the last closure"
-    assert events(bp, "contract")[0]["snap_change"] is None
+    assert bp.phase == "train" and bp.step_count == step, "finish() took no optimizer step"
+    assert ext.contracted and ext.homotopy == 0.0
+    kept = events(bp, "contract")
+    if kept:                                   # the snap paid: it is measured and reported
+        event = kept[0]
+        assert event["finishing"] and event["loss_after"] < event["loss_before"]
+        with torch.no_grad():
+            folded = model(*bp.example_inputs)
+        deviation = morphc.compiler.deviation.relative_deviation(extended, folded)
+        assert event["snap_change"] == pytest.approx(deviation, rel=1e-3)
+    else:
+        assert "did not pay" in events(bp, "rollback")[0]["reason"]
 
 
-def test_finish_with_zero_steps_snaps_and_reports():
+def test_finish_rolls_back_a_cycle_that_does_not_pay():
     model, closure, _ = mlp_task()
-    bp = cycle_bypass(model, OPTIMIZERS["adam"], bypass_steps=50,
-                      trigger=morphc.Schedule(at=[3]))
-    run(bp, closure, 6)
-    with torch.no_grad():
-        extended = bp.model(*bp.example_inputs)
-    step = bp.step_count
-    assert bp.finish(steps=0) is model and bp.step_count == step
-    snap = events(bp, "contract")[0]["snap_change"]
-    with torch.no_grad():
-        folded = model(*bp.example_inputs)
-    deviation = morphc.compiler.deviation.relative_deviation(extended, folded)
-    assert snap == pytest.approx(deviation, rel=1e-3)
-    assert snap > 0
+    bp = cycle_bypass(model, OPTIMIZERS["adam"], bypass_steps=50, accept="if_better",
+                      trigger=morphc.Schedule(at=[3]), init_scale=30.0)
+    run(bp, closure, 3)
+    before = snapshot(model)
+    with torch.no_grad():                      # a branch that made things much worse
+        for branch in bp.extended.branches.values():
+            branch.B.fill_(5.0)
+    bp.finish()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "did not pay" in events(bp, "rollback")[0]["reason"]
 
 
-def test_finish_mid_cycle_without_any_closure_says_what_to_do():
+def test_finish_after_resume_without_a_closure_rolls_back():
     model, closure, _ = mlp_task()
-    bp = cycle_bypass(model, OPTIMIZERS["adam"], bypass_steps=50)
+    bp = cycle_bypass(model, OPTIMIZERS["adam"], bypass_steps=50, accept="if_better")
     run(bp, closure, 6)
     state = bp.state_dict()
     fresh, _, _ = mlp_task()
-    resumed = cycle_bypass(fresh, OPTIMIZERS["adam"], bypass_steps=50)
+    resumed = cycle_bypass(fresh, OPTIMIZERS["adam"], bypass_steps=50, accept="if_better")
     resumed.load_state_dict(state)
-    with pytest.raises(morphc.BypassError, match="closure"):
-        resumed.finish()
-    assert resumed.finish(closure) is fresh
+    assert resumed.finish() is fresh and resumed.phase == "train"
+    restored = state["extension"]["snapshot"]["params"]
+    for name, param in fresh.named_parameters():
+        assert torch.equal(param, restored[name]), "no data to judge the cycle: rolled back"
+    assert events(resumed, "rollback")
 
 
 # -- nothing lost -----------------------------------------------------------------------------
@@ -364,14 +378,14 @@ def checkpointed_run(split, total, trigger, **kw):
     return losses, bp2
 
 
-@pytest.mark.parametrize("split", [6, 11, 14], ids=["mid_bypass", "mid_return", "train"])
+@pytest.mark.parametrize("split", [9, 14, 19], ids=["mid_bypass", "mid_return", "train"])
 @pytest.mark.parametrize("mode", ["anneal", "penalty"])
 def test_checkpoint_resume_is_deterministic(split, mode):
     kw = dict(bypass_steps=5, return_steps=5, return_mode=mode)
     model, closure, _ = mlp_task()
     straight = cycle_bypass(model, OPTIMIZERS["adam"], trigger=plateau(), **kw)
-    expected = run(straight, closure, 30)
-    got, resumed = checkpointed_run(split, 30, trigger=plateau, **kw)
+    expected = run(straight, closure, 40)
+    got, resumed = checkpointed_run(split, 40, trigger=plateau, **kw)
     assert got == expected
     assert resumed.history == straight.history
     assert straight.cycle >= 2
@@ -445,7 +459,7 @@ def test_unusable_closures_say_what_to_do():
 def test_already_wrapped_models_are_unwrapped():
     model, closure, _ = mlp_task()
     bp = morphc.Bypass(torch.compile(model), OPTIMIZERS["adam"], verbose=False)
-    assert bp.compile and bp.finish() is model
+    assert bp.wrapping.compile and bp.finish() is model
 
 
 def test_bad_arguments_raise_typed_errors():
@@ -481,7 +495,7 @@ def test_verbose_prints_when_logging_is_not_configured(capsys):
     model, closure, _ = mlp_task()
     bp = cycle_bypass(model, OPTIMIZERS["adam"], verbose=True)
     run(bp, closure, 9)
-    assert "[morphc.runtime.bypass] step 4: extend" in capsys.readouterr().err
+    assert "[morphc.bypass] step 4: extend" in capsys.readouterr().err
     bp = cycle_bypass(model, OPTIMIZERS["adam"], verbose=False)
     run(bp, closure, 9)
     assert capsys.readouterr().err == ""

@@ -19,10 +19,10 @@ def feed(trigger, losses, grad_norms=None):
     return fired
 
 
-def test_plateau_fires_on_flat_loss_after_one_window():
+def test_plateau_fires_on_flat_loss_once_two_windows_are_full():
     t = morphc.Plateau(window=20, threshold=1e-3)
     fired = feed(t, [0.5] * 60)
-    assert fired and fired[0] == 21   # warm-up of one window, then a full window to compare
+    assert fired and fired[0] == 40   # two full windows of the current model to compare
 
 
 def test_plateau_quiet_on_decreasing_loss():
@@ -41,9 +41,21 @@ def test_plateau_fires_when_a_descent_stalls():
 
 def test_plateau_floor_and_nonfinite():
     assert feed(morphc.Plateau(window=5, floor=1e-6), [1e-9] * 50) == []
-    t = morphc.Plateau(window=5, warmup=0)
+    t = morphc.Plateau(window=5)
     assert feed(t, [float("nan")] * 20) == []
-    assert t.smoothed is None
+    assert t.improvement() is None
+
+
+def test_plateau_is_noise_aware():
+    rng = __import__("random").Random(0)
+    noisy_progress = [2.0 * 0.999 ** i * (1 + 0.3 * rng.gauss(0, 1)) for i in range(3000)]
+    assert feed(morphc.Plateau(window=100), noisy_progress) == [], \
+        "minibatch noise on a loss that still improves must not look like a plateau"
+    quiet_plateau = [0.5 * (1 + 1e-5 * rng.gauss(0, 1)) for _ in range(400)]
+    assert feed(morphc.Plateau(window=100), quiet_plateau)[0] == 200
+    t = morphc.Plateau(window=10)
+    feed(t, [1.0 - 0.001 * i for i in range(40)])
+    assert t.pace() == pytest.approx(0.001 / 0.97, rel=0.05), "relative gain per step"
 
 
 def test_plateau_is_constant_time_per_step():
@@ -69,7 +81,7 @@ def test_plateau_reset_and_state_roundtrip():
     rest = [0.3] * 150
     assert feed(a, rest) == feed(b, rest) != []
     a.reset()
-    assert a.smoothed is None and a.improvement() is None
+    assert a.improvement() is None and a.pace() == 0.0
 
 
 def test_gradient_norm_fires_after_patience():
@@ -131,7 +143,7 @@ def test_custom_trigger_and_combinators():
 def test_invalid_arguments_are_rejected():
     with pytest.raises(ValueError, match="window"):
         morphc.Plateau(window=0)
-    with pytest.raises(ValueError, match="smoothing"):
-        morphc.Plateau(smoothing=1.0)
+    with pytest.raises(ValueError, match="confidence"):
+        morphc.Plateau(confidence=-1.0)
     with pytest.raises(ValueError, match="every"):
         morphc.Schedule()

@@ -62,6 +62,8 @@ class BypassStepper:
                   **copy.deepcopy(dict(options or {}))}   # a fresh trigger state per run
         if variant == "growth":
             config.update(bypass_steps=steps + 1, max_cycles=1)
+        else:
+            config.setdefault("total_steps", steps)   # no cycle that cannot end in the budget
         self.variant, self.steps, self.step_count = variant, steps, 0
         self.cycle_steps = config["bypass_steps"] + config["return_steps"]
         self.bp = morphc.Bypass(model, adam(problem), seed=seed, verbose=False, **config)
@@ -76,9 +78,6 @@ class BypassStepper:
         if self.variant == "linear" and self.bp.extended is not None \
                 and self.bp.extended.homotopy != 0.0:
             self.bp.extended.set_homotopy(0.0)   # ρ affine from the first extended step on
-        if self.variant != "growth" and self.steps - self.step_count <= self.cycle_steps:
-            self.bp.max_cycles = self.bp.cycle   # a cycle from the next step on would not end
-            #                                      inside the budget: start none
         return loss
 
     def finish(self) -> nn.Module:

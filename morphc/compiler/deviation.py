@@ -6,6 +6,9 @@ Every deviation morphc reports (E1, C1, a snap onto C, a model-space move, a gra
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -32,21 +35,27 @@ def relative_deviation(reference, other) -> float:
     return worst
 
 
-def _cuda_devices(module: nn.Module, inputs: tuple) -> list[int]:
+def _cuda_devices(module: nn.Module, inputs) -> list[int]:
     tensors = [*module.parameters(), *module.buffers(),
                *(t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))]
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
-def deterministic_forward(module: nn.Module, inputs: tuple, guard: nn.Module | None = None,
-                          kwargs: dict | None = None):
-    """``module(*inputs)`` under no_grad with the RNG fixed (dropout draws the same masks in both
-    runs being compared) and restored afterwards, on the devices involved only, and the buffers of
-    ``guard`` (default: ``module``) restored — no global RNG is ever reseeded."""
-    devices = _cuda_devices(module, inputs)
-    with no_side_effects(guard if guard is not None else module), \
-            torch.random.fork_rng(devices=devices), torch.no_grad():
+@contextlib.contextmanager
+def deterministic(guard: nn.Module, inputs=()) -> Iterator[None]:
+    """no_grad, the RNG fixed (dropout draws the same masks in two runs being compared) and
+    restored afterwards — on the devices involved only, no global RNG is ever reseeded — and the
+    buffers of ``guard`` (BatchNorm statistics) restored."""
+    devices = _cuda_devices(guard, inputs)
+    with no_side_effects(guard), torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.default_generator.manual_seed(0)
         for index in devices:
             torch.cuda.default_generators[index].manual_seed(0)
+        yield
+
+
+def deterministic_forward(module: nn.Module, inputs: tuple, guard: nn.Module | None = None,
+                          kwargs: dict | None = None):
+    """``module(*inputs, **kwargs)`` under :func:`deterministic` (``guard`` defaults to it)."""
+    with deterministic(guard if guard is not None else module, (inputs, kwargs)):
         return module(*inputs, **(kwargs or {}))

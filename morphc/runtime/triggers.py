@@ -94,70 +94,95 @@ class AllOf(_Combined):
 
 
 class Plateau(Trigger):
-    """Fires when a smoothed loss stopped improving.
+    """Fires when the loss has stopped improving — beyond doubt, noise included.
 
-    The loss is smoothed by an exponential moving average (``smoothing`` is its decay; a
-    bias-corrected EMA so the first steps are not biased to 0). The trigger compares the smoothed
-    loss now with its value ``window`` steps ago and fires when the relative improvement
-    ``(old − now) / |old|`` is below ``threshold``. A ring buffer of ``window`` floats makes this
-    O(1) per step. ``warmup`` steps after each reset are ignored (default: ``window``), so the
-    comparison always spans a full window of the current model. Losses below ``floor`` never
-    fire: a model that has converged to ~0 loss is not stuck. Non-finite losses are ignored.
+    Compares the mean loss of the last ``window`` steps with the mean of the ``window`` steps
+    before them. It fires when even an optimistic estimate of the improvement — the measured
+    gain plus ``confidence`` standard errors of the difference of the two means — is below
+    ``threshold`` (relative to the current mean). Full-batch training on a plateau fires after
+    two windows; noisy minibatch training that still improves, or whose noise hides whether it
+    does, stays quiet. Running sums make it O(1) per step. Losses below ``floor`` never fire (a
+    converged model is not stuck); non-finite losses are ignored.
 
-    >>> t = Plateau(window=3, threshold=1e-2, warmup=0)
-    >>> [t.update(1.0, step=i) for i in range(5)]
-    [False, False, False, True, True]
+    >>> t = Plateau(window=3, threshold=1e-2)
+    >>> [t.update(1.0, step=i) for i in range(7)]
+    [False, False, False, False, False, True, True]
     """
 
-    def __init__(self, window: int = 100, threshold: float = 1e-3, smoothing: float = 0.9,
-                 warmup: int | None = None, floor: float = 0.0) -> None:
-        if window < 1:
-            raise ValueError(f"Plateau window must be >= 1 step, got {window}")
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"Plateau smoothing is an EMA decay in [0, 1), got {smoothing}")
-        self.window, self.threshold, self.smoothing = int(window), float(threshold), smoothing
-        self.warmup = self.window if warmup is None else int(warmup)
-        self.floor = float(floor)
+    def __init__(self, window: int = 100, threshold: float = 1e-3, confidence: float = 2.0,
+                 floor: float = 0.0) -> None:
+        if window < 2:
+            raise ValueError(f"Plateau window must be >= 2 steps, got {window}")
+        if not threshold >= 0 or not confidence >= 0:
+            raise ValueError("Plateau threshold and confidence must be >= 0")
+        self.window, self.threshold = int(window), float(threshold)
+        self.confidence, self.floor = float(confidence), float(floor)
         self.reset()
 
     def reset(self) -> None:
-        self._ema = 0.0
-        self._count = 0
-        self._history: deque[float] = deque(maxlen=self.window + 1)
+        self._losses: deque[float] = deque(maxlen=2 * self.window)
+        self._sums = [0.0, 0.0, 0.0, 0.0]   # Σ, Σ² of the older window, then the newer one
 
-    @property
-    def smoothed(self) -> float | None:
-        """The bias-corrected smoothed loss (None before the first finite loss)."""
-        if self._count == 0:
+    def _push(self, loss: float) -> None:
+        w = self.window
+        if len(self._losses) == 2 * w:                  # the oldest leaves the older window
+            old = self._losses[0]
+            self._sums[0] -= old
+            self._sums[1] -= old * old
+        if len(self._losses) >= w:                      # the newer window's oldest moves over
+            mid = self._losses[-w]
+            self._sums[0] += mid
+            self._sums[1] += mid * mid
+            self._sums[2] -= mid
+            self._sums[3] -= mid * mid
+        self._losses.append(loss)
+        self._sums[2] += loss
+        self._sums[3] += loss * loss
+
+    def _stats(self) -> tuple[float, float, float] | None:
+        """(older mean, newer mean, standard error of their difference) once both are full."""
+        if len(self._losses) < 2 * self.window:
             return None
-        return self._ema / (1.0 - self.smoothing ** self._count)
+        w = self.window
+        older, newer = self._sums[0] / w, self._sums[2] / w
+        var_old = max(self._sums[1] / w - older * older, 0.0) * w / (w - 1)
+        var_new = max(self._sums[3] / w - newer * newer, 0.0) * w / (w - 1)
+        return older, newer, math.sqrt((var_old + var_new) / w)
 
     def improvement(self) -> float | None:
-        """Relative improvement of the smoothed loss over the last ``window`` steps."""
-        if len(self._history) <= self.window:
+        """Relative improvement of the mean loss over one window (None until two are full)."""
+        stats = self._stats()
+        if stats is None:
             return None
-        old, now = self._history[0], self._history[-1]
-        return (old - now) / max(abs(old), 1e-30)
+        older, newer, _ = stats
+        return (older - newer) / max(abs(newer), 1e-30)
+
+    def pace(self) -> float:
+        """Plain training's recent relative gain per step (≥ 0): what a cycle must beat."""
+        gain = self.improvement()
+        return max(gain, 0.0) / self.window if gain is not None else 0.0
 
     def update(self, loss, *, step, grad_norm=None) -> bool:
         loss = float(loss)
         if not math.isfinite(loss):
             return False
-        self._count += 1
-        self._ema = self.smoothing * self._ema + (1.0 - self.smoothing) * loss
-        now = self.smoothed
-        self._history.append(now)
-        if self._count <= self.warmup or now < self.floor:
+        self._push(loss)
+        stats = self._stats()
+        if stats is None:
             return False
-        gain = self.improvement()
-        return gain is not None and gain < self.threshold
+        older, newer, error = stats
+        if newer < self.floor:
+            return False
+        optimistic = (older - newer) + self.confidence * error
+        return optimistic < self.threshold * abs(newer)
 
     def state_dict(self) -> dict:
-        return {"ema": self._ema, "count": self._count, "history": list(self._history)}
+        return {"losses": list(self._losses)}
 
     def load_state_dict(self, state: dict) -> None:
-        self._ema, self._count = float(state["ema"]), int(state["count"])
-        self._history = deque((float(v) for v in state["history"]), maxlen=self.window + 1)
+        self.reset()
+        for value in state["losses"]:
+            self._push(float(value))
 
 
 class GradientNorm(Trigger):

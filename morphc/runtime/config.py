@@ -1,0 +1,113 @@
+"""Every setting of a Bypass run, validated once, and the names of its phases and modes."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from morphc.errors import BypassError
+
+
+class Phase(enum.StrEnum):
+    TRAIN = "train"      # plain training of the user's model; the trigger watches
+    BYPASS = "bypass"    # free training of the extended model
+    RETURN = "return"    # taking the branches onto the constraint set C, training on
+
+
+class ReturnMode(enum.StrEnum):
+    PROJECT = "project"  # s = 0 at once, then train in the (linear) branch space, then fold
+    ANNEAL = "anneal"    # s from 1 to exactly 0, linearly, while training
+    PENALTY = "penalty"  # proximal pull of α towards C while training, then a measured snap
+
+
+class FreePhase(enum.StrEnum):
+    JOINT = "joint"      # every step trains L(s=1) + L(s=0): the foldable model stays good
+    PLAIN = "plain"      # L(s=1) only
+
+
+class Accept(enum.StrEnum):
+    IF_BETTER = "if_better"   # keep a cycle only if it beats plain training's pace
+    ALWAYS = "always"         # keep every cycle that contracts exactly
+
+
+class OnFailure(enum.StrEnum):
+    ROLLBACK = "rollback"
+    RAISE = "raise"
+
+
+def _choice(enum_type, name: str, value):
+    try:
+        return enum_type(value)
+    except ValueError:
+        raise BypassError(f"{name} must be one of {[m.value for m in enum_type]}, "
+                          f"got {value!r}") from None
+
+
+@dataclass
+class BypassConfig:
+    """The settings of :class:`~morphc.Bypass` (its keyword arguments); see its docstring."""
+
+    bypass_steps: int = 100
+    return_steps: int = 100
+    return_mode: ReturnMode | str = ReturnMode.PROJECT
+    free_phase: FreePhase | str = FreePhase.JOINT
+    accept: Accept | str = Accept.IF_BETTER
+    sites: Any = "all"
+    width: int | float = 8
+    activation: str = "tanh"
+    top_k: int | None = None
+    exclude: Iterable[str] = ()
+    overrides: Mapping[str, Mapping] | None = None
+    probe: Any = "closure"
+    example_inputs: Any = None
+    example_kwargs: Mapping | None = None
+    dynamic_shapes: Any = None
+    eval_closure: Callable | None = None
+    seed: int = 0
+    init_scale: float = 1.0
+    extension_options: Mapping | None = None
+    extension_lr_scale: float = 1.0
+    min_lr_fraction: float = 0.5
+    penalty: float = 10.0
+    max_snap_change: float | None = None
+    max_cycles: int | None = None
+    total_steps: int | None = None
+    on_failure: OnFailure | str = OnFailure.ROLLBACK
+    max_grad_norm: float | None = None
+    compile: bool = False
+    compile_backend: Any = "inductor"
+    compile_options: Mapping | None = None
+    ddp: bool = False
+    ddp_options: Mapping | None = None
+    wrap: Callable | None = None
+    distributed: bool | None = None
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        self.return_mode = _choice(ReturnMode, "return_mode", self.return_mode)
+        self.free_phase = _choice(FreePhase, "free_phase", self.free_phase)
+        self.accept = _choice(Accept, "accept", self.accept)
+        self.on_failure = _choice(OnFailure, "on_failure", self.on_failure)
+        for name in ("bypass_steps", "return_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BypassError(f"{name} must be an int >= 0, got {value!r}")
+        if self.max_cycles is not None and self.max_cycles < 0:
+            raise BypassError(f"max_cycles must be >= 0 or None, got {self.max_cycles!r}")
+        for name in ("extension_lr_scale", "penalty", "init_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise BypassError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0.0 <= self.min_lr_fraction <= 1.0:
+            raise BypassError(f"min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
+        if self.eval_closure is not None and not callable(self.eval_closure):
+            raise BypassError("eval_closure must be a callable module -> loss tensor")
+        self.exclude = tuple(self.exclude)
+        self.extension_options = dict(self.extension_options or {})
+
+    @property
+    def cycle_steps(self) -> int:
+        return self.bypass_steps + self.return_steps

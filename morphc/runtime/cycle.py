@@ -1,0 +1,120 @@
+"""One Bypass cycle — extend → bypass → return → contract → accept or roll back — as an object.
+
+It owns the extension, the snapshot a rollback restores, the extension's optimizer group, the phase
+and its schedule, and what the cycle measured. The facade (:class:`~morphc.Bypass`) drives it.
+
+Why the default cycle looks the way it does (measured; docs/benchmarks.md):
+
+- **Joint free phase.** Trained at s = 1 alone, the user's weights co-adapt to the branch's
+  non-linear part, so the model at s = 0 (the one a fold keeps) ends *worse* than before the
+  cycle, and no return schedule recovers it. Training ``L(s=1) + L(s=0)`` on every free step keeps
+  the foldable model good while the s = 1 term still opens the escape directions.
+- **Project, then train in the linear space.** s = 0 at once (the branch is linear, residual 0),
+  then ordinary training of the user's weights and the now-linear branch before the exact fold:
+  the paper's train → opt₁ → projection → opt₂ → train. Annealed returns measured worse.
+- **Accept only what pays.** The contracted model must beat the model from before the cycle on
+  the same data by more than plain training's own recent pace would have made in the same
+  number of steps; otherwise everything is restored bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from morphc.compiler.extended import ExtendedModel
+from morphc.runtime.config import BypassConfig, Phase, ReturnMode
+from morphc.runtime.optimizer_group import ExtensionGroup
+from morphc.runtime.snapshot import Snapshot
+
+
+class Cycle:
+    """The state of one cycle in flight."""
+
+    def __init__(self, ext: ExtendedModel, snapshot: Snapshot, group: ExtensionGroup,
+                 config: BypassConfig, *, started_at: int, pace: float = 0.0) -> None:
+        self.ext, self.snapshot, self.group, self.config = ext, snapshot, group, config
+        self.started_at, self.pace = started_at, pace   # pace: plain's relative gain per step
+        self.phase, self.phase_step = Phase.BYPASS, 0
+        self.return_from, self.return_len = 1.0, config.return_steps
+        self.loss_free: float | None = None
+        self.saw_extension_grad = False
+        if config.bypass_steps == 0:
+            self.enter_return(config.return_steps)
+
+    # -- the schedule ---------------------------------------------------------------------------
+    def enter_return(self, steps: int) -> None:
+        self.phase, self.phase_step = Phase.RETURN, 0
+        self.return_from, self.return_len = self.ext.homotopy, int(steps)
+        if self.config.return_mode is ReturnMode.PROJECT:
+            self.ext.set_homotopy(0.0)
+
+    def homotopy_now(self) -> float | None:
+        """s for the step about to run (None: leave it). Anneal: linear from where the return
+        began to exactly 0 at its last step, so that step already trains on C."""
+        if self.phase is not Phase.RETURN or self.config.return_mode is not ReturnMode.ANNEAL:
+            return None
+        done = min(self.phase_step + 1, self.return_len)
+        return 0.0 if done >= self.return_len else \
+            self.return_from * (1.0 - done / self.return_len)
+
+    def advance(self) -> None:
+        """After a completed step: bypass → return when the free phase is over."""
+        self.phase_step += 1
+        if self.phase is Phase.BYPASS and self.phase_step >= self.config.bypass_steps:
+            self.enter_return(self.config.return_steps)
+
+    @property
+    def return_done(self) -> bool:
+        return self.phase is Phase.RETURN and self.phase_step >= self.return_len
+
+    @property
+    def needs_force(self) -> bool:
+        """A penalty return or a cut-short cycle ends with a measured snap onto C."""
+        return self.ext.constraint_residual() != 0.0
+
+    # -- the penalty return: a proximal step, stable for any learning rate ----------------------
+    def shrink_towards_c(self, lr: float) -> None:
+        """``α ← α_C + (α − α_C)/(1 + 2·lr·λ)``: the exact proximal step of ``λ‖α − α_C‖²``
+        (λ growing as (i/N)²). The explicit gradient of that penalty diverges under momentum
+        once ``lr·2λ > 2(1 + β)``; the proximal step never does."""
+        weight = self.config.penalty * ((self.phase_step + 1) / max(self.return_len, 1)) ** 2
+        factor = 1.0 / (1.0 + 2.0 * lr * weight)
+        with torch.no_grad():
+            for branch in self.ext.branches.values():
+                on_c = branch.compiled.project(branch.alpha)
+                branch.alpha.copy_(on_c + factor * (branch.alpha - on_c))
+
+    # -- acceptance -----------------------------------------------------------------------------
+    def required_gain(self, loss_before: float) -> float:
+        """What plain training would have gained over this cycle's steps at its recent pace."""
+        steps = self.config.cycle_steps
+        return abs(loss_before) * max(self.pace, 0.0) * steps
+
+    def pays(self, loss_before: float, loss_after: float) -> bool:
+        if not math.isfinite(loss_after):
+            return False
+        if self.config.accept == "always":
+            return True
+        return loss_after < loss_before - self.required_gain(loss_before)
+
+    def survival(self, loss_before: float, loss_after: float) -> float | None:
+        """Share of the free phase's gain still there after contraction (None: no gain)."""
+        if self.loss_free is None or not loss_before > self.loss_free:
+            return None
+        return (loss_before - loss_after) / (loss_before - self.loss_free)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"phase": str(self.phase), "phase_step": self.phase_step,
+                "return_from": self.return_from, "return_len": self.return_len,
+                "started_at": self.started_at, "pace": self.pace, "loss_free": self.loss_free,
+                "saw_extension_grad": self.saw_extension_grad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phase, self.phase_step = Phase(state["phase"]), int(state["phase_step"])
+        self.return_from, self.return_len = float(state["return_from"]), int(state["return_len"])
+        self.started_at, self.pace = int(state["started_at"]), float(state["pace"])
+        self.loss_free = state["loss_free"]
+        self.saw_extension_grad = bool(state["saw_extension_grad"])

@@ -1,0 +1,370 @@
+"""The mechanics behind :class:`~morphc.Bypass`: plain steps, cycle steps, and the morphs between.
+
+Kept apart from the facade so that ``bypass.py`` reads as the user's API and this file as the
+algorithm: train → trigger → extend → (joint) bypass → return → contract → accept or roll back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from morphc.compiler.contract import contract
+from morphc.compiler.deviation import deterministic
+from morphc.compiler.escape import escape_scores, random_direction_probe, rank_sites
+from morphc.compiler.extend import extend
+from morphc.errors import BypassError, MorphcError
+from morphc.ir.trace import trace
+from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
+from morphc.runtime.cycle import Cycle
+from morphc.runtime.optimizer_group import ExtensionGroup
+from morphc.runtime.snapshot import Snapshot
+from morphc.runtime.steps import (
+    Closure,
+    NonFinite,
+    backward_checked,
+    clip,
+    grad_norm,
+    loss_of,
+    zero_grads,
+)
+from morphc.runtime.wrapping import all_reduce_mean, all_reduce_sum
+
+
+class CycleRunner:
+    """Mixin of :class:`~morphc.Bypass` holding its step and cycle logic."""
+
+    # -- plain training ------------------------------------------------------------------------
+    def _reduce(self):
+        return all_reduce_mean if self.distributed else None
+
+    def _train_step(self, closure: Closure) -> torch.Tensor:
+        """One step of the user's model; a non-finite loss or gradient skips it, untouched."""
+        self.optimizer.zero_grad(set_to_none=True)
+        buffers = [b.detach().clone() for b in self._user_model.buffers()]   # BN statistics
+        loss, value = (self._capture_inputs(closure) if self.example_inputs is None else
+                       loss_of(closure, self.model, self._reduce()))
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        try:
+            backward_checked(loss, value)
+            norm = grad_norm(params)
+        except NonFinite as exc:
+            zero_grads(params)
+            with torch.no_grad():          # the bad batch already moved them in the forward
+                for buffer, saved in zip(self._user_model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+            self._count_step(value)
+            self._event("skip", reason=f"{exc}; the optimizer step was skipped, weights untouched")
+            if self.config.on_failure is OnFailure.RAISE:
+                raise BypassError(f"{exc} at step {self.step_count}: the optimizer step was "
+                                  "skipped and the weights are untouched; check this batch, "
+                                  "or pass on_failure='rollback' to skip such steps") from None
+            return loss.detach()
+        clip(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self._count_step(value)
+        if self._trigger_fires(value, norm, self._observe_lr()):
+            self._start_cycle(closure)
+        return loss.detach()
+
+    def _observe_lr(self) -> float:
+        """Group 0's lr now; the peak seen so far is what the extension trains at."""
+        lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        self._peak_lr = max(self._peak_lr, lr)
+        return lr
+
+    def _count_step(self, value: float) -> None:
+        self.step_count += 1
+        self._last_loss = value
+
+    def _trigger_fires(self, value: float, norm: float, lr: float) -> bool:
+        """Ask the trigger every step; act on it only when a cycle may start now."""
+        fired = self.trigger.update(value, step=self.step_count, grad_norm=norm)
+        cfg = self.config
+        if not fired or self._disabled is not None:
+            return False
+        if cfg.max_cycles is not None and self.cycle >= cfg.max_cycles:
+            return False
+        if self.step_count < self._quiet_until:      # backing off after cycles that did not pay
+            return False
+        if cfg.total_steps is not None and self.step_count + cfg.cycle_steps > cfg.total_steps:
+            return False                               # it could not end inside the budget
+        if lr < cfg.min_lr_fraction * self._peak_lr:  # a schedule's tail is not stagnation
+            return False
+        return True
+
+    def _capture_inputs(self, closure: Closure):
+        """First step: record the model's inputs (for tracing later) from the closure's call."""
+        captured: list = []
+
+        def hook(module, args, kwargs):
+            if not captured:
+                captured.append((args, kwargs))
+
+        handle = self._user_model.register_forward_pre_hook(hook, with_kwargs=True)
+        module = self.wrapping.around(self._user_model, None, compile=False) \
+            if self.wrapping.compile else self.model
+        try:
+            result = loss_of(closure, module, self._reduce())
+        finally:
+            handle.remove()
+        if not captured:
+            raise BypassError("the closure never called the model it was given: write it as "
+                              "closure(module) -> loss with module(...) inside, or pass "
+                              "example_inputs=")
+        args, kwargs = captured[0]
+        if kwargs:
+            raise BypassError(f"the model was called with keyword inputs {sorted(kwargs)}; "
+                              "pass them as example_kwargs= (and the positional ones as "
+                              "example_inputs=) so the trace sees them")
+        self.example_inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                                    for a in args)
+        self.example_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v
+                               for k, v in kwargs.items()}
+        return result
+
+    # -- a cycle -------------------------------------------------------------------------------
+    def _start_cycle(self, closure: Closure) -> None:
+        """trigger → extend: snapshot, trace (once), choose sites, extend, join the optimizer."""
+        snapshot = Snapshot.take(self._user_model, self.optimizer)
+        try:
+            if self._traced is None:
+                self._traced = trace(self._user_model, self.example_inputs)
+            sites, scores = self._choose_sites(closure)
+            ext = self._extend(sites)
+        except Exception as exc:
+            reason = f"extension failed: {type(exc).__name__}: {exc}"
+            self._disabled = reason
+            self._event("failure", reason=reason)
+            if self.config.on_failure is OnFailure.RAISE:
+                raise BypassError(f"morphc could not extend the model ({exc}); nothing was "
+                                  "changed. Choose other sites=, or pass "
+                                  "on_failure='rollback' to train on without Bypass.") from exc
+            self._warn(f"morphc.Bypass could not extend the model and trains on without it: "
+                       f"{reason}")
+            return
+        if scores is not None:
+            ext.config.escape_scores, ext.config.selection = scores, "auto"
+        group = ExtensionGroup(self.optimizer, list(ext.extension_parameters()),
+                               self.config.extension_options)
+        pace = getattr(self.trigger, "pace", None)
+        self._cycle = Cycle(ext, snapshot, group, self.config, started_at=self.step_count,
+                            pace=pace() if callable(pace) else 0.0)
+        self._module = None
+        self._event("extend", sites=ext.config.sites, widths=ext.config.widths, scores=scores)
+
+    def _choose_sites(self, closure: Closure):
+        """Resolve ``sites``; for ``"auto"`` rank by escape score, agreed across ranks."""
+        spec = self.config.sites
+        if not (isinstance(spec, str) and spec == "auto"):
+            return spec, None
+        full = self._extend("all")
+        probe = self.config.probe
+        if probe == "closure":
+            probe = closure
+        elif probe is None:
+            probe = random_direction_probe(self.example_inputs, self.config.seed)
+        scores = escape_scores(full, probe)
+        if self.distributed:
+            scores = dict(zip(scores, all_reduce_sum(list(scores.values())), strict=True))
+        return rank_sites(scores, self.config.top_k), scores
+
+    def _extend(self, sites):
+        cfg = self.config
+        if isinstance(sites, list):   # exact names: never let a name act as a suffix / regex
+            wanted = set(sites)
+            sites = lambda site: site.name in wanted  # noqa: E731
+        return extend(self._user_model, self.example_inputs, sites=sites, width=cfg.width,
+                      activation=cfg.activation, exclude=cfg.exclude, overrides=cfg.overrides,
+                      seed=cfg.seed + self.cycle + self.failures, init_scale=cfg.init_scale,
+                      traced=self._traced)
+
+    def _cycle_step(self, closure: Closure) -> torch.Tensor:
+        """One step of the extended model; any fault rolls the cycle back."""
+        cycle = self._cycle
+        try:
+            loss, value = self._extended_step(cycle, closure)
+        except NonFinite as exc:
+            self._last_loss = exc.value
+            self._rollback(f"{exc} at {cycle.phase} step {cycle.phase_step}")
+            return self._train_step(closure)
+        except MorphcError:
+            self._rollback("an error in the cycle")
+            raise
+        except Exception as exc:
+            self._rollback(f"the extended model failed at {cycle.phase} step "
+                           f"{cycle.phase_step}: {type(exc).__name__}: {exc}", exc)
+            return self._train_step(closure)
+        except BaseException:            # KeyboardInterrupt: leave the user whole, then stop
+            self._rollback("interrupted")
+            raise
+        self._count_step(value)
+        was_free = cycle.phase is Phase.BYPASS
+        cycle.advance()
+        if was_free and cycle.phase is Phase.RETURN:
+            cycle.loss_free = value
+            self._event("return", mode=self.config.return_mode, steps=cycle.return_len)
+        if cycle.return_done:
+            self._close_cycle(closure)
+        return loss.detach()
+
+    def _extended_step(self, cycle: Cycle, closure: Closure):
+        ext, cfg = cycle.ext, self.config
+        s = cycle.homotopy_now()
+        if s is not None:
+            ext.set_homotopy(s)
+        self.optimizer.zero_grad(set_to_none=True)
+        cycle.group.zero_grad()
+        if cycle.phase is Phase.BYPASS and cfg.free_phase is FreePhase.JOINT:
+            ext.set_homotopy(0.0)                       # the model a fold would keep ...
+            backward_checked(*loss_of(closure, self.model, self._reduce()))
+            ext.set_homotopy(1.0)                       # ... and the free one
+        loss, value = loss_of(closure, self.model, self._reduce())
+        backward_checked(loss, value)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
+            cycle.group.params
+        grad_norm(params)
+        if not cycle.saw_extension_grad:
+            if all(p.grad is None for p in cycle.group.params):
+                raise BypassError(
+                    "no extension parameter got a gradient: the closure does not call the module "
+                    "it is given (it calls your model directly?). Write it as "
+                    "lambda m: loss_fn(m(x), y) — during a cycle m is the extended model.")
+            cycle.saw_extension_grad = True
+        clip(params, cfg.max_grad_norm)
+        self._observe_lr()
+        lr = float(cfg.extension_options.get("lr", cfg.extension_lr_scale * self._peak_lr))
+        if "lr" not in cfg.extension_options:
+            cycle.group.group["lr"] = lr
+        cycle.group.step()
+        if cycle.phase is Phase.RETURN and cfg.return_mode is ReturnMode.PENALTY:
+            cycle.shrink_towards_c(lr)
+        return loss, value
+
+    def _close_cycle(self, closure: Closure | None, finishing: bool = False) -> None:
+        """return → contract → accept or roll back. ``finishing``: a cycle cut short by
+        ``finish()`` snaps onto C (measured) instead of training further."""
+        cycle = self._cycle
+        ext = cycle.ext
+        residual = ext.constraint_residual()
+        # anneal and project end exactly on C: a residual there is a bug, rolled back, never
+        # folded; a penalty return, a zero-step return or finish() snap onto C, measured.
+        force = finishing or cycle.return_len == 0 or \
+            self.config.return_mode is ReturnMode.PENALTY
+        try:
+            contract(ext, force=force)
+        except MorphcError as exc:
+            self._rollback(f"contraction failed: {exc}", exc)
+            return
+        snap = ext.contraction_report.snap_change
+        limit = self.config.max_snap_change
+        if limit is not None and snap is not None and not snap <= limit:
+            self._rollback(f"the snap onto C changed the output by {snap:.3g} > "
+                           f"max_snap_change={limit:g}; use more return_steps")
+            return
+        before, after = self._evaluate_both(cycle, closure)
+        if not cycle.pays(before, after):
+            self._unpaid += 1
+            self._quiet_until = self.step_count + self.config.cycle_steps * 2 ** self._unpaid
+            self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
+                           f"before (needed < {before - cycle.required_gain(before):.4g})",
+                           measures=self._measures(cycle, before, after, snap, residual),
+                           backoff=True)
+            return
+        self._unpaid = 0
+        self._detach()
+        self.cycle += 1
+        self._event("contract", residual=residual, deviation=ext.contraction_report.deviation,
+                    sites=ext.config.sites, finishing=finishing,
+                    **self._measures(cycle, before, after, snap, residual))
+
+    def _measures(self, cycle: Cycle, before: float, after: float, snap, residual) -> dict:
+        return {"loss_before": before, "loss_free": cycle.loss_free, "loss_after": after,
+                "survival": cycle.survival(before, after), "snap_change": snap}
+
+    def _evaluate_both(self, cycle: Cycle, closure: Closure | None) -> tuple[float, float]:
+        """The contracted model and the model from before the cycle, on the same data:
+        ``eval_closure`` if given, else the closure of the last step."""
+        probe = self.config.eval_closure or closure
+        if probe is None:
+            return math.nan, math.nan
+        model = self._user_model
+        after = self._loss_without_trace(probe, model)
+        current = cycle.snapshot.swap_params(model)
+        try:
+            before = self._loss_without_trace(probe, model)
+        finally:
+            cycle.snapshot.put_back(model, current)
+        return before, after
+
+    def _loss_without_trace(self, probe: Closure, model: nn.Module) -> float:
+        with deterministic(model):
+            value = float(probe(model))
+        if self.distributed:
+            value = all_reduce_mean(value, next(model.parameters()).device)
+        return value
+
+    def _detach(self) -> None:
+        """Drop the extension: its param group and state leave the optimizer."""
+        self._cycle = None
+        self._module = None
+        self.trigger.reset()
+
+    def _rollback(self, reason: str, exc: BaseException | None = None, *,
+                  measures: dict | None = None, backoff: bool = False) -> None:
+        """Restore the pre-extension state bit for bit; then carry on or raise."""
+        snapshot, step = self._cycle.snapshot, self.step_count
+        self._detach()
+        snapshot.restore(self._user_model, self.optimizer)
+        self.failures += 1
+        self._event("rollback", reason=reason, **(measures or {}))
+        if self.config.on_failure is OnFailure.RAISE and not backoff:
+            raise BypassError(f"{reason}. The model, its buffers and the optimizer state were "
+                              f"restored to their values before this cycle's extension; "
+                              f"training can continue from step {step}, or pass "
+                              "on_failure='rollback' to do that automatically.") from exc
+
+    # -- events and checkpoints ----------------------------------------------------------------
+    def _event(self, kind: str, **fields) -> None:
+        cycle = self._cycle
+        if cycle is not None and "residual" not in fields:
+            fields["residual"] = cycle.ext.constraint_residual()
+        self.log.add(kind, step=self.step_count, phase=self.phase, cycle=self.cycle,
+                     loss=self._last_loss, **fields)
+
+    def _extension_state(self) -> dict | None:
+        cycle = self._cycle
+        if cycle is None:
+            return None
+        cfg, named = cycle.ext.config, dict(cycle.ext.named_extension_parameters())
+        return {"sites": list(cfg.sites), "widths": dict(cfg.widths),
+                "families": dict(cfg.families), "seed": cfg.seed,
+                "init_scale": cfg.init_scale, "scores": cfg.escape_scores,
+                "homotopy": cycle.ext.homotopy, "cycle": cycle.state_dict(),
+                "params": {n: p.detach().clone() for n, p in named.items()},
+                "optimizer": cycle.group.state_dict({p: n for n, p in named.items()}),
+                "snapshot": cycle.snapshot.state_dict()}
+
+    def _restore_extension(self, state: dict) -> None:
+        """Rebuild the extension of a checkpoint: same sites, widths, families, values."""
+        self._traced = self._traced or trace(self._user_model, self.example_inputs)
+        wanted = set(state["sites"])
+        overrides = {n: {"width": state["widths"][n], "activation": state["families"][n]}
+                     for n in state["sites"]}
+        ext = extend(self._user_model, self.example_inputs, sites=lambda s: s.name in wanted,
+                     overrides=overrides, seed=int(state["seed"]),
+                     init_scale=float(state["init_scale"]), traced=self._traced)
+        with torch.no_grad():
+            for name, param in ext.named_extension_parameters():
+                param.copy_(state["params"][name])
+        ext.set_homotopy(state["homotopy"])
+        ext.config.escape_scores = state["scores"]
+        group = ExtensionGroup(self.optimizer, list(ext.extension_parameters()),
+                               self.config.extension_options)
+        group.load_state_dict(state["optimizer"], dict(ext.named_extension_parameters()))
+        cycle = Cycle(ext, Snapshot.from_state(state["snapshot"]), group, self.config,
+                      started_at=0)
+        cycle.load_state_dict(state["cycle"])
+        self._cycle = cycle

@@ -1,0 +1,82 @@
+"""The extension's parameters inside the user's own optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from morphc.errors import BypassError
+from morphc.runtime.snapshot import clone_state
+
+
+class ExtensionGroup:
+    """The extension's param group of the user's optimizer, attached only while it steps.
+
+    ``add_param_group`` validates the group and fills in the optimizer's defaults once; then
+    the group and its state live here and join ``optimizer.param_groups`` / ``optimizer.state``
+    for the duration of each ``optimizer.step()``. Between steps the user's optimizer looks
+    exactly as they built it, which matters because torch 2.13's LambdaLR, MultiplicativeLR,
+    CyclicLR, CosineAnnealingWarmRestarts and SequentialLR zip their per-group lists *strictly*
+    against ``param_groups`` (a permanently added group crashes ``scheduler.step()``), and because
+    a user's own ``optimizer.state_dict()`` must keep loading into a fresh optimizer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                 options: Mapping) -> None:
+        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        if "weight_decay" in group:
+            group["weight_decay"] = 0.0   # decay is no path to C: the return phase is
+        group.update(options)
+        group["params"] = params
+        optimizer.add_param_group(group)
+        self.group = optimizer.param_groups.pop()
+        self.optimizer, self.state = optimizer, {}
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.group["params"]
+
+    def step(self) -> None:
+        """``optimizer.step()`` over the user's groups and this one, in one call."""
+        groups, state = self.optimizer.param_groups, self.optimizer.state
+        groups.append(self.group)
+        state.update(self.state)
+        try:
+            self.optimizer.step()
+        finally:
+            groups[:] = [g for g in groups if g is not self.group]
+            self.state = {p: state.pop(p) for p in self.params if p in state}
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def state_dict(self, names: Mapping[nn.Parameter, str]) -> dict:
+        return {"group": {k: v for k, v in self.group.items() if k != "params"},
+                "state": {names[p]: clone_state(s) for p, s in self.state.items()}}
+
+    def load_state_dict(self, state: dict, params: Mapping[str, nn.Parameter]) -> None:
+        self.group.update(state["group"])
+        self.state = {params[n]: clone_state(s) for n, s in state["state"].items()}
+
+
+def make_optimizer(model: nn.Module, optimizer) -> torch.optim.Optimizer:
+    """Accept a ready optimizer (it must hold the model's parameters) or build one."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in model.named_parameters() if id(p) not in held]
+        if missing:
+            raise BypassError(f"the optimizer does not hold the model's parameters {missing[:5]}"
+                              "; build it over model.parameters() or pass a factory "
+                              "lambda params: torch.optim.Adam(params, ...)")
+        return optimizer
+    if not callable(optimizer):
+        raise BypassError("optimizer must be a torch.optim.Optimizer or a factory "
+                          f"params -> Optimizer, got {type(optimizer).__name__}")
+    built = optimizer(list(model.parameters()))
+    if not isinstance(built, torch.optim.Optimizer):
+        raise BypassError(f"the optimizer factory returned {type(built).__name__}, not a "
+                          "torch.optim.Optimizer")
+    return built

@@ -1,0 +1,69 @@
+"""What a rollback restores: the user's parameters, buffers and optimizer state, bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+def clone_state(state: Mapping) -> dict:
+    """A deep copy of one parameter's optimizer state (tensors cloned, numbers kept)."""
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+            for k, v in state.items()}
+
+
+class Snapshot:
+    """The user's model and optimizer as they were right before an extension. Kept by name, so it
+    survives a checkpoint; restored into the *same* tensors, so the optimizer and any compiled
+    graph keep pointing at them."""
+
+    def __init__(self, params: dict, buffers: dict, opt_state: dict) -> None:
+        self.params, self.buffers, self.opt_state = params, buffers, opt_state
+
+    @classmethod
+    def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer) -> Snapshot:
+        named = dict(model.named_parameters())
+        params = {n: p.detach().clone() for n, p in named.items()}
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        opt_state = {n: clone_state(optimizer.state[p]) for n, p in named.items()
+                     if p in optimizer.state}
+        return cls(params, buffers, opt_state)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(self.params[name])
+                if name in self.opt_state:
+                    optimizer.state[param] = clone_state(self.opt_state[name])
+                else:
+                    optimizer.state.pop(param, None)
+            for name, buf in model.named_buffers():
+                if name in self.buffers:
+                    buf.copy_(self.buffers[name])
+
+    def swap_params(self, model: nn.Module) -> dict:
+        """Put the saved parameter and buffer values in (for an evaluation of the model from
+        before the cycle) and return the current ones, for :meth:`put_back`."""
+        current = {n: t.detach().clone() for n, t in
+                   [*model.named_parameters(), *model.named_buffers()]}
+        with torch.no_grad():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                saved = self.params.get(name, self.buffers.get(name))
+                if saved is not None:
+                    tensor.copy_(saved)
+        return current
+
+    @staticmethod
+    def put_back(model: nn.Module, values: dict) -> None:
+        with torch.no_grad():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                tensor.copy_(values[name])
+
+    def state_dict(self) -> dict:
+        return {"params": self.params, "buffers": self.buffers, "opt_state": self.opt_state}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Snapshot:
+        return cls(state["params"], state["buffers"], state["opt_state"])

@@ -1,0 +1,65 @@
+"""One optimizer step of a Bypass run, with the checks that keep a user's weights whole.
+
+A step never writes non-finite values: a non-finite loss or gradient stops it before the
+optimizer moves anything (:class:`NonFinite`), and the caller skips the step or rolls the cycle
+back. The joint free step trains ``L(s=0) + L(s=1)`` as two forward/backward passes, because the
+homotopy is a buffer autograd saves: it cannot change inside one graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from morphc.errors import BypassError
+
+Closure = Callable[[nn.Module], torch.Tensor]
+
+
+class NonFinite(Exception):
+    """A loss or gradient was NaN/Inf; nothing was stepped."""
+
+    def __init__(self, what: str, value: float) -> None:
+        super().__init__(f"non-finite {what} ({value})")
+        self.what, self.value = what, value
+
+
+def loss_of(closure: Closure, module: nn.Module,
+            reduce: Callable[[float, torch.device], float] | None = None) -> tuple[torch.Tensor,
+                                                                                  float]:
+    """``closure(module)`` checked to be a scalar tensor; its value (mean over ranks)."""
+    loss = closure(module)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise BypassError(f"the closure must return a scalar loss tensor, got {loss!r}")
+    value = float(loss.detach())
+    if reduce is not None:
+        value = reduce(value, loss.device)
+    return loss, value
+
+
+def backward_checked(loss: torch.Tensor, value: float) -> None:
+    if not math.isfinite(value):
+        raise NonFinite("loss", value)
+    loss.backward()
+
+
+def grad_norm(params: Iterable[nn.Parameter]) -> float:
+    """The total gradient norm (0.0 with no gradient); raises :class:`NonFinite` when NaN/Inf."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = float(nn.utils.get_total_norm(grads)) if grads else 0.0
+    if not math.isfinite(norm):
+        raise NonFinite("gradient", norm)
+    return norm
+
+
+def clip(params: list[nn.Parameter], max_norm: float | None) -> None:
+    if max_norm is not None:
+        nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def zero_grads(params: Iterable[nn.Parameter]) -> None:
+    for param in params:
+        param.grad = None

@@ -1,0 +1,213 @@
+"""Bypass's default cycle, its acceptance test, and the faults that must leave a user whole."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import morphc
+from tests.test_bypass import OPTIMIZERS, cnn_task, events, mlp_task, run, snapshot
+
+
+def default_bypass(model, **kw):
+    options = dict(trigger=morphc.Schedule(at=[3]), bypass_steps=4, return_steps=4,
+                   verbose=False)
+    options.update(kw)
+    return morphc.Bypass(model, OPTIMIZERS["adam"], **options)
+
+
+def optimizer_state(bp, model):
+    return {n: {k: v.clone() for k, v in bp.optimizer.state[p].items()}
+            for n, p in model.named_parameters()}
+
+
+def same_optimizer_state(a, b):
+    return a.keys() == b.keys() and all(
+        torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
+
+
+# -- the default cycle ------------------------------------------------------------------------
+def test_default_free_phase_is_joint_and_the_return_projects_at_once():
+    model, closure, _ = mlp_task()
+    calls = []
+
+    def counted(m):
+        calls.append(float(m.homotopy) if isinstance(m, morphc.ExtendedModel) else None)
+        return closure(m)
+
+    bp = default_bypass(model, accept="always")
+    run(bp, counted, 3)
+    calls.clear()
+    run(bp, counted, 4)                                     # the free phase
+    assert calls == [0.0, 1.0] * 4, "each free step trains L(s=0) and L(s=1)"
+    assert bp.phase == "return" and bp.extended.homotopy == 0.0, "projected at once"
+    assert bp.extended.constraint_residual() == 0.0
+    run(bp, counted, 4)
+    contract = events(bp, "contract")[0]
+    assert contract["snap_change"] is None and contract["residual"] == 0.0
+    for key in ("loss_before", "loss_free", "loss_after", "survival"):
+        assert key in contract
+
+
+def test_a_cycle_that_does_not_pay_is_rolled_back_bit_identically_and_backs_off():
+    model, closure, _ = cnn_task()
+    verdicts = iter([10.0, 1.0])       # after the cycle: 10; before it: 1 — it did not pay
+
+    def judge(m):
+        return torch.tensor(next(verdicts))
+
+    bp = morphc.Bypass(model, OPTIMIZERS["adam"], trigger=morphc.Schedule(every=1),
+                       bypass_steps=2, return_steps=2, eval_closure=judge, verbose=False)
+    run(bp, closure, 1)
+    assert bp.phase == "bypass"
+    weights = snapshot(model)
+    run(bp, closure, 4)
+    rollback = events(bp, "rollback")[0]
+    assert "did not pay" in rollback["reason"]
+    assert rollback["loss_after"] == 10.0 and rollback["loss_before"] == 1.0
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert bp.phase == "train" and bp.cycle == 0
+    run(bp, closure, 7)                # Schedule fires every step, yet Bypass backs off
+    assert len(events(bp, "extend")) == 1
+    run(bp, closure, 1)                # for 2 × (bypass + return steps) after a miss
+    assert len(events(bp, "extend")) == 2
+
+
+def test_rollback_restores_the_optimizer_state_too():
+    model, closure, _ = mlp_task()
+    bp = default_bypass(model, eval_closure=lambda m: torch.tensor(1.0))   # never better
+    run(bp, closure, 3)
+    state, weights = optimizer_state(bp, model), snapshot(model)
+    run(bp, closure, 8)
+    assert events(bp, "rollback") and not events(bp, "contract")
+    assert same_optimizer_state(optimizer_state(bp, model), state)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_acceptance_demands_more_than_plain_trainings_own_pace():
+    model, closure, _ = mlp_task()
+    bp = default_bypass(model, trigger=morphc.Plateau(window=3, threshold=10.0))
+    run(bp, closure, 40)
+    decided = events(bp, "contract") + events(bp, "rollback")
+    assert decided, "cycles ran"
+    for event in events(bp, "contract"):
+        assert event["loss_after"] < event["loss_before"]
+
+
+# -- never worse: faults at any phase ---------------------------------------------------------
+def inf_batch(closure_x, y):
+    bad = closure_x.clone()
+    bad[0, 0] = float("inf")
+    return lambda m: F.cross_entropy(m(bad), y)
+
+
+def test_non_finite_batch_while_training_skips_the_step_untouched():
+    model, closure, (x,) = cnn_task()
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    bp = default_bypass(model, trigger=morphc.Schedule(at=[100]))
+    run(bp, closure, 2)
+    weights, state = snapshot(model), optimizer_state(bp, model)
+    bp.step(inf_batch(x, y))
+    assert events(bp, "skip")
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert same_optimizer_state(optimizer_state(bp, model), state)
+    strict = default_bypass(model, trigger=morphc.Schedule(at=[100]), on_failure="raise")
+    with pytest.raises(morphc.BypassError, match="weights are untouched"):
+        strict.step(inf_batch(x, y))
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_inf_batch_during_a_cycle_rolls_back_and_never_corrupts():
+    model, closure, (x,) = cnn_task()
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    bp = default_bypass(model)
+    run(bp, closure, 3)
+    assert bp.phase == "bypass"
+    weights = snapshot(model)
+    bp.step(inf_batch(x, y))
+    assert bp.phase == "train" and "non-finite" in events(bp, "rollback")[0]["reason"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), f"{k} changed"
+
+
+def test_nan_gradient_with_a_finite_loss_on_the_last_return_step_is_not_folded():
+    model, closure, (x,) = mlp_task()
+    bp = default_bypass(model)
+    run(bp, closure, 3)
+    weights = snapshot(model)
+    run(bp, closure, 7)
+    assert bp.phase == "return" and bp.phase_step == 3
+
+    def finite_loss_nan_grad(m):
+        out = m(x)
+        return closure(m) + 0.0 * torch.sqrt(((out - out.detach()) ** 2).sum())
+
+    loss = bp.step(finite_loss_nan_grad)
+    assert torch.isfinite(loss)
+    assert not events(bp, "contract") and "gradient" in events(bp, "rollback")[0]["reason"]
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_a_closure_that_ignores_its_module_is_an_error_at_the_first_cycle_step():
+    model, closure, (x,) = mlp_task()
+    bp = default_bypass(model)
+    run(bp, closure, 3)
+    weights = snapshot(model)
+    with pytest.raises(morphc.BypassError, match="does not call the module"):
+        bp.step(lambda m: model(x).pow(2).mean())
+    assert bp.phase == "train"
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+# -- mistakes surface at once -----------------------------------------------------------------
+def test_step_with_a_tensor_is_a_typed_error():
+    model, closure, (x,) = mlp_task()
+    bp = default_bypass(model)
+    with pytest.raises(morphc.BypassError, match="closure"):
+        bp.step(closure(model))
+
+
+def test_wrong_example_inputs_fail_at_construction():
+    model, _, _ = mlp_task()
+    with pytest.raises(morphc.BypassError, match=r"\(8, 7"):
+        default_bypass(model, example_inputs=torch.randn(8, 7))
+
+
+def test_dropping_a_bypass_mid_cycle_warns():
+    model, closure, _ = mlp_task()
+    bp = default_bypass(model)
+    run(bp, closure, 4)
+    assert bp.phase == "bypass"
+    with pytest.warns(RuntimeWarning, match="mid-cycle"):
+        del bp
+        gc.collect()
+
+
+def test_a_failing_extension_warns_once_and_is_not_retried():
+    model, closure, _ = mlp_task()
+    bp = default_bypass(model, sites="no_such_layer", trigger=morphc.Schedule(every=2))
+    with pytest.warns(RuntimeWarning, match="no site matches") as caught:
+        run(bp, closure, 12)
+    assert len([w for w in caught if "no site matches" in str(w.message)]) == 1
+    assert len(events(bp, "failure")) == 1
+
+
+# -- when cycles start ------------------------------------------------------------------------
+def test_no_cycle_in_a_decayed_learning_rate_tail():
+    model, closure, _ = mlp_task()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    bp = morphc.Bypass(model, opt, trigger=morphc.Schedule(at=[5]), verbose=False)
+    for _ in range(8):
+        bp.step(closure)
+        scheduler.step()
+    assert not events(bp, "extend"), "lr at 1 % of its peak: not stagnation"
+
+
+def test_no_cycle_that_cannot_end_inside_the_budget():
+    model, closure, _ = mlp_task()
+    bp = default_bypass(model, trigger=morphc.Schedule(every=2), total_steps=10)
+    run(bp, closure, 10)
+    for event in events(bp, "extend"):
+        assert event["step"] + 8 <= 10
