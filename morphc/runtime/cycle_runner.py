@@ -115,10 +115,6 @@ class CycleRunner:
                               "closure(module) -> loss with module(...) inside, or pass "
                               "example_inputs=")
         args, kwargs = captured[0]
-        if kwargs:
-            raise BypassError(f"the model was called with keyword inputs {sorted(kwargs)}; "
-                              "pass them as example_kwargs= (and the positional ones as "
-                              "example_inputs=) so the trace sees them")
         self.example_inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a
                                     for a in args)
         self.example_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v
@@ -130,8 +126,7 @@ class CycleRunner:
         """trigger → extend: snapshot, trace (once), choose sites, extend, join the optimizer."""
         snapshot = Snapshot.take(self._user_model, self.optimizer)
         try:
-            if self._traced is None:
-                self._traced = trace(self._user_model, self.example_inputs)
+            self._trace()
             sites, scores = self._choose_sites(closure)
             ext = self._extend(sites)
         except Exception as exc:
@@ -154,6 +149,13 @@ class CycleRunner:
                             pace=pace() if callable(pace) else 0.0)
         self._module = None
         self._event("extend", sites=ext.config.sites, widths=ext.config.widths, scores=scores)
+
+    def _trace(self) -> None:
+        """Trace once per run (and trace() caches per model): a cycle never re-exports."""
+        if self._traced is None:
+            self._traced = trace(self._user_model, self.example_inputs,
+                                 kwargs=self.example_kwargs or None,
+                                 dynamic_shapes=self.config.dynamic_shapes)
 
     def _choose_sites(self, closure: Closure):
         """Resolve ``sites``; for ``"auto"`` rank by escape score, agreed across ranks."""
@@ -349,7 +351,7 @@ class CycleRunner:
 
     def _restore_extension(self, state: dict) -> None:
         """Rebuild the extension of a checkpoint: same sites, widths, families, values."""
-        self._traced = self._traced or trace(self._user_model, self.example_inputs)
+        self._trace()
         wanted = set(state["sites"])
         overrides = {n: {"width": state["widths"][n], "activation": state["families"][n]}
                      for n in state["sites"]}
