@@ -187,8 +187,12 @@ def specialisation_reasons(messages: list[str]) -> dict[tuple[str, int], str]:
     return reasons
 
 
-def exported_dims(gm, program, labels, reasons) -> tuple[list[DimRange], list[Specialisation]]:
-    """What each tensor input dimension of an exported graph accepts, and the fixed ones."""
+def exported_dims(gm, program, labels, reasons, user_spec: bool = False,
+                  ) -> tuple[list[DimRange], list[Specialisation]]:
+    """What each tensor input dimension of an exported graph accepts, and the fixed ones
+    (``user_spec``: the dynamic_shapes came from the user, so an unmarked dim is static)."""
+    default = ("static in the dynamic_shapes passed to morphc" if user_spec else
+               "the traced code used it as a constant (no guard recorded)")
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     user_inputs = list(program.graph_signature.user_inputs)
     ranges, fixed = [], []
@@ -206,9 +210,8 @@ def exported_dims(gm, program, labels, reasons) -> tuple[list[DimRange], list[Sp
                     high = None
                 ranges.append(DimRange(label, d, 0, high, "a position table or model limit"))
             else:
-                why = reasons.get((label.split("[")[0], d), "the traced code used it as a "
-                                  "constant (no guard recorded)")
-                if int(size) == 1 and (label.split("[")[0], d) not in reasons:
+                why = reasons.get((label.split("[")[0], d), default)
+                if int(size) == 1 and not user_spec and (label.split("[")[0], d) not in reasons:
                     why = "size 1 in the example (torch.export specialises 0/1-sized dims)"
                 ranges.append(DimRange(label, d, int(size), int(size), why))
                 fixed.append(Specialisation(label, d, int(size), why))

@@ -169,7 +169,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> Trac
     _bind_user_tensors(gm, model)
     names = forward_names(model)
     labels = input_labels(names, args, kwargs)
-    ranges, fixed = exported_dims(gm, program, labels, specialisation_reasons(messages))
+    ranges, fixed = exported_dims(gm, program, labels, specialisation_reasons(messages),
+                                  user_spec=dynamic_shapes is not None)
     batch = [r for r in ranges if r.dim == 0]
     dynamic_batch = bool(batch) and not any(r.fixed for r in batch)
     notes = [f"torch.export fixed {f}" for f in fixed]

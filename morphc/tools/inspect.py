@@ -55,6 +55,9 @@ class InspectionReport:
     constraint_residual: float | None = None
     total_params: int = 0
     notes: list[str] = field(default_factory=list)
+    trace_seconds: float = 0.0          # what tracing cost (0 when the trace came from the cache)
+    specialised: list[str] = field(default_factory=list)   # dims torch.export fixed, and why
+    exclusions: dict[str, str] = field(default_factory=dict)   # linear weights that are no site
     graph_module: fx.GraphModule | None = field(default=None, repr=False)
     original_graph_module: fx.GraphModule | None = field(default=None, repr=False)
 
@@ -68,7 +71,10 @@ class InspectionReport:
 
     def __str__(self) -> str:
         head = [f"{self.model}: {len(self.rows)} sites, {self.total_params:,} parameters, "
-                f"frontend {self.frontend} ({self.frontend_reason})"]
+                f"frontend {self.frontend} ({self.frontend_reason}), traced in "
+                f"{self.trace_seconds:.2f} s"]
+        head += [f"specialised: {s}" for s in self.specialised]
+        head += [f"not a site: {name}: {why}" for name, why in self.exclusions.items()]
         if self.extended:
             head.append(f"extended: homotopy s = {self.homotopy:g}, constraint residual "
                         f"{self.constraint_residual:.3g}")
@@ -113,8 +119,12 @@ def _probe_from(probe) -> Probe | None:
     return lambda module: loss_fn(module(*inputs), targets)
 
 
-def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None) -> InspectionReport:
+def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None, *, kwargs=None,
+            dynamic_shapes=None) -> InspectionReport:
     """Report the sites of a model, or of an extended model with its branches' state.
+
+    Inputs as for ``morphc.extend``: positional ``example_inputs``, keyword ``kwargs``,
+    torch.export's ``dynamic_shapes``.
 
     >>> report = inspect(nn.Sequential(nn.Linear(4, 3)), (torch.randn(2, 4),))
     >>> report.rows[0].weight
@@ -127,15 +137,17 @@ def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None) -> Inspect
         scores = escape_scores(ext, probe) if probe is not None else {}
     else:
         ext, model = None, model_or_ext
-        traced = trace(model, example_inputs)
+        traced = trace(model, example_inputs, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
         table = Pipeline(traced.graph_module).run(find_sites).analysis
         scores = {}
         if probe is not None and table.extendable():
             from morphc.compiler.extend import extend  # late: api builds on this module's siblings
             scores = escape_scores(extend(model, example_inputs, sites="all", traced=traced),
                                    probe)
+    batch_source = traced.example_inputs or tuple(
+        v for v in traced.example_kwargs.values() if isinstance(v, torch.Tensor))
     batch = None
-    first = traced.example_inputs[0] if traced.example_inputs else None
+    first = batch_source[0] if batch_source else None
     if isinstance(first, torch.Tensor) and first.dim() > 0:
         batch = int(first.shape[0])
     rows = []
@@ -163,6 +175,8 @@ def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None) -> Inspect
         homotopy=ext.homotopy if ext is not None else None,
         constraint_residual=ext.constraint_residual() if ext is not None else None,
         total_params=sum(p.numel() for p in (ext or model).parameters()),
-        notes=list(traced.notes),
+        notes=list(traced.notes), trace_seconds=0.0 if traced.cached else traced.trace_seconds,
+        specialised=[str(s) for s in traced.specialised],
+        exclusions=dict(getattr(table, "exclusions", {})),
         graph_module=ext.graph_module if ext is not None else traced.graph_module,
         original_graph_module=traced.graph_module if ext is not None else None)
