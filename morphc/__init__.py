@@ -26,7 +26,7 @@ _PUBLIC = {
     "FormatError": "morphc.errors",
     "GradientNorm": "morphc.runtime.triggers",
     "Grow": "morphc.space.moves",
-    "HillClimb": "morphc.space.graph",
+    "HillClimb": "morphc.space.search",
     "InspectionReport": "morphc.tools.inspect",
     "ModelSpace": "morphc.space.graph",
     "MorphcError": "morphc.errors",

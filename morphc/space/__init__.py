@@ -4,15 +4,14 @@
 """
 
 from morphc.space.graph import (
-    HillClimb,
     ModelSpace,
-    SearchResult,
     architecture_graph,
     architecture_hash,
     function_change,
     summarize,
 )
 from morphc.space.moves import Contract, Deepen, Extend, Grow, Move, Shrink, Ungrow, Widen
+from morphc.space.search import HillClimb, SearchResult
 
 __all__ = ["Contract", "Deepen", "Extend", "Grow", "HillClimb", "ModelSpace", "Move",
            "SearchResult", "Shrink", "Ungrow", "Widen", "architecture_graph", "architecture_hash",

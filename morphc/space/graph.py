@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
@@ -40,6 +38,9 @@ from morphc.ir.branch import BypassBranch
 from morphc.ir.tags import DEEP_PREFIX, GROWN_PREFIX
 from morphc.ir.trace import _as_tuple, no_side_effects
 from morphc.space.moves import Move, MoveError, graph_of, neighborhood, private_copy
+
+if TYPE_CHECKING:
+    from morphc.space.search import SearchResult, Strategy
 
 TrainFn = Callable[[nn.Module, int], Any]     # train the module in place for n steps
 EvalFn = Callable[[nn.Module], float]         # a score, higher is better (e.g. val accuracy)
@@ -193,25 +194,6 @@ def _parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in graph_of(module).parameters())
 
 
-@dataclass
-class SearchResult:
-    """What a search found: the chosen node, its module and score, and what it cost."""
-
-    node: str
-    module: nn.Module
-    score: float | None
-    steps: int
-    seconds: float
-
-
-class Strategy(Protocol):
-    """A search strategy: drive ``space`` (``apply`` / ``train`` / ``evaluate``) within ``budget``
-    training steps and return the chosen node. Any callable with this signature works."""
-
-    def __call__(self, space: ModelSpace, train: TrainFn, evaluate: EvalFn,
-                 budget: int) -> str: ...
-
-
 class ModelSpace:
     """Architectures reachable from ``model`` by function-preserving moves (see module doc).
 
@@ -324,6 +306,8 @@ class ModelSpace:
                strategy: Strategy | None = None) -> SearchResult:
         """Run ``strategy`` (default :class:`HillClimb`) for ``budget`` training steps."""
         start, spent = time.perf_counter(), self.steps_spent
+        from morphc.space.search import HillClimb, SearchResult
+
         node = (strategy or HillClimb())(self, train, evaluate, budget)
         return SearchResult(node, self.module(node), self.graph.nodes[node]["score"],
                             self.steps_spent - spent, time.perf_counter() - start)
@@ -341,65 +325,3 @@ class ModelSpace:
         architecture (``best.json`` / ``best.pt`` / ``best.py``); see ``morphc.space.io``."""
         from morphc.space.io import save_space
         return save_space(self, directory, weights=weights)
-
-
-@dataclass
-class HillClimb:
-    """Hill climbing with network morphisms (NASH, Elsken et al. 2017).
-
-    Each round samples ``neighbors`` moves from the current node, trains every child *and* the
-    current node ("stay") for ``child_steps``, and moves to the best scored (ties stay). Warm-up
-    training precedes the rounds; ``final_steps`` of the budget are reserved to train the chosen
-    node at the end. ``moves(module) -> list[Move]`` replaces the default neighbourhood.
-    """
-
-    neighbors: int = 4
-    child_steps: int = 100
-    warmup_steps: int = 100
-    final_steps: int = 0
-    seed: int = 0
-    moves: Callable[[nn.Module], list[Move]] | None = None
-    options: dict | None = None
-    log: Callable[[str], None] | None = None
-
-    def __call__(self, space: ModelSpace, train: TrainFn, evaluate: EvalFn, budget: int) -> str:
-        rng = random.Random(self.seed)
-        start = space.steps_spent
-        current = space.root
-        space.train(current, train, min(self.warmup_steps, budget))
-        space.evaluate(current, evaluate)
-        round_cost = (self.neighbors + 1) * self.child_steps
-        while space.steps_spent - start + round_cost <= budget - self.final_steps:
-            current = self._round(space, current, train, evaluate, rng)
-        rest = budget - (space.steps_spent - start)
-        if rest > 0:
-            space.train(current, train, rest)
-            space.evaluate(current, evaluate)
-        return current
-
-    def _candidates(self, space: ModelSpace, node: str, rng: random.Random) -> list[Move]:
-        if self.moves is not None:
-            moves = self.moves(space.module(node))
-        else:
-            moves = space.neighbors(node, seed=rng.randrange(2**31), **(self.options or {}))
-        return rng.sample(moves, min(self.neighbors, len(moves)))
-
-    def _round(self, space: ModelSpace, current: str, train: TrainFn, evaluate: EvalFn,
-               rng: random.Random) -> str:
-        children: list[str] = []
-        for move in self._candidates(space, current, rng):
-            try:
-                child = space.apply(move, current)
-            except MorphcError:
-                continue                       # recorded in space.rejected
-            if child != current and child not in children:
-                children.append(child)
-        for node in [current, *children]:
-            space.train(node, train, self.child_steps)
-            space.evaluate(node, evaluate)
-        scores = {n: space.graph.nodes[n]["score"] for n in [current, *children]}
-        best = max([current, *children], key=lambda n: scores[n])
-        if self.log is not None:
-            self.log(f"round: {len(children)} children, best {scores[best]:.4f} "
-                     f"({space.graph.nodes[best]['summary']})")
-        return best
