@@ -99,9 +99,10 @@ def _cost(args, out: Path, data: dict) -> list[str]:
 
 
 def _passes(args, out: Path, data: dict) -> list[str]:
-    from morphc.bench.pass_times import MODELS, format_pass_times, time_passes
+    from morphc.bench.pass_times import MODELS, format_pass_times, hf_models, time_passes
 
-    bar = tqdm(list(MODELS), desc="pass times", unit="model", disable=args.no_progress)
+    bar = tqdm([*MODELS, *hf_models()], desc="pass times", unit="model",
+               disable=args.no_progress)
     rows = [time_passes(name, quick=args.quick) for name in bar]
     data["pass_times"] = rows
     return ["## Pass times (tracing apart)", "", format_pass_times(rows), ""]

@@ -5,6 +5,8 @@ The target is that the passes themselves — ``extend`` (find sites, insert bran
 ResNet-50-shaped net and a 12-layer transformer encoder, and that the sympy derivation is paid
 once per family, not per extend. Tracing is timed apart: it is paid once per model
 (``morphc.trace``, then ``extend(..., traced=...)``), and ``torch.export`` is the slow part.
+With transformers installed, tiny Hugging Face models (keyword inputs, export frontend) are timed
+too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,39 @@ MODELS: dict[str, Callable] = {"resnet50": zoo.resnet50, "transformer12": zoo.tr
 TARGET_S = 1.0
 
 
+def _hf(make_model, inputs: dict) -> Callable:
+    def build():
+        model = make_model().eval()
+        return model, (), inputs
+    return build
+
+
+def hf_models() -> dict[str, Callable]:
+    """Tiny Hugging Face models from configs (random weights, no download), when transformers is
+    installed (``pip install morphc[hf]``): each factory returns ``(model, args, kwargs)``."""
+    try:
+        import transformers as tf
+    except ImportError:
+        return {}
+    g = torch.Generator().manual_seed(0)
+    text = {"input_ids": torch.randint(3, 99, (2, 9), generator=g),
+            "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    small = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=64)
+    return {
+        "hf-bert": _hf(lambda: tf.BertModel(tf.BertConfig(**small)), text),
+        "hf-gpt2": _hf(lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
+            vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+            {**text, "use_cache": False}),
+        "hf-llama": _hf(lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2)),
+                        {**text, "use_cache": False}),
+        "hf-vit": _hf(lambda: tf.ViTModel(tf.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            patch_size=8, image_size=32)),
+            {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}),
+    }
+
+
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -38,10 +73,11 @@ def time_passes(name: str, width: float = 0.125, activation: str = "tanh",
     of the extended and one of the folded graph to check C1) and without verification.
     """
     torch.manual_seed(0)
-    model, inputs = MODELS[name]()
+    built = {**MODELS, **hf_models()}[name]()
+    model, inputs, kwargs = built if len(built) == 3 else (*built, None)
     repeats = 2 if quick else repeats
     params = sum(p.numel() for p in model.parameters())
-    traced, trace_s = _timed(lambda: morphc.trace(model, inputs))
+    traced, trace_s = _timed(lambda: morphc.trace(model, inputs, kwargs=kwargs, cache=False))
     extend_s, contract_s, bare_s, derivations = [], [], [], []
     for i in range(repeats):
         before = derivation_count()
