@@ -17,7 +17,7 @@ Before (``nn.Linear(64, 8) → ReLU → nn.Linear(8, 10)``) and after ``widen_la
     # same code; modules "0" and "2" are now Linear(64, 12) and Linear(12, 10)
 
 The pass needs ``node.meta['tensor_meta']`` (run ``ShapeProp`` first) and rewrites ``gm`` in place
-(new submodules at the same paths); ``info`` is a :class:`WidenInfo`.
+(new submodules at the same paths); ``analysis`` is a :class:`WidenInfo`.
 """
 
 from __future__ import annotations
@@ -27,28 +27,23 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from morphc.passes.infra import PassResult
 from torch import fx, nn
 
 from morphc.errors import SiteError
 from morphc.ir.branch import BypassBranch
+from morphc.ir.ops import (
+    CHANNEL_FUNCTIONS,
+    CHANNEL_MODULES,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    LINEAR_MODULES,
+    NORMS,
+)
+from morphc.ir.widening import split_weights, unit_map, widen_branch, widen_in, widen_out
 
-SITES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Ops that act on each unit separately, so copies of a unit stay copies through them.
-ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Mish,
-                       nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout)
-CHANNEL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-                   nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                   nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)          # need units on dim 1
-ELEMENTWISE_FUNCTIONS = {F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.leaky_relu, F.hardtanh,
-                         F.softplus, F.dropout, F.sigmoid, F.tanh, torch.relu, torch.tanh,
-                         torch.sigmoid}
-CHANNEL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
-                     F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                     F.adaptive_avg_pool3d}
-ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "contiguous"}
+SITES = LINEAR_MODULES
 
 
 @dataclass
@@ -262,104 +257,6 @@ def _check_ends(gm: fx.GraphModule, chain: _Chain) -> None:
                         "(feature) dimension")
 
 
-def _unit_map(old: int, new: int, generator: torch.Generator | None) -> list[int]:
-    """Identity on the first ``old`` units, then copies drawn without replacement (cycling
-    through random permutations) so no unit is copied much more often than another."""
-    mapping = list(range(old))
-    while len(mapping) < new:
-        mapping += torch.randperm(old, generator=generator).tolist()
-    return mapping[:new]
-
-
-def _split(mapping: list[int], noise: float, generator) -> torch.Tensor:
-    """λ per new unit: ``(1 + ε_j)/n_u`` with ε centred over the copies of each unit u."""
-    index = torch.tensor(mapping)
-    counts = torch.bincount(index).to(torch.float64)
-    eps = torch.randn(len(mapping), generator=generator, dtype=torch.float64) * noise
-    mean = torch.zeros_like(counts).index_add_(0, index, eps) / counts
-    eps = eps - mean[index]
-    return (1.0 + eps) / counts[index]
-
-
-def _resized(module: nn.Module, **sizes) -> nn.Module:
-    """A module of the same class and hyper-parameters as ``module`` with new sizes."""
-    factory = dict(device=module.weight.device, dtype=module.weight.dtype) \
-        if getattr(module, "weight", None) is not None else {}
-    if isinstance(module, nn.Linear):
-        new = nn.Linear(sizes.get("in_features", module.in_features),
-                        sizes.get("out_features", module.out_features),
-                        bias=module.bias is not None, **factory)
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        new = type(module)(sizes.get("in_channels", module.in_channels),
-                           sizes.get("out_channels", module.out_channels), module.kernel_size,
-                           module.stride, module.padding, module.dilation, module.groups,
-                           module.bias is not None, module.padding_mode, **factory)
-    else:   # BatchNorm
-        new = type(module)(sizes["num_features"], module.eps, module.momentum, module.affine,
-                           module.track_running_stats, **factory)
-    return new.train(module.training)
-
-
-def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
-    target = getattr(module, name)
-    if target is not None and value is not None:
-        with torch.no_grad():
-            target.copy_(value.to(target.dtype))
-
-
-def _widen_out(module: nn.Module, index: torch.Tensor, new: int) -> nn.Module:
-    """site1 / BatchNorm: unit j becomes a copy of unit g(j)."""
-    if isinstance(module, NORMS):
-        out = _resized(module, num_features=new)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            _set(out, name, None if getattr(module, name) is None else getattr(module, name)[index])
-        _set(out, "num_batches_tracked", module.num_batches_tracked)
-        return out
-    key = "out_features" if isinstance(module, nn.Linear) else "out_channels"
-    out = _resized(module, **{key: new})
-    _set(out, "weight", module.weight[index])
-    _set(out, "bias", None if module.bias is None else module.bias[index])
-    return out
-
-
-def _split_columns(weight: torch.Tensor, index, split, block: int) -> torch.Tensor:
-    """Input column block j ← λ_j · column block g(j), in float64."""
-    weight = weight.detach().to(torch.float64)
-    rows = weight.shape[0]
-    grouped = weight.reshape(rows, -1, block, *weight.shape[2:])
-    scale = split.reshape(1, -1, *([1] * (grouped.dim() - 2)))
-    return (grouped[:, index] * scale).reshape(rows, -1, *weight.shape[2:])
-
-
-def _copy_rows(weight: torch.Tensor, index, block: int) -> torch.Tensor:
-    """Output row block j ← row block g(j)."""
-    grouped = weight.detach().reshape(-1, block, *weight.shape[1:])
-    return grouped[index].reshape(-1, *weight.shape[1:])
-
-
-def _widen_branch(branch: BypassBranch, index, split, reads: int | None,
-                  writes: int | None) -> None:
-    """A bypass branch around the widened layer: split A's input columns if it reads the units,
-    copy B's output rows if it writes them (B stays zero when it was). ``reads``/``writes``: the
-    block factor where it does, None where it does not."""
-    if reads is not None:
-        branch.A = nn.Parameter(_split_columns(branch.A, index, split, reads).to(branch.A.dtype))
-        branch.in_features = branch.A.shape[1] * (branch.conv.groups if branch.conv else 1)
-    if writes is not None:
-        branch.B = nn.Parameter(_copy_rows(branch.B, index, writes))
-        branch.out_features = branch.B.shape[0]
-
-
-def _widen_in(module: nn.Module, index: torch.Tensor, split: torch.Tensor, block: int):
-    """site2: column block j is λ_j times column block g(j)."""
-    new_weight = _split_columns(module.weight, index, split, block)
-    key = "in_features" if isinstance(module, nn.Linear) else "in_channels"
-    out = _resized(module, **{key: new_weight.shape[1]})
-    _set(out, "weight", new_weight)
-    _set(out, "bias", module.bias)
-    return out
-
-
 def _site_node(gm: fx.GraphModule, target: str) -> fx.Node:
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
     module = gm.get_submodule(target) if nodes else None
@@ -392,16 +289,16 @@ def widen_layer(gm: fx.GraphModule, first: str, new_width: int, *, second: str |
     _check_ends(gm, chain)
     if new_width <= old:
         raise SiteError(f"{first} has {old} units; new_width must be larger, got {new_width}")
-    mapping = _unit_map(old, new_width, generator)
+    mapping = unit_map(old, new_width, generator)
     index = torch.tensor(mapping, device=site1.weight.device)
-    split = _split(mapping, noise, generator).to(site1.weight.device)
-    _replace(gm, first, _widen_out(site1, index, new_width))
+    split = split_weights(mapping, noise, generator).to(site1.weight.device)
+    _replace(gm, first, widen_out(site1, index, new_width))
     for norm in chain.norms:
-        _replace(gm, norm.target, _widen_out(gm.get_submodule(norm.target), index, new_width))
+        _replace(gm, norm.target, widen_out(gm.get_submodule(norm.target), index, new_width))
     _replace(gm, chain.second.target,
-             _widen_in(gm.get_submodule(chain.second.target), index, split, chain.block))
+             widen_in(gm.get_submodule(chain.second.target), index, split, chain.block))
     for node in {**chain.split_in, **chain.copy_out}:
-        _widen_branch(gm.get_submodule(node.target), index, split, chain.split_in.get(node),
+        widen_branch(gm.get_submodule(node.target), index, split, chain.split_in.get(node),
                       chain.copy_out.get(node))
     info = WidenInfo(first, chain.second.target, [n.target for n in chain.norms], old, new_width,
                      mapping, split.tolist())

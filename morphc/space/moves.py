@@ -35,6 +35,7 @@ from morphc.compiler.extended import ExtendedModel
 from morphc.compiler.write import write_weights
 from morphc.errors import ContractionError, MoveError, SiteError
 from morphc.ir.branch import BypassBranch
+from morphc.ir.ops import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 from morphc.ir.sites import ConvConfig
 from morphc.ir.tags import DEEP_PREFIX, FRONTEND
 from morphc.ir.trace import TracedModel, _as_tuple, no_side_effects, trace
@@ -45,16 +46,6 @@ from morphc.passes.insert_residual_block import insert_residual_block
 from morphc.passes.make_permanent import make_permanent
 from morphc.passes.remove_branch import remove_branch
 from morphc.passes.widen_layer import SITES, widen_layer, widenable_pairs
-
-ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Mish,
-                      nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Softplus, nn.PReLU)
-ACTIVATION_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, torch.nn.functional.relu,
-                        torch.nn.functional.gelu, torch.nn.functional.silu,
-                        torch.nn.functional.elu, torch.nn.functional.leaky_relu,
-                        torch.nn.functional.tanh, torch.nn.functional.sigmoid,
-                        torch.ops.aten.relu.default, torch.ops.aten.gelu.default,
-                        torch.ops.aten.tanh.default}
-ACTIVATION_METHODS = {"relu", "tanh", "sigmoid"}
 
 
 # -- working copies ---------------------------------------------------------------------------
