@@ -28,7 +28,10 @@ def add_parser(subparsers, debug: argparse.ArgumentParser) -> None:
         "The model is put in eval mode.",
         epilog="FACTORY is 'package.module:name' (imported, never evaluated). name may be an "
         "nn.Module, a callable returning one, or a callable returning (model, example_inputs) "
-        "like morphc.zoo:cnn_bn. Example: morphc inspect morphc.zoo:mlp --extend --sites all "
+        "like morphc.zoo:cnn_bn, or (model, args, kwargs) for keyword inputs such as a Hugging "
+        "Face model's input_ids/attention_mask/use_cache=False (every input dimension is "
+        "traced as dynamic; the report lists those the model fixed, and why). Example: "
+        "morphc inspect morphc.zoo:mlp --extend --sites all "
         "--html mlp.html")
     p.add_argument("factory", metavar="FACTORY", help="package.module:name of the model")
     p.add_argument("--input-shape", type=parse_shape, action="append", metavar="SHAPE",
@@ -135,20 +138,21 @@ def run_inspect(args) -> int:
     if args.input_dtype is not None and args.input_dtype.is_floating_point:
         model.to(args.input_dtype)
     model.eval()
-    check_runs(model, inputs, args.factory)
+    kwargs = loaded.kwargs if not args.input_shape else None
+    check_runs(model, inputs, args.factory, kwargs)
     with quiet_tracing(not args.debug):
-        report = morphc.inspect(model, inputs)
+        report = morphc.inspect(model, inputs, kwargs=kwargs)
     print(report)
     data = report.to_dict()
     graphs, labels, reports = [report.graph_module], ("original",), [report]
     text = str(report)
     if args.extend:
         with quiet_tracing(not args.debug):
-            ext = morphc.extend(model, inputs, sites=args.sites, width=args.width,
-                                activation=args.activation)
+            ext = morphc.extend(model, inputs, kwargs=kwargs, sites=args.sites,
+                                width=args.width, activation=args.activation)
         ext_report = morphc.inspect(ext)
         diff = graph_diff.diff_graphs(ext.traced.graph_module, ext.graph_module)
-        deviation = graph_diff.measure_deviation(model, ext, inputs)
+        deviation = graph_diff.measure_deviation(model, ext, inputs, kwargs)
         summary = f"max relative deviation, original vs extended: {deviation:.3g}"
         print(f"\n{ext_report}\n\n{diff}\n{summary}")
         graphs, labels = [ext.traced.graph_module, ext.graph_module], ("original", "extended")

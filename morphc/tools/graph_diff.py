@@ -138,14 +138,15 @@ def diff_graphs(gm_a: fx.GraphModule | fx.Graph, gm_b: fx.GraphModule | fx.Graph
     return GraphDiff(len(nodes_a), len(nodes_b), added, removed, renamed)
 
 
-def measure_deviation(a, b, example_inputs) -> float:
+def measure_deviation(a, b, example_inputs, kwargs: dict | None = None) -> float:
     """Max relative deviation ``max|a(x) − b(x)| / max|a(x)|`` over all tensor outputs.
 
     Both run as :func:`~morphc.compiler.deviation.deterministic_forward`: under ``no_grad`` with
     the same RNG seed; BatchNorm statistics are left as they were. ``0.0`` means identical outputs.
     """
     inputs = _as_tuple(example_inputs)
-    return relative_deviation(deterministic_forward(a, inputs), deterministic_forward(b, inputs))
+    return relative_deviation(deterministic_forward(a, inputs, kwargs=kwargs),
+                              deterministic_forward(b, inputs, kwargs=kwargs))
 
 
 @dataclass

@@ -22,6 +22,7 @@ class Loaded:
     model: object
     inputs: tuple | None
     label: str
+    kwargs: dict | None = None    # keyword example inputs (a factory returning a triple)
 
 
 def _import_module(module_name: str, spec: str):
@@ -86,8 +87,13 @@ def load_model(spec: str) -> Loaded:
         inputs = result[1]
         inputs = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
         return Loaded(result[0], inputs, spec)
-    raise CLIError(f"{spec}() returned a {type(result).__name__}; it must return an nn.Module "
-                   "or a (model, example_inputs) pair")
+    if isinstance(result, tuple | list) and len(result) == 3 and \
+            isinstance(result[0], nn.Module) and isinstance(result[2], dict):
+        inputs = result[1]
+        inputs = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+        return Loaded(result[0], inputs, spec, dict(result[2]))
+    raise CLIError(f"{spec}() returned a {type(result).__name__}; it must return an nn.Module, "
+                   "a (model, example_inputs) pair or a (model, args, kwargs) triple")
 
 
 def make_inputs(shapes, dtype, loaded: Loaded) -> tuple:
@@ -112,13 +118,13 @@ def _describe(inputs: tuple) -> str:
                      if hasattr(t, "shape") else type(t).__name__ for t in inputs)
 
 
-def check_runs(model, inputs: tuple, label: str) -> None:
+def check_runs(model, inputs: tuple, label: str, kwargs: dict | None = None) -> None:
     """Run the model once so a shape mismatch is reported as such, not as a trace failure."""
     import torch
 
     try:
         with torch.no_grad():
-            model(*inputs)
+            model(*inputs, **(kwargs or {}))
     except Exception as e:
         raise CLIError(f"{label} fails on inputs {_describe(inputs)}: {type(e).__name__}: "
                        f"{one_line(e)}; pass an --input-shape (and --input-dtype) the model "
