@@ -118,3 +118,16 @@ class Cycle:
         self.started_at, self.pace = int(state["started_at"]), float(state["pace"])
         self.loss_free = state["loss_free"]
         self.saw_extension_grad = bool(state["saw_extension_grad"])
+
+
+def may_start(config: BypassConfig, *, step: int, cycles: int, quiet_until: int, lr: float,
+              peak_lr: float) -> bool:
+    """When a fired trigger may start a cycle now (shared by Bypass and the trainer
+    integrations)."""
+    if config.max_cycles is not None and cycles >= config.max_cycles:
+        return False
+    if step < quiet_until:                           # backing off after cycles that did not pay
+        return False
+    if config.total_steps is not None and step + config.cycle_steps > config.total_steps:
+        return False                                 # it could not end inside the budget
+    return lr >= config.min_lr_fraction * peak_lr    # a schedule's tail is not stagnation

@@ -18,7 +18,7 @@ from morphc.compiler.extend import extend
 from morphc.errors import BypassError, MorphcError
 from morphc.ir.trace import trace
 from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle
+from morphc.runtime.cycle import Cycle, may_start
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
 from morphc.runtime.steps import (
@@ -82,18 +82,10 @@ class CycleRunner:
     def _trigger_fires(self, value: float, norm: float, lr: float) -> bool:
         """Ask the trigger every step; act on it only when a cycle may start now."""
         fired = self.trigger.update(value, step=self.step_count, grad_norm=norm)
-        cfg = self.config
         if not fired or self._disabled is not None:
             return False
-        if cfg.max_cycles is not None and self.cycle >= cfg.max_cycles:
-            return False
-        if self.step_count < self._quiet_until:      # backing off after cycles that did not pay
-            return False
-        if cfg.total_steps is not None and self.step_count + cfg.cycle_steps > cfg.total_steps:
-            return False                               # it could not end inside the budget
-        if lr < cfg.min_lr_fraction * self._peak_lr:  # a schedule's tail is not stagnation
-            return False
-        return True
+        return may_start(self.config, step=self.step_count, cycles=self.cycle,
+                         quiet_until=self._quiet_until, lr=lr, peak_lr=self._peak_lr)
 
     def _capture_inputs(self, closure: Closure):
         """First step: record the model's inputs (for tracing later) from the closure's call."""

@@ -38,16 +38,30 @@ class ExtensionGroup:
     def params(self) -> list[nn.Parameter]:
         return self.group["params"]
 
+    @property
+    def attached(self) -> bool:
+        return any(g is self.group for g in self.optimizer.param_groups)
+
+    def attach(self) -> None:
+        """Join ``optimizer.param_groups`` / ``optimizer.state`` until :meth:`detach` (a trainer
+        integration does this from the optimizer's step pre-hook, so a trainer's own
+        ``optimizer.step()`` moves the extension too)."""
+        if not self.attached:
+            self.optimizer.param_groups.append(self.group)
+            self.optimizer.state.update(self.state)
+
+    def detach(self) -> None:
+        groups, state = self.optimizer.param_groups, self.optimizer.state
+        groups[:] = [g for g in groups if g is not self.group]
+        self.state = {p: state.pop(p) for p in self.params if p in state}
+
     def step(self) -> None:
         """``optimizer.step()`` over the user's groups and this one, in one call."""
-        groups, state = self.optimizer.param_groups, self.optimizer.state
-        groups.append(self.group)
-        state.update(self.state)
+        self.attach()
         try:
             self.optimizer.step()
         finally:
-            groups[:] = [g for g in groups if g is not self.group]
-            self.state = {p: state.pop(p) for p in self.params if p in state}
+            self.detach()
 
     def zero_grad(self) -> None:
         for param in self.params:
