@@ -120,7 +120,7 @@ class ExtendedModel(nn.Module):
                 warnings.warn(
                     f"this model was captured by torch.export in {captured} "
                     "mode; its graph keeps that mode's behaviour (dropout, BatchNorm). Call "
-                    "model.train()/eval() before morphc.extend to choose.", stacklevel=2)
+                    "model.train() or model.eval() before morphc.extend to choose.", stacklevel=2)
             for module in [self, *self.branches.values()]:
                 module.training = mode
             return self

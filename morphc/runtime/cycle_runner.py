@@ -272,9 +272,9 @@ class CycleRunner:
         self.cycle += 1
         self._event("contract", residual=residual, deviation=ext.contraction_report.deviation,
                     sites=ext.config.sites, finishing=finishing,
-                    **self._measures(cycle, before, after, snap, residual))
+                    **self._measures(cycle, before, after, snap))
 
-    def _measures(self, cycle: Cycle, before: float, after: float, snap, residual) -> dict:
+    def _measures(self, cycle: Cycle, before: float, after: float, snap) -> dict:
         return {"loss_before": before, "loss_free": cycle.loss_free, "loss_after": after,
                 "survival": cycle.survival(before, after), "snap_change": snap}
 
