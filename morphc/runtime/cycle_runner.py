@@ -264,7 +264,7 @@ class CycleRunner:
             self._quiet_until = self.step_count + self.config.cycle_steps * 2 ** self._unpaid
             self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
                            f"before (needed < {before - cycle.required_gain(before):.4g})",
-                           measures=self._measures(cycle, before, after, snap, residual),
+                           measures=self._measures(cycle, before, after, snap),
                            backoff=True)
             return
         self._unpaid = 0
