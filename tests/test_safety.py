@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from morphc.passes.widen_layer import widenable_pairs
 from torch import nn
 
+import morphc
 from morphc import zoo
 from morphc.errors import FormatError
 from morphc.ir.branch import BypassBranch
@@ -422,3 +423,190 @@ def test_fuzz_reaches_every_field_and_every_outcome(saved):
             outcomes.add(check_mutation(saved, name, index, "delete", None, False))
             outcomes.add(check_mutation(saved, name, index, "replace", PAYLOADS[0], False))
     assert "refused" in outcomes and "changed" in outcomes
+
+
+# -- contraction and moves: all-or-nothing -------------------------------------------------------
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _bit_identical(module, state):
+    now = module.state_dict()
+    return now.keys() == state.keys() and all(
+        torch.equal(now[k], v) and now[k].dtype == v.dtype for k, v in state.items())
+
+
+def _trained_mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    inputs = (torch.randn(5, 6, dtype=dtype),)
+    ext = morphc.extend(model, inputs, sites="all", width=4)
+    with torch.no_grad():
+        for branch in ext.branches.values():
+            branch.B.normal_(0, 0.5)
+    ext.set_homotopy(0.0)
+    return model, inputs, ext
+
+
+def test_contract_refuses_a_nan_deviation_and_restores(monkeypatch):
+    """relative_deviation is NaN when the folded outputs are not finite; ``not d <= tol``
+    refuses it (``max`` used to ignore NaN and report 0)."""
+    from morphc.compiler import contract as contract_module
+    model, inputs, ext = _trained_mlp()
+    before = _state(model)
+    real = contract_module.deterministic_forward
+
+    def nan_after_fold(module, *args, **kwargs):
+        out = real(module, *args, **kwargs)
+        return out * float("nan") if module is not ext else out
+
+    monkeypatch.setattr(contract_module, "deterministic_forward", nan_after_fold)
+    with pytest.raises(morphc.ContractionError, match="deviates .* by nan"):
+        morphc.contract(ext)
+    assert _bit_identical(model, before) and not ext.contracted
+
+
+def test_an_fp16_fold_that_overflows_after_the_cast_is_refused():
+    model, inputs, ext = _trained_mlp(torch.float16)
+    with torch.no_grad():
+        branch = ext.branches["0"]
+        branch.A.fill_(200.0)
+        branch.B.fill_(200.0)          # W' = W + B·p·A ≈ 4e4 · 4 > 65504: finite in float64 only
+    before = _state(model)
+    with pytest.raises(morphc.ContractionError, match="non-finite.*float16"):
+        morphc.contract(ext)
+    assert _bit_identical(model, before) and not ext.contracted
+
+
+def test_ungrow_writes_through_the_same_all_or_nothing_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).half()
+    inputs = (torch.randn(5, 6, dtype=torch.float16),)
+    grown = Grow(sites="all", width=4)(model, inputs)
+    with torch.no_grad():
+        for module in grown.modules():
+            if isinstance(module, BypassBranch):
+                module.A.fill_(200.0)
+                module.B.fill_(200.0)
+                module.homotopy.fill_(0.0)
+    before = _state(grown)
+    with pytest.raises(morphc.ContractionError, match="non-finite"):
+        morphc.Ungrow()(grown, inputs)
+    assert _bit_identical(grown, before)
+
+
+def test_contract_after_the_user_replaced_a_submodule_is_refused():
+    """Defect 6: extend, train, replace a submodule, contract → typed error, weights intact."""
+    from tests.helpers import train_extension
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    inputs = (torch.randn(5, 6),)
+    ext = morphc.extend(model, inputs, sites="all", width=4)
+    train_extension(ext, inputs, steps=5)
+    ext.set_homotopy(0.0)
+    model[2] = nn.Linear(8, 3)
+    before = _state(model)
+    with pytest.raises(morphc.ContractionError, match="changed after morphc.extend"):
+        morphc.contract(ext)
+    assert _bit_identical(model, before)
+
+
+def test_a_float32_deviation_is_measured_in_float64_before_blaming_the_fold(monkeypatch):
+    from morphc.compiler import contract as contract_module
+    model, inputs, ext = _trained_mlp()
+    before = _state(model)
+    monkeypatch.setitem(contract_module.VERIFY_TOLERANCE, "torch.float32", 0.0)
+    with pytest.raises(morphc.ContractionError) as info:
+        morphc.contract(ext)
+    message = str(info.value)
+    assert "in float64 deviates by only" in message and "bug" not in message
+    assert _bit_identical(model, before)
+    assert contract_module.float64_deviation(ext) <= 1e-12
+
+
+# -- frozen parameters (defect 7) ----------------------------------------------------------------
+def test_a_frozen_weight_is_not_a_site_unless_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    inputs = (torch.randn(5, 6),)
+    frozen = _state(model[0])
+    for sites in ("all", "auto", r"\d", lambda site: True):
+        ext = morphc.extend(model, inputs, sites=sites, width=2)
+        assert [s.name for s in ext.sites] == ["2"], sites
+    with pytest.raises(morphc.SiteError, match="only matches frozen"):
+        morphc.extend(model, inputs, sites=r"[0]")   # a regex that only hits the frozen weight
+    ext = morphc.extend(model, inputs, sites=["0"], width=2)     # named: extended and folded
+    with torch.no_grad():
+        ext.branches["0"].B.normal_(0, 0.5)
+    ext.set_homotopy(0.0)
+    morphc.contract(ext)
+    assert not torch.equal(model[0].weight, frozen["weight"])
+
+
+def test_bypass_leaves_frozen_layers_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    ext = morphc.extend(model, (torch.randn(5, 6),))
+    assert "0" not in [s.name for s in ext.sites]
+
+
+# -- regex site patterns (defect 8) --------------------------------------------------------------
+@pytest.mark.parametrize("pattern", [r"(layers\.\d+\.)+x", r"(a|aa)*b", r"(.*)*x", r"(\w)\1+"])
+def test_a_pathological_pattern_answers_in_well_under_a_second(pattern):
+    import time
+    torch.manual_seed(0)
+    model, inputs = zoo.transformer12()
+    traced = morphc.trace(model, inputs)
+    start = time.perf_counter()
+    with pytest.raises(morphc.SiteError, match="exponential"):
+        morphc.extend(model, inputs, sites=pattern, traced=traced)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_safe_regexes_still_select():
+    torch.manual_seed(0)
+    model, inputs = zoo.transformer12()
+    ext = morphc.extend(model, inputs, sites=r"layers\.1[01]\.linear\d", width=2)
+    assert len(ext.sites) == 4
+
+
+# -- typed errors (defect 9) ---------------------------------------------------------------------
+def test_a_meta_device_model_gives_typed_errors():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    inputs = (torch.randn(2, 4),)
+    ext = morphc.extend(model, inputs, sites="all", width=2)
+    ext.set_homotopy(0.0)
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(morphc.TraceError, match="meta device.*to_empty"):
+        morphc.extend(meta, (torch.randn(2, 4, device="meta"),), sites="all")
+    ext.to("meta")
+    assert "homotopy=meta" in repr(ext)
+    with pytest.raises(morphc.ContractionError, match="meta device"):
+        morphc.contract(ext)
+
+
+@pytest.mark.parametrize("width", [float("nan"), float("inf"), -1, -0.5, 0, 1.5, True, "8"])
+def test_a_bad_width_is_a_site_error(width):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    with pytest.raises(morphc.SiteError, match="width"):
+        morphc.extend(model, (torch.randn(2, 4),), sites="all", width=width)
+
+
+# -- messages that help (defect 11) --------------------------------------------------------------
+def test_a_widen_across_dropout_is_not_offered_and_its_refusal_gives_working_advice():
+    from morphc.space import ModelSpace
+    from morphc.space.moves import neighborhood
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 4),
+                          nn.Tanh(), nn.Linear(4, 2))
+    space = ModelSpace(model, (torch.randn(16, 6),))
+    offered = [(m.first, m.second) for m in neighborhood(space.module()) if isinstance(m, Widen)]
+    assert offered == [("3", "5")]
+    for move in (Widen("3"), *(m for m in neighborhood(space.module()) if not isinstance(m, Widen)
+                               and type(m).__name__ != "Grow")):
+        space.apply(move)            # everything offered is accepted
+    with pytest.raises(morphc.MoveError) as info:
+        space.apply(Widen("0"))
+    assert "dropout" in str(info.value) and "tolerance=" not in str(info.value)

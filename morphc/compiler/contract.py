@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
 from morphc.compiler.deviation import deterministic_forward, relative_deviation
@@ -32,6 +35,50 @@ def check_owner(ext: ExtendedModel) -> None:
             "extend the model again after changing it.")
 
 
+def check_device(ext: ExtendedModel) -> None:
+    """Folding needs values: a model on the meta device has none."""
+    if any(t.device.type == "meta" for t in [*ext.parameters(), *ext.buffers()]):
+        raise ContractionError(
+            "the extended model is on the meta device, so there are no values to fold or to "
+            "verify; materialise it first (ext.to_empty(device='cpu') and load the weights), "
+            "then contract.")
+
+
+def float64_deviation(ext: ExtendedModel) -> float | None:
+    """The same fold, checked the same way, on a float64 copy: tells rounding in a low-precision
+    model apart from a wrong fold. None when it cannot be measured."""
+    try:
+        work = copy.deepcopy(ext).double()
+        inputs = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                       else t for t in work.traced.example_inputs)
+        kwargs = getattr(work.traced, "example_kwargs", None) or {}
+        reference = deterministic_forward(work, inputs, kwargs=kwargs)
+        folded = work.pipeline.fork()
+        new_values = folded.run(fold_extension, work.sites, work.branches).analysis
+        with torch.no_grad():
+            for name, value in new_values.items():
+                work.graph_module.get_parameter(name).copy_(value)
+        return relative_deviation(reference, deterministic_forward(
+            folded.graph_module, inputs, guard=work, kwargs=kwargs))
+    except Exception:   # noqa: BLE001 - a diagnostic only; the refusal stands either way
+        return None
+
+
+def _deviation_advice(ext: ExtendedModel, dtype: torch.dtype) -> str:
+    if dtype == torch.float64:
+        return "In float64 this means the fold itself is wrong: a morphc bug, please report it."
+    d64 = float64_deviation(ext)
+    if d64 is None:
+        return ("The same fold could not be measured in float64 here; compare yourself "
+                "(model.double() before extend).")
+    if d64 <= VERIFY_TOLERANCE["torch.float64"]:
+        return (f"The same fold in float64 deviates by only {d64:.3g}, so this is rounding in "
+                f"{dtype} (an ill-conditioned model), not a wrong fold: contract in float64 "
+                "(model.double() before extend), or pass verify=False to accept the rounding.")
+    return (f"The same fold in float64 deviates by {d64:.3g} too, so the fold itself is wrong: "
+            "a morphc bug, please report it with the model.")
+
+
 def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) -> nn.Module:
     """Fold every branch into the user's own Parameters, in place; return the user's model.
 
@@ -46,6 +93,7 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
     if ext.contracted:
         raise ContractionError("this extended model was already contracted")
     check_owner(ext)
+    check_device(ext)
     inputs, kwargs = ext.traced.example_inputs, ext.traced.example_kwargs
     residual = ext.constraint_residual()
     snap_change = None
@@ -72,9 +120,8 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
         if not deviation <= tolerance:
             raise ContractionError(
                 f"the folded model deviates from the extended one by {deviation:.3g} "
-                f"(> {tolerance:g}); the weights were restored. In float32/16 an ill-conditioned "
-                "model can do this through rounding alone: compare in float64 (model.double() "
-                "before extend); if float64 deviates too, it is a morphc bug: please report it.")
+                f"(> {tolerance:g}); the weights were restored. "
+                + _deviation_advice(ext, next(iter(params.values())).dtype))
 
     reference = deterministic_forward(ext, inputs, kwargs=kwargs) if verify else None
     write_weights(params, new_values, verify=check if verify else None)
