@@ -37,7 +37,16 @@ from morphc.errors import MorphcError, TraceError
 from morphc.ir.branch import BypassBranch
 from morphc.ir.tags import DEEP_PREFIX, GROWN_PREFIX
 from morphc.ir.trace import _as_tuple, no_side_effects
-from morphc.space.moves import Move, MoveError, graph_of, neighborhood, private_copy
+from morphc.passes.widen_layer import widenable_pairs
+from morphc.space.moves import (
+    Move,
+    MoveError,
+    Widen,
+    dropout_between,
+    graph_of,
+    neighborhood,
+    private_copy,
+)
 
 if TYPE_CHECKING:
     from morphc.space.search import SearchResult, Strategy
@@ -169,6 +178,23 @@ def function_change(before: nn.Module, after: nn.Module, inputs: tuple) -> dict[
     return change
 
 
+def _refusal_advice(move, source: nn.Module, change: dict[str, float], tolerance: float) -> str:
+    """What to do about a refused move — only advice that would work."""
+    gm = graph_of(source)
+    if isinstance(move, Widen) and isinstance(gm, fx.GraphModule) and change["eval"] <= tolerance:
+        second = move.second or next((s for f, s in widenable_pairs(gm) if f == move.first), None)
+        if second is not None and dropout_between(gm, move.first, second):
+            return (f"A dropout between {move.first} and {second} draws independent masks for "
+                    "the copied units, so widening there changes the train-mode function and "
+                    "no tolerance makes it exact: widen another layer, or set that dropout's "
+                    "p to 0.")
+    dtypes = {p.dtype for p in source.parameters()}
+    if dtypes & {torch.float16, torch.bfloat16}:
+        return ("The model is in low precision: compare in float32 (module.float()) or raise "
+                "ModelSpace(tolerance=...) to the rounding of that dtype.")
+    return "A function-preserving move should not do this: please report it with the model."
+
+
 def summarize(module: nn.Module, limit: int = 72) -> str:
     """A one-line sketch of the layers, e.g. ``L64-8 relu L8-10 +res8`` (for tables, DOT)."""
     gm = graph_of(module)
@@ -257,9 +283,8 @@ class ModelSpace:
         if not (change["eval"] <= self.tolerance and change["train"] <= self.train_tolerance):
             reason = (f"{move} changed the function by {change['eval']:.3g} in eval mode and "
                       f"{change['train']:.3g} in train mode (tolerances {self.tolerance:g}, "
-                      f"{self.train_tolerance:g}); refused, the space is unchanged. Either the "
-                      "move has a bug or the model is not deterministic (dropout in train mode) "
-                      "or has low precision: raise ModelSpace(tolerance=...) in that case")
+                      f"{self.train_tolerance:g}); refused, the space is unchanged. "
+                      + _refusal_advice(move, source, change, self.tolerance))
             self._reject(parent, move, reason)
             raise MoveError(reason)
         child_node = self._record(child, self.graph.nodes[parent]["steps"])

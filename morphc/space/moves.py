@@ -349,6 +349,40 @@ def deepen_points(gm: fx.GraphModule) -> list[str]:
     return points
 
 
+_DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.dropout, torch.nn.functional.dropout1d,
+                      torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
+                      torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout}
+
+
+def _is_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        return not isinstance(p, int | float) or p > 0
+    return False
+
+
+def dropout_between(gm: fx.GraphModule, first: str, second: str) -> bool:
+    """Whether a dropout with ``p > 0`` lies on a path from module ``first`` to ``second``.
+    Widening across it changes the train-mode function (the copied units draw independent masks),
+    so no tolerance can make such a move exact."""
+    start = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == first)
+    stack = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == second]
+    seen: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        for parent in node.all_input_nodes:
+            if parent is start or parent in seen:
+                continue
+            seen.add(parent)
+            if _is_dropout(gm, parent):
+                return True
+            stack.append(parent)
+    return False
+
+
 def neighborhood(module: nn.Module, *, widen_factor: float = 2.0, max_width: int = 512,
                  grow_width: int = 8, seed: int = 0) -> list[Move]:
     """Every move a search may try from ``module`` (shapes must be annotated)."""
@@ -356,6 +390,8 @@ def neighborhood(module: nn.Module, *, widen_factor: float = 2.0, max_width: int
         return [Contract(), Grow()]
     moves: list[Move] = [Deepen(at=p, seed=seed) for p in deepen_points(module)]
     for first, second in widenable_pairs(module):
+        if dropout_between(module, first, second):
+            continue        # never exact in train mode: see dropout_between
         width = module.get_submodule(first).weight.shape[0]
         if math.ceil(width * widen_factor) <= max_width:
             moves.append(Widen(first, factor=widen_factor, seed=seed, second=second))
