@@ -1,6 +1,7 @@
 """The layering of the code is a test: a lower layer never imports a higher one.
 
-    errors, zoo  <  families  <  ir  <  passes  <  compiler  <  runtime, space  <  bench  <  tools
+    errors, zoo  <  families  <  ir  <  passes  <  compiler  <  runtime, space  <  bench,
+    integrations  <  tools
 
 ``runtime`` and ``space`` are siblings (neither imports the other); the package ``__init__`` and
 ``__main__`` sit above everything (they only re-export and dispatch).
@@ -13,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"errors": 0, "zoo": 0, "families": 1, "ir": 2, "passes": 3, "compiler": 4,
-          "runtime": 5, "space": 5, "bench": 6, "tools": 7}
+          "runtime": 5, "space": 5, "bench": 6, "integrations": 6, "tools": 7}
 
 
 def layer_of_module(name: str) -> str | None:

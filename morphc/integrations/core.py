@@ -1,0 +1,369 @@
+"""Bypass driven by someone else's training loop: the core both trainer callbacks share.
+
+The trainer owns the loop — forward, backward, gradient accumulation, clipping, mixed precision,
+``optimizer.step()``, the LR scheduler, checkpoints. A callback tells this object three things:
+a micro-batch is about to run (:meth:`~TrainerBypass.before_micro_batch`), its loss
+(:meth:`~TrainerBypass.record_loss`), and an optimizer step is done (:meth:`~TrainerBypass.
+after_step`). Everything else is the runtime's: the trigger, :class:`~morphc.runtime.cycle.Cycle`
+(schedule, acceptance rule ``Cycle.pays``), :class:`~morphc.runtime.snapshot.Snapshot`
+(bit-identical rollback), :class:`~morphc.runtime.optimizer_group.ExtensionGroup` and the
+event log.
+
+How the pieces sit inside a trainer:
+
+- **Extension in place.** Forward hooks on the user's site modules
+  (:class:`~morphc.integrations.extension.InPlaceExtension`); the model object, its ``forward``
+  and its ``state_dict`` keys never change.
+- **Optimizer and scheduler.** The extension's param group joins the trainer's (raw torch)
+  optimizer only *inside* ``optimizer.step()`` — a step pre-hook attaches it, a post-hook takes it
+  out. So the trainer's scheduler never sees a group it did not create (torch 2.13's LambdaLR
+  zips its per-group lists strictly and would crash on one), and every ``optimizer.state_dict()``
+  a checkpoint writes holds the user's groups only. The group's lr is ``extension_lr_scale`` ×
+  the lr the scheduler gave group 0 for this step, so the extension follows the trainer's
+  warm-up and decay.
+- **Free phase.** ``free_phase="joint"`` (default) alternates s = 1 / s = 0 from one micro-batch
+  to the next: with gradient accumulation 2 every optimizer step trains ``L(s=1) + L(s=0)`` as
+  Bypass's joint step does (on two half-batches); without accumulation, alternate steps do.
+- **Acceptance, noise-averaged.** ``loss_before`` is the mean training loss of the last
+  ``window`` optimizer steps before the extension (the pre-extension model, as it trained);
+  ``loss_after`` the mean over the last ``window`` steps of the return phase. With
+  ``return_mode="project"`` those steps run at s = 0, where the extended model computes exactly
+  what the folded model will, so ``loss_after`` is the folded model's training loss. ``Cycle.pays``
+  decides (beat plain training's recent pace over the cycle's length); otherwise the model,
+  buffers and optimizer state go back to their values before the extension, bit for bit. The
+  steps the cycle used are not given back: the trainer's step count and LR schedule move on.
+- **Checkpoints.** A checkpoint never holds an extension: the callbacks resolve a cycle in flight
+  first (:meth:`~TrainerBypass.resolve`): fold it if it is on C (judged on the return steps it
+  had), else roll it back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+from torch import nn
+
+from morphc.errors import BypassError, MorphcError, SiteError
+from morphc.integrations.extension import InPlaceExtension
+from morphc.integrations.sites import module_sites
+from morphc.ir.sites import select_sites
+from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
+from morphc.runtime.cycle import Cycle, may_start
+from morphc.runtime.events import EventLog
+from morphc.runtime.optimizer_group import ExtensionGroup
+from morphc.runtime.snapshot import Snapshot
+from morphc.runtime.steps import clip
+from morphc.runtime.triggers import Plateau, Trigger
+
+# settings of Bypass that only make sense when Bypass owns the loop
+_NOT_HERE = {"probe": "sites='auto' needs a probe closure", "example_inputs": "nothing is traced",
+             "example_kwargs": "nothing is traced", "dynamic_shapes": "nothing is traced",
+             "eval_closure": "acceptance uses the training loss stream",
+             "compile": "the trainer compiles", "compile_backend": "the trainer compiles",
+             "compile_options": "the trainer compiles", "ddp": "the trainer wraps the model",
+             "ddp_options": "the trainer wraps the model", "wrap": "the trainer wraps the model",
+             "distributed": "single-process only", "top_k": "sites='auto' is not available",
+             "max_grad_norm": "the trainer's own clipping setting is used",
+             "total_steps": "taken from the trainer", "penalty": "return_mode='penalty' is not "
+             "available"}
+
+
+def raw_optimizer(optimizer) -> torch.optim.Optimizer:
+    """accelerate's ``AcceleratedOptimizer`` / Lightning's ``LightningOptimizer`` → the torch
+    optimizer underneath (whose step hooks fire whichever wrapper calls it)."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise BypassError(f"the trainer's optimizer is a {type(optimizer).__name__}, not a "
+                          "torch.optim.Optimizer (or a wrapper of one)")
+    return optimizer
+
+
+class TrainerBypass:
+    """Bypass cycles inside a trainer's loop, over the user's model, extended in place.
+
+    ``trigger``: default :class:`~morphc.Plateau`. ``window``: optimizer steps averaged for
+    acceptance (default: ``min(20, return_steps)``). Other settings are those of
+    :class:`~morphc.Bypass` that apply when a trainer owns the loop: ``bypass_steps``,
+    ``return_steps``, ``return_mode`` (``"project"`` or ``"anneal"``), ``free_phase``,
+    ``accept``, ``sites`` (not ``"auto"``), ``width``, ``activation``, ``exclude``,
+    ``overrides``, ``seed``, ``init_scale``, ``extension_options``, ``extension_lr_scale``,
+    ``min_lr_fraction``, ``max_cycles``, ``on_failure``, ``verbose``.
+    """
+
+    def __init__(self, trigger: Trigger | None = None, *, window: int | None = None,
+                 **options) -> None:
+        unsupported = {k: _NOT_HERE[k] for k in options if k in _NOT_HERE}
+        if unsupported:
+            raise BypassError(f"not available inside a trainer: {unsupported}")
+        try:
+            self.config = BypassConfig(**options)
+        except TypeError as exc:
+            known = sorted(set(BypassConfig.__dataclass_fields__) - set(_NOT_HERE))
+            raise BypassError(f"{exc}; settings: {known}") from None
+        cfg = self.config
+        if cfg.return_mode is ReturnMode.PENALTY:
+            raise BypassError(f"return_mode='penalty' is {_NOT_HERE['penalty']} in a trainer; "
+                              "use 'project' (default) or 'anneal'")
+        if isinstance(cfg.sites, str) and cfg.sites == "auto":
+            raise BypassError("sites='auto' is not available in a trainer; pass 'all', names, "
+                              "patterns or a predicate")
+        self.trigger = trigger if trigger is not None else Plateau()
+        if not isinstance(self.trigger, Trigger):
+            raise BypassError(f"trigger must be a morphc.Trigger, got {type(trigger).__name__}")
+        self.window = int(window) if window is not None else max(1, min(20, cfg.return_steps))
+        if self.window < 1:
+            raise BypassError(f"window must be >= 1, got {window}")
+        self.log = EventLog(cfg.verbose)
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._cycle: Cycle | None = None
+        self._plain: deque[float] = deque(maxlen=self.window)
+        self._cycle_losses: list[float] = []
+        self._pending: list[float] = []
+        self._handles: list = []
+        self._micro = 0
+        self.step_count, self.cycle, self.failures = 0, 0, 0
+        self._unpaid, self._quiet_until, self._peak_lr = 0, 0, 0.0
+        self._disabled: str | None = None
+
+    # -- joining and leaving the trainer ---------------------------------------------------------
+    def attach(self, model: nn.Module, optimizer, *, max_grad_norm: float | None = None,
+               total_steps: int | None = None, step: int = 0) -> None:
+        """Start watching: find the sites (errors now, not mid-training) and hook the optimizer.
+        ``max_grad_norm``: clip the extension's gradients in the step pre-hook (for trainers
+        that clip ``model.parameters()`` before ``optimizer.step()``, e.g. HF's)."""
+        self.detach()
+        self.model, self.optimizer = model, raw_optimizer(optimizer)
+        self.max_grad_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else None
+        self.config.total_steps = total_steps if total_steps and total_steps > 0 else None
+        self.step_count = int(step)
+        self._table, self._modules = module_sites(model)
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        if not self._table.extendable():
+            raise SiteError(f"{type(model).__name__} has no site a trainer integration can "
+                            f"extend: {self._table.explain()}")
+        self._chosen = select_sites(self._table, self.config.sites, self.config.exclude, frozen)
+        self._peak_lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
+                         self.optimizer.register_step_post_hook(self._post_step)]
+
+    def detach(self) -> None:
+        """Stop watching (a cycle in flight must be resolved first: see :meth:`finish`)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def finish(self) -> None:
+        """End of training: resolve a cycle in flight, unhook. The model is the user's own."""
+        self.resolve("training ended")
+        self.detach()
+
+    # -- what the trainer's loop reports ---------------------------------------------------------
+    @property
+    def in_cycle(self) -> bool:
+        return self._cycle is not None
+
+    @property
+    def phase(self) -> Phase:
+        return Phase.TRAIN if self._cycle is None else self._cycle.phase
+
+    @property
+    def extended(self) -> InPlaceExtension | None:
+        return None if self._cycle is None else self._cycle.ext
+
+    @property
+    def history(self) -> list[dict]:
+        return self.log.events
+
+    def before_micro_batch(self) -> None:
+        """A forward/backward is about to run: in a joint free phase, alternate s = 1 / 0."""
+        cycle = self._cycle
+        if cycle is None or cycle.phase is not Phase.BYPASS:
+            return
+        joint = self.config.free_phase is FreePhase.JOINT
+        cycle.ext.set_homotopy(0.0 if joint and self._micro % 2 else 1.0)
+        self._micro += 1
+
+    def record_loss(self, value) -> None:
+        """One micro-batch's training loss (a tensor or a number)."""
+        self._pending.append(float(value.detach()) if isinstance(value, torch.Tensor)
+                             else float(value))
+
+    def after_step(self, step: int) -> None:
+        """An optimizer step is done (grads consumed, scheduler stepped): drive the cycle."""
+        if not self._pending:
+            raise BypassError("no training loss was recorded for this optimizer step: the "
+                              "trainer integration reads it from the model's output (.loss / "
+                              "['loss']) or the training step's output; return the loss there")
+        value = sum(self._pending) / len(self._pending)
+        self._pending.clear()
+        self.step_count = int(step)
+        if self._cycle is None:
+            self._plain_step(value)
+        else:
+            self._cycle_step(value)
+
+    # -- the optimizer's step hooks: the extension's group joins only inside step() --------------
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        cycle = self._cycle
+        if cycle is None:
+            return
+        group, cfg = cycle.group, self.config
+        if "lr" not in cfg.extension_options:
+            group.group["lr"] = cfg.extension_lr_scale * float(optimizer.param_groups[0]["lr"])
+        clip(group.params, self.max_grad_norm)
+        group.attach()
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        cycle = self._cycle
+        if cycle is not None and cycle.group.attached:
+            cycle.group.detach()
+            cycle.group.zero_grad()   # the trainer zeroes only its own groups' gradients
+
+    # -- plain steps and the start of a cycle ----------------------------------------------------
+    def _plain_step(self, value: float) -> None:
+        if math.isfinite(value):
+            self._plain.append(value)
+        lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        self._peak_lr = max(self._peak_lr, lr)
+        fired = self.trigger.update(value, step=self.step_count, grad_norm=None)
+        if fired and self._disabled is None and self._plain and may_start(
+                self.config, step=self.step_count, cycles=self.cycle,
+                quiet_until=self._quiet_until, lr=lr, peak_lr=self._peak_lr):
+            self._start_cycle()
+
+    def _start_cycle(self) -> None:
+        cfg = self.config
+        snapshot = Snapshot.take(self.model, self.optimizer)
+        try:
+            ext = InPlaceExtension(self.model, self._chosen, self._modules, width=cfg.width,
+                                   activation=cfg.activation, overrides=cfg.overrides,
+                                   seed=cfg.seed + self.cycle + self.failures,
+                                   init_scale=cfg.init_scale)
+        except Exception as exc:
+            self._disabled = f"extension failed: {type(exc).__name__}: {exc}"
+            self._event("failure", reason=self._disabled)
+            if cfg.on_failure is OnFailure.RAISE:
+                raise BypassError(f"morphc could not extend the model ({exc}); nothing was "
+                                  "changed") from exc
+            return
+        group = ExtensionGroup(self.optimizer, ext.parameters(), cfg.extension_options)
+        pace = getattr(self.trigger, "pace", None)
+        self._cycle_losses, self._micro = [], 0
+        self._cycle = Cycle(ext, snapshot, group, cfg, started_at=self.step_count,
+                            pace=pace() if callable(pace) else 0.0)
+        self._cycle.loss_before = sum(self._plain) / len(self._plain)
+        self._event("extend", sites=[s.name for s in ext.sites],
+                    widths={n: b.width for n, b in ext.branches.items()})
+        self._set_return_homotopy()
+
+    # -- steps of a cycle -------------------------------------------------------------------------
+    def _cycle_step(self, value: float) -> None:
+        cycle = self._cycle
+        if not math.isfinite(value):
+            self._rollback(f"non-finite loss {value} at {cycle.phase} step {cycle.phase_step}")
+            return
+        self._cycle_losses.append(value)
+        was_free = cycle.phase is Phase.BYPASS
+        cycle.advance()
+        if was_free and cycle.phase is Phase.RETURN:
+            cycle.loss_free = value
+            self._cycle_losses = []          # the acceptance window is the return phase's
+            self._event("return", mode=self.config.return_mode, steps=cycle.return_len)
+        if cycle.return_done:
+            self._close()
+        else:
+            self._set_return_homotopy()
+
+    def _set_return_homotopy(self) -> None:
+        s = self._cycle.homotopy_now()
+        if s is not None:
+            self._cycle.ext.set_homotopy(s)
+
+    def resolve(self, reason: str) -> None:
+        """Leave no extension behind (a checkpoint is due, or training ended): fold a cycle on C
+        that has return steps to judge it by, roll back any other."""
+        cycle = self._cycle
+        if cycle is None:
+            return
+        if cycle.phase is Phase.RETURN and self._cycle_losses and \
+                cycle.ext.constraint_residual() == 0.0:
+            self._close(reason)
+        else:
+            self._rollback(f"{reason} during the {cycle.phase} phase (step {cycle.phase_step}), "
+                           "off the constraint set: nothing to fold exactly")
+
+    def _close(self, reason: str | None = None) -> None:
+        """return → accept or roll back → fold (exact, verified) → training goes on."""
+        cycle = self._cycle
+        before = cycle.loss_before
+        recent = self._cycle_losses[-self.window:]
+        after = sum(recent) / len(recent)
+        measures = {"loss_before": before, "loss_free": cycle.loss_free, "loss_after": after,
+                    "survival": cycle.survival(before, after), "window": len(recent)}
+        if not cycle.pays(before, after):
+            self._unpaid += 1
+            self._quiet_until = self.step_count + self.config.cycle_steps * 2 ** self._unpaid
+            self._rollback(f"the cycle did not pay: mean training loss {after:.4g} over its last "
+                           f"{len(recent)} steps vs {before:.4g} before (needed < "
+                           f"{before - cycle.required_gain(before):.4g})", measures=measures,
+                           backoff=True)
+            return
+        residual = cycle.ext.constraint_residual()
+        try:
+            deviation = cycle.ext.fold()
+        except MorphcError as exc:
+            self._rollback(f"contraction failed: {exc}", exc)
+            return
+        self._unpaid = 0
+        self._end_cycle()
+        self.cycle += 1
+        self._event("contract", residual=residual, deviation=deviation, reason=reason,
+                    sites=[s.name for s in cycle.ext.sites], **measures)
+
+    def _end_cycle(self) -> None:
+        cycle, self._cycle = self._cycle, None
+        if cycle.group.attached:
+            cycle.group.detach()
+        cycle.ext.remove()
+        self.trigger.reset()
+        self._plain.clear()
+
+    def _rollback(self, reason: str, exc: BaseException | None = None, *,
+                  measures: dict | None = None, backoff: bool = False) -> None:
+        """Restore the user's weights, buffers and optimizer state from before the extension,
+        bit for bit."""
+        snapshot = self._cycle.snapshot
+        self._end_cycle()
+        snapshot.restore(self.model, self.optimizer)
+        self.failures += 1
+        self._event("rollback", reason=reason, **(measures or {}))
+        if self.config.on_failure is OnFailure.RAISE and not backoff:
+            raise BypassError(f"{reason}. The model, its buffers and the optimizer state were "
+                              "restored to their values before this cycle's extension.") from exc
+
+    def _event(self, kind: str, **fields) -> None:
+        self.log.add(kind, step=self.step_count, phase=self.phase, cycle=self.cycle, **fields)
+
+    # -- the callback's own checkpoint state (no cycle is ever in flight in a checkpoint) --------
+    def state_dict(self) -> dict:
+        return {"trigger": self.trigger.state_dict(), "cycle": self.cycle,
+                "failures": self.failures, "unpaid": self._unpaid,
+                "quiet_until": self._quiet_until, "peak_lr": self._peak_lr,
+                "disabled": self._disabled, "plain": list(self._plain),
+                "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trigger.load_state_dict(state["trigger"])
+        self.cycle, self.failures = int(state["cycle"]), int(state["failures"])
+        self._unpaid, self._quiet_until = int(state["unpaid"]), int(state["quiet_until"])
+        self._peak_lr, self._disabled = float(state["peak_lr"]), state["disabled"]
+        self._plain.clear()
+        self._plain.extend(float(v) for v in state["plain"])
+        self.log.events[:] = list(state["history"])

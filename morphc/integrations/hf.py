@@ -1,0 +1,86 @@
+"""``BypassCallback`` for the Hugging Face ``Trainer`` (``pip install 'morphc[hf]'``).
+
+>>> from morphc.integrations.hf import BypassCallback                      # doctest: +SKIP
+>>> trainer = Trainer(model=model, args=args, train_dataset=ds,             # doctest: +SKIP
+...                   callbacks=[BypassCallback(bypass_steps=50, return_steps=50)])
+>>> trainer.train()                                                          # doctest: +SKIP
+
+Where it acts, in the Trainer's order per optimizer step (transformers 5.23)::
+
+    on_step_begin → micro-batch → on_substep_end → micro-batch … → clip(model.parameters())
+      → on_pre_optimizer_step → optimizer.step() → on_optimizer_step → scheduler.step()
+      → zero_grad → on_step_end → save (if control.should_save) → on_save
+
+- micro-batch starts (``on_step_begin``, ``on_substep_end``): the joint free phase alternates s;
+- the training loss: a forward hook on the model reads ``output.loss`` of every training-mode
+  forward (the model must compute its loss, i.e. be given ``labels``);
+- ``optimizer.step()``: the extension's group joins the AcceleratedOptimizer's torch optimizer
+  inside the step only, its gradients clipped to ``args.max_grad_norm`` (the Trainer clips
+  ``model.parameters()``, which do not include the extension);
+- ``on_step_end``: gradients are gone and the scheduler has stepped, so the cycle moves here;
+  ``control.should_save`` is already decided, so a cycle in flight is resolved (folded if on C,
+  else rolled back) *before* the checkpoint is written (``on_save`` runs after it).
+"""
+
+from __future__ import annotations
+
+try:
+    import transformers
+except ImportError as exc:   # pragma: no cover - exercised without the extra
+    raise ImportError("morphc.integrations.hf needs transformers: pip install 'morphc[hf]'"
+                      ) from exc
+
+import torch
+
+from morphc.errors import BypassError
+from morphc.integrations.core import TrainerBypass
+from morphc.runtime.triggers import Trigger
+
+
+class BypassCallback(transformers.TrainerCallback):
+    """Run Bypass cycles inside ``transformers.Trainer``; settings as
+    :class:`~morphc.integrations.core.TrainerBypass`. ``callback.bypass.history`` lists the
+    events."""
+
+    def __init__(self, trigger: Trigger | None = None, **options) -> None:
+        self.bypass = TrainerBypass(trigger, **options)
+        self._loss_hook = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if getattr(args, "fp16", False):
+            raise BypassError("BypassCallback does not support fp16 training: its GradScaler "
+                              "unscales only the optimizer's groups, and the extension's joins "
+                              "inside step(); use bf16=True or fp32")
+        self.bypass.attach(model, optimizer, max_grad_norm=args.max_grad_norm,
+                           total_steps=state.max_steps, step=state.global_step)
+        self._loss_hook = model.register_forward_hook(self._capture_loss)
+
+    def _capture_loss(self, module, args, output) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is not None:
+            self.bypass.record_loss(loss)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.bypass.before_micro_batch()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.bypass.before_micro_batch()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bypass.after_step(state.global_step)
+        if control.should_save:
+            self.bypass.resolve(f"a checkpoint at step {state.global_step}")
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:   # save_strategy="epoch" decides here, after on_step_end
+            self.bypass.resolve(f"a checkpoint at the end of epoch {state.epoch:g}")
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bypass.finish()
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None

@@ -1,0 +1,90 @@
+"""``BypassCallback`` for the Lightning ``Trainer`` (``pip install 'morphc[lightning]'``).
+
+>>> from morphc.integrations.lightning import BypassCallback               # doctest: +SKIP
+>>> trainer = L.Trainer(callbacks=[BypassCallback(bypass_steps=50, return_steps=50)])
+>>> trainer.fit(module, loader)                                             # doctest: +SKIP
+
+Where it acts (Lightning 2.6, automatic optimization)::
+
+    on_train_batch_start → training_step → backward → on_train_batch_end          (accumulating)
+    on_train_batch_start → optimizer.step(closure: training_step, backward, clip)
+      → scheduler.step() → on_train_batch_end → ModelCheckpoint                  (stepping)
+
+- sites: the modules of the LightningModule (all ``nn.Linear`` / convs under it);
+- ``on_train_batch_start``: the joint free phase alternates s per micro-batch;
+- the training loss: ``outputs["loss"]`` of ``on_train_batch_end`` (Lightning divides it by
+  ``accumulate_grad_batches``; multiplied back);
+- ``optimizer.step()``: the extension's group joins inside the step, before Lightning's closure
+  runs, so Lightning's own gradient clipping (``gradient_clip_val``) covers it too;
+- ``on_train_batch_end`` with ``trainer.global_step`` advanced: the cycle moves;
+- ``on_save_checkpoint``: a cycle in flight is resolved (folded if on C, else rolled back) and
+  the checkpoint's ``state_dict``, ``optimizer_states`` and this callback's state are rewritten
+  from the resolved model, so every checkpoint holds the user's keys and groups only.
+- ``state_dict``: the trigger and counters, so a resumed run continues them.
+"""
+
+from __future__ import annotations
+
+try:
+    import lightning.pytorch as pl
+except ImportError as exc:   # pragma: no cover - exercised without the extra
+    raise ImportError("morphc.integrations.lightning needs lightning: pip install "
+                      "'morphc[lightning]'") from exc
+
+import torch
+
+from morphc.errors import BypassError
+from morphc.integrations.core import TrainerBypass
+from morphc.runtime.triggers import Trigger
+
+
+class BypassCallback(pl.Callback):
+    """Run Bypass cycles inside ``lightning.Trainer``; settings as
+    :class:`~morphc.integrations.core.TrainerBypass`. ``callback.bypass.history`` lists the
+    events."""
+
+    def __init__(self, trigger: Trigger | None = None, **options) -> None:
+        self.bypass = TrainerBypass(trigger, **options)
+        self._last_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if str(trainer.precision).startswith("16"):
+            raise BypassError("BypassCallback does not support precision='16-mixed': its "
+                              "GradScaler unscales only the optimizer's groups; use "
+                              "'bf16-mixed' or '32-true'")
+        if not pl_module.automatic_optimization or len(trainer.optimizers) != 1:
+            raise BypassError("BypassCallback needs automatic optimization with one optimizer")
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self.bypass.attach(pl_module, trainer.optimizers[0], total_steps=max_steps,
+                           step=trainer.global_step)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.bypass.before_micro_batch()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.bypass.record_loss(loss.detach().float() * trainer.accumulate_grad_batches)
+        if trainer.global_step != self._last_step:     # an optimizer step happened
+            self._last_step = trainer.global_step
+            self.bypass.after_step(trainer.global_step)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if not self.bypass.in_cycle:
+            return
+        self.bypass.resolve(f"a checkpoint at step {trainer.global_step}")
+        checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o)
+                                              for o in trainer.optimizers]
+        checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.bypass.finish()
+
+    def state_dict(self) -> dict:
+        return self.bypass.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.bypass.load_state_dict(state_dict)
