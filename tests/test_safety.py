@@ -544,12 +544,13 @@ def test_a_frozen_weight_is_not_a_site_unless_named():
     assert not torch.equal(model[0].weight, frozen["weight"])
 
 
-def test_bypass_leaves_frozen_layers_alone():
+def test_auto_selection_leaves_frozen_layers_alone():
+    """What the default Bypass does: ``sites="auto"`` over every candidate."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     model[0].requires_grad_(False)
-    ext = morphc.extend(model, (torch.randn(5, 6),))
-    assert "0" not in [s.name for s in ext.sites]
+    ext = morphc.extend(model, (torch.randn(5, 6),), top_k=2)
+    assert [s.name for s in ext.sites] == ["2"]
 
 
 # -- regex site patterns (defect 8) --------------------------------------------------------------
