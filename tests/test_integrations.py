@@ -120,6 +120,18 @@ def test_trainer_bypass_refuses_what_needs_its_own_loop():
         bp.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
+@pytest.mark.parametrize("name, extra", [("hf", "transformers"), ("lightning", "lightning")])
+def test_missing_extra_says_what_to_install(monkeypatch, name, extra):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, extra, None)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    monkeypatch.delitem(sys.modules, f"morphc.integrations.{name}", raising=False)
+    with pytest.raises(ImportError, match=rf"morphc\[{name}\]"):
+        importlib.import_module(f"morphc.integrations.{name}")
+
+
 def _state(model, optimizer):
     """Every parameter, buffer and optimizer-state tensor, cloned (for bit-identity checks)."""
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}

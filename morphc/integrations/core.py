@@ -292,12 +292,15 @@ class TrainerBypass:
         cycle = self._cycle
         if cycle is None:
             return
-        if cycle.phase is Phase.RETURN and self._cycle_losses and \
-                cycle.ext.constraint_residual() == 0.0:
+        on_c = cycle.ext.constraint_residual() == 0.0
+        if cycle.phase is Phase.RETURN and self._cycle_losses and on_c:
             self._close(reason)
-        else:
+        elif not on_c:
             self._rollback(f"{reason} during the {cycle.phase} phase (step {cycle.phase_step}), "
                            "off the constraint set: nothing to fold exactly")
+        else:
+            self._rollback(f"{reason} before any return step: no training loss of the model "
+                           "a fold would keep to judge it by")
 
     def _close(self, reason: str | None = None) -> None:
         """return → accept or roll back → fold (exact, verified) → training goes on."""
