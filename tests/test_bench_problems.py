@@ -13,7 +13,7 @@ from morphc.bench.baselines import (
     PLAIN,
     Method,
     OptimizerStepper,
-    PlateauDetector,
+    RemedyStepper,
     RunResult,
     register,
     stepper_method,
@@ -107,7 +107,9 @@ def test_problem_builds_with_right_shapes(name):
     model = problem.make_model(0)
     initial = [v.clone() for v in model.state_dict().values()]
     out = model(data.x_train[:5])
-    if problem.higher_is_better:   # classification: int64 labels, one logit per class
+    if name == "xor":              # MSE on sigmoid outputs, accuracy as the test metric
+        assert out.shape == data.y_train[:5].shape
+    elif problem.higher_is_better:   # classification: int64 labels, one logit per class
         assert data.y_train.dtype == torch.int64
         assert out.shape == (5, int(data.y_train.max()) + 1)
     else:
@@ -145,13 +147,57 @@ def test_runs_are_deterministic_per_seed():
     assert first.losses == second.losses and first.final_loss == second.final_loss
 
 
-def test_plateau_detector_fires_on_a_flat_loss_only():
-    detector = PlateauDetector(window=10, threshold=1e-3)
-    assert not any(detector.update(1.0 / (1 + t)) for t in range(100))
-    flat = [detector.update(0.5) for _ in range(200)]
-    assert any(flat)
-    first = flat.index(True)
-    assert not any(flat[first + 1:first + 11])        # the window restarts after firing
+def test_remedies_use_morphcs_plateau_trigger_and_roll_back_what_does_not_pay():
+    """Issue 12/13: every triggered method uses morphc.Plateau and Bypass's acceptance rule."""
+    import morphc
+    from morphc.bench.baselines import full_train_loss
+
+    problem = PROBLEMS["stationary"]   # noise cannot leave this minimum: every cycle rolls back
+    data, model = problem.make_data(0), problem.make_model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stepper = RemedyStepper(problem, model, 0, 300, remedy="noise",
+                            eval_closure=full_train_loss(problem, data))
+    assert type(stepper.trigger) is morphc.Plateau
+    for _ in range(300):
+        stepper.step(lambda m: problem.loss_fn(m(data.x_train), data.y_train))
+    events = stepper.events
+    assert events["extended_at"] and events["rollbacks"] == len(events["extended_at"])
+    assert all(torch.equal(before[k], v) for k, v in stepper.finish().state_dict().items())
+
+
+def test_the_stationary_problem_has_an_exactly_zero_gradient():
+    problem = PROBLEMS["stationary"]
+    data, model = problem.make_data(0), problem.make_model(0)
+    problem.loss_fn(model(data.x_train), data.y_train).backward()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+def test_the_stationary_problem_gives_a_linear_branch_no_gradient_and_tanh_one():
+    """The construction of RESEARCH_13 §5: ∂L/∂B = 0 for ρ affine (s = 0), ≠ 0 for tanh (s = 1)."""
+    import morphc
+
+    problem = PROBLEMS["stationary"]
+    data, model = problem.make_data(0), problem.make_model(0)
+    ext = morphc.extend(model, (data.x_train,), sites="all", width=8, seed=0)
+    norms = {}
+    for s in (0.0, 1.0):
+        ext.set_homotopy(s)
+        ext.zero_grad()
+        problem.loss_fn(ext(data.x_train), data.y_train).backward()
+        norms[s] = sum(float(p.grad.norm()) for p in ext.extension_parameters()
+                       if p.grad is not None)
+    assert norms[0.0] < 1e-6 < 1e-2 < norms[1.0]
+
+
+def test_xor_has_its_success_threshold_and_fifty_seeds():
+    problem = PROBLEMS["xor"]
+    assert problem.seeds >= 50 and problem.success_loss == 0.01
+    assert problem.make_optimizer(problem.make_model(0).parameters()).__class__ is torch.optim.SGD
+
+
+def test_the_narrow_teacher_students_reference_is_cached_per_seed():
+    problem = PROBLEMS["teacher_student_narrow"]
+    assert 0 < problem.reference(0) < 0.5    # shipped in reference_losses.json: no training here
 
 
 def test_a_method_is_one_line_to_register_and_runs_through_the_harness():

@@ -11,21 +11,21 @@ line::
         "bypass", lambda problem, model, seed, steps: morphc.Bypass(model, adam(problem)),
         "Adam + Bypass (extend on plateau, contract back)"))
 
-Baselines here, all under the same step budget and seeds:
+Baselines here, all under the same step budget, seeds and optimizer (the problem's own:
+Adam or SGD with momentum, see ``Problem.optimizer``):
 
-- ``adam``: plain Adam (the reference every ratio is taken against);
-- ``sgd_momentum``: SGD with momentum 0.9;
-- ``perturb``: Adam plus perturbed gradient descent: when :class:`PlateauDetector` fires, add
-  noise of norm ``r`` (isotropic direction) to all weights;
-- ``warm_restarts``: Adam with ``CosineAnnealingWarmRestarts``.
+- ``plain``: the problem's optimizer alone (the reference every ratio is taken against);
+- ``perturb``: noise on plateau; ``warm_restarts``: a warm restart on plateau. Both are
+  :class:`RemedyStepper` cycles: the same ``morphc.Plateau`` trigger, cycle length, budget rule,
+  acceptance test and rollback as ``morphc.Bypass``, so only the move differs.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -159,7 +159,10 @@ def train(problem: Problem, seed: int, steps: int, on_step: OnStep,
     seed_everything(seed)
     data = problem.make_data(seed)
     model = problem.make_model(seed)
-    stepper = make_stepper(problem, model, seed, steps)
+    if "data" in inspect.signature(make_stepper).parameters:   # cycle methods evaluate on it
+        stepper = make_stepper(problem, model, seed, steps, data=data)
+    else:
+        stepper = make_stepper(problem, model, seed, steps)
     batches, smoother = Batches(data, problem.batch_size, seed), Smoother(smoothing_beta(problem))
     losses: list[float] = []
     reached: tuple[int, float] | None = None
@@ -181,6 +184,10 @@ def train(problem: Problem, seed: int, steps: int, on_step: OnStep,
     final = stepper.finish()
     final_loss, metric_name, metric_value = evaluate(problem, final, data)
     extra.update(getattr(stepper, "events", {}))
+    if problem.success_loss is not None:
+        extra["success"] = bool(final_loss < problem.success_loss)
+    if problem.reference is not None:
+        extra["reference_loss"] = problem.reference(seed)
     return RunResult(
         problem=problem.name, method=method, seed=seed, losses=losses, final_loss=final_loss,
         seconds=seconds, params=sum(p.numel() for p in final.parameters()),
@@ -228,37 +235,28 @@ class OptimizerStepper:
 
 
 def adam(problem: Problem) -> Callable[[object], torch.optim.Optimizer]:
-    """The optimizer factory every Adam-based method uses: ``adam(problem)(params)``."""
-    return lambda params: torch.optim.Adam(params, lr=problem.lr)
-
-
-class PlateauDetector:
-    """O(1)-per-step stagnation test on a smoothed loss.
-
-    Keeps an EMA of the loss and the last ``window`` smoothed values; fires when the relative
-    improvement over the window, ``(s[t-window] - s[t]) / |s[t-window]|``, falls below
-    ``threshold``. After firing it forgets its window, so it cannot fire again for ``window``
-    steps.
-    """
-
-    def __init__(self, window: int = 50, threshold: float = 1e-3, beta: float = 0.9):
-        self.window, self.threshold = window, threshold
-        self.smoother = Smoother(beta)
-        self.history: deque[float] = deque(maxlen=window + 1)
-
-    def update(self, loss: float) -> bool:
-        self.history.append(self.smoother.update(loss))
-        if len(self.history) <= self.window:
-            return False
-        old, new = self.history[0], self.history[-1]
-        if (old - new) / max(abs(old), 1e-12) < self.threshold:
-            self.history.clear()
-            return True
-        return False
+    """The factory of the problem's own optimizer (Adam or SGD+momentum, see ``Problem``):
+    ``adam(problem)(params)``. Kept under its old name; every method trains with it."""
+    return problem.make_optimizer
 
 
 def default_window(steps: int) -> int:
+    """The Plateau window every triggered method uses: 100 steps (the library default) within
+    budgets of ≥ 2000 steps, 1/20 of the budget below."""
     return min(100, max(10, steps // 20))
+
+
+def phase_steps(steps: int) -> int:
+    """100 steps per phase (the library default) within budgets of ≥ 2000 steps, less below."""
+    return max(10, min(100, steps // 20))
+
+
+def full_train_loss(problem: Problem, data: Data) -> Closure:
+    """The evaluation closure every cycle's accept-or-roll-back test uses: the whole training
+    set (for full-batch problems this is the training closure itself)."""
+    def closure(model: nn.Module) -> torch.Tensor:
+        return problem.loss_fn(model(data.x_train), data.y_train)
+    return closure
 
 
 @torch.no_grad()
@@ -271,38 +269,142 @@ def perturb_(params: list[torch.Tensor], radius: float, generator: torch.Generat
         p.add_(n, alpha=radius / max(norm, 1e-30))
 
 
-def perturbed_stepper(problem: Problem, model: nn.Module, seed: int, steps: int,
-                      relative_radius: float = 0.02, threshold: float = 1e-3) -> OptimizerStepper:
-    """Adam; on a plateau add noise of radius ``relative_radius·‖θ‖`` to the weights."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    detector = PlateauDetector(window=default_window(steps), threshold=threshold)
-    generator = torch.Generator().manual_seed(seed + 30_000)
-    stepper = OptimizerStepper(model, adam(problem)(params))
-    stepper.events["perturbations"] = 0
+class RemedyStepper:
+    """A cheap remedy run exactly like a Bypass cycle, so only the move differs.
 
-    def after_step(loss: float) -> None:
-        if detector.update(loss):
+    The same trigger (``morphc.Plateau`` with the bench's window), the same cycle length
+    (``2·phase_steps``), no cycle that cannot end in the budget, the same accept-or-roll-back
+    rule on the same evaluation data (the contracted/perturbed model must beat the model from
+    before the cycle by more than plain training's recent pace would have made), the same
+    bit-identical rollback (``morphc``'s ``Snapshot``) and the same back-off. ``remedy`` is
+    ``"noise"`` (weights += noise of norm ``0.02·‖θ‖``) or ``"restart"`` (a warm restart:
+    optimizer state cleared, learning rate raised ``3×`` and cosine-annealed back over the
+    cycle).
+    """
+
+    def __init__(self, problem: Problem, model: nn.Module, seed: int, steps: int, *,
+                 remedy: str, eval_closure: Closure | None = None, radius: float = 0.02,
+                 kick: float = 3.0) -> None:
+        import morphc
+        from morphc.runtime.snapshot import Snapshot
+
+        self._snapshot_type = Snapshot
+        self._model, self.remedy, self.radius, self.kick = model, remedy, radius, kick
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = problem.make_optimizer(self.params)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.trigger = morphc.Plateau(window=default_window(steps))
+        self.cycle_steps, self.total = 2 * phase_steps(steps), steps
+        self.eval_closure = eval_closure
+        self.generator = torch.Generator().manual_seed(seed + 30_000)
+        self.step_count, self.unpaid, self.quiet_until = 0, 0, 0
+        self.cycle: dict | None = None
+        self.history: list[dict] = []
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    def step(self, closure: Closure) -> torch.Tensor:
+        cycle = self.cycle
+        if cycle is not None and self.remedy == "restart":
+            t = cycle["done"] / self.cycle_steps
+            scale = 1.0 + (self.kick - 1.0) * 0.5 * (1.0 + math.cos(math.pi * t))
+            for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = lr * scale
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = closure(self._model)
+        loss.backward()
+        self.optimizer.step()
+        self.step_count += 1
+        value = loss.item()
+        if cycle is not None:
+            cycle["done"] += 1
+            if cycle["done"] >= self.cycle_steps:
+                self._close(closure)
+        elif self.trigger.update(value, step=self.step_count) \
+                and self.step_count >= self.quiet_until \
+                and self.step_count + self.cycle_steps <= self.total:
+            self._open()
+        return loss.detach()
+
+    def _open(self) -> None:
+        self.cycle = {"done": 0, "at": self.step_count, "pace": self.trigger.pace(),
+                      "snapshot": self._snapshot_type.take(self._model, self.optimizer)}
+        self.history.append({"event": "extend", "step": self.step_count})
+        if self.remedy == "noise":
             with torch.no_grad():
-                theta = torch.sqrt(sum((p.double() ** 2).sum() for p in params)).item()
-            perturb_(params, relative_radius * max(theta, 1e-3), generator)
-            stepper.events["perturbations"] += 1
+                theta = torch.sqrt(sum((p.double() ** 2).sum() for p in self.params)).item()
+            perturb_(self.params, self.radius * max(theta, 1e-3), self.generator)
+        else:
+            self.optimizer.state.clear()
 
-    stepper.after_step = after_step
-    return stepper
+    def _loss(self, closure: Closure) -> float:
+        was = self._model.training
+        self._model.eval()
+        try:
+            with torch.no_grad():
+                return float((self.eval_closure or closure)(self._model))
+        finally:
+            self._model.train(was)
+
+    def _close(self, closure: Closure) -> None:
+        cycle, self.cycle = self.cycle, None
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = lr
+        snapshot = cycle["snapshot"]
+        after = self._loss(closure)
+        current = snapshot.swap_params(self._model)
+        try:
+            before = self._loss(closure)
+        finally:
+            snapshot.put_back(self._model, current)
+        required = abs(before) * cycle["pace"] * self.cycle_steps
+        paid = math.isfinite(after) and after < before - required
+        event = {"step": self.step_count, "loss_before": before, "loss_after": after}
+        if paid:
+            self.unpaid = 0
+            self.history.append({"event": "contract", **event})
+        else:
+            snapshot.restore(self._model, self.optimizer)
+            self.unpaid += 1
+            self.quiet_until = self.step_count + self.cycle_steps * 2 ** self.unpaid
+            self.history.append({"event": "rollback", **event})
+        self.trigger.reset()
+
+    def finish(self) -> nn.Module:
+        """Like ``Bypass.finish()``: never trains; a cycle in flight is kept only if it pays."""
+        if self.cycle is not None and self.eval_closure is not None:
+            self._close(self.eval_closure)
+        return self._model
+
+    @property
+    def events(self) -> dict:
+        return cycle_events(self.history)
 
 
-def warm_restart_stepper(problem: Problem, model: nn.Module, seed: int,
-                         steps: int) -> OptimizerStepper:
-    """Adam + cosine warm restarts: cycles T0, 2T0, 4T0, 8T0 fill the budget (T0 = steps/15)."""
-    optimizer = adam(problem)(model.parameters())
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=max(1, steps // 15), T_mult=2, eta_min=problem.lr / 100)
-    return OptimizerStepper(model, optimizer, scheduler)
+def cycle_events(history: list[dict]) -> dict:
+    """What the report needs from a cycle history (``morphc.Bypass.history`` or a remedy's):
+    when cycles started and were kept, rollbacks, and each closed cycle's measures."""
+    closed = [e for e in history if e["event"] in ("contract", "rollback")
+              and "loss_before" in e]
+    return {"extended_at": [e["step"] for e in history if e["event"] == "extend"],
+            "contracted_at": [e["step"] for e in history if e["event"] == "contract"],
+            "rollbacks": sum(e["event"] == "rollback" for e in history),
+            "cycles": [{k: e.get(k) for k in ("event", "step", "loss_before", "loss_free",
+                                              "loss_after", "survival")} for e in closed]}
+
+
+def remedy_method(name: str, remedy: str, description: str) -> Method:
+    def make(problem, model, seed, steps, data=None):
+        closure = None if data is None else full_train_loss(problem, data)
+        return RemedyStepper(problem, model, seed, steps, remedy=remedy, eval_closure=closure)
+    return stepper_method(name, make, description)
 
 
 # --- the registry ----------------------------------------------------------------------------
 
-PLAIN = "adam"
+PLAIN = "plain"
 
 METHODS: dict[str, Method] = {}
 
@@ -316,18 +418,15 @@ def register(method: Method) -> Method:
 BASELINES = [
     register(stepper_method(
         PLAIN, lambda problem, model, seed, steps: OptimizerStepper(
-            model, adam(problem)(model.parameters())),
-        "plain Adam at the problem's learning rate")),
-    register(stepper_method(
-        "sgd_momentum", lambda problem, model, seed, steps: OptimizerStepper(
-            model, torch.optim.SGD(model.parameters(), lr=problem.sgd_lr, momentum=0.9)),
-        "SGD, momentum 0.9, at the problem's SGD learning rate")),
-    register(stepper_method(
-        "perturb", perturbed_stepper,
-        "Adam + perturbed GD: noise of norm 0.02·‖θ‖ when the smoothed loss stalls")),
-    register(stepper_method(
-        "warm_restarts", warm_restart_stepper,
-        "Adam + CosineAnnealingWarmRestarts (T0 = steps/15, T_mult = 2)")),
+            model, problem.make_optimizer(model.parameters())),
+        "plain training with the problem's optimizer")),
+    register(remedy_method(
+        "perturb", "noise",
+        "noise on plateau: weights += noise of norm 0.02·‖θ‖, kept only if it pays")),
+    register(remedy_method(
+        "warm_restarts", "restart",
+        "warm restart on plateau: optimizer state cleared, lr 3× cosine-annealed back, kept "
+        "only if it pays")),
 ]
 
 

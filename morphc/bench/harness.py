@@ -29,7 +29,7 @@ import torch
 from morphc.bench.baselines import PLAIN, Method, RunResult, get_methods
 from morphc.bench.problems import Problem, get_problems
 
-QUICK_SEEDS, FULL_SEEDS = 2, 5
+QUICK_SEEDS, FULL_SEEDS = 2, 3
 
 __all__ = ["RunResult", "SuiteResult", "aggregate", "run_suite", "stats"]
 
@@ -99,18 +99,21 @@ def run_suite(problems: Sequence[Problem | str] | None = None,
     from tqdm.auto import tqdm
 
     problems, methods = get_problems(problems), get_methods(methods)
-    seeds = _resolve_seeds(seeds, quick)
+    default_seeds = _resolve_seeds(seeds, quick)
+    own = {p.name: (p.quick_seeds if quick else p.seeds) for p in problems}
+    per_problem = {name: default_seeds if seeds is not None or not n else list(range(n))
+                   for name, n in own.items()}
     budget = {p.name: steps or (p.quick_steps if quick else p.steps) for p in problems}
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     runs: list[RunResult] = []
     start = time.perf_counter()
-    bar = tqdm(total=len(problems) * len(methods) * len(seeds), disable=not progress,
+    bar = tqdm(total=len(methods) * sum(map(len, per_problem.values())), disable=not progress,
                desc="bench", unit="run")
     try:
         for problem in problems:
-            for seed in seeds:
+            for seed in per_problem[problem.name]:
                 for method in methods:
                     bar.set_postfix_str(f"{problem.name} · {method.name} · seed {seed}")
                     runs.append(_run_one(problem, method, seed, budget[problem.name]))
@@ -118,7 +121,8 @@ def run_suite(problems: Sequence[Problem | str] | None = None,
     finally:
         bar.close()
         torch.set_num_threads(old_threads)
-    config = {"seeds": seeds, "quick": quick, "steps": budget, "threads": threads,
+    config = {"seeds": default_seeds, "problem_seeds": per_problem, "quick": quick,
+              "steps": budget, "threads": threads,
               "plain": PLAIN, "torch": torch.__version__, "python": platform.python_version(),
               "machine": platform.machine(), "total_seconds": time.perf_counter() - start}
     return SuiteResult(runs, {p.name: p.info() for p in problems},

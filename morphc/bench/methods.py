@@ -3,14 +3,15 @@
 All three are one :class:`morphc.Bypass` run with one knob changed, so they extend at the same
 step, at the same sites, with the same branch initialisation:
 
-- ``bypass``: ``morphc.Bypass`` with the settings of :data:`BYPASS_DEFAULTS` (plateau trigger,
-  every site, width 8, tanh, anneal), phases scaled to the step budget; repeats its cycle at
-  every plateau and returns the user's own architecture.
+- ``bypass``: ``morphc.Bypass`` with the library defaults (morphc/runtime/config.py), the
+  bench's Plateau window and phases scaled to the step budget, and the whole training set as
+  ``eval_closure`` (the accept-or-roll-back data); returns the user's own architecture.
 - ``growth``: one cycle that never returns: the extension is kept (homotopy 1) for the rest of
   the budget and the *extended* model is evaluated — more parameters, what "just make it bigger
   at the plateau" buys.
 - ``linear_bypass``: the ablation. The same cycles with ρ affine throughout (homotopy held at 0
-  from the extension on): a LoRA-like branch ``B·(p·(Ax + a) + q)``, folded back exactly. At a
+  from the extension on, free phase on L(s=0) only): a LoRA-like branch ``B·(p·(Ax + a) + q)``,
+  folded back exactly. At a
   stationary point its ``∂L/∂B`` is zero, so it opens no new descent direction (the check that
   the learnable non-linearity is what matters); ``docs/benchmarks.md`` reports what it does on
   each problem.
@@ -28,19 +29,22 @@ import torch
 from torch import nn
 
 import morphc
-from morphc.bench.baselines import adam, default_window, register, stepper_method
-from morphc.bench.problems import Problem
+from morphc.bench.baselines import (
+    adam,
+    cycle_events,
+    default_window,
+    full_train_loss,
+    phase_steps,
+    register,
+    stepper_method,
+)
+from morphc.bench.problems import Data, Problem
 
 VARIANTS = ("bypass", "growth", "linear")
 
-# Chosen by measurement (docs/benchmarks.md, "Choosing Bypass's settings"): the library defaults,
-# with phases and trigger window scaled to the budget.
-BYPASS_DEFAULTS: dict = {"sites": "all", "width": 32, "activation": "tanh"}
-
-
-def phase_steps(steps: int) -> int:
-    """100 steps per phase (the library default) within budgets of ≥ 2000 steps, less below."""
-    return max(10, min(100, steps // 20))
+# The library defaults (morphc/runtime/config.py), nothing tuned here: only the trigger window
+# and the phases are scaled to the budget, as for every other triggered method.
+BYPASS_DEFAULTS: dict = {}
 
 
 class BypassStepper:
@@ -53,13 +57,17 @@ class BypassStepper:
 
     def __init__(self, problem: Problem, model: nn.Module, seed: int, steps: int, *,
                  variant: str = "bypass", phase: int | None = None,
-                 options: Mapping | None = None) -> None:
+                 options: Mapping | None = None, data: Data | None = None) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         phase = phase_steps(steps) if phase is None else phase
         config = {**BYPASS_DEFAULTS, "trigger": morphc.Plateau(window=default_window(steps)),
                   "bypass_steps": phase, "return_steps": phase,
                   **copy.deepcopy(dict(options or {}))}   # a fresh trigger state per run
+        if data is not None:          # accept or roll back on the whole training set
+            config.setdefault("eval_closure", full_train_loss(problem, data))
+        if variant in ("linear", "growth"):   # one model trained: no joint s = 0 pass
+            config["free_phase"] = "plain"
         if variant == "growth":
             config.update(bypass_steps=steps + 1, max_cycles=1)
         else:
@@ -87,25 +95,23 @@ class BypassStepper:
 
     @property
     def events(self) -> dict:
-        """Cycle steps for the report: when each extension and contraction happened."""
-        history = self.bp.history
-        return {"extended_at": [e["step"] for e in history if e["event"] == "extend"],
-                "contracted_at": [e["step"] for e in history if e["event"] == "contract"],
-                "rollbacks": sum(e["event"] == "rollback" for e in history)}
+        """Cycle steps and measures for the report (see ``cycle_events``)."""
+        return cycle_events(self.bp.history)
 
 
 def bypass_method(name: str, variant: str, description: str, **stepper_options):
     """A suite method running :class:`BypassStepper` (``stepper_options``: ``phase``,
     ``options``); used for the registered methods and for settings sweeps."""
-    def make(problem, model, seed, steps):
-        return BypassStepper(problem, model, seed, steps, variant=variant, **stepper_options)
+    def make(problem, model, seed, steps, data=None):
+        return BypassStepper(problem, model, seed, steps, variant=variant, data=data,
+                             **stepper_options)
     return stepper_method(name, make, description)
 
 
-_SETTINGS = "plateau → extend every site, width 32, tanh"
+_SETTINGS = "plateau → extend (library defaults)"
 MORPHC_METHODS = [
     register(bypass_method("bypass", "bypass",
-                           f"morphc.Bypass: {_SETTINGS} → anneal → contract, at every plateau")),
+                           "morphc.Bypass with the library defaults, at every plateau")),
     register(bypass_method("growth", "growth",
                            f"{_SETTINGS} at the first plateau, never contracted: the extended "
                            "model is kept (more parameters)")),

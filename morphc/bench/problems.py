@@ -25,8 +25,11 @@ Problems, and what each one probes:
 from __future__ import annotations
 
 import functools
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -69,6 +72,17 @@ class Problem:
     batch_size: int | None = None
     test_metric: Metric | None = None
     higher_is_better: bool = False
+    optimizer: str = "adam"               # "adam" (at lr) or "sgd" (momentum 0.9, at sgd_lr)
+    seeds: int | None = None              # full-run seeds when the default (5) is too few
+    quick_seeds: int | None = None
+    success_loss: float | None = None     # a run "succeeds" when its final loss is below this
+    reference: Callable[[int], float] | None = None   # best loss this architecture reaches
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The problem's own optimizer: what "plain training" means on it."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.sgd_lr, momentum=0.9)
+        return torch.optim.Adam(params, lr=self.lr)
 
     def info(self) -> dict:
         """The JSON-friendly facts a report needs about this problem."""
@@ -76,7 +90,8 @@ class Problem:
             "name": self.name, "description": self.description, "steps": self.steps,
             "quick_steps": self.quick_steps, "target_loss": self.target_loss, "lr": self.lr,
             "sgd_lr": self.sgd_lr, "batch_size": self.batch_size,
-            "higher_is_better": self.higher_is_better,
+            "higher_is_better": self.higher_is_better, "optimizer": self.optimizer,
+            "success_loss": self.success_loss,
         }
 
 
@@ -243,15 +258,186 @@ def diabetes_mlp(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
 
 
+# --- XOR with a 2-2-1 sigmoid network ---------------------------------------------------------
+
+XOR_X = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+XOR_Y = torch.tensor([[0.0], [1.0], [1.0], [0.0]])
+XOR_SUCCESS = 0.01
+# Why 0.01: a final MSE below 0.01 means every output is within 0.2 of its target (all four
+# patterns right with margin), while every local minimum of this net sits at 0.125 or above
+# (two patterns collapsed onto one hidden code, sigmoids saturated); solved runs reach ~2e-4.
+# The threshold lies an order of magnitude from both, so no run is near it.
+
+
+def xor_data(seed: int) -> Data:
+    del seed
+    return Data(XOR_X, XOR_Y, XOR_X, XOR_Y)
+
+
+def xor_model(seed: int) -> nn.Module:
+    """2-2-1, sigmoid hidden and output, torch's default init from the seed."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 1), nn.Sigmoid())
+
+
+def xor_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[str, float]:
+    return "test_accuracy", ((_predict(model, x) > 0.5).float() == y).float().mean().item()
+
+
+# --- an under-parameterised teacher–student ----------------------------------------------------
+
+NARROW_IN, NARROW_TEACHER, NARROW_STUDENT, NARROW_N = 8, 8, 4, 256
+
+
+class ClipReLU(nn.Module):
+    """min(max(t, 0), 1): the teacher's and the student's hidden activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0.0, 1.0)
+
+
+def narrow_data(seed: int) -> Data:
+    """A clipped-ReLU teacher of width 8 (random weights), targets at unit variance."""
+    g = torch.Generator().manual_seed(seed)
+    w = 2.0 * torch.randn(NARROW_TEACHER, NARROW_IN, generator=g) / NARROW_IN**0.5
+    b = 0.5 * torch.randn(NARROW_TEACHER, generator=g)
+    v = torch.randn(1, NARROW_TEACHER, generator=g)
+    x = torch.randn(2 * NARROW_N, NARROW_IN, generator=g)
+    y = (x @ w.T + b).clamp(0.0, 1.0) @ v.T
+    y = (y - y[:NARROW_N].mean()) / y[:NARROW_N].std()
+    return Data(x[:NARROW_N], y[:NARROW_N], x[NARROW_N:], y[NARROW_N:])
+
+
+def narrow_student(seed: int, init_seed: int | None = None) -> nn.Module:
+    """Half the teacher's width: it cannot fit the teacher, and plain SGD often stops short of
+    what this width can reach."""
+    torch.manual_seed(seed + 777 if init_seed is None else init_seed)
+    return nn.Sequential(nn.Linear(NARROW_IN, NARROW_STUDENT), ClipReLU(),
+                         nn.Linear(NARROW_STUDENT, 1))
+
+
+REFERENCE_RESTARTS, REFERENCE_STEPS = 10, 4000
+
+
+def width_best_loss(seed: int, restarts: int = REFERENCE_RESTARTS,
+                    steps: int = REFERENCE_STEPS) -> float:
+    """The best training loss a width-4 student reaches on seed's data: the best of ``restarts``
+    random inits, each trained ``steps`` full-batch Adam steps with a cosine decay (lr 1e-2 →
+    1e-4). An estimate from above of the width's optimum; cached (see :func:`reference_loss`)."""
+    data = narrow_data(seed)
+    best = math.inf
+    for r in range(restarts):
+        model = narrow_student(seed, init_seed=100_000 + 1000 * seed + r)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            F.mse_loss(model(data.x_train), data.y_train).backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            best = min(best, F.mse_loss(model(data.x_train), data.y_train).item())
+    return best
+
+
+_REFERENCE_FILE = Path(__file__).with_name("reference_losses.json")
+
+
+def reference_loss(problem: str, seed: int, compute: Callable[[int], float]) -> float:
+    """A problem's reference loss for a seed, from ``reference_losses.json`` beside this file
+    (shipped, and extended by any run that had to compute a missing seed)."""
+    key = f"{problem}/{seed}"
+    try:
+        table = json.loads(_REFERENCE_FILE.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        table[key] = compute(seed)
+        try:
+            _REFERENCE_FILE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        except OSError:
+            pass
+    return float(table[key])
+
+
+# --- an exactly stationary point: a poor local minimum only a non-linear branch leaves --------
+
+STAT_WIDTH = 4
+STAT_POINTS = {0.25: (8, 1.0), 0.75: (8, -1.0), 2.0: (16, 0.0)}   # |x|: (count per sign, y)
+
+
+def stationary_data(seed: int) -> Data:
+    """1-D inputs ±¼, ±¾, ±2 with targets +1, −1, 0 (64 points). Every value is dyadic, so every
+    sum in the gradient is exact in float32 and the stationary point is exact, not approximate."""
+    del seed
+    xs, ys = [], []
+    for magnitude, (count, target) in STAT_POINTS.items():
+        for sign in (1.0, -1.0):
+            xs += [sign * magnitude] * count
+            ys += [target] * count
+    x, y = torch.tensor(xs).unsqueeze(1), torch.tensor(ys).unsqueeze(1)
+    return Data(x, y, x.clone(), y.clone())
+
+
+def stationary_model(seed: int) -> nn.Module:
+    """1→4→1 with Hardtanh, at an exactly stationary point that is a (poor) local minimum.
+
+    Every hidden unit is u(x) = hardtanh(x) (weights 1, biases 0), the output weights and bias
+    are 0, so the network outputs 0 and δ = ∂L/∂out = −2y/n. Then ∂L/∂b₂ = Σδ = 0 (the targets
+    sum to zero), ∂L/∂W₂ = Σδ·u = 0 (y is even in x, u odd), and the first layer gets no gradient
+    because W₂ = 0: the gradient is exactly zero. Second order: the W₂–W₁ and W₂–b₁ blocks are
+    Σδ·u'·x = 0 and Σδ·u' = −(2/n)(16·1 − 16·1) = 0, so no noise-sized move lowers the loss (the
+    units are linear on |x| < 1 and saturated at |x| = 2). The width-4 net can fit the targets
+    (a bump made of shifted hardtanh units), so the minimum is poor.
+
+    A *linear* branch B·(p(Ah + a) + q) at the output site gets ∂L/∂B = Σδ·(pA·1·u + c) = 0 (a
+    reparameterisation of W₂, b₂; at the first site its gradient is multiplied by W₂ = 0). A
+    tanh branch gets Σδ·tanh(α·u + a) ∝ g(α/4) − g(3α/4) ≠ 0, g(β) = tanh(a+β) + tanh(a−β):
+    u takes four values, and tanh of them is not affine in u.
+    """
+    del seed
+    model = nn.Sequential(nn.Linear(1, STAT_WIDTH), nn.Hardtanh(), nn.Linear(STAT_WIDTH, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+    return model
+
+
 # --- the registry ----------------------------------------------------------------------------
 
 PROBLEMS: dict[str, Problem] = {p.name: p for p in [
     Problem(
+        name="xor",
+        description="XOR, 2-2-1 sigmoid net, full batch, SGD momentum 0.9 (lr 0.5), torch init",
+        make_data=xor_data, make_model=xor_model, loss_fn=F.mse_loss,
+        steps=1500, quick_steps=400, target_loss=XOR_SUCCESS, lr=1e-2, sgd_lr=0.5,
+        test_metric=xor_accuracy, higher_is_better=True, optimizer="sgd", seeds=50,
+        quick_seeds=4, success_loss=XOR_SUCCESS),
+    Problem(
+        name="teacher_student_narrow",
+        description="8→4→1 clipped-ReLU student of an 8-unit clipped-ReLU teacher "
+                    "(under-parameterised), full batch, SGD momentum 0.9 (lr 0.05)",
+        make_data=narrow_data, make_model=narrow_student, loss_fn=F.mse_loss,
+        steps=3000, quick_steps=600, target_loss=0.1, lr=1e-2, sgd_lr=0.05,
+        test_metric=test_mse, optimizer="sgd",
+        reference=lambda seed: reference_loss("teacher_student_narrow", seed,
+                                              width_best_loss)),
+    Problem(
         name="teacher_student",
-        description="8→8→1 tanh student on an exact symmetric saddle, 6-unit tanh teacher",
+        description="symmetric saddle: 8→8→1 tanh student, all hidden units identical, 6-unit "
+                    "tanh teacher, full batch, Adam",
         make_data=teacher_student_data, make_model=symmetric_student, loss_fn=F.mse_loss,
         steps=2000, quick_steps=300, target_loss=0.02, lr=1e-2, sgd_lr=0.1,
         test_metric=test_mse),
+    Problem(
+        name="stationary",
+        description="exactly stationary poor local minimum: 1→4→1 Hardtanh net, identical "
+                    "units, zero output layer, full batch, SGD momentum 0.9 (lr 0.1)",
+        make_data=stationary_data, make_model=stationary_model, loss_fn=F.mse_loss,
+        steps=1000, quick_steps=300, target_loss=0.1, lr=1e-2, sgd_lr=0.1, test_metric=test_mse,
+        optimizer="sgd"),
     Problem(
         name="deep_linear",
         description="6-layer width-8 linear net, small init (saddle at the origin)",
