@@ -202,12 +202,12 @@ def test_headline_marks_where_bypass_loses_and_ranks_it():
 
 
 def test_bench_cli_training_part_writes_markdown_json_and_plots(tmp_path, capsys):
-    code = cli.main(["--only", "training", "--problems", "teacher_student", "--methods", "adam",
+    code = cli.main(["--only", "training", "--problems", "teacher_student", "--methods", PLAIN,
                      "bypass", "--seeds", "1", "--steps", "120", "--no-progress", "--out",
                      str(tmp_path)])
     assert code == 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert {r["method"] for r in data["runs"]} == {"adam", "bypass"}
+    assert {r["method"] for r in data["runs"]} == {PLAIN, "bypass"}
     assert data["run"]["command"].startswith("morphc bench --only training")
     md = (tmp_path / "results.md").read_text()
     assert "## Headline" in md and "| bypass |" in md

@@ -70,9 +70,13 @@ def _training(args, out: Path, data: dict) -> list[str]:
                       quick=args.quick, progress=not args.no_progress)
     data["suite"] = suite
     headline = report.format_headline(suite)
+    evidence = report.format_evidence(suite)
     (out / "headline.md").write_text(headline + "\n")
+    (out / "evidence.md").write_text(evidence + "\n")
     report.plot_curves(suite, out)
-    return ["## Headline: same budget, same seeds, ratio to plain Adam", "", headline, "",
+    return ["## Evidence: every method with the same trigger, per problem", "",
+            _demote(evidence), "",
+            "## Headline: same budget, same seeds, ratio to plain", "", headline, "",
             "## Training", "", _demote(report.format_markdown(suite, title=None)), ""]
 
 
