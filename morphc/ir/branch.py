@@ -67,7 +67,7 @@ class BypassBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.effective_alpha()
         h = self.compiled.rho(self.pre_activation(x), alpha.reshape(-1, *self.unit_shape()))
-        return self.strategy.apply_b(h, self.B, self.conv)
+        return self.strategy.apply_b(h, self.B, self.conv, x)
 
     # -- what the constraint compiler says about the current state ------------------------------
     def affine_form(self) -> tuple[torch.Tensor, torch.Tensor]:

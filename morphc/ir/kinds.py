@@ -42,15 +42,27 @@ class SiteKind:
         return (out_features, width)
 
     def unit_shape(self, width: int, conv: ConvConfig | None) -> tuple[int, ...]:
-        """Shape under which per-unit α broadcasts against the pre-activation ``A x + a``."""
-        return (width,)
+        """Shape under which per-unit α broadcasts against the pre-activation ``A x + a`` in
+        this kind's layout (units first for linear maps: ``(k, positions)``)."""
+        return (width, 1)
 
     def pre_activation(self, x: Tensor, A: Tensor, a: Tensor | None,
                        conv: ConvConfig | None) -> Tensor:
-        return F.linear(x, A, a)
+        """``(A x + a)ᵀ``, units first: ``(k, positions)``.
 
-    def apply_b(self, h: Tensor, B: Tensor, conv: ConvConfig | None) -> Tensor:
-        return F.linear(h, B)
+        Units first because a GEMM whose output has a short last dimension (k) is slow (MKL,
+        one thread: ``gᵀ h`` with output ``(out, 8)`` takes 8× the time of ``hᵀ g``, output
+        ``(8, out)``), and autograd picks the transposed product for a column-major operand:
+        with ``(k, positions)`` here and ``Bᵀ`` row-major in :meth:`apply_b`, every product of
+        the branch's forward and backward has a long last dimension."""
+        rows = x.reshape(-1, x.shape[-1])
+        return torch.mm(A, rows.t()) if a is None else torch.addmm(a[:, None], A, rows.t())
+
+    def apply_b(self, h: Tensor, B: Tensor, conv: ConvConfig | None, x: Tensor) -> Tensor:
+        """``B h`` from the units-first ``h`` of :meth:`pre_activation`, shaped like the site's
+        output for the input ``x``."""
+        out = torch.mm(h.t(), B.t().contiguous())     # Bᵀ row-major: ∂B is computed as h·g
+        return out.reshape(*x.shape[:-1], B.shape[0])
 
     def fold(self, A: Tensor, B: Tensor, p: Tensor, groups: int) -> Tensor:
         """ΔW in the layout of the site's weight (B flattened to ``(out, k/groups)``)."""
@@ -84,7 +96,7 @@ class MatmulLeft(SiteKind):
         u = A @ x
         return u if a is None else u + a[:, None]
 
-    def apply_b(self, h, B, conv):
+    def apply_b(self, h, B, conv, x):
         return B @ h
 
     def macs(self, in_features, out_features, conv, output_shape):
@@ -123,7 +135,7 @@ class Conv(SiteKind):
             padding = 0
         return _CONV_FN[conv.dim](x, A, a, conv.stride, padding, conv.dilation, conv.groups)
 
-    def apply_b(self, h, B, conv):
+    def apply_b(self, h, B, conv, x):
         return _CONV_FN[conv.dim](h, B, None, 1, 0, 1, conv.groups)
 
     def fold(self, A, B, p, groups):
