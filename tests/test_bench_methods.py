@@ -70,7 +70,9 @@ def _loss_after_extension(variant: str, seed: int, after: int, steps: int = 1000
     data, model = TS.make_data(seed), TS.make_model(seed)
     torch.manual_seed(seed)
     stepper = BypassStepper(TS, model, seed, steps, variant=variant,
-                            options={"free_phase": "plain"})   # the branch's effect alone
+                            # the branch's effect alone, at the user's lr (the claim is about
+                            # the direction it opens, not about the default extension lr)
+                            options={"free_phase": "plain", "extension_lr_scale": 1.0})
     losses = []
     while not stepper.events["extended_at"] or len(losses) < stepper.events["extended_at"][0] \
             + after:
@@ -92,7 +94,7 @@ def test_the_nonlinearity_is_what_opens_a_descent_direction(seed):
     before, bypass = _loss_after_extension("bypass", seed, after=25)
     before_linear, linear = _loss_after_extension("linear", seed, after=25)
     assert before == before_linear                        # the same run up to the extension
-    assert bypass < 0.6 * before, (before, bypass)
+    assert bypass < 0.8 * before, (before, bypass)   # width 8 (the default) now, was 32
     assert linear > 0.95 * before, (before, linear)
 
 
