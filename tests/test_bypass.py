@@ -156,7 +156,8 @@ def test_existing_optimizer_and_lr_scheduler(make_scheduler):
         scheduler.step()
         if bp.phase != "train" and bp.phase_step > 0:
             assert len(opt.param_groups) == 1
-            assert bp.extension_group.group["lr"] == pytest.approx(peak), \
+            assert bp.extension_group.group["lr"] == \
+                pytest.approx(bp.config.extension_lr_scale * peak), \
                 "the extension trains at the peak lr of group 0, so it moves in a decayed tail"
     assert bp.cycle >= 2 and bp.finish() is model
 
