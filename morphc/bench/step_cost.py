@@ -24,8 +24,8 @@ How it is measured, so that the numbers mean what they say:
   machine do not inflate the numbers; on CUDA wall time between ``torch.cuda.synchronize()``;
 - **peak memory** of one step above what was live before it (parameters, gradients, optimizer
   state), extended vs original: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the
-  profiler's allocator events (``profile_memory=True``: every allocation and free in order, the
-  peak of their running sum) — the same quantity, measured by a different counter;
+  profiler's allocator events (``profile_memory=True``: every allocation and free of the second
+  of two profiled steps, the peak of their running sum) — the same quantity, another counter;
 - **threads**: one intra-op thread by default; the count is recorded with the numbers;
 - **device**: ``device="cuda"`` runs the same code on a GPU (model and inputs moved there).
 """
@@ -199,18 +199,28 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
+    # two steps: the second frees what the first allocated, inside the profile, so every free
+    # it makes is reported (frees of blocks allocated before profiling are not)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events()
+        with record_function("morphc_measured_step"):
+            step()
+    events = prof.profiler.kineto_results.events()
+    mark = next(e for e in events if e.name() == "morphc_measured_step")
+    start, end = mark.start_ns(), mark.start_ns() + mark.duration_ns()
+    memory = sorted((e for e in events
                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
                     key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
+    live, at_start, peak = 0, None, 0
+    for event in memory:
+        if event.start_ns() >= start and at_start is None:
+            at_start = peak = live
         live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+        if start <= event.start_ns() <= end:
+            peak = max(peak, live)
+    return peak - (at_start if at_start is not None else live)
 
 
 def _compiled_frames() -> int:
