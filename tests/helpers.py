@@ -3,6 +3,7 @@
 import torch
 
 import morphc
+import morphc.compiler.deviation
 
 
 def train_extension(ext, inputs, steps=5, lr=1e-2, seed=0):

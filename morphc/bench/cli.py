@@ -22,6 +22,14 @@ from tqdm.auto import tqdm
 PARTS = ("training", "cost", "passes")
 
 
+def _device_available(device: str) -> bool:
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="morphc bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -36,7 +44,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="number of seeds (default 2 quick, 5 full)")
     parser.add_argument("--steps", type=int, help="override every problem's step budget")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the step-cost part, e.g. cuda (default: cpu)")
     args = parser.parse_args(argv)
+    if args.device != "cpu" and not _device_available(args.device):
+        parser.error(f"--device {args.device}: no such device on this machine "
+                     "(torch.cuda.is_available() is False); the CPU suite is what runs here")
     args.parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(args.parts) - set(PARTS)
     if unknown or not args.parts:
@@ -91,7 +104,7 @@ def _cost(args, out: Path, data: dict) -> list[str]:
 
     with tqdm(total=len(cost_models(args.quick)), desc="step cost", unit="model",
               disable=args.no_progress) as bar:
-        rows = run_step_costs(args.quick, progress=bar)
+        rows = run_step_costs(args.quick, progress=bar, device=args.device)
     data["step_cost"], data["cost_summary"] = rows, cost_summary(rows)
     plot_cost(rows, out / "cost.png")
     models = "; ".join(f"`{k}`: {v}" for k, v in MODEL_LABELS.items())

@@ -31,12 +31,12 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from morphc.compiler.deviation import relative_deviation
+from morphc.compiler.deviation import deterministic_forward, relative_deviation
 from morphc.compiler.extended import ExtendedModel
 from morphc.errors import MorphcError, TraceError
 from morphc.ir.branch import BypassBranch
 from morphc.ir.tags import DEEP_PREFIX, GROWN_PREFIX
-from morphc.ir.trace import _as_tuple, no_side_effects
+from morphc.ir.trace import _as_tuple
 from morphc.passes.widen_layer import widenable_pairs
 from morphc.space.moves import (
     Move,
@@ -168,9 +168,7 @@ def function_change(before: nn.Module, after: nn.Module, inputs: tuple) -> dict[
                 outputs = []
                 for module in (before, after):
                     module.train(mode == "train")
-                    with no_side_effects(module), torch.no_grad():
-                        torch.manual_seed(0)
-                        outputs.append(module(*inputs))
+                    outputs.append(deterministic_forward(module, inputs))
                 change[mode] = relative_deviation(*outputs)
     finally:
         before.train(modes[0])
