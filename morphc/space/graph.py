@@ -336,15 +336,15 @@ class ModelSpace:
                             self.steps_spent - spent, time.perf_counter() - start)
 
     def to_json(self) -> dict:
-        from morphc.space.io import space_to_json
+        from morphc.space.space_files import space_to_json
         return space_to_json(self)
 
     def to_dot(self) -> str:
-        from morphc.space.io import space_to_dot
+        from morphc.space.space_files import space_to_dot
         return space_to_dot(self)
 
     def save(self, directory, *, weights: str = "best") -> dict:
         """Write ``space.json``, ``space.dot`` (+ ``space.svg`` with Graphviz) and the best
         architecture (``best.json`` / ``best.pt`` / ``best.py``); see ``morphc.space.io``."""
-        from morphc.space.io import save_space
+        from morphc.space.space_files import save_space
         return save_space(self, directory, weights=weights)
