@@ -20,211 +20,34 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from morphc.passes.infra import PassResult
 from torch import fx, nn
 
+from morphc.ir.site_rules import (
+    _EINSUM,
+    _SPLITS,
+    _TRANSPOSES,
+    _WEIGHT_NORM,
+    EINSUM_TARGETS,
+    EXCLUDED_MODULES,
+    EXCLUDED_TARGETS,
+    FUNCTION_RULES,
+    MATMUL_TARGETS,
+    SITE_MODULES,
+    _arg,
+    _conv_from_module,
+    _conv_from_node,
+    _features,
+    _FunctionRule,
+    _param_node,
+    _Ref,
+    _resolve,
+    _shape,
+)
 from morphc.ir.sites import ConvConfig, Site, SiteTable, SiteUse
 from morphc.ir.tags import Role, tag
 
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class _FunctionRule:
-    """Where a functional site keeps its operands: positional index and keyword name."""
-
-    kind: str                      # a SiteKind name
-    label: str
-    weight: tuple[int, str]
-    bias: tuple[int, str] | None = None
-    input: int = 0
-    conv_dim: int | None = None    # None for convolution.default: read from the weight
-    layout: str = "plain"          # plain | aten_convolution | transpose | addmm
-    out_dim: int = 0               # the weight dimension that indexes outputs
-
-
-_LINEAR = dict(kind="linear", weight=(1, "weight"), bias=(2, "bias"))
-_CONV = dict(kind="conv", weight=(1, "weight"), bias=(2, "bias"))
-_CONV_T = dict(kind="conv_transpose", weight=(1, "weight"), bias=(2, "bias"), layout="transpose",
-               out_dim=1)
-FUNCTION_RULES: dict[object, _FunctionRule] = {
-    F.linear: _FunctionRule(label="F.linear", **_LINEAR),                      # x Wᵀ + b
-    aten.linear.default: _FunctionRule(label="aten.linear", **_LINEAR),
-    F.conv1d: _FunctionRule(label="F.conv1d", conv_dim=1, **_CONV),            # W ⋆ x + b
-    F.conv2d: _FunctionRule(label="F.conv2d", conv_dim=2, **_CONV),
-    F.conv3d: _FunctionRule(label="F.conv3d", conv_dim=3, **_CONV),
-    aten.conv1d.default: _FunctionRule(label="aten.conv1d", conv_dim=1, **_CONV),
-    aten.conv2d.default: _FunctionRule(label="aten.conv2d", conv_dim=2, **_CONV),
-    aten.conv3d.default: _FunctionRule(label="aten.conv3d", conv_dim=3, **_CONV),
-    aten.conv1d.padding: _FunctionRule(label="aten.conv1d", conv_dim=1, **_CONV),
-    aten.conv2d.padding: _FunctionRule(label="aten.conv2d", conv_dim=2, **_CONV),
-    aten.conv3d.padding: _FunctionRule(label="aten.conv3d", conv_dim=3, **_CONV),
-    aten.convolution.default: _FunctionRule(label="aten.convolution",
-                                            layout="aten_convolution", **_CONV),
-    F.conv_transpose1d: _FunctionRule(label="F.conv_transpose1d", conv_dim=1, **_CONV_T),
-    F.conv_transpose2d: _FunctionRule(label="F.conv_transpose2d", conv_dim=2, **_CONV_T),
-    F.conv_transpose3d: _FunctionRule(label="F.conv_transpose3d", conv_dim=3, **_CONV_T),
-    aten.conv_transpose1d.default: _FunctionRule(label="aten.conv_transpose1d", conv_dim=1,
-                                                 **_CONV_T),
-    aten.conv_transpose2d.input: _FunctionRule(label="aten.conv_transpose2d", conv_dim=2,
-                                               **_CONV_T),
-    aten.conv_transpose3d.input: _FunctionRule(label="aten.conv_transpose3d", conv_dim=3,
-                                               **_CONV_T),
-    # b + x P with P = Wᵀ stored (in, out): HF Conv1D (GPT-2); beta = alpha = 1 checked
-    torch.addmm: _FunctionRule(kind="matmul_right", label="torch.addmm", weight=(2, "mat2"),
-                               bias=(0, "input"), input=1, layout="addmm", out_dim=1),
-    aten.addmm.default: _FunctionRule(kind="matmul_right", label="aten.addmm",
-                                      weight=(2, "mat2"), bias=(0, "self"), input=1,
-                                      layout="addmm", out_dim=1),
-}
-MATMUL_TARGETS = {operator.matmul: "@", torch.matmul: "torch.matmul", torch.mm: "torch.mm",
-                  aten.matmul.default: "aten.matmul", aten.mm.default: "aten.mm"}
-SITE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-                nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-_RNN = ("fused RNN op: the weights act inside the recurrence, where a branch cannot be inserted "
-        "without unrolling the cell")
-_BILINEAR = "bilinear map x1ᵀ W x2: linear in neither input alone, so no bypass branch folds in"
-_BADDBMM = ("baddbmm against a parameter (a batch of G linear maps): not a site kind yet; use "
-            "one linear per group to extend it")
-_EINSUM = ("einsum against a parameter: only equations of the form '...i,oi->...o' / "
-           "'...i,io->...o' (a plain linear map on the last axis) are sites")
-# operators whose parameter operands are linear-operator weights that cannot be sites
-EXCLUDED_TARGETS: dict[object, str] = {
-    aten.lstm.input: _RNN, aten.gru.input: _RNN, aten.rnn_tanh.input: _RNN,
-    aten.rnn_relu.input: _RNN, aten.lstm.data: _RNN, aten.gru.data: _RNN,
-    aten.bilinear.default: _BILINEAR, F.bilinear: _BILINEAR,
-    aten.baddbmm.default: _BADDBMM, torch.baddbmm: _BADDBMM,
-}
-EXCLUDED_MODULES: tuple[tuple[type, str], ...] = ((nn.RNNBase, _RNN), (nn.Bilinear, _BILINEAR))
-EINSUM_TARGETS = (torch.einsum, aten.einsum.default)
-_SPLITS = {aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, torch.split,
-           torch.chunk, aten.split_with_sizes_copy.default, aten.split_copy.Tensor}
-_TRANSPOSES = {aten.t.default, torch.t}
-_WEIGHT_NORM = {aten._weight_norm.default, torch._weight_norm}
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _ntuple(value, dim: int) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * dim
-    value = tuple(int(v) for v in value)
-    return value * dim if len(value) == 1 else value
-
-
-def _shape(node) -> tuple[int, ...] | None:
-    if not isinstance(node, fx.Node):
-        return None
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    if shape is None and isinstance(node.meta.get("val"), torch.Tensor):
-        shape = node.meta["val"].shape
-    if shape is None:
-        return None
-    return tuple(int(d) if not isinstance(d, torch.SymInt) else -1 for d in shape)
-
-
-@dataclass
-class _Ref:
-    """A weight/bias operand resolved to a parameter: which rows of it, through which nodes."""
-
-    name: str
-    tensor: torch.Tensor
-    edges: list[tuple[fx.Node, fx.Node | None]]   # (node, its reader); None: the operator
-    rows: tuple[int, int] | None = None
-    weight_norm: tuple[str, torch.Tensor, int] | None = None   # (g name, g, dim)
-    transposed: bool = False
-
-    @property
-    def key(self) -> tuple[int, tuple[int, int] | None]:
-        return id(self.tensor), self.rows
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        if self.weight_norm is not None or self.rows is None:
-            return tuple(self.tensor.shape)
-        return (self.rows[1] - self.rows[0], *self.tensor.shape[1:])
-
-
-def _param_node(gm, arg) -> tuple[str, torch.Tensor] | None:
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        try:
-            tensor = gm.get_parameter(arg.target)
-        except AttributeError:
-            return None
-        return arg.target, tensor
-    return None
-
-
-def _split_rows(node: fx.Node, size0: int) -> list[tuple[int, int]] | None:
-    """Row ranges of the pieces of a split/chunk along dimension 0 (None: another dim)."""
-    dim = _arg(node, 2, "dim", 0)
-    if dim != 0:
-        return None
-    spec = node.args[1]
-    if node.target in (aten.chunk.default, torch.chunk):
-        step = -(-size0 // int(spec))
-        sizes = [min(step, size0 - i) for i in range(0, size0, step)]
-    elif isinstance(spec, int):
-        sizes = [min(spec, size0 - i) for i in range(0, size0, spec)]
-    else:
-        sizes = [int(s) for s in spec]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [(a, a + s) for a, s in zip(starts, sizes, strict=True)]
-
-
-def _resolve(gm, arg) -> _Ref | None:
-    """The parameter (rows) behind an operand, through slicing, ``t`` and weight_norm."""
-    param = _param_node(gm, arg)
-    if param is not None:
-        return _Ref(param[0], param[1], [(arg, None)])
-    if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_module"):
-        return None
-    if arg.op == "call_module":
-        module = gm.get_submodule(arg.target)
-        if type(module).__name__ == "_WeightNorm" and len(arg.args) == 2:
-            g, v = (_param_node(gm, a) for a in arg.args)
-            if g and v:
-                return _Ref(v[0], v[1], [(arg.args[1], arg), (arg.args[0], arg), (arg, None)],
-                            weight_norm=(g[0], g[1], int(module.dim)))
-        return None
-    if arg.target in _WEIGHT_NORM:
-        v, g = _param_node(gm, arg.args[0]), _param_node(gm, arg.args[1])
-        if v and g:
-            return _Ref(v[0], v[1], [(arg.args[0], arg), (arg.args[1], arg), (arg, None)],
-                        weight_norm=(g[0], g[1], int(_arg(arg, 2, "dim", 0))))
-        return None
-    if arg.target in _TRANSPOSES:
-        inner = _param_node(gm, arg.args[0])
-        if inner and inner[1].dim() == 2:
-            return _Ref(inner[0], inner[1], [(arg.args[0], arg), (arg, None)],
-                        transposed=True)
-        return None
-    if arg.target is operator.getitem and isinstance(arg.args[0], fx.Node) \
-            and arg.args[0].target in _SPLITS:
-        split = arg.args[0]
-        inner = _param_node(gm, split.args[0])
-        rows = _split_rows(split, inner[1].shape[0]) if inner else None
-        if rows and isinstance(arg.args[1], int) and arg.args[1] < len(rows):
-            return _Ref(inner[0], inner[1], [(split.args[0], split), (split, arg), (arg, None)],
-                        rows=rows[arg.args[1]])
-        return None
-    if arg.target is aten.slice.Tensor:
-        inner = _param_node(gm, arg.args[0])
-        if inner and _arg(arg, 1, "dim", 0) == 0 and _arg(arg, 4, "step", 1) == 1:
-            size0 = inner[1].shape[0]
-            start = _arg(arg, 2, "start", 0) or 0
-            stop = min(_arg(arg, 3, "end", size0) or size0, size0)
-            if isinstance(start, int) and isinstance(stop, int):
-                return _Ref(inner[0], inner[1], [(arg.args[0], arg), (arg, None)],
-                            rows=(start, stop))
-    return None
 
 
 @dataclass
@@ -262,46 +85,6 @@ class _Uses:
             return
         for node, reader in ref.edges:
             self.operands[node].add(reader if reader is not None else user)
-
-
-def _conv_from_module(m: nn.modules.conv._ConvNd) -> ConvConfig:
-    padding = m.padding if isinstance(m.padding, str) else tuple(m.padding)
-    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-    return ConvConfig(len(m.kernel_size), tuple(m.kernel_size), tuple(m.stride), padding,
-                      tuple(m.dilation), m.groups, m.padding_mode, transposed,
-                      tuple(m.output_padding) if transposed else ())
-
-
-def _conv_from_node(node: fx.Node, rule: _FunctionRule, weight: torch.Tensor) -> ConvConfig:
-    dim = rule.conv_dim or weight.dim() - 2
-    if rule.layout == "aten_convolution":
-        transposed = bool(_arg(node, 6, "transposed", False))
-        return ConvConfig(
-            dim, tuple(weight.shape[2:]), _ntuple(_arg(node, 3, "stride", 1), dim),
-            _ntuple(_arg(node, 4, "padding", 0), dim), _ntuple(_arg(node, 5, "dilation", 1), dim),
-            int(_arg(node, 8, "groups", 1)), "zeros", transposed,
-            _ntuple(_arg(node, 7, "output_padding", 0), dim) if transposed else ())
-    if rule.layout == "transpose":
-        return ConvConfig(
-            dim, tuple(weight.shape[2:]), _ntuple(_arg(node, 3, "stride", 1), dim),
-            _ntuple(_arg(node, 4, "padding", 0), dim), _ntuple(_arg(node, 7, "dilation", 1), dim),
-            int(_arg(node, 6, "groups", 1)), "zeros", True,
-            _ntuple(_arg(node, 5, "output_padding", 0), dim))
-    padding = _arg(node, 4, "padding", 0)
-    return ConvConfig(
-        dim, tuple(weight.shape[2:]), _ntuple(_arg(node, 3, "stride", 1), dim),
-        padding if isinstance(padding, str) else _ntuple(padding, dim),
-        _ntuple(_arg(node, 5, "dilation", 1), dim), int(_arg(node, 6, "groups", 1)),
-    )
-
-
-def _features(kind: str, shape: tuple[int, ...], conv: ConvConfig | None) -> tuple[int, int]:
-    """``(in, out)`` of an operator from its weight's shape."""
-    if kind == "conv_transpose":
-        return shape[0], shape[1] * conv.groups
-    if kind == "matmul_right":
-        return shape[0], shape[1]
-    return shape[1] * (conv.groups if conv else 1), shape[0]
 
 
 def _record_module_call(gm, node, uses: _Uses) -> None:
