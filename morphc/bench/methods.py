@@ -90,7 +90,9 @@ class BypassStepper:
 
     def finish(self) -> nn.Module:
         if self.variant == "growth" and self.bp.extended is not None:
-            return self.bp.extended            # the extension is kept: more parameters
+            extended = self.bp.extended        # the extension is kept: more parameters;
+            self.bp._cycle = None              # on purpose, so Bypass need not warn that a
+            return extended                    # cycle was left in flight
         return self.bp.finish()
 
     @property
