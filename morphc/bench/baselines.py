@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphc.bench.problems import Data, Problem
+from morphc.bench.problems import Data, Problem, by_name
 
 OnStep = Callable[[int, float], None] | None
 Closure = Callable[[nn.Module], torch.Tensor]
@@ -432,9 +432,4 @@ BASELINES = [
 
 def get_methods(names=None) -> list[Method]:
     """Methods by name (all registered when ``names`` is None); Method objects pass through."""
-    if names is None:
-        return list(METHODS.values())
-    unknown = [n for n in names if isinstance(n, str) and n not in METHODS]
-    if unknown:
-        raise KeyError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
-    return [METHODS[n] if isinstance(n, str) else n for n in names]
+    return by_name(METHODS, names, "method")

@@ -465,11 +465,17 @@ PROBLEMS: dict[str, Problem] = {p.name: p for p in [
 ]}
 
 
-def get_problems(names=None) -> list[Problem]:
-    """Problems by name (all when ``names`` is None); unknown names raise, listing what exists."""
+def by_name(registry: dict, names, what: str) -> list:
+    """Entries of ``registry`` by name (all when ``names`` is None); objects pass through;
+    unknown names raise, listing what exists."""
     if names is None:
-        return list(PROBLEMS.values())
-    unknown = [n for n in names if isinstance(n, str) and n not in PROBLEMS]
+        return list(registry.values())
+    unknown = [n for n in names if isinstance(n, str) and n not in registry]
     if unknown:
-        raise KeyError(f"unknown problem(s) {unknown}; available: {sorted(PROBLEMS)}")
-    return [PROBLEMS[n] if isinstance(n, str) else n for n in names]
+        raise KeyError(f"unknown {what}(s) {unknown}; available: {sorted(registry)}")
+    return [registry[n] if isinstance(n, str) else n for n in names]
+
+
+def get_problems(names=None) -> list[Problem]:
+    """Problems by name (all when ``names`` is None)."""
+    return by_name(PROBLEMS, names, "problem")
