@@ -43,7 +43,7 @@ class CycleRunner:
     def _train_step(self, closure: Closure) -> torch.Tensor:
         """One step of the user's model; a non-finite loss or gradient skips it, untouched."""
         self.optimizer.zero_grad(set_to_none=True)
-        buffers = [b.detach().clone() for b in self._user_model.buffers()]   # BN statistics
+        buffers, backup = self._back_up_buffers()      # a bad batch moves BN stats in forward
         loss, value = (self._capture_inputs(closure) if self.example_inputs is None else
                        loss_of(closure, self.model, self._reduce()))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -52,9 +52,9 @@ class CycleRunner:
             norm = grad_norm(params)
         except NonFinite as exc:
             zero_grads(params)
-            with torch.no_grad():          # the bad batch already moved them in the forward
-                for buffer, saved in zip(self._user_model.buffers(), buffers, strict=True):
-                    buffer.copy_(saved)
+            if buffers:
+                with torch.no_grad():
+                    torch._foreach_copy_(buffers, backup)
             self._count_step(value)
             self._event("skip", reason=f"{exc}; the optimizer step was skipped, weights untouched")
             if self.config.on_failure is OnFailure.RAISE:
@@ -68,6 +68,20 @@ class CycleRunner:
         if self._trigger_fires(value, norm, self._observe_lr()):
             self._start_cycle(closure)
         return loss.detach()
+
+    def _back_up_buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copy the user's buffers into storage kept across steps (one fused copy a step)."""
+        buffers = list(self._user_model.buffers())
+        key = tuple(map(id, buffers))
+        if getattr(self, "_buffer_key", None) != key:    # new or replaced buffers: reallocate
+            self._buffer_key = key
+            self._buffer_backup = [b.detach().clone() for b in buffers]
+            return buffers, self._buffer_backup
+        backup = self._buffer_backup
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(backup, buffers)
+        return buffers, backup
 
     def _observe_lr(self) -> float:
         """Group 0's lr now; the peak seen so far is what the extension trains at."""
