@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import morphc
-from tests.test_bypass import OPTIMIZERS, cnn_task, events, mlp_task, run, snapshot
+from tests.runtime.test_bypass import OPTIMIZERS, cnn_task, events, mlp_task, run, snapshot
 
 
 def default_bypass(model, **kw):

@@ -16,11 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from hf_zoo import ZOO  # noqa: E402
-from test_sites import linear_operator_weights  # noqa: E402
 
 import morphc  # noqa: E402
 from morphc.compiler.deviation import relative_deviation  # noqa: E402
+from tests.hf_zoo import ZOO  # noqa: E402
+from tests.ir.test_sites import linear_operator_weights  # noqa: E402
 
 SIZE_INPUT = {"seq": "input_ids", "image": "pixel_values", "audio": "input_values"}
 

@@ -13,7 +13,7 @@ import pytest
 import morphc
 from morphc.tools import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FACTORIES = "tests.cli_factories"
 
 
