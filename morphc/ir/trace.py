@@ -163,6 +163,10 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> TracedModel:
     spec = auto_dynamic_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
+    # A view (a slice of a longer batch) makes export guard on how it relates to its base, and
+    # the graph then refuses the contiguous batches that follow: trace contiguous copies.
+    args, kwargs = torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
     with no_side_effects(model), capture_shape_log() as messages:
         program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec)
     gm = program.module()

@@ -15,7 +15,7 @@ from morphc.compiler.contract import contract
 from morphc.compiler.deviation import deterministic
 from morphc.compiler.escape import escape_scores, random_direction_probe, rank_sites
 from morphc.compiler.extend import extend
-from morphc.errors import BypassError, MorphcError
+from morphc.errors import BypassError, MorphcError, ShapeError
 from morphc.ir.trace import trace
 from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, may_start
@@ -197,6 +197,11 @@ class CycleRunner:
         except NonFinite as exc:
             self._last_loss = exc.value
             self._rollback(f"{exc} at {cycle.phase} step {cycle.phase_step}")
+            return self._train_step(closure)
+        except ShapeError as exc:        # a batch the traced graph cannot take: train on
+            self._rollback(f"the extended graph refused this batch: {exc}")
+            self._warn(f"morphc.Bypass rolled a cycle back, the extended graph refused a batch: "
+                       f"{exc}")
             return self._train_step(closure)
         except MorphcError:
             self._rollback("an error in the cycle")

@@ -211,3 +211,47 @@ def test_no_cycle_that_cannot_end_inside_the_budget():
     run(bp, closure, 10)
     for event in events(bp, "extend"):
         assert event["step"] + 8 <= 10
+
+
+# -- batches whose shape changes --------------------------------------------------------------
+class Encoder(torch.nn.Module):
+    """nn.TransformerEncoder: symbolic_trace fails, so it goes through torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.encoder(x)).mean(dim=1)
+
+
+def test_a_sliced_example_batch_does_not_pin_the_graph_to_views():
+    torch.manual_seed(0)
+    model, data = Encoder(), torch.randn(4, 12, 16)
+    y = torch.randn(4, 1)
+    bp = default_bypass(model, accept="always")
+    for step in range(11):                 # the first (traced) batch is a view of `data`
+        length = 10 if step == 0 else (12 if step % 2 else 7)
+        batch = data[:, :length]
+        bp.step(lambda m, b=batch: F.mse_loss(m(b), y))
+    assert bp.extended is None and events(bp, "contract"), "the cycle ran on both lengths"
+    assert not events(bp, "rollback")
+
+
+def test_a_batch_the_extended_graph_refuses_rolls_the_cycle_back():
+    torch.manual_seed(0)
+    model, data = Encoder(), torch.randn(6, 12, 16)
+    y = torch.randn(6, 1)
+    static = ({0: torch.export.Dim.STATIC, 1: torch.export.Dim.STATIC, 2: None},)
+    bp = default_bypass(model, dynamic_shapes=static)
+    run(bp, lambda m: F.mse_loss(m(data[:4]), y[:4]), 4)
+    assert bp.phase == "bypass"
+    weights = snapshot(model)
+    with pytest.warns(RuntimeWarning, match="refused"):
+        loss = bp.step(lambda m: F.mse_loss(m(data), y))     # another batch size
+    assert torch.isfinite(loss) and bp.phase == "train"
+    assert "refused" in events(bp, "rollback")[0]["reason"]
+    assert any(not torch.equal(v, weights[k]) for k, v in model.state_dict().items()), \
+        "after the rollback the step was taken on the user's own model"
