@@ -76,31 +76,28 @@ def _demote(markdown: str) -> str:
 
 def _training(args, out: Path, data: dict) -> list[str]:
     import morphc.bench.methods  # noqa: F401  (registers bypass, growth, linear_bypass)
-    from morphc.bench import report
+    from morphc.bench.evidence import format_evidence
     from morphc.bench.harness import run_suite
+    from morphc.bench.report_markdown import format_headline, format_markdown
+    from morphc.bench.report_plots import plot_curves
 
     suite = run_suite(args.problems, args.methods, args.seeds, steps=args.steps,
                       quick=args.quick, progress=not args.no_progress)
     data["suite"] = suite
-    headline = report.format_headline(suite)
-    evidence = report.format_evidence(suite)
+    headline = format_headline(suite)
+    evidence = format_evidence(suite)
     (out / "headline.md").write_text(headline + "\n")
     (out / "evidence.md").write_text(evidence + "\n")
-    report.plot_curves(suite, out)
+    plot_curves(suite, out)
     return ["## Evidence: every method with the same trigger, per problem", "",
             _demote(evidence), "",
             "## Headline: same budget, same seeds, ratio to plain", "", headline, "",
-            "## Training", "", _demote(report.format_markdown(suite, title=None)), ""]
+            "## Training", "", _demote(format_markdown(suite, title=None)), ""]
 
 
 def _cost(args, out: Path, data: dict) -> list[str]:
-    from morphc.bench.step_cost import (
-        MODEL_LABELS,
-        cost_models,
-        cost_summary,
-        format_step_costs,
-        run_step_costs,
-    )
+    from morphc.bench.step_cost import MODEL_LABELS, cost_models, run_step_costs
+    from morphc.bench.step_cost_format import cost_summary, format_step_costs
 
     with tqdm(total=len(cost_models(args.quick)), desc="step cost", unit="model",
               disable=args.no_progress) as bar:
@@ -165,7 +162,7 @@ def _header(args, argv, seconds: float) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the parts asked for, write results.md / results.json / plots, print the markdown."""
-    from morphc.bench import report
+    from morphc.bench.report import write_json
 
     args = _parse(argv)
     out = Path(args.out)
@@ -182,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {k: v for k, v in data.items() if k != "suite"}
     extra["run"] = {"command": _command(argv), "seconds": seconds, "parts": args.parts,
                     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    report.write_json(data.get("suite"), out, extra)
+    write_json(data.get("suite"), out, extra)
     print(markdown)
     print(f"\n`{_command(argv)}` took {seconds:.0f} s; results in {out}/ "
           f"(results.md, results.json, *.png)")

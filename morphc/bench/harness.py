@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from morphc.bench.baselines import PLAIN, Method, RunResult, get_methods
+from morphc.bench.baselines import PLAIN, get_methods
 from morphc.bench.problems import Problem, get_problems
+from morphc.bench.training import Method, RunResult
 
 QUICK_SEEDS, FULL_SEEDS = 2, 3
 

@@ -29,16 +29,11 @@ import torch
 from torch import nn
 
 import morphc
-from morphc.bench.baselines import (
-    adam,
-    cycle_events,
-    default_window,
-    full_train_loss,
-    phase_steps,
-    register,
-    stepper_method,
-)
-from morphc.bench.problems import Data, Problem
+from morphc.bench.baselines import register
+from morphc.bench.cycles import cycle_events, default_window, full_train_loss, phase_steps
+from morphc.bench.problem_families import Data
+from morphc.bench.problems import Problem
+from morphc.bench.training import adam, stepper_method
 
 VARIANTS = ("bypass", "growth", "linear")
 

@@ -7,7 +7,8 @@ whole step (forward *and* backward, attention included), counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on the same step. A step whose time scales with its
 arithmetic cannot be cheaper than that ratio. Targets: compiled within 10% of the bound; eager
 ≤ 1.15× at width 8 on the MLP-512 and BERT-mini cases. (The forward-only site ratio of
-:func:`site_mac_ratio` is reported too.)
+:func:`~morphc.bench.step_measures.site_mac_ratio` is reported too.) The measures of one step
+are in :mod:`morphc.bench.step_measures`, the markdown in :mod:`morphc.bench.step_cost_format`.
 
 How it is measured, so that the numbers mean what they say:
 
@@ -32,18 +33,24 @@ How it is measured, so that the numbers mean what they say:
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import flop_counter
 
 import morphc
-from morphc.ir.kinds import branch_macs, site_macs
+from morphc.bench.step_cost_format import format_compile_counts, format_step_costs
+from morphc.bench.step_measures import (
+    compiled_frames,
+    interleaved_medians,
+    peak_step_bytes,
+    site_mac_ratio,
+    step_clock,
+    step_flops,
+    training_step,
+)
 from morphc.zoo import ConvBN, transformer
 
 WIDTHS = {"1/16": 1 / 16, "1/8": 1 / 8, "1/4": 1 / 4}
@@ -106,138 +113,15 @@ def cost_models(quick: bool) -> dict[str, ModelFactory]:
 MODEL_LABELS = {name: case.label for name, case in cost_cases(False).items()}
 
 
-# --- the bound -------------------------------------------------------------------------------
-
-
-def site_mac_ratio(ext) -> float:
-    """Forward multiply-adds of the extended sites with their branches over the sites alone."""
-    batch = ext.traced.example_inputs[0].shape[0]
-    base = extra = 0
-    for site in ext.site_table.extendable():
-        for use in site.uses:
-            shape = tuple(batch if d == -1 else d for d in use.output_shape)
-            base += site_macs(site, shape)
-            if site.name in ext.branches:
-                extra += branch_macs(site, ext.branches[site.name].width, shape)
-    return (base + extra) / base
-
-
-def _cpu_sdpa_formulas() -> dict:
-    """FlopCounterMode counts CUDA attention kernels only; add the CPU flash kernel's formulas."""
-    aten = torch.ops.aten
-
-    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query, key, value)
-
-    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-    ops = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        ops[aten._scaled_dot_product_flash_attention_for_cpu] = forward
-        ops[aten._scaled_dot_product_flash_attention_for_cpu_backward] = backward
-    return ops
-
-
-def step_flops(module: nn.Module, inputs: tuple) -> int:
-    """Matmul/conv/attention FLOPs of one forward + backward of ``module`` (MSE to zero)."""
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_formulas()) as fc:
-        out = module(*inputs)
-        F.mse_loss(out, torch.zeros_like(out)).backward()
-    module.zero_grad(set_to_none=True)
-    return fc.get_total_flops()
-
-
-# --- timing and memory -----------------------------------------------------------------------
-
-
-def _step_fn(module: nn.Module, inputs: tuple, compiled: bool) -> Callable[[], None]:
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-4)
-    forward = torch.compile(module) if compiled else module
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out = forward(*inputs)
-        F.mse_loss(out, torch.zeros_like(out)).backward()
-        opt.step()
-    return step
-
-
-def _clock(device: torch.device) -> Callable[[], float]:
-    """CPU: the calling thread's CPU time (other processes do not count); CUDA: synchronised
-    wall time."""
-    if device.type == "cuda":
-        def wall() -> float:
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-        return wall
-    return time.thread_time
-
-
-def interleaved_medians(steps: dict, repeats: int, inner: int,
-                        clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Seconds per step, median over ``repeats``; each repeat runs every candidate in turn."""
-    samples = {k: [] for k in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            start = clock()
-            for _ in range(inner):
-                step()
-            samples[key].append((clock() - start) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated during one ``step`` above what was live before it (CUDA: the
-    allocator's peak counter; CPU: the profiler's allocation/free events, running sum)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    # two steps: the second frees what the first allocated, inside the profile, so every free
-    # it makes is reported (frees of blocks allocated before profiling are not)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-        with record_function("morphc_measured_step"):
-            step()
-    events = prof.profiler.kineto_results.events()
-    mark = next(e for e in events if e.name() == "morphc_measured_step")
-    start, end = mark.start_ns(), mark.start_ns() + mark.duration_ns()
-    memory = sorted((e for e in events
-                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
-                    key=lambda e: e.start_ns())
-    live, at_start, peak = 0, None, 0
-    for event in memory:
-        if event.start_ns() >= start and at_start is None:
-            at_start = peak = live
-        live += event.nbytes()
-        if start <= event.start_ns() <= end:
-            peak = max(peak, live)
-    return peak - (at_start if at_start is not None else live)
-
-
-def _compiled_frames() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["frames"]["total"])
-
-
 def _candidates(model, traced, exts, inputs, modes) -> dict:
     """(mode, "user" | "graph" | width label) → one training step."""
     candidates = {}
     for mode in modes:
         compiled = mode == "compile"
-        candidates[(mode, "user")] = _step_fn(model, inputs, compiled)
+        candidates[(mode, "user")] = training_step(model, inputs, compiled)
         if traced.frontend != "symbolic_trace":   # an fx trace runs the user's own modules
-            candidates[(mode, "graph")] = _step_fn(traced.graph_module, inputs, compiled)
-        candidates.update({(mode, label): _step_fn(ext.graph_module, inputs, compiled)
+            candidates[(mode, "graph")] = training_step(traced.graph_module, inputs, compiled)
+        candidates.update({(mode, label): training_step(ext.graph_module, inputs, compiled)
                            for label, ext in exts.items()})
     return candidates
 
@@ -260,9 +144,9 @@ def measure_model(name: str, make: ModelFactory, widths: dict, modes=MODES, *, w
     for step in candidates.values():   # compilation of forward and backward happens here
         for _ in range(warmup):
             step()
-    frames = _compiled_frames()
-    times = interleaved_medians(candidates, repeats, inner, _clock(device))
-    recompiles = _compiled_frames() - frames
+    frames = compiled_frames()
+    times = interleaved_medians(candidates, repeats, inner, step_clock(device))
+    recompiles = compiled_frames() - frames
     memory = {key: peak_step_bytes(step, device) for key, step in candidates.items()}
     originals = {k: t for k, t in times.items() if k[1] in ("user", "graph")}
     fastest_key = min(originals, key=originals.get)
@@ -325,59 +209,6 @@ def run_step_costs(quick: bool = False, modes=MODES, progress=None,
     return rows
 
 
-def cost_summary(rows: list[dict]) -> dict:
-    """The targets, met or not, with the rows that miss them."""
-    compiled = [r for r in rows if r["mode"] == "compile"]
-    miss_bound = [f"{r['model']} {r['width']}" for r in compiled if not r["within_target"]]
-    slower = [f"{r['model']} {r['width']}" for r in compiled
-              if r["compiled_not_slower_than_eager"] is False]
-    eager = [r for r in rows if r.get("eager_target_met") is not None]
-    miss_eager = [f"{r['model']} {r['width']}" for r in eager if not r["eager_target_met"]]
-    return {"compiled_within_10pct_of_bound": not miss_bound and bool(compiled),
-            "misses_bound": miss_bound,
-            "compiled_not_slower_than_eager": not slower and bool(compiled),
-            "compiled_slower_than_eager": slower,
-            "eager_within_1_15": (not miss_eager) if eager else None,
-            "misses_eager_target": miss_eager}
-
-
-def _verdict(met: bool | None, misses: list[str]) -> str:
-    if met is None:
-        return "not measured"
-    return "**met**" if met else "**not met** (" + ", ".join(misses) + ")"
-
-
-def format_step_costs(rows: list[dict]) -> str:
-    """Markdown table: every ratio against the user's fastest original (any mode)."""
-    lines = ["| model | width | mode | fastest original ms (which) | extended ms | "
-             "ratio | FLOP bound | over bound | within 10% | same-mode ratio | "
-             "compiled / eager (extended) | peak step MB, extended / original |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        not_slower = r["compiled_not_slower_than_eager"]
-        vs_eager = "" if not_slower is None else \
-            f"{r['step_ms'] / r['eager_step_ms']:.2f}×" + ("" if not_slower else " **slower**")
-        memory = "" if "peak_step_mb" not in r else \
-            f"{r['peak_step_mb']:.1f} / {r['original_peak_step_mb']:.1f}"
-        lines.append(
-            f"| {r['model']} | {r['width']} | {r['mode']} | "
-            f"{r.get('original_ms', r['original_user_ms']):.2f} "
-            f"({r.get('fastest_original', 'user')}) | {r['step_ms']:.2f} | "
-            f"{r['step_ratio']:.2f}× | {r['flop_bound']:.2f}× | "
-            f"{100 * r['excess_over_bound']:+.0f}% | "
-            f"{'yes' if r['within_target'] else '**NO**'} | "
-            f"{r.get('ratio_same_mode', r['step_ratio']):.2f}× | {vs_eager} | {memory} |")
-    summary = cost_summary(rows)
-    lines += ["", "Targets: torch.compile within 10% of the FLOP bound at every width — " +
-              _verdict(summary["compiled_within_10pct_of_bound"], summary["misses_bound"]) +
-              "; eager ≤ 1.15× at width 8 (MLP-512, BERT-mini) — " +
-              _verdict(summary["eager_within_1_15"], summary["misses_eager_target"]) +
-              "; compiled extended step not slower than eager — " +
-              _verdict(summary["compiled_not_slower_than_eager"],
-                       summary["compiled_slower_than_eager"]) + "."]
-    return "\n".join(lines)
-
-
 # --- compilations during a Bypass cycle ---------------------------------------------------------
 
 
@@ -408,14 +239,6 @@ def bypass_compile_counts(bypass_steps: int = 6, return_steps: int = 6,
             "recompiles": int(sum(counters["recompiles"].values())),
             "target_met": by_phase.get("bypass", 0) <= extensions and
             by_phase.get("return", 0) == 0}
-
-
-def format_compile_counts(counts: dict) -> str:
-    phases = ", ".join(f"{k} {v}" for k, v in counts["compilations_by_phase"].items())
-    return (f"Dynamo compilations during one Bypass cycle under `compile=True` (by phase the "
-            f"step started in): {phases}; {counts['extensions']} extension(s), "
-            f"{counts['recompiles']} guard recompilation(s) — target (≤ 1 per extension, 0 "
-            f"while returning) {'**met**' if counts['target_met'] else '**not met**'}.")
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from morphc.bench.problems import PROBLEMS, hidden_units_identical
+from morphc.bench.problem_families import hidden_units_identical
+from morphc.bench.problems import PROBLEMS
 
 DEFAULT_SEEDS = 5
 QUICK_STEPS = 1000

@@ -8,12 +8,14 @@ import torch
 
 import morphc
 from morphc.bench import cli
-from morphc.bench.baselines import METHODS, PLAIN, RunResult
+from morphc.bench.baselines import METHODS, PLAIN
 from morphc.bench.harness import SuiteResult
 from morphc.bench.methods import MORPHC_METHODS, BypassStepper, bypass_method
 from morphc.bench.problems import PROBLEMS
-from morphc.bench.report import bypass_verdicts, format_headline
-from morphc.bench.step_cost import cost_summary, format_step_costs, site_mac_ratio, step_flops
+from morphc.bench.report_markdown import bypass_verdicts, format_headline
+from morphc.bench.step_cost_format import cost_summary, format_step_costs
+from morphc.bench.step_measures import site_mac_ratio, step_flops
+from morphc.bench.training import RunResult
 from morphc.zoo import transformer
 
 TS = PROBLEMS["teacher_student"]

@@ -7,20 +7,13 @@ import math
 import pytest
 import torch
 
-from morphc.bench.baselines import (
-    BASELINES,
-    METHODS,
-    PLAIN,
-    Method,
-    OptimizerStepper,
-    RemedyStepper,
-    RunResult,
-    register,
-    stepper_method,
-)
+from morphc.bench.baselines import BASELINES, METHODS, PLAIN, register
 from morphc.bench.harness import SuiteResult, aggregate, run_suite, stats
-from morphc.bench.problems import PROBLEMS, hidden_units_identical
+from morphc.bench.problem_families import hidden_units_identical
+from morphc.bench.problems import PROBLEMS
+from morphc.bench.remedies import RemedyStepper
 from morphc.bench.report import load_suite, write_report
+from morphc.bench.training import Method, OptimizerStepper, RunResult, stepper_method
 
 # --- the symmetric saddle --------------------------------------------------------------------
 
@@ -150,7 +143,7 @@ def test_runs_are_deterministic_per_seed():
 def test_remedies_use_morphcs_plateau_trigger_and_roll_back_what_does_not_pay():
     """Issue 12/13: every triggered method uses morphc.Plateau and Bypass's acceptance rule."""
     import morphc
-    from morphc.bench.baselines import full_train_loss
+    from morphc.bench.cycles import full_train_loss
 
     problem = PROBLEMS["stationary"]   # noise cannot leave this minimum: every cycle rolls back
     data, model = problem.make_data(0), problem.make_model(0)
