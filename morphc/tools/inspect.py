@@ -39,6 +39,7 @@ class SiteRow:
     branch_params: int | None = None
     residual: float | None = None
     escape_score: float | None = None
+    frozen: bool = False         # requires_grad=False: extended only when named explicitly
 
 
 @dataclass
@@ -105,7 +106,8 @@ class InspectionReport:
             "residual": "" if r.residual is None else f"{r.residual:.2g}",
             "escape": "" if r.escape_score is None else f"{r.escape_score:.3g}",
             "status": f"excluded: {r.excluded}" if r.excluded else
-            ("extended" if r.width is not None else "ok"),
+            ("extended" if r.width is not None else
+             "frozen: extended only when named" if r.frozen else "ok"),
         }
         return [cells[c] for c in columns]
 
@@ -150,6 +152,8 @@ def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None, *, kwargs=
     first = batch_source[0] if batch_source else None
     if isinstance(first, torch.Tensor) and first.dim() > 0:
         batch = int(first.shape[0])
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
     rows = []
     for site in table.values():
         use = site.uses[0]
@@ -162,7 +166,8 @@ def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None, *, kwargs=
         row = SiteRow(site.name, site.kind, use.op, site.weight_name, site.node_names,
                       list(_concrete(use.input_shape, batch) or []) or None,
                       list(out_shape or []) or None, params, flops, site.excluded,
-                      escape_score=scores.get(site.name))
+                      escape_score=scores.get(site.name),
+                      frozen=site.weight_name in frozen)
         if ext is not None and site.name in ext.branches:
             branch = ext.branches[site.name]
             row.width, row.family = branch.width, branch.family_name

@@ -57,3 +57,13 @@ def test_export_frontend_reason_and_excluded_sites_are_reported():
     report = morphc.inspect(model, inputs)
     assert report.frontend == "export" and "symbolic_trace failed" in report.frontend_reason
     assert any(r.weight.endswith("in_proj_weight") for r in report.rows)
+
+
+def test_frozen_weights_are_reported_as_extended_only_when_named():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    model[0].weight.requires_grad_(False)
+    report = morphc.inspect(model, (torch.randn(3, 4),))
+    status = {row.name: row for row in report.rows}
+    assert status["0"].frozen and not status["2"].frozen
+    assert "frozen: extended only when named" in str(report)
+    assert "frozen" in report.to_json()
