@@ -78,8 +78,8 @@ _RNN = ("fused RNN op: the weights act inside the recurrence, where a branch can
 _BILINEAR = "bilinear map x1ᵀ W x2: linear in neither input alone, so no bypass branch folds in"
 _BADDBMM = ("baddbmm against a parameter (a batch of G linear maps): not a site kind yet; use "
             "one linear per group to extend it")
-_EINSUM = ("einsum against a parameter: only equations of the form '...i,oi->...o' / "
-           "'...i,io->...o' (a plain linear map on the last axis) are sites")
+_EINSUM = ("einsum against a parameter: not a site kind yet; write a linear map on the last "
+           "axis as F.linear(x, W) or x @ W to extend it")
 # operators whose parameter operands are linear-operator weights that cannot be sites
 EXCLUDED_TARGETS: dict[object, str] = {
     aten.lstm.input: _RNN, aten.gru.input: _RNN, aten.rnn_tanh.input: _RNN,
