@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from morphc import zoo
+
 
 class Data(NamedTuple):
     """float32 tensors; classification targets are int64 class indices."""
@@ -48,52 +50,9 @@ def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[s
 
 # --- teacher–student on a symmetric saddle ---------------------------------------------------
 
-TS_IN, TS_TEACHER_HIDDEN, TS_STUDENT_HIDDEN, TS_N = 8, 6, 8, 512
-# The student's hidden width (8) and the sample count (a multiple of 16) are chosen so that every
-# hidden unit goes through the same BLAS / vectorised kernel path: with a width such as 6, MKL's
-# remainder kernel computes the last columns of `x @ W.T` in a different order, the units drift
-# apart by ~1e-8 and the "exact" saddle leaks. tests/bench/test_bench_problems.py guards this.
-
-
 def teacher_student_data(seed: int) -> Data:
-    """A random tanh teacher with orthogonal, saturating units and alternating output signs.
-
-    Targets are normalised to unit variance on the training set.
-    """
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(TS_IN, TS_IN, generator=g))
-    w1 = 2.0 * q[:TS_TEACHER_HIDDEN]
-    b1 = 0.5 * torch.randn(TS_TEACHER_HIDDEN, generator=g)
-    w2 = torch.tensor([(-1.0) ** j for j in range(TS_TEACHER_HIDDEN)]).unsqueeze(0)
-    x = torch.randn(2 * TS_N, TS_IN, generator=g)
-    y = torch.tanh(x @ w1.T + b1) @ w2.T
-    y = y / y[:TS_N].std()
-    return Data(x[:TS_N], y[:TS_N], x[TS_N:], y[TS_N:])
-
-
-def symmetric_student(seed: int) -> nn.Module:
-    """An 8→8→1 tanh MLP whose hidden units are all identical (the symmetric saddle).
-
-    Every row of the first weight is the same random row, the first biases are equal and the
-    second-layer columns are equal, so every hidden unit receives the same gradient and plain
-    optimizers never tell them apart.
-    """
-    g = torch.Generator().manual_seed(seed + 10_000)
-    model = nn.Sequential(nn.Linear(TS_IN, TS_STUDENT_HIDDEN), nn.Tanh(),
-                          nn.Linear(TS_STUDENT_HIDDEN, 1))
-    with torch.no_grad():
-        row = torch.randn(TS_IN, generator=g) / TS_IN**0.5
-        model[0].weight.copy_(row.expand(TS_STUDENT_HIDDEN, TS_IN))
-        model[0].bias.fill_(0.0)
-        model[2].weight.fill_(1.0 / TS_STUDENT_HIDDEN)
-        model[2].bias.fill_(0.0)
-    return model
-
-
-def hidden_units_identical(model: nn.Module) -> bool:
-    """True when the student's hidden units are still bit-for-bit the same unit."""
-    w1, b1, w2 = model[0].weight, model[0].bias, model[2].weight
-    return bool((w1 == w1[0]).all() and (b1 == b1[0]).all() and (w2 == w2[:, :1]).all())
+    """The symmetric-saddle problem's data (``morphc.zoo.teacher_student_data``)."""
+    return Data(*zoo.teacher_student_data(seed))
 
 
 # --- deep linear network ---------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from morphc import zoo
 from morphc.bench.problem_families import (
     XOR_SUCCESS,
     Data,
@@ -46,16 +47,12 @@ from morphc.bench.problem_families import (
     narrow_student,
     stationary_data,
     stationary_model,
-    symmetric_student,
     teacher_student_data,
     test_accuracy,
     test_mse,
     xor_accuracy,
     xor_data,
     xor_model,
-)
-from morphc.bench.problem_families import (
-    hidden_units_identical as hidden_units_identical,  # tests/tools/test_demo.py imports it here
 )
 from morphc.bench.reference_losses import reference_loss, width_best_loss
 
@@ -130,7 +127,7 @@ PROBLEMS: dict[str, Problem] = {p.name: p for p in [
         name="teacher_student",
         description="symmetric saddle: 8→8→1 tanh student, all hidden units identical, 6-unit "
                     "tanh teacher, full batch, Adam",
-        make_data=teacher_student_data, make_model=symmetric_student, loss_fn=F.mse_loss,
+        make_data=teacher_student_data, make_model=zoo.symmetric_student, loss_fn=F.mse_loss,
         steps=2000, quick_steps=300, target_loss=0.02, lr=1e-2, sgd_lr=0.1,
         test_metric=test_mse),
     Problem(

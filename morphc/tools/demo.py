@@ -1,6 +1,7 @@
 """``morphc demo``: Bypass escapes a saddle that plain Adam never leaves.
 
-The problem is ``teacher_student`` from :mod:`morphc.bench.problems`: an 8→8→1 tanh student whose
+The problem is the teacher–student saddle of :mod:`morphc.zoo` (the bench's ``teacher_student``
+problem): an 8→8→1 tanh student whose
 hidden units start *identical*. Every unit then receives the same gradient, so Adam keeps them
 identical forever: the student is effectively a one-unit network and its loss stalls on a
 symmetric saddle. Bypass, run in the same loop with the same seed and the same step budget,
@@ -35,12 +36,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from morphc.bench.problem_families import hidden_units_identical
-from morphc.bench.problems import PROBLEMS
+from morphc import zoo
 
 DEFAULT_SEEDS = 5
+STEPS, LR = 2000, 1e-2       # the bench's teacher_student problem: full-batch Adam
+PROBLEM = {"name": "teacher_student", "optimizer": f"Adam, lr {LR}", "loss": "mse, full batch",
+           "model": "8→8→1 tanh student, hidden units identical; 6-unit tanh teacher"}
 QUICK_STEPS = 1000
 
 # one plain-language line per term the compiler report prints
@@ -98,16 +102,15 @@ def run(seed: int, steps: int, bypass: bool, progress: tqdm | None = None) -> di
     (a tqdm bar) advances one tick per step."""
     import morphc
 
-    problem = PROBLEMS["teacher_student"]
-    data = problem.make_data(seed)
-    model = problem.make_model(seed)
+    x, y, _, _ = zoo.teacher_student_data(seed)
+    model = zoo.symmetric_student(seed)
     torch.manual_seed(seed)
 
     def factory(params):
-        return torch.optim.Adam(params, lr=problem.lr)
+        return torch.optim.Adam(params, lr=LR)
 
     def closure(module):
-        return problem.loss_fn(module(data.x_train), data.y_train)
+        return F.mse_loss(module(x), y)
 
     if bypass:
         stepper = morphc.Bypass(model, factory, seed=seed, **bypass_options())
@@ -121,11 +124,11 @@ def run(seed: int, steps: int, bypass: bool, progress: tqdm | None = None) -> di
             progress.update()
     final_model = stepper.finish()
     with torch.no_grad():
-        final = float(problem.loss_fn(final_model(data.x_train), data.y_train))
+        final = float(F.mse_loss(final_model(x), y))
     events = [e for e in getattr(stepper, "history", []) if e["event"] in ("extend", "contract",
                                                                           "rollback")]
     return {"seed": seed, "method": "bypass" if bypass else "plain", "losses": losses,
-            "final_loss": final, "symmetric": hidden_units_identical(final_model),
+            "final_loss": final, "symmetric": zoo.hidden_units_identical(final_model),
             "seconds": time.perf_counter() - start, "events": events,
             "cycles": sum(e["event"] == "contract" for e in events)}
 
@@ -205,11 +208,10 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def parse_args(argv):
-    problem = PROBLEMS["teacher_student"]
     parser = argparse.ArgumentParser(prog="morphc demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-results", help="output directory")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="number of seeds")
-    parser.add_argument("--steps", type=int, default=problem.steps, help="training steps")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_STEPS} steps and 2 seeds (for tests and CI)")
     args = parser.parse_args(argv)
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
     print(table(results))
     plot(results, out / "loss_curves.png")
     per_seed = ratios(results)
-    summary = {"problem": PROBLEMS["teacher_student"].info(), "steps": args.steps,
+    summary = {"problem": PROBLEM, "steps": args.steps,
                "bypass_options": bypass_options(), "ratios": per_seed,
                "ratio_geometric_mean": geometric_mean(list(per_seed.values())),
                "results": [{k: v for k, v in r.items() if k != "losses"} for r in results]}

@@ -9,11 +9,11 @@ import torch
 
 from morphc.bench.baselines import BASELINES, METHODS, PLAIN, register
 from morphc.bench.harness import SuiteResult, aggregate, run_suite, stats
-from morphc.bench.problem_families import hidden_units_identical
 from morphc.bench.problems import PROBLEMS
 from morphc.bench.remedies import RemedyStepper
 from morphc.bench.report import load_suite, write_report
 from morphc.bench.training import Method, OptimizerStepper, RunResult, stepper_method
+from morphc.zoo import hidden_units_identical
 
 # --- the symmetric saddle --------------------------------------------------------------------
 

@@ -46,7 +46,8 @@ def test_only_a_branch_after_the_identical_units_breaks_the_symmetry():
     import torch.nn.functional as F
 
     import morphc
-    from morphc.bench.problems import PROBLEMS, hidden_units_identical
+    from morphc.bench.problems import PROBLEMS
+    from morphc.zoo import hidden_units_identical
 
     problem = PROBLEMS["teacher_student"]
     data = problem.make_data(0)
