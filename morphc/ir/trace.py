@@ -210,16 +210,31 @@ def _unflattenable(output) -> list[str]:
                    if not isinstance(x, torch.Tensor | int | float | bool | str | type(None))})
 
 
-def _run_once(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Run the model on the example inputs (no grad, no side effects); returns the kwargs to
-    trace with. A failing model is reported as such, before any tracing."""
+def describe_inputs(args: tuple, kwargs: dict | None = None) -> str:
+    """``(8, 7) float32, mask=(8, 7) bool``: what a message says about example inputs."""
+    def one(t):
+        return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" \
+            if isinstance(t, torch.Tensor) else type(t).__name__
+    return ", ".join([*map(one, args), *(f"{k}={one(v)}" for k, v in (kwargs or {}).items())])
+
+
+def run_example(model: nn.Module, args: tuple, kwargs: dict | None = None):
+    """Run the model once on example inputs (no grad; buffers and RNG restored) and return its
+    output. A failure is a :class:`TraceError` naming the inputs and the model's own error, so a
+    wrong shape is reported as such — not as a tracing failure later (trace, Bypass, the CLI)."""
     try:
         with no_side_effects(model), torch.no_grad():
-            output = model(*args, **kwargs)
+            return model(*args, **(kwargs or {}))
     except Exception as exc:
-        raise TraceError(f"the model fails on the example inputs: {_first_line(exc)}. Check the "
-                         "inputs' shapes and dtypes (and pass keyword inputs as kwargs=...)"
-                         ) from exc
+        raise TraceError(
+            f"the model fails on the example inputs {describe_inputs(args, kwargs)}: "
+            f"{_first_line(exc)}. Check the inputs' shapes and dtypes (and pass keyword inputs "
+            "as kwargs=...)") from exc
+
+
+def _run_once(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Run the model on the example inputs; returns the kwargs to trace with."""
+    output = run_example(model, args, kwargs)
     bad = _unflattenable(output)
     if not bad:
         return kwargs

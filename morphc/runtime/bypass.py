@@ -27,8 +27,8 @@ import warnings
 import torch
 from torch import nn
 
-from morphc.errors import BypassError
-from morphc.ir.trace import _as_tuple, no_side_effects
+from morphc.errors import BypassError, TraceError
+from morphc.ir.trace import _as_tuple, run_example
 from morphc.runtime.config import BypassConfig, Phase
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
@@ -161,14 +161,10 @@ class Bypass(CycleRunner):
     def _check_example_inputs(self) -> None:
         """Run the model once on ``example_inputs`` so a wrong shape or dtype surfaces now."""
         try:
-            with no_side_effects(self._user_model), torch.no_grad():
-                self._user_model(*self.example_inputs, **self.example_kwargs)
-        except Exception as exc:
-            shapes = [tuple(t.shape) + (str(t.dtype),) if isinstance(t, torch.Tensor) else
-                      type(t).__name__ for t in self.example_inputs]
-            raise BypassError(f"the model fails on example_inputs {shapes}: "
-                              f"{type(exc).__name__}: {exc}. Pass inputs of the shape and "
-                              "dtype of a real batch.") from exc
+            run_example(self._user_model, self.example_inputs, self.example_kwargs)
+        except TraceError as exc:
+            raise BypassError(f"{exc} Pass example_inputs of the shape and dtype of a real "
+                              "batch.") from exc.__cause__
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -113,20 +113,14 @@ def make_inputs(shapes, dtype, loaded: Loaded) -> tuple:
     return tuple(torch.randint(0, 2, s, generator=generator).to(dtype) for s in shapes)
 
 
-def _describe(inputs: tuple) -> str:
-    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-                     if hasattr(t, "shape") else type(t).__name__ for t in inputs)
-
-
 def check_runs(model, inputs: tuple, label: str, kwargs: dict | None = None) -> None:
     """Run the model once so a shape mismatch is reported as such, not as a trace failure."""
-    import torch
+    from morphc.errors import TraceError
+    from morphc.ir.trace import run_example
 
     try:
-        with torch.no_grad():
-            model(*inputs, **(kwargs or {}))
-    except Exception as e:
-        raise CLIError(f"{label} fails on inputs {_describe(inputs)}: {type(e).__name__}: "
-                       f"{one_line(e)}; pass an --input-shape (and --input-dtype) the model "
-                       "accepts") from e
+        run_example(model, inputs, kwargs)
+    except TraceError as e:
+        raise CLIError(f"{label}: {one_line(e)}; pass an --input-shape (and --input-dtype) the "
+                       "model accepts") from e.__cause__
 
