@@ -50,7 +50,7 @@ from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.sites import module_sites
 from morphc.ir.sites import select_sites
 from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, may_start
+from morphc.runtime.cycle import Cycle, may_start, quiet_until
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
@@ -312,7 +312,8 @@ class TrainerBypass:
                     "survival": cycle.survival(before, after), "window": len(recent)}
         if not cycle.pays(before, after):
             self._unpaid += 1
-            self._quiet_until = self.step_count + self.config.cycle_steps * 2 ** self._unpaid
+            self._quiet_until = quiet_until(self.config, step=self.step_count,
+                                            misses=self._unpaid)
             self._rollback(f"the cycle did not pay: mean training loss {after:.4g} over its last "
                            f"{len(recent)} steps vs {before:.4g} before (needed < "
                            f"{before - cycle.required_gain(before):.4g})", measures=measures,

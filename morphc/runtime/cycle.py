@@ -120,6 +120,12 @@ class Cycle:
         self.saw_extension_grad = bool(state["saw_extension_grad"])
 
 
+def quiet_until(config: BypassConfig, *, step: int, misses: int) -> int:
+    """The first step a new cycle may start after ``misses`` consecutive cycles that did not pay:
+    the trigger backs off for 2^misses cycle lengths (shared by Bypass and the integrations)."""
+    return step + config.cycle_steps * 2 ** misses
+
+
 def may_start(config: BypassConfig, *, step: int, cycles: int, quiet_until: int, lr: float,
               peak_lr: float) -> bool:
     """When a fired trigger may start a cycle now (shared by Bypass and the trainer

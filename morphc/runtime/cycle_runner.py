@@ -18,7 +18,7 @@ from morphc.compiler.extend import extend
 from morphc.errors import BypassError, MorphcError, ShapeError
 from morphc.ir.trace import trace
 from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, may_start
+from morphc.runtime.cycle import Cycle, may_start, quiet_until
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
 from morphc.runtime.steps import (
@@ -280,7 +280,8 @@ class CycleRunner:
         before, after = self._evaluate_both(cycle, closure)
         if not cycle.pays(before, after):
             self._unpaid += 1
-            self._quiet_until = self.step_count + self.config.cycle_steps * 2 ** self._unpaid
+            self._quiet_until = quiet_until(self.config, step=self.step_count,
+                                            misses=self._unpaid)
             self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
                            f"before (needed < {before - cycle.required_gain(before):.4g})",
                            measures=self._measures(cycle, before, after, snap),
