@@ -598,7 +598,7 @@ def test_a_bad_width_is_a_site_error(width):
 # -- messages that help (defect 11) --------------------------------------------------------------
 def test_a_widen_across_dropout_is_not_offered_and_its_refusal_gives_working_advice():
     from morphc.space import ModelSpace
-    from morphc.space.moves import neighborhood
+    from morphc.space.search import neighborhood
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 4),
                           nn.Tanh(), nn.Linear(4, 2))

@@ -44,7 +44,6 @@ from morphc.space.moves import (
     Widen,
     dropout_between,
     graph_of,
-    neighborhood,
     private_copy,
 )
 
@@ -322,7 +321,9 @@ class ModelSpace:
         return node, module, score
 
     def neighbors(self, node: str | None = None, **options) -> list[Move]:
-        """Candidate moves from ``node`` (``morphc.space.moves.neighborhood`` options)."""
+        """Candidate moves from ``node`` (``morphc.space.search.neighborhood`` options)."""
+        from morphc.space.search import neighborhood
+
         return neighborhood(self.module(node), **options)
 
     def search(self, train: TrainFn, evaluate: EvalFn, budget: int,

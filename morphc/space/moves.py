@@ -40,7 +40,6 @@ from morphc.ir.sites import ConvConfig
 from morphc.ir.tags import DEEP_PREFIX, FRONTEND
 from morphc.ir.trace import TracedModel, _as_tuple, no_side_effects, trace
 from morphc.passes.find_grown_branches import GrownBranch, find_grown_branches
-from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline, fresh_name
 from morphc.passes.insert_residual_block import insert_residual_block
 from morphc.passes.make_permanent import make_permanent
@@ -381,21 +380,3 @@ def dropout_between(gm: fx.GraphModule, first: str, second: str) -> bool:
                 return True
             stack.append(parent)
     return False
-
-
-def neighborhood(module: nn.Module, *, widen_factor: float = 2.0, max_width: int = 512,
-                 grow_width: int = 8, seed: int = 0) -> list[Move]:
-    """Every move a search may try from ``module`` (shapes must be annotated)."""
-    if isinstance(module, ExtendedModel):
-        return [Contract(), Grow()]
-    moves: list[Move] = [Deepen(at=p, seed=seed) for p in deepen_points(module)]
-    for first, second in widenable_pairs(module):
-        if dropout_between(module, first, second):
-            continue        # never exact in train mode: see dropout_between
-        width = module.get_submodule(first).weight.shape[0]
-        if math.ceil(width * widen_factor) <= max_width:
-            moves.append(Widen(first, factor=widen_factor, seed=seed, second=second))
-    table = find_sites(module).analysis
-    moves += [Grow(sites=[site.name], width=grow_width, seed=seed)
-              for site in table.extendable()]
-    return moves

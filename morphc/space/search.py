@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,8 +10,19 @@ from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
+from morphc.compiler.extended import ExtendedModel
 from morphc.errors import MorphcError
-from morphc.space.moves import Move
+from morphc.passes.find_sites import find_sites
+from morphc.passes.widen_layer import widenable_pairs
+from morphc.space.moves import (
+    Contract,
+    Deepen,
+    Grow,
+    Move,
+    Widen,
+    deepen_points,
+    dropout_between,
+)
 
 if TYPE_CHECKING:
     from morphc.space.graph import EvalFn, ModelSpace, TrainFn
@@ -95,3 +107,22 @@ class HillClimb:
             self.log(f"round: {len(children)} children, best {scores[best]:.4f} "
                      f"({space.graph.nodes[best]['summary']})")
         return best
+
+
+# -- where a search may go ---------------------------------------------------------------------
+def neighborhood(module: nn.Module, *, widen_factor: float = 2.0, max_width: int = 512,
+                 grow_width: int = 8, seed: int = 0) -> list[Move]:
+    """Every move a search may try from ``module`` (shapes must be annotated)."""
+    if isinstance(module, ExtendedModel):
+        return [Contract(), Grow()]
+    moves: list[Move] = [Deepen(at=p, seed=seed) for p in deepen_points(module)]
+    for first, second in widenable_pairs(module):
+        if dropout_between(module, first, second):
+            continue        # never exact in train mode: see dropout_between
+        width = module.get_submodule(first).weight.shape[0]
+        if math.ceil(width * widen_factor) <= max_width:
+            moves.append(Widen(first, factor=widen_factor, seed=seed, second=second))
+    table = find_sites(module).analysis
+    moves += [Grow(sites=[site.name], width=grow_width, seed=seed)
+              for site in table.extendable()]
+    return moves
