@@ -7,7 +7,10 @@ table, so the site table speaks in module paths and parameter names whichever fr
 A weight operand is resolved through the ways models build it from a parameter
 (:func:`_resolve`): a row slice of one packed parameter (``split`` / ``chunk`` / ``slice`` +
 ``getitem``: ``nn.MultiheadAttention``'s cross-attention ``in_proj_weight``) is a site per slice,
-folded into its rows; ``_weight_norm(v, g, dim)`` is a site folded into ``v`` and ``g``. Every
+folded into its rows; ``_weight_norm(v, g, dim)`` is a site folded into ``v`` and ``g``. An
+``einsum`` that is a linear map of one input by a 2-D parameter, and ``bmm`` / ``baddbmm`` against
+a 2-D parameter broadcast over the batch, are sites of the existing kinds (linear, matmul_right,
+matmul_left), so branch and fold are theirs; a 3-D batch of weights is G maps, not a site. Every
 linear-operator weight that cannot be a site is listed in ``SiteTable.exclusions`` with the
 reason (fused RNN ops, bilinear maps, weights computed by other code such as spectral_norm,
 weights used inside higher-order-op subgraphs).
@@ -23,11 +26,15 @@ import torch
 from morphc.passes.infra import PassResult
 from torch import fx, nn
 
+from morphc.ir.einsum_map import einsum_map
 from morphc.ir.site_rules import (
-    _EINSUM,
+    _BATCHED_3D,
+    _BATCHED_OTHER,
+    _BROADCASTS,
     _SPLITS,
     _TRANSPOSES,
     _WEIGHT_NORM,
+    BATCHED_TARGETS,
     EINSUM_TARGETS,
     EXCLUDED_MODULES,
     EXCLUDED_TARGETS,
@@ -43,8 +50,9 @@ from morphc.ir.site_rules import (
     _Ref,
     _resolve,
     _shape,
+    resolve_broadcast,
 )
-from morphc.ir.sites import ConvConfig, Site, SiteTable, SiteUse
+from morphc.ir.sites import ConvConfig, Site, SiteTable, SiteUse, input_of
 from morphc.ir.tags import Role, tag
 
 aten = torch.ops.aten
@@ -158,9 +166,84 @@ def _record_rule(gm, node, rule: _FunctionRule, uses: _Uses) -> None:
                                       in_f, out_f, conv))
 
 
-def _einsum_operands(node: fx.Node):
-    ops = node.args[1] if isinstance(node.args[1], list | tuple) else node.args[1:]
-    return node.args[0], list(ops)
+def _einsum_operands(node: fx.Node) -> list:
+    """``einsum(eq, [a, b])`` (export) or ``einsum(eq, a, b)`` (symbolic_trace)."""
+    return list(node.args[1]) if isinstance(node.args[1], list | tuple) else list(node.args[1:])
+
+
+def _add_site(uses: _Uses, node, kind, label, ref: _Ref, bias: _Ref | None, input_arg) -> None:
+    """Record ``node`` as a use of the 2-D weight ``ref`` by a site of ``kind``."""
+    in_f, out_f = _features(kind, tuple(ref.tensor.shape), None)
+    uses.consume(node, ref)
+    uses.consume(node, bias)
+    uses.note(ref.name, ref.tensor)
+    if bias is not None:
+        uses.note(bias.name, bias.tensor)
+        uses.bias[id(bias.tensor)].append(node)
+    uses.site[ref.key].append(_Use(node, kind, label, ref, bias, input_arg, in_f, out_f))
+
+
+def _record_einsum(gm, node, uses: _Uses) -> None:
+    """An einsum against a 2-D parameter that is a linear map of the other operand is a site of
+    the kind it maps onto (:mod:`morphc.ir.einsum_map`); any other is an explained exclusion."""
+    operands = _einsum_operands(node)
+    refs = [_resolve(gm, o) for o in operands]
+    for index, ref in enumerate(refs):
+        if ref is None or ref.tensor.dim() < 2:
+            continue
+        why = f"einsum {node.args[0]!r} against the {ref.tensor.dim()}-D parameter"
+        if ref.tensor.dim() != 2 or ref.weight_norm is not None or len(refs) != 2 or \
+                refs[1 - index] is not None:
+            uses.exclusions.setdefault(ref.name, f"{why}: not a linear map of one input by one "
+                                       "2-D weight")
+            continue
+        found = einsum_map(str(node.args[0]), index, ref.transposed)
+        if isinstance(found, str) or (ref.rows is not None and found.kind != "linear"):
+            reason = found if isinstance(found, str) else "a row slice folds only as (out, in)"
+            uses.exclusions.setdefault(ref.name, (
+                f"{why}: {reason}; write it as F.linear(x, W) or x @ W on the last axis to "
+                "extend it"))
+            continue
+        kind = found.kind
+        _add_site(uses, node, kind, EINSUM_TARGETS[node.target], ref, None,
+                  1 + found.input_operand)
+
+
+def _record_batched(gm, node, uses: _Uses) -> None:
+    """``bmm`` / ``baddbmm`` against one 2-D parameter broadcast over the batch is the
+    ``matmul_right`` (``x P``, bias folded like addmm's) or ``matmul_left`` (``W x``) kind; a 3-D
+    parameter is G separate maps, an explained exclusion."""
+    label, bias_at, (left, left_name), (right, right_name) = BATCHED_TARGETS[node.target]
+    unit = node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
+    sides = (((right, right_name), left, "matmul_right"), ((left, left_name), right, "matmul_left"))
+    for (param_at, param_name), input_at, kind in sides:
+        operand = _arg(node, param_at, param_name)
+        ref, how = resolve_broadcast(gm, operand)
+        if ref is None or not unit:
+            root = _broadcast_source(gm, operand)
+            if root is not None:
+                name, tensor = root
+                text = _BATCHED_3D if tensor.dim() == 3 and how == "directly" else _BATCHED_OTHER
+                uses.exclusions.setdefault(name, text.format(
+                    op=label, name=name, shape=tuple(tensor.shape),
+                    how=how if unit else f"{how or 'an operand'} with beta/alpha != 1"))
+            continue
+        bias = _resolve(gm, _arg(node, bias_at, "input")) if bias_at is not None and \
+            kind == "matmul_right" else None
+        if bias is not None and (bias.rows is not None or bias.weight_norm is not None or
+                                 bias.transposed or
+                                 tuple(bias.tensor.shape) != (ref.tensor.shape[1],)):
+            bias = None          # a (G, 1, out) or other-shaped bias: the branch gets no offset
+        _add_site(uses, node, kind, label, ref, bias, input_at)
+        return
+
+
+def _broadcast_source(gm, operand):
+    """The parameter at the root of a broadcast chain, if any (for exclusions)."""
+    while isinstance(operand, fx.Node) and operand.op in ("call_function", "call_method") and \
+            operand.target in _BROADCASTS:
+        operand = operand.args[0]
+    return _param_node(gm, operand)
 
 
 def _record_function_call(gm, node, uses: _Uses) -> None:
@@ -175,11 +258,10 @@ def _record_function_call(gm, node, uses: _Uses) -> None:
                 uses.exclusions.setdefault(ref.name, EXCLUDED_TARGETS[node.target])
         return
     if node.target in EINSUM_TARGETS:
-        _, operands = _einsum_operands(node)
-        for operand in operands:
-            ref = _resolve(gm, operand)
-            if ref is not None and ref.tensor.dim() >= 2:
-                uses.exclusions.setdefault(ref.name, _EINSUM)
+        _record_einsum(gm, node, uses)
+        return
+    if node.target in BATCHED_TARGETS:
+        _record_batched(gm, node, uses)
         return
     if node.target in MATMUL_TARGETS and len(node.args) == 2:
         for side, (param_arg, input_arg) in (("matmul_right", (1, 0)), ("matmul_left", (0, 1))):
@@ -233,7 +315,7 @@ def _build_site(key, uses: _Uses, taken: set[str]) -> Site:
         site.uses.append(SiteUse(
             node=use.node.name, op=use.label, input_arg=use.input_arg,
             bias_name=use.bias.name if use.bias else None,
-            input_shape=_shape(use.node.args[use.input_arg]), output_shape=_shape(use.node),
+            input_shape=_shape(input_of(use.node, use.input_arg)), output_shape=_shape(use.node),
             bias_rows=use.bias.rows if use.bias else None))
         if use.kind != first.kind or use.conv != site.conv or \
                 bool(use.weight.weight_norm) != bool(ref.weight_norm):
@@ -276,7 +358,8 @@ def _check_other_uses(gm, uses: _Uses) -> None:
                     uses.other[key].append(user.name)
                 elif user.target in _SPLITS or user.target is operator.getitem or \
                         user.target in _TRANSPOSES or user.target is aten.slice.Tensor or \
-                        user.target in _WEIGHT_NORM or user.op == "call_module" and \
+                        user.target in _WEIGHT_NORM or user.target in _BROADCASTS or \
+                        user.op == "call_module" and \
                         type(gm.get_submodule(user.target)).__name__ == "_WeightNorm":
                     stack.append(user)
 
@@ -297,6 +380,11 @@ def _linear_weight_operands(node: fx.Node) -> list:
         return [_arg(node, *rule.weight)]
     if node.target in MATMUL_TARGETS:
         return list(node.args[:2])
+    if node.target in EINSUM_TARGETS:
+        return _einsum_operands(node)
+    if node.target in BATCHED_TARGETS:
+        _, _, (left, left_name), (right, right_name) = BATCHED_TARGETS[node.target]
+        return [_arg(node, left, left_name), _arg(node, right, right_name)]
     return []
 
 

@@ -76,22 +76,31 @@ SITE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
 _RNN = ("fused RNN op: the weights act inside the recurrence, where a branch cannot be inserted "
         "without unrolling the cell")
 _BILINEAR = "bilinear map x1ᵀ W x2: linear in neither input alone, so no bypass branch folds in"
-_BADDBMM = ("baddbmm against a parameter (a batch of G linear maps): not a site kind yet; use "
-            "one linear per group to extend it")
-_EINSUM = ("einsum against a parameter: not a site kind yet; write a linear map on the last "
-           "axis as F.linear(x, W) or x @ W to extend it")
+_BATCHED_3D = ("{op} against the 3-D parameter {name} {shape}: G separate linear maps, one per "
+               "batch slice, and one bypass branch is one map shared by every slice, so it folds "
+               "into no single weight; to extend it, write G F.linear calls (one 2-D weight "
+               "each), or broadcast one 2-D weight (W.expand(G, -1, -1)) if the slices share it")
+_BATCHED_OTHER = ("{op} against the parameter {name} {shape} through {how}: only a 2-D weight "
+                  "broadcast over the batch (W.expand(G, -1, -1), W.unsqueeze(0).expand(...)) "
+                  "with beta = alpha = 1 is read as a site")
 # operators whose parameter operands are linear-operator weights that cannot be sites
 EXCLUDED_TARGETS: dict[object, str] = {
     aten.lstm.input: _RNN, aten.gru.input: _RNN, aten.rnn_tanh.input: _RNN,
     aten.rnn_relu.input: _RNN, aten.lstm.data: _RNN, aten.gru.data: _RNN,
     aten.bilinear.default: _BILINEAR, F.bilinear: _BILINEAR,
-    aten.baddbmm.default: _BADDBMM, torch.baddbmm: _BADDBMM,
 }
 EXCLUDED_MODULES: tuple[tuple[type, str], ...] = ((nn.RNNBase, _RNN), (nn.Bilinear, _BILINEAR))
-EINSUM_TARGETS = (torch.einsum, aten.einsum.default)
+EINSUM_TARGETS = {torch.einsum: "torch.einsum", aten.einsum.default: "aten.einsum"}
+# label, bias position (None: bmm), (position, keyword) of batch1 and batch2
+_BADDBMM_ARGS = (0, (1, "batch1"), (2, "batch2"))
+BATCHED_TARGETS = {aten.baddbmm.default: ("aten.baddbmm", *_BADDBMM_ARGS),
+                   torch.baddbmm: ("torch.baddbmm", *_BADDBMM_ARGS),
+                   aten.bmm.default: ("aten.bmm", None, (0, "self"), (1, "mat2")),
+                   torch.bmm: ("torch.bmm", None, (0, "input"), (1, "mat2"))}
+_BROADCASTS = {aten.expand.default, aten.unsqueeze.default, "expand", "unsqueeze"}
 _SPLITS = {aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, torch.split,
            torch.chunk, aten.split_with_sizes_copy.default, aten.split_copy.Tensor}
-_TRANSPOSES = {aten.t.default, torch.t}
+_TRANSPOSES = {aten.t.default, torch.t, "t"}     # "t": the method W.t() under symbolic_trace
 _WEIGHT_NORM = {aten._weight_norm.default, torch._weight_norm}
 
 
@@ -174,7 +183,8 @@ def _resolve(gm, arg) -> _Ref | None:
     param = _param_node(gm, arg)
     if param is not None:
         return _Ref(param[0], param[1], [(arg, None)])
-    if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_module"):
+    if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_module") and \
+            not (arg.op == "call_method" and arg.target in _TRANSPOSES):
         return None
     if arg.op == "call_module":
         module = gm.get_submodule(arg.target)
@@ -215,6 +225,40 @@ def _resolve(gm, arg) -> _Ref | None:
                 return _Ref(inner[0], inner[1], [(arg.args[0], arg), (arg, None)],
                             rows=(start, stop))
     return None
+
+
+def resolve_broadcast(gm, arg) -> tuple[_Ref | None, str]:
+    """A batch operand of ``bmm`` / ``baddbmm`` built from one 2-D parameter broadcast over the
+    batch (``W.expand(G, -1, -1)``, ``W.unsqueeze(0).expand(G, n, m)``): the parameter, or None
+    and how the operand was built (for the exclusion's reason)."""
+    chain, node = [], arg
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and \
+            node.target in _BROADCASTS:
+        chain.append(node)
+        node = node.args[0]
+    param = _param_node(gm, node)
+    if param is None:
+        return None, ""
+    how = " -> ".join(str(getattr(n.target, "__name__", n.target)) for n in reversed(chain))
+    name, tensor = param
+    if tensor.dim() != 2 or not chain:
+        return None, how or "directly"
+    edges, reader = [], None
+    for link in chain:                        # the operator reads chain[0], which reads chain[1]…
+        edges.append((link, reader))
+        reader = link
+    edges.append((node, reader))
+    for link in chain:
+        sizes = list(link.args[1:])
+        if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
+            sizes = list(sizes[0])
+        if link.target in (aten.unsqueeze.default, "unsqueeze"):
+            if sizes not in ([0], [-3]) or link is not chain[-1]:
+                return None, how
+        elif len(sizes) != 3 or any(r not in (-1, n) for r, n in zip(sizes[1:], tensor.shape,
+                                                                     strict=True)):
+            return None, how
+    return _Ref(name, tensor, edges[::-1]), how
 
 
 def _conv_from_module(m: nn.modules.conv._ConvNd) -> ConvConfig:

@@ -105,8 +105,8 @@ class SiteTable(dict[str, Site]):
                  for s in self.values()]
         found += [f"{name}: excluded: {why}" for name, why in self.exclusions.items()]
         return "; ".join(found) if found else (
-            "no nn.Linear / convNd / conv-transpose / F.linear / addmm / matmul against a "
-            "parameter in the graph")
+            "no nn.Linear / convNd / conv-transpose / F.linear / addmm / matmul / einsum / "
+            "bmm against a parameter in the graph")
 
     def describe(self) -> str:
         return ", ".join(self) or "(none)"
@@ -231,7 +231,11 @@ def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = (),
 
 def input_of(node, index: int):
     """The argument of a site node that its branch reads (positional, or the ``input`` /
-    ``other`` keyword)."""
-    if len(node.args) > index:
-        return node.args[index]
+    ``other`` keyword). ``einsum(equation, [a, b])`` counts its operands as positional
+    arguments after the equation, as in ``einsum(equation, a, b)``."""
+    args = node.args
+    if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], list | tuple):
+        args = (args[0], *args[1])
+    if len(args) > index:
+        return args[index]
     return node.kwargs.get("input", node.kwargs.get("other"))

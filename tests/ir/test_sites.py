@@ -140,10 +140,12 @@ def test_auto_selection_ranks_by_escape_score():
 
 def linear_operator_weights(model: nn.Module) -> set[str]:
     """Every parameter that acts as the weight of a linear operator, found from module types (not
-    from morphc's graph): what the site table must speak for."""
+    from morphc's graph): what the site table must speak for. A module whose forward uses its
+    own parameters functionally (einsum, bmm) lists them in ``LINEAR_WEIGHTS``."""
     names = set()
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
+        names |= {prefix + n for n in getattr(type(module), "LINEAR_WEIGHTS", ())}
         owned = dict(module.named_parameters(recurse=False))
         parametrized = getattr(module, "parametrizations", None)
         if isinstance(module, nn.RNNBase):
