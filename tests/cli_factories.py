@@ -45,3 +45,34 @@ class DataDependent(nn.Module):
         if x.sum() > 0:
             return self.fc(x)
         return x
+
+
+class Masked(nn.Module):
+    """Keyword inputs: a tensor mask and a non-tensor scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x, mask=None, scale=1.0):
+        if mask is not None:
+            x = x * mask[..., None]
+        return self.b(torch.tanh(self.a(x))) * scale
+
+
+def masked_with_kwargs():
+    """A (model, args, kwargs) triple."""
+    torch.manual_seed(0)
+    return Masked(), (torch.randn(2, 5, 6),), {"mask": torch.ones(2, 5), "scale": 2.0}
+
+
+def masked_with_spec():
+    """A mapping with torch.export's dynamic_shapes: the sequence varies, the batch is static."""
+    model, args, kwargs = masked_with_kwargs()
+    seq = torch.export.Dim("seq", max=32)
+    return {"model": model, "args": args, "kwargs": kwargs,
+            "dynamic_shapes": {"x": {1: seq}, "mask": {1: seq}, "scale": None}}
+
+
+def mapping_with_typo():
+    return {"model": Masked(), "args": (torch.randn(2, 5, 6),), "kwarg": {}}

@@ -114,6 +114,42 @@ def no_side_effects(module: nn.Module) -> Iterator[None]:
                         buf.copy_(saved[name])
 
 
+class ExampleInputs(tuple):
+    """Positional example inputs that carry the keyword ones (``kwargs``) and torch.export's
+    ``dynamic_shapes`` along, so code that hands example inputs on — model-space moves, each of
+    which may trace again — keeps the three together. It is a tuple of the positional inputs,
+    so code that needs only those works unchanged.
+
+    >>> inputs = ExampleInputs.of((torch.randn(2, 4),), kwargs={"mask": None})
+    >>> len(inputs), inputs.kwargs
+    (1, {'mask': None})
+    """
+
+    kwargs: dict
+    dynamic_shapes: object
+
+    def __new__(cls, args=(), kwargs=None, dynamic_shapes=None):
+        self = super().__new__(cls, args)
+        self.kwargs, self.dynamic_shapes = dict(kwargs or {}), dynamic_shapes
+        return self
+
+    @classmethod
+    def of(cls, example_inputs, kwargs=None, dynamic_shapes=None) -> ExampleInputs:
+        """``example_inputs`` (a tensor, a tuple or already an ``ExampleInputs``) with
+        ``kwargs`` / ``dynamic_shapes`` added (those given here take precedence)."""
+        if isinstance(example_inputs, ExampleInputs) and kwargs is None and \
+                dynamic_shapes is None:
+            return example_inputs
+        return cls(_as_tuple(example_inputs),
+                   {**getattr(example_inputs, "kwargs", {}), **(kwargs or {})},
+                   dynamic_shapes if dynamic_shapes is not None else
+                   getattr(example_inputs, "dynamic_shapes", None))
+
+    def call(self, module: nn.Module):
+        """``module(*args, **kwargs)`` on these inputs."""
+        return module(*self, **self.kwargs)
+
+
 def _as_tuple(example_inputs) -> tuple:
     if example_inputs is None:
         return ()
@@ -276,7 +312,11 @@ def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwar
         raise TraceError(f"morphc needs an nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
         raise TraceError(f"unknown frontend {frontend!r}; choose one of {FRONTENDS}")
-    inputs = _as_tuple(args if args is not None else example_inputs)
+    given = args if args is not None else example_inputs
+    if isinstance(given, ExampleInputs):
+        kwargs = {**given.kwargs, **(kwargs or {})}
+        dynamic_shapes = dynamic_shapes if dynamic_shapes is not None else given.dynamic_shapes
+    inputs = _as_tuple(given)
     kwargs = dict(kwargs or {})
     key = _signature(model, inputs, kwargs, dynamic_shapes, frontend) if cache else None
     hit = _CACHE.get(model, {}).get(key) if cache else None
@@ -328,4 +368,5 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
     return traced
 
 
-__all__ = ["FRONTENDS", "ShapeError", "TracedModel", "no_side_effects", "trace"]
+__all__ = ["FRONTENDS", "ExampleInputs", "ShapeError", "TracedModel", "no_side_effects",
+           "trace"]

@@ -36,7 +36,7 @@ from morphc.compiler.extended import ExtendedModel
 from morphc.errors import MorphcError, TraceError
 from morphc.ir.branch import BypassBranch
 from morphc.ir.tags import DEEP_PREFIX, GROWN_PREFIX
-from morphc.ir.trace import _as_tuple
+from morphc.ir.trace import ExampleInputs
 from morphc.passes.widen_layer import widenable_pairs
 from morphc.space.moves import (
     Move,
@@ -167,7 +167,8 @@ def function_change(before: nn.Module, after: nn.Module, inputs: tuple) -> dict[
                 outputs = []
                 for module in (before, after):
                     module.train(mode == "train")
-                    outputs.append(deterministic_forward(module, inputs))
+                    outputs.append(deterministic_forward(
+                        module, tuple(inputs), kwargs=getattr(inputs, "kwargs", None)))
                 change[mode] = relative_deviation(*outputs)
     finally:
         before.train(modes[0])
@@ -226,11 +227,16 @@ class ModelSpace:
     attributes: ``move`` (text), ``spec`` (JSON-able), ``change`` / ``change_train`` (measured
     relative output change in eval / train mode), ``count``.
     Reaching an architecture again (e.g. Extend then Contract) updates that node's module.
+
+    Inputs as for ``morphc.extend``: positional ``example_inputs``, keyword ``kwargs``
+    (``attention_mask=``, ``use_cache=False``), torch.export's ``dynamic_shapes``; every move and
+    every measurement uses all of them (``space.example_inputs`` carries them, see
+    :class:`~morphc.ir.trace.ExampleInputs`).
     """
 
-    def __init__(self, model: nn.Module, example_inputs, *, tolerance: float = 1e-6,
-                 train_tolerance: float = 1e-4) -> None:
-        self.example_inputs = _as_tuple(example_inputs)
+    def __init__(self, model: nn.Module, example_inputs, *, kwargs=None, dynamic_shapes=None,
+                 tolerance: float = 1e-6, train_tolerance: float = 1e-4) -> None:
+        self.example_inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
         self.tolerance, self.train_tolerance = tolerance, train_tolerance
         self.graph = nx.DiGraph()
         self.steps_spent = 0

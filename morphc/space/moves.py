@@ -38,7 +38,7 @@ from morphc.ir.branch import BypassBranch
 from morphc.ir.ops import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 from morphc.ir.sites import ConvConfig
 from morphc.ir.tags import DEEP_PREFIX, FRONTEND
-from morphc.ir.trace import TracedModel, _as_tuple, no_side_effects, trace
+from morphc.ir.trace import ExampleInputs, TracedModel, no_side_effects, trace
 from morphc.passes.find_grown_branches import GrownBranch, find_grown_branches
 from morphc.passes.infra import Pipeline, fresh_name
 from morphc.passes.insert_residual_block import insert_residual_block
@@ -52,19 +52,38 @@ def graph_of(module: nn.Module) -> fx.GraphModule:
     return module.graph_module if isinstance(module, ExtendedModel) else module
 
 
+def _placeholder_values(gm: fx.GraphModule, inputs: ExampleInputs) -> tuple:
+    """The graph's placeholder values for ``inputs``: keyword inputs bound by name, or flattened
+    the way an exported graph's forward flattens ``(args, kwargs)``."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is not None:
+        return tuple(torch.fx._pytree.tree_flatten_spec((tuple(inputs), inputs.kwargs), spec))
+    if not inputs.kwargs:
+        return tuple(inputs)
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(names, inputs, strict=False))
+    values.update(inputs.kwargs)
+    defaults = {n.target: n.args[0] for n in gm.graph.nodes if n.op == "placeholder" and n.args}
+    return tuple(values[n] if n in values else defaults.get(n) for n in names)
+
+
 def annotate(module: nn.Module, inputs: tuple) -> None:
     """Record each node's shape (``node.meta['tensor_meta']``) without touching BN statistics."""
     gm = graph_of(module)
     with no_side_effects(gm), torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
+        ShapeProp(gm).propagate(*_placeholder_values(gm, ExampleInputs.of(inputs)))
 
 
 def private_copy(module: nn.Module, inputs: tuple) -> nn.Module:
-    """A deep copy as a graph (tracing a plain ``nn.Module`` first), shapes annotated."""
+    """A deep copy as a graph (tracing a plain ``nn.Module`` first, with the keyword inputs and
+    ``dynamic_shapes`` an :class:`ExampleInputs` carries), shapes annotated."""
     if isinstance(module, fx.GraphModule | ExtendedModel):
         work = copy.deepcopy(module)
     else:
         traced = trace(module, inputs)
+        if isinstance(inputs, ExampleInputs):   # e.g. use_cache=False added by the frontend
+            for key, value in traced.example_kwargs.items():
+                inputs.kwargs.setdefault(key, value)
         work = copy.deepcopy(traced.graph_module)
         work.meta[FRONTEND] = traced.frontend
     annotate(work, inputs)
@@ -75,8 +94,10 @@ def as_traced(gm: fx.GraphModule, inputs: tuple) -> TracedModel:
     """Hand an architecture that already is a graph to ``morphc.extend`` without re-tracing
     (re-tracing would inline grown branches and lose them as modules)."""
     frontend = getattr(gm, "meta", {}).get(FRONTEND, "symbolic_trace")
-    return TracedModel(gm, frontend, "a ModelSpace architecture (already a graph)", inputs,
-                       gm.training, dynamic_batch=True)
+    inputs = ExampleInputs.of(inputs)
+    return TracedModel(gm, frontend, "a ModelSpace architecture (already a graph)",
+                       tuple(inputs), gm.training, dynamic_batch=True,
+                       example_kwargs=dict(inputs.kwargs), dynamic_shapes=inputs.dynamic_shapes)
 
 
 def set_homotopy(module: nn.Module, s: float) -> None:
@@ -106,8 +127,11 @@ def _need_graph(module: nn.Module, move: str) -> fx.GraphModule:
 class Move:
     """Base class: ``move(module, example_inputs) -> new module``; the input stays untouched."""
 
-    def __call__(self, module: nn.Module, example_inputs) -> nn.Module:
-        inputs = _as_tuple(example_inputs)
+    def __call__(self, module: nn.Module, example_inputs, *, kwargs=None,
+                 dynamic_shapes=None) -> nn.Module:
+        """Inputs as for ``morphc.extend``: positional ``example_inputs``, keyword ``kwargs``,
+        torch.export's ``dynamic_shapes`` (used when ``module`` must be traced first)."""
+        inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
         result = self.apply_to(private_copy(module, inputs), inputs)
         annotate(result, inputs)
         return result
@@ -142,7 +166,7 @@ class Extend(Move):
     def apply_to(self, module, inputs):
         gm = _need_graph(module, "Extend")
         return extend(gm, inputs, self.sites, self.width, self.activation, seed=self.seed,
-                      traced=as_traced(gm, inputs))
+                      kwargs=inputs.kwargs, traced=as_traced(gm, inputs))
 
 
 @dataclass
@@ -172,7 +196,8 @@ class Grow(Move):
     def apply_to(self, module, inputs):
         if not isinstance(module, ExtendedModel):
             module = extend(module, inputs, self.sites, self.width, self.activation,
-                            seed=self.seed, traced=as_traced(module, inputs))
+                            seed=self.seed, kwargs=inputs.kwargs,
+                            traced=as_traced(module, inputs))
         return _make_permanent(module)
 
 

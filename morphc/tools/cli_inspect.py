@@ -28,9 +28,11 @@ def add_parser(subparsers, debug: argparse.ArgumentParser) -> None:
         "The model is put in eval mode.",
         epilog="FACTORY is 'package.module:name' (imported, never evaluated). name may be an "
         "nn.Module, a callable returning one, or a callable returning (model, example_inputs) "
-        "like morphc.zoo:cnn_bn, or (model, args, kwargs) for keyword inputs such as a Hugging "
-        "Face model's input_ids/attention_mask/use_cache=False (every input dimension is "
-        "traced as dynamic; the report lists those the model fixed, and why). Example: "
+        "like morphc.zoo:cnn_bn, or (model, args, kwargs[, dynamic_shapes]) for keyword inputs "
+        "such as a Hugging Face model's input_ids/attention_mask/use_cache=False and "
+        "torch.export's dynamic_shapes spec (or a dict with keys model, args, kwargs, "
+        "dynamic_shapes). Without a spec every input dimension is traced as dynamic; the report "
+        "lists those the model fixed, and why. Example: "
         "morphc inspect morphc.zoo:mlp --extend --sites all "
         "--html mlp.html")
     p.add_argument("factory", metavar="FACTORY", help="package.module:name of the model")
@@ -138,18 +140,21 @@ def run_inspect(args) -> int:
     if args.input_dtype is not None and args.input_dtype.is_floating_point:
         model.to(args.input_dtype)
     model.eval()
-    kwargs = loaded.kwargs if not args.input_shape else None
+    given = not args.input_shape          # --input-shape replaces the factory's inputs
+    kwargs = loaded.kwargs if given else None
+    dynamic_shapes = loaded.dynamic_shapes if given else None
     check_runs(model, inputs, args.factory, kwargs)
     with quiet_tracing(not args.debug):
-        report = morphc.inspect(model, inputs, kwargs=kwargs)
+        report = morphc.inspect(model, inputs, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
     print(report)
     data = report.to_dict()
     graphs, labels, reports = [report.graph_module], ("original",), [report]
     text = str(report)
     if args.extend:
         with quiet_tracing(not args.debug):
-            ext = morphc.extend(model, inputs, kwargs=kwargs, sites=args.sites,
-                                width=args.width, activation=args.activation)
+            ext = morphc.extend(model, inputs, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
+                                sites=args.sites, width=args.width,
+                                activation=args.activation)
         ext_report = morphc.inspect(ext)
         diff = graph_diff.diff_graphs(ext.traced.graph_module, ext.graph_module)
         deviation = graph_diff.measure_deviation(model, ext, inputs, kwargs)

@@ -1,7 +1,10 @@
 """Loading a user's model for the command line: ``package.module:name`` → model and inputs.
 
 The factory is imported, never evaluated as code; it may be an ``nn.Module``, a callable
-returning one, or a callable returning ``(model, example_inputs)`` (like ``morphc.zoo:cnn_bn``).
+returning one, or a callable returning ``(model, example_inputs)`` (like ``morphc.zoo:cnn_bn``),
+``(model, args, kwargs)``, ``(model, args, kwargs, dynamic_shapes)`` or a mapping with those keys
+(``model``, ``args``, ``kwargs``, ``dynamic_shapes``) — what ``morphc.extend`` takes, so keyword
+inputs and torch.export's dynamic-shape spec reach the command line as they reach the API.
 Every failure is a :class:`~morphc.tools.cli_args.CLIError` saying what to do. torch is imported
 inside the functions, so the command's ``--help`` stays fast.
 """
@@ -22,7 +25,8 @@ class Loaded:
     model: object
     inputs: tuple | None
     label: str
-    kwargs: dict | None = None    # keyword example inputs (a factory returning a triple)
+    kwargs: dict | None = None    # keyword example inputs
+    dynamic_shapes: object = None  # torch.export's spec for the inputs above
 
 
 def _import_module(module_name: str, spec: str):
@@ -70,7 +74,8 @@ def load_model(spec: str) -> Loaded:
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            public = sorted(n for n in dir(module) if not n.startswith("_"))[:12]
+            public = sorted(n for n in dir(module) if not n.startswith("_")
+                            and not inspect.ismodule(getattr(module, n)))[:20]
             raise CLIError(f"module {module_name!r} has no attribute {attr!r}; "
                            f"available: {', '.join(public) or 'nothing public'}")
         obj = getattr(obj, part)
@@ -82,18 +87,23 @@ def load_model(spec: str) -> Loaded:
     result = _call_factory(obj, spec)
     if isinstance(result, nn.Module):
         return Loaded(result, None, spec)
-    if isinstance(result, tuple | list) and len(result) == 2 and \
-            isinstance(result[0], nn.Module):
+    if isinstance(result, dict) and isinstance(result.get("model"), nn.Module):
+        unknown = sorted(set(result) - {"model", "args", "kwargs", "dynamic_shapes"})
+        if unknown:
+            raise CLIError(f"{spec}() returned a mapping with unknown keys {unknown}; allowed: "
+                           "model, args, kwargs, dynamic_shapes")
+        result = (result["model"], result.get("args", ()), result.get("kwargs") or {},
+                  result.get("dynamic_shapes"))
+    if isinstance(result, tuple | list) and 2 <= len(result) <= 4 and \
+            isinstance(result[0], nn.Module) and \
+            (len(result) == 2 or isinstance(result[2], dict)):
         inputs = result[1]
         inputs = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-        return Loaded(result[0], inputs, spec)
-    if isinstance(result, tuple | list) and len(result) == 3 and \
-            isinstance(result[0], nn.Module) and isinstance(result[2], dict):
-        inputs = result[1]
-        inputs = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-        return Loaded(result[0], inputs, spec, dict(result[2]))
+        kwargs = dict(result[2]) if len(result) > 2 else None
+        return Loaded(result[0], inputs, spec, kwargs, result[3] if len(result) > 3 else None)
     raise CLIError(f"{spec}() returned a {type(result).__name__}; it must return an nn.Module, "
-                   "a (model, example_inputs) pair or a (model, args, kwargs) triple")
+                   "a (model, example_inputs) pair, a (model, args, kwargs[, dynamic_shapes]) "
+                   "tuple or a mapping with keys model, args, kwargs, dynamic_shapes")
 
 
 def make_inputs(shapes, dtype, loaded: Loaded) -> tuple:

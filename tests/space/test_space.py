@@ -470,3 +470,53 @@ def test_ungrow_handles_two_branches_grown_at_one_site():
     assert not grown_branches(back)
     assert architecture_hash(back) == architecture_hash(private_copy(model, inputs))
     assert function_change(twice, back, inputs)["eval"] <= TOL
+
+
+# -- keyword inputs and dynamic shapes (issue 10) ------------------------------------------------
+class _Masked(nn.Module):
+    """A model with keyword inputs: a tensor (``mask``) and a non-tensor (``scale``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x, mask=None, scale=1.0):
+        if mask is not None:
+            x = x * mask[..., None]
+        return self.b(torch.tanh(self.a(x))) * scale
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_space_moves_use_the_keyword_inputs_and_dynamic_shapes(dynamic):
+    torch.manual_seed(0)
+    model, x, mask = _Masked(), torch.randn(2, 5, 6), (torch.rand(2, 5) > 0.3).float()
+    auto = torch.export.Dim.AUTO
+    spec = {"x": {0: auto, 1: auto}, "mask": {0: auto, 1: auto}, "scale": None} \
+        if dynamic else None
+    space = ModelSpace(model, (x,), kwargs={"mask": mask, "scale": 2.0}, dynamic_shapes=spec)
+    assert space.example_inputs.kwargs["scale"] == 2.0
+    assert space.module().meta["morphc_frontend"] == ("export" if dynamic else "symbolic_trace")
+    ext = space.apply(Extend(sites="all", width=2))
+    set_homotopy(space.module(ext), 0.0)
+    back = space.apply(Contract(), ext)
+    grown = space.apply(Grow(sites="all", width=2), back)
+    perturb_branches(space.module(grown))
+    deep = space.apply(Deepen(at="tanh", kind="linear") if dynamic else Deepen(), grown)
+    assert max(c for *_, c in space.graph.edges(data="change")) <= TOL
+    x2, mask2 = torch.randn(3, 7, 6), torch.ones(3, 7)      # another batch and length
+    with torch.no_grad():
+        expected = space.module(grown)(x2, mask=mask2, scale=2.0)
+        assert torch.allclose(space.module(deep)(x2, mask=mask2, scale=2.0), expected)
+
+
+def test_move_called_directly_takes_kwargs_and_dynamic_shapes():
+    torch.manual_seed(0)
+    model, x, mask = _Masked(), torch.randn(2, 5, 6), torch.ones(2, 5)
+    spec = {"x": {1: torch.export.Dim("seq", max=16)}, "mask": {1: torch.export.Dim("seq",
+                                                                                  max=16)},
+            "scale": None}
+    grown = Grow(sites="all", width=2)(model, (x,), kwargs={"mask": mask, "scale": 0.5},
+                                        dynamic_shapes=spec)
+    x2, mask2 = torch.randn(2, 9, 6), torch.ones(2, 9)
+    with torch.no_grad():
+        assert torch.allclose(grown(x2, mask=mask2, scale=0.5), model(x2, mask=mask2, scale=0.5))

@@ -193,3 +193,23 @@ def test_unknown_option_is_reported_by_the_subcommand(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "usage: morphc inspect" in err and "unrecognized arguments: --bogus" in err
+
+
+def test_factory_keyword_inputs_and_dynamic_shapes(tmp_path, capsys):
+    # (model, args, kwargs): keyword inputs reach inspect and extend
+    assert cli.main(["inspect", f"{FACTORIES}:masked_with_kwargs", "--extend", "--json",
+                     str(tmp_path / "k.json")]) == 0
+    data = json.loads((tmp_path / "k.json").read_text())
+    assert data["deviation"] == 0.0 and data["frontend"] == "symbolic_trace"
+    # a mapping with dynamic_shapes: traced by torch.export with that spec, the static batch
+    # reported as fixed and why
+    assert cli.main(["inspect", f"{FACTORIES}:masked_with_spec", "--extend", "--json",
+                     str(tmp_path / "s.json")]) == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["deviation"] == 0.0 and data["frontend"] == "export"
+    assert any("x.size(0) fixed to 2: static in the dynamic_shapes" in s
+               for s in data["specialised"])
+    assert not any("size(1)" in s for s in data["specialised"])
+    capsys.readouterr()
+    assert cli.main(["inspect", f"{FACTORIES}:mapping_with_typo"]) == 1
+    assert "unknown keys ['kwarg']" in capsys.readouterr().err
