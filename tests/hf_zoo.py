@@ -3,9 +3,10 @@
 Pins verified: torch 2.13.0+cpu, transformers 5.23.0 (lightning 2.6.6, accelerate 1.15.0).
 Adapted from the issue-10 study (/work/h10/hf_zoo.py): each entry also says what its other
 image/audio size should do (``alt_size``: "ok", "model" when the model itself refuses that size,
-"graph" when torch.export fixed the size the eager model would take) and may carry a
-``dynamic_shapes`` spec (Swin: its window partitioning under symbolic H, W takes ~60 s to
-export, batch-only takes ~2 s).
+"graph" when torch.export fixed or guarded the size the eager model would take, so the extended
+model traces the model again at that size) and may carry a ``dynamic_shapes`` spec (Swin: its
+window partitioning under symbolic H, W takes ~60 s to export, batch-only takes ~2 s) and other
+``extend`` options.
 
 Each entry is a ``ZooEntry``:
   * ``build()``                -> (model, args, kwargs) at the default batch/size
@@ -97,6 +98,7 @@ class ZooEntry:
     alt_size: str = "ok"          # ok | model (eager refuses it) | graph (export fixed it)
     dynamic_shapes: object = None
     slow: bool = False
+    options: dict | None = None   # more morphc.extend options
 
     def build(self):
         torch.manual_seed(0)
@@ -220,8 +222,9 @@ def _swin():
 
 
 entry("swin", "vision", _swin, image_inputs(), default=(2, 32), alt=(3, 48), size_kind="image",
-      alt_size="graph", note="batch-only dynamic_shapes: a 2 s export instead of 60 s",
-      dynamic_shapes={"pixel_values": {0: torch.export.Dim.AUTO}})
+      alt_size="graph", note="batch-only dynamic_shapes: a 2 s export instead of 60 s; other "
+      "sizes by tracing again (opted in: with a user spec morphc does not by default)",
+      dynamic_shapes={"pixel_values": {0: torch.export.Dim.AUTO}}, options={"max_retraces": 4})
 entry("swin_dynamic", "vision", _swin, image_inputs(), default=(2, 32), alt=(3, 48),
       size_kind="image", alt_size="graph", slow=True,
       note="every dim Dim.AUTO: ~60 s export; guards still refuse 48x48")

@@ -45,7 +45,7 @@ def _option(overrides: Mapping[str, Mapping] | None, site: Site, key: str, defau
 
 
 def _build(model, traced, analysed: Pipeline, table, chosen, width, activation, overrides, seed,
-           init_scale, selection, scores=None) -> ExtendedModel:
+           init_scale, selection, scores=None, max_retraces: int | None = None) -> ExtendedModel:
     pipeline = analysed.fork()
     gm = pipeline.graph_module
     generator = torch.Generator().manual_seed(seed)
@@ -65,7 +65,8 @@ def _build(model, traced, analysed: Pipeline, table, chosen, width, activation, 
     config = ExtensionConfig(
         sites=[s.name for s in chosen], widths={n: b.width for n, b in branches.items()},
         families={n: b.family_name for n, b in branches.items()}, seed=seed,
-        init_scale=init_scale, escape_scores=scores, selection=selection)
+        init_scale=init_scale, escape_scores=scores, selection=selection,
+        max_retraces=max_retraces)
     ext = ExtendedModel(model, traced, pipeline, table, chosen, branches, homotopy, config)
     if not model.training:
         ext.training = False
@@ -77,7 +78,7 @@ def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", widt
            exclude=(), overrides: Mapping[str, Mapping] | None = None,
            seed: int = 0, probe: Probe | None = None, top_k: int | None = None,
            frontend: str = "auto", traced: TracedModel | None = None,
-           init_scale: float = 1.0) -> ExtendedModel:
+           init_scale: float = 1.0, max_retraces: int | None = None) -> ExtendedModel:
     """Extend ``model`` with bypass branches ``B·ρ_α(Ax + a)`` (B = 0) at the chosen sites.
 
     The result computes exactly what ``model`` computes (E1) and shares its Parameters; the
@@ -94,7 +95,12 @@ def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", widt
     ``kwargs`` the keyword ones (``attention_mask=``, ``use_cache=False``), ``dynamic_shapes``
     torch.export's own spec (default: every dimension of every tensor input may vary, and
     ``ext.traced.specialised`` says which ones the model fixed and why). Traces are cached per
-    model and input signature.
+    model and input signature. Called with a shape that graph refuses but the eager model
+    takes (export fixed or guarded a size the model lets vary), the extended model traces the
+    model again at that shape with the same branches, at most ``max_retraces`` times (default 8,
+    or 0 when ``dynamic_shapes`` is given: that spec's static dimensions are taken as meant;
+    each re-trace is warned about and listed in ``ext.retraces``); past that, or when the model
+    itself refuses the shape, the call raises ``ShapeError`` naming the input and dimension.
 
     >>> ext = extend(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)),
     ...              (torch.randn(16, 4),), sites="all", width=2)
@@ -121,7 +127,7 @@ def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", widt
         best = set(rank_sites(scores, top_k))
         chosen = [s for s in candidates if s.name in best]
         return _build(model, traced, analysed, table, chosen, width, activation, overrides, seed,
-                      init_scale, "auto", scores)
+                      init_scale, "auto", scores, max_retraces)
     chosen = select_sites(table, sites, exclude, frozen)
     return _build(model, traced, analysed, table, chosen, width, activation, overrides, seed,
-                  init_scale, "explicit")
+                  init_scale, "explicit", max_retraces=max_retraces)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from morphc.errors import ContractionError
+from morphc.compiler.shape_graphs import DEFAULT_RETRACES, Retrace, ShapeGraphs
+from morphc.errors import ContractionError, ShapeError
 from morphc.ir.sites import Site, SiteTable
 from morphc.ir.trace import TracedModel
 from morphc.passes.infra import Pipeline
@@ -25,6 +26,9 @@ class ExtensionConfig:
     init_scale: float = 1.0
     escape_scores: dict[str, float] | None = None
     selection: str = "all"
+    # extra graphs for shapes the first trace refuses; None: 8 when morphc chose the dynamic
+    # dimensions, 0 when the user passed dynamic_shapes (their spec is their decision)
+    max_retraces: int | None = None
 
 
 @dataclass
@@ -48,7 +52,9 @@ class ExtendedModel(nn.Module):
     """The extended graph. Calling it computes ``model(x)`` plus every branch.
 
     The graph module holds the user's own Parameter objects, so training this module trains the
-    user's model; ``extension_parameters()`` are the only new ones.
+    user's model; ``extension_parameters()`` are the only new ones. A call with a shape the
+    graph refuses although the eager model takes it traces the model again at that shape, with
+    the same branches (:mod:`morphc.compiler.shape_graphs`; each listed in ``retraces``).
     """
 
     def __init__(self, model: nn.Module, traced: TracedModel, pipeline: Pipeline,
@@ -64,6 +70,15 @@ class ExtendedModel(nn.Module):
         self.contracted = False
         self.contraction_report: ContractionReport | None = None
         self.contracted_graph_module: fx.GraphModule | None = None
+        limit = config.max_retraces
+        if limit is None:
+            limit = 0 if traced.dynamic_shapes is not None else DEFAULT_RETRACES
+        self.shape_graphs = ShapeGraphs(limit)
+
+    @property
+    def retraces(self) -> list[Retrace]:
+        """Each extra graph traced for a shape the first one refused, with its cost."""
+        return self.shape_graphs.retraces
 
     def mark_contracted(self, report: ContractionReport, graph_module: fx.GraphModule) -> None:
         """Called by ``morphc.contract`` once the fold is written: this module is spent."""
@@ -81,7 +96,10 @@ class ExtendedModel(nn.Module):
                 "this extended model was contracted: its branches now live in the user's weights; "
                 "call the model that morphc.contract returned"
             )
-        return self.traced.call(self.graph_module, args, kwargs)
+        try:
+            return self.traced.call(self.graph_module, args, kwargs)
+        except ShapeError as error:   # refused before any computation: try a graph that fits
+            return self.shape_graphs.call(self, args, kwargs, error)
 
     def extension_parameters(self):
         """The new parameters only (A, a, B, α of every branch)."""
@@ -121,7 +139,8 @@ class ExtendedModel(nn.Module):
                     f"this model was captured by torch.export in {captured} "
                     "mode; its graph keeps that mode's behaviour (dropout, BatchNorm). Call "
                     "model.train() or model.eval() before morphc.extend to choose.", stacklevel=2)
-            for module in [self, *self.branches.values()]:
+            for module in [self, *self.branches.values(),
+                           *(gm for _, gm in self.shape_graphs.graphs)]:
                 module.training = mode
             return self
         return super().train(mode)
@@ -129,6 +148,7 @@ class ExtendedModel(nn.Module):
     def _apply(self, fn, recurse=True):
         """``.to()`` / ``.double()`` make new tensors; keep one homotopy shared by all branches."""
         super()._apply(fn, recurse)
+        self.shape_graphs.apply(fn)
         for branch in self.branches.values():
             branch.homotopy = self._homotopy
         return self

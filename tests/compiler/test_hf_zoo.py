@@ -3,8 +3,9 @@
 For every architecture of ``hf_zoo.ZOO``: sites + listed exclusions cover every linear-operator
 weight; E1 (extended == original) and exact contraction after perturbing the branches (C1), on
 the example shapes, on another batch size and on another sequence length / image size / audio
-length. Where a size cannot vary, the extended model refuses it with a ``ShapeError`` that names
-the input and the dimension.
+length. Where the model itself refuses a size, the extended model refuses it with a
+``ShapeError`` that names the input and the dimension; where only torch.export fixed or guarded
+it, the extended model traces the model again at that size, with the same branches.
 """
 
 import os
@@ -44,7 +45,7 @@ def _run(module, entry, shape):
 def _extend(entry):
     model, args, kwargs = entry.build()
     ext = morphc.extend(model, args, kwargs=kwargs, dynamic_shapes=entry.dynamic_shapes,
-                        sites="all", width=3, seed=1)
+                        sites="all", width=3, seed=1, **(entry.options or {}))
     return model, ext
 
 
@@ -59,7 +60,7 @@ def test_hf_model_preserves_function_and_contracts_exactly(name):
     missing = linear_operator_weights(model) - ext.site_table.covered()
     assert not missing, f"linear weights neither sites nor listed exclusions: {missing}"
     shapes = _shapes(entry)
-    if entry.alt_size != "ok":           # this size cannot vary: refused, typed, with the why
+    if entry.alt_size == "model":        # this size cannot vary: refused, typed, with the why
         size_input = "input_features" if name == "whisper_encoder" else SIZE_INPUT[
             entry.size_kind]
         with pytest.raises(morphc.ShapeError, match=f"input '{size_input}', dimension") as info:
@@ -68,6 +69,7 @@ def test_hf_model_preserves_function_and_contracts_exactly(name):
     for label, shape in shapes.items():                                            # E1
         assert relative_deviation(_run(model, entry, shape), _run(ext, entry, shape)) <= 1e-6, \
             label
+    assert bool(ext.retraces) == (entry.alt_size == "graph"), ext.retraces
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for branch in ext.branches.values():
