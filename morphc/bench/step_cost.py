@@ -28,11 +28,17 @@ How it is measured, so that the numbers mean what they say:
   profiler's allocator events (``profile_memory=True``: every allocation and free of the second
   of two profiled steps, the peak of their running sum) — the same quantity, another counter;
 - **threads**: one intra-op thread by default; the count is recorded with the numbers;
-- **device**: ``device="cuda"`` runs the same code on a GPU (model and inputs moved there).
+- **device**: ``device="cuda"`` runs the same code on a GPU (model and inputs moved there);
+- **the branch's floor** (eager, the models of ``EAGER_TARGET_MODELS``): the extended graph with
+  every branch reduced to its two products, ``B (A x)`` in the branch's own layout — no ρ, no
+  bias, no α, two parameters — timed with the others. It is what any branch of this shape and
+  this graph structure costs at least, so it separates the cost of the thin GEMMs, the second
+  path's memory traffic and the add from that of the branch's element-wise work and parameters.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +57,7 @@ from morphc.bench.step_measures import (
     step_flops,
     training_step,
 )
+from morphc.ir.tags import EXTENSION_PREFIX
 from morphc.zoo import ConvBN, transformer
 
 WIDTHS = {"1/16": 1 / 16, "1/8": 1 / 8, "1/4": 1 / 4}
@@ -113,8 +120,36 @@ def cost_models(quick: bool) -> dict[str, ModelFactory]:
 MODEL_LABELS = {name: case.label for name, case in cost_cases(False).items()}
 
 
-def _candidates(model, traced, exts, inputs, modes) -> dict:
-    """(mode, "user" | "graph" | width label) → one training step."""
+class BranchFloor(nn.Module):
+    """A branch reduced to its two products ``B (A x)``, in its kind's layout (no ρ, bias or α)."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.branch
+        u = b.strategy.pre_activation(x, b.A, None, b.conv)
+        return b.strategy.apply_b(u, b.B, b.conv, x)
+
+
+def floor_module(ext) -> nn.Module:
+    """A copy of the extended graph whose branches are :class:`BranchFloor` (timing only)."""
+    gm = copy.deepcopy(ext.graph_module)
+    targets = {n.target for n in gm.graph.nodes
+               if n.op == "call_module" and n.target.startswith(EXTENSION_PREFIX + ".")}
+    for target in targets:
+        parent, _, name = target.rpartition(".")
+        owner = gm.get_submodule(parent)
+        setattr(owner, name, BranchFloor(getattr(owner, name)))
+    return gm
+
+
+FLOOR = " floor"   # suffix of the floor candidates' labels
+
+
+def _candidates(model, traced, exts, inputs, modes, floor: bool = False) -> dict:
+    """(mode, "user" | "graph" | width label [+ FLOOR]) → one training step."""
     candidates = {}
     for mode in modes:
         compiled = mode == "compile"
@@ -123,6 +158,10 @@ def _candidates(model, traced, exts, inputs, modes) -> dict:
             candidates[(mode, "graph")] = training_step(traced.graph_module, inputs, compiled)
         candidates.update({(mode, label): training_step(ext.graph_module, inputs, compiled)
                            for label, ext in exts.items()})
+        if floor and not compiled:
+            candidates.update({(mode, label + FLOOR): training_step(floor_module(ext), inputs,
+                                                                      False)
+                               for label, ext in exts.items()})
     return candidates
 
 
@@ -140,14 +179,16 @@ def measure_model(name: str, make: ModelFactory, widths: dict, modes=MODES, *, w
     traced = next(iter(exts.values())).traced
     flops = {"original": step_flops(model, inputs)}
     flops.update({label: step_flops(ext, inputs) for label, ext in exts.items()})
-    candidates = _candidates(model, traced, exts, inputs, modes)
+    candidates = _candidates(model, traced, exts, inputs, modes,
+                             floor=name in EAGER_TARGET_MODELS)
     for step in candidates.values():   # compilation of forward and backward happens here
         for _ in range(warmup):
             step()
     frames = compiled_frames()
     times = interleaved_medians(candidates, repeats, inner, step_clock(device))
     recompiles = compiled_frames() - frames
-    memory = {key: peak_step_bytes(step, device) for key, step in candidates.items()}
+    memory = {key: peak_step_bytes(step, device) for key, step in candidates.items()
+              if not key[1].endswith(FLOOR)}
     originals = {k: t for k, t in times.items() if k[1] in ("user", "graph")}
     fastest_key = min(originals, key=originals.get)
     fastest = originals[fastest_key]
@@ -179,6 +220,8 @@ def measure_model(name: str, make: ModelFactory, widths: dict, modes=MODES, *, w
                 "peak_step_mb": memory[(mode, label)] / 2**20,
                 "original_peak_step_mb": memory[(mode, "user")] / 2**20,
                 "recompiles_during_timing": recompiles,
+                "floor_ratio": (times[(mode, label + FLOOR)] / fastest
+                                if (mode, label + FLOOR) in times else None),
             })
     return rows
 
