@@ -20,7 +20,7 @@ How the pieces sit inside a trainer:
   zips its per-group lists strictly and would crash on one), and every ``optimizer.state_dict()``
   a checkpoint writes holds the user's groups only. The group's lr is ``extension_lr_scale`` ×
   the lr the scheduler gave group 0 for this step, so the extension follows the trainer's
-  warm-up and decay.
+  warm-up and decay; a cycle whose loss went non-finite halves that scale for the next cycles.
 - **Free phase.** ``free_phase="joint"`` (default) alternates s = 1 / s = 0 from one micro-batch
   to the next: with gradient accumulation 2 every optimizer step trains ``L(s=1) + L(s=0)`` as
   Bypass's joint step does (on two half-batches); without accumulation, alternate steps do.
@@ -130,6 +130,7 @@ class TrainerBypass:
         self._micro = 0
         self.step_count, self.cycle, self.failures = 0, 0, 0
         self._unpaid, self._quiet_until, self._peak_lr = 0, 0, 0.0
+        self._lr_scale = float(self.config.extension_lr_scale)
         self._disabled: str | None = None
 
     # -- joining and leaving the trainer ---------------------------------------------------------
@@ -216,7 +217,7 @@ class TrainerBypass:
             return
         group, cfg = cycle.group, self.config
         if "lr" not in cfg.extension_options:
-            group.group["lr"] = cfg.extension_lr_scale * float(optimizer.param_groups[0]["lr"])
+            group.group["lr"] = self._lr_scale * float(optimizer.param_groups[0]["lr"])
         clip(group.params, self.max_grad_norm)
         group.attach()
 
@@ -267,7 +268,9 @@ class TrainerBypass:
     def _cycle_step(self, value: float) -> None:
         cycle = self._cycle
         if not math.isfinite(value):
-            self._rollback(f"non-finite loss {value} at {cycle.phase} step {cycle.phase_step}")
+            self._lr_scale *= 0.5
+            self._rollback(f"non-finite loss {value} at {cycle.phase} step {cycle.phase_step}; "
+                           f"the next cycle's extension lr is halved (scale {self._lr_scale:g})")
             return
         self._cycle_losses.append(value)
         was_free = cycle.phase is Phase.BYPASS
@@ -360,7 +363,7 @@ class TrainerBypass:
         return {"trigger": self.trigger.state_dict(), "cycle": self.cycle,
                 "failures": self.failures, "unpaid": self._unpaid,
                 "quiet_until": self._quiet_until, "peak_lr": self._peak_lr,
-                "disabled": self._disabled, "plain": list(self._plain),
+                "lr_scale": self._lr_scale, "disabled": self._disabled, "plain": list(self._plain),
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -368,6 +371,7 @@ class TrainerBypass:
         self.cycle, self.failures = int(state["cycle"]), int(state["failures"])
         self._unpaid, self._quiet_until = int(state["unpaid"]), int(state["quiet_until"])
         self._peak_lr, self._disabled = float(state["peak_lr"]), state["disabled"]
+        self._lr_scale = float(state.get("lr_scale", self.config.extension_lr_scale))
         self._plain.clear()
         self._plain.extend(float(v) for v in state["plain"])
         self.log.events[:] = list(state["history"])

@@ -38,7 +38,7 @@ from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 class Bypass(CycleRunner):
@@ -91,6 +91,7 @@ class Bypass(CycleRunner):
         self._last_loss: float | None = None
         self._peak_lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
+        self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0
 
     # -- what the user calls -----------------------------------------------------------------
@@ -172,7 +173,7 @@ class Bypass(CycleRunner):
         with ``torch.load(weights_only=True)``)."""
         return {"version": STATE_VERSION, "step": self.step_count, "cycle": self.cycle,
                 "failures": self.failures, "last_loss": self._last_loss,
-                "peak_lr": self._peak_lr, "unpaid": self._unpaid,
+                "peak_lr": self._peak_lr, "unpaid": self._unpaid, "lr_scale": self._lr_scale,
                 "quiet_until": self._quiet_until, "disabled": self._disabled,
                 "trigger": self.trigger.state_dict(), "history": list(self.history),
                 "model": self._user_model.state_dict(),
@@ -199,6 +200,7 @@ class Bypass(CycleRunner):
         self.step_count, self.cycle = int(state["step"]), int(state["cycle"])
         self.failures, self._last_loss = int(state["failures"]), state["last_loss"]
         self._peak_lr, self._unpaid = float(state["peak_lr"]), int(state["unpaid"])
+        self._lr_scale = float(state["lr_scale"])
         self._quiet_until, self._disabled = int(state["quiet_until"]), state["disabled"]
         self._module = None
 

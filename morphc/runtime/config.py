@@ -69,7 +69,7 @@ class BypassConfig:
     seed: int = 0
     init_scale: float = 1.0
     extension_options: Mapping | None = None
-    extension_lr_scale: float = 0.1   # measured: docs/benchmarks.md, "Defaults chosen"
+    extension_lr_scale: float = 1.0   # × peak lr, halved after a diverged cycle (benchmarks.md)
     min_lr_fraction: float = 0.5
     penalty: float = 10.0
     max_snap_change: float | None = None

@@ -196,7 +196,9 @@ class CycleRunner:
             loss, value = self._extended_step(cycle, closure)
         except NonFinite as exc:
             self._last_loss = exc.value
-            self._rollback(f"{exc} at {cycle.phase} step {cycle.phase_step}")
+            self._lr_scale *= 0.5            # the extension's steps were too long: next cycle
+            self._rollback(f"{exc} at {cycle.phase} step {cycle.phase_step}; the next cycle's "
+                           f"extension lr is halved (scale {self._lr_scale:g})")
             return self._train_step(closure)
         except ShapeError as exc:        # a batch the traced graph cannot take: train on
             self._rollback(f"the extended graph refused this batch: {exc}")
@@ -248,7 +250,7 @@ class CycleRunner:
             cycle.saw_extension_grad = True
         clip(params, cfg.max_grad_norm)
         self._observe_lr()
-        lr = float(cfg.extension_options.get("lr", cfg.extension_lr_scale * self._peak_lr))
+        lr = float(cfg.extension_options.get("lr", self._lr_scale * self._peak_lr))
         if "lr" not in cfg.extension_options:
             cycle.group.group["lr"] = lr
         cycle.group.step()

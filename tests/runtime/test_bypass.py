@@ -101,7 +101,7 @@ def test_extension_parameters_join_and_leave_the_optimizer():
     assert bp.optimizer.state_dict()["param_groups"][0]["params"] == list(range(6))
     assert all(p in bp.extension_group.state for p in ext_params), "the extension trains"
     ext_group = bp.extension_group.group
-    # the default extension_lr_scale (0.1, chosen by the bench) times group 0's peak lr
+    # the default extension_lr_scale (1.0: the user's own lr) times group 0's peak lr
     assert ext_group["lr"] == pytest.approx(bp.config.extension_lr_scale
                                             * bp.optimizer.param_groups[0]["lr"])
     assert ext_group["betas"] == bp.optimizer.param_groups[0]["betas"]
@@ -109,6 +109,33 @@ def test_extension_parameters_join_and_leave_the_optimizer():
     assert bp.phase == "train" and bp.model is model
     assert len(seen[-1]) == 1 and len(bp.optimizer.param_groups) == 1
     assert not any(p in bp.optimizer.state for p in ext_params)
+
+
+def test_a_diverged_cycle_halves_the_next_cycles_extension_lr():
+    model, closure, _ = mlp_task()
+    bp = cycle_bypass(model, OPTIMIZERS["sgd_momentum"], bypass_steps=3, return_steps=3,
+                      trigger=morphc.Schedule(at=[2, 5, 14]))
+    blown = []
+
+    def exploding(m):                  # the first cycle's free phase diverges, once
+        loss = closure(m)
+        if bp.cycle == 0 and bp.phase == "bypass" and bp.phase_step == 1 and not blown:
+            blown.append(bp.step_count)
+            return loss * float("inf")
+        return loss
+
+    peak = bp.optimizer.param_groups[0]["lr"]
+    lrs = []
+    for _ in range(20):
+        bp.step(exploding)
+        if bp.phase == "bypass" and bp.phase_step > 0:
+            lrs.append(bp.extension_group.group["lr"])
+    rollbacks = [e for e in bp.history if e["event"] == "rollback"]
+    assert blown and "halved" in rollbacks[0]["reason"]
+    assert lrs[0] == pytest.approx(peak), "first cycle: the user's own lr"
+    assert lrs[-1] == pytest.approx(0.5 * peak), "after the divergence: half of it"
+    state = bp.state_dict()
+    assert state["lr_scale"] == 0.5, "a checkpoint keeps the halved scale"
 
 
 def test_original_parameters_keep_their_optimizer_state():
