@@ -62,6 +62,7 @@ class BypassConfig:
     exclude: Iterable[str] = ()
     overrides: Mapping[str, Mapping] | None = None
     probe: Any = "closure"
+    lookahead_steps: int = 20         # per candidate site, for sites="auto"
     example_inputs: Any = None
     example_kwargs: Mapping | None = None
     dynamic_shapes: Any = None
@@ -91,7 +92,7 @@ class BypassConfig:
         self.free_phase = _choice(FreePhase, "free_phase", self.free_phase)
         self.accept = _choice(Accept, "accept", self.accept)
         self.on_failure = _choice(OnFailure, "on_failure", self.on_failure)
-        for name in ("bypass_steps", "return_steps"):
+        for name in ("bypass_steps", "return_steps", "lookahead_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BypassError(f"{name} must be an int >= 0, got {value!r}")

@@ -19,6 +19,7 @@ from morphc.errors import BypassError, MorphcError, ShapeError
 from morphc.ir.trace import trace
 from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, may_start, quiet_until
+from morphc.runtime.lookahead import lookahead_scores
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
 from morphc.runtime.steps import (
@@ -164,19 +165,29 @@ class CycleRunner:
                                  dynamic_shapes=self.config.dynamic_shapes)
 
     def _choose_sites(self, closure: Closure):
-        """Resolve ``sites``; for ``"auto"`` rank by escape score, agreed across ranks."""
+        """Resolve ``sites``. ``"auto"``: rank by a short joint look-ahead per site, scored on
+        ``probe`` (default: ``eval_closure`` or the closure) — what survives at s = 0; with
+        ``probe=None``, by ``‖∂L/∂B‖`` along a random output direction (no training). Scores
+        are agreed across ranks."""
         spec = self.config.sites
         if not (isinstance(spec, str) and spec == "auto"):
             return spec, None
         full = self._extend("all")
+        names = list(full.config.sites)
         probe = self.config.probe
+        if probe is None:
+            scores = escape_scores(full, random_direction_probe(self.example_inputs,
+                                                                self.config.seed))
+            if self.distributed:
+                scores = dict(zip(scores, all_reduce_sum(list(scores.values())), strict=True))
+            return rank_sites(scores, self.config.top_k), scores
         if probe == "closure":
-            probe = closure
-        elif probe is None:
-            probe = random_direction_probe(self.example_inputs, self.config.seed)
-        scores = escape_scores(full, probe)
-        if self.distributed:
-            scores = dict(zip(scores, all_reduce_sum(list(scores.values())), strict=True))
+            probe = self.config.eval_closure or closure
+        options = {"lr": self._lr_scale * self._peak_lr, **self.config.extension_options}
+        scores = lookahead_scores(
+            lambda name: self._extend([name]), names, self.optimizer, self._user_model,
+            closure, lambda m: self._loss_without_trace(probe, m),
+            steps=self.config.lookahead_steps, group_options=options)
         return rank_sites(scores, self.config.top_k), scores
 
     def _extend(self, sites):

@@ -1,12 +1,16 @@
 """Bypass's default cycle, its acceptance test, and the faults that must leave a user whole."""
 
+import copy
 import gc
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import morphc
+from morphc import zoo
 from tests.runtime.test_bypass import OPTIMIZERS, cnn_task, events, mlp_task, run, snapshot
 
 
@@ -255,3 +259,46 @@ def test_a_batch_the_extended_graph_refuses_rolls_the_cycle_back():
     assert "refused" in events(bp, "rollback")[0]["reason"]
     assert any(not torch.equal(v, weights[k]) for k, v in model.state_dict().items()), \
         "after the rollback the step was taken on the user's own model"
+
+
+# -- sites="auto": chosen by what a short joint look-ahead keeps at s = 0 ---------------------
+def test_auto_sites_look_ahead_leaves_the_user_state_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 1))
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=gen), torch.randn(64, 1, generator=gen)
+    closure = lambda m: F.mse_loss(m(x), y)  # noqa: E731
+    bp = morphc.Bypass(model, lambda p: torch.optim.Adam(p, lr=1e-2), verbose=False,
+                       trigger=morphc.Schedule(at=[3]), sites="auto", top_k=1,
+                       lookahead_steps=5)
+    opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    for _ in range(3):
+        bp.step(closure)
+        opt.zero_grad()
+        closure(twin).backward()
+        opt.step()
+    extend_event = [e for e in bp.history if e["event"] == "extend"][0]
+    scores = extend_event["scores"]
+    assert set(scores) == {"0", "2", "4"} and all(math.isfinite(v) for v in scores.values())
+    assert extend_event["sites"] == [max(scores, key=scores.get)], "the best look-ahead wins"
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name}: the trials were restored bit for bit"
+        assert torch.equal(bp.optimizer.state[p]["exp_avg"], opt.state[q]["exp_avg"])
+
+
+def test_auto_sites_escape_the_symmetric_saddle():
+    x, y, _, _ = zoo.teacher_student_data(0)
+    model = zoo.symmetric_student(0)
+    closure = lambda m: F.mse_loss(m(x), y)  # noqa: E731
+    bp = morphc.Bypass(model, lambda p: torch.optim.Adam(p, lr=1e-2), verbose=False,
+                       trigger=morphc.Schedule(at=[1]), sites="auto", top_k=1,
+                       bypass_steps=100, return_steps=100, max_cycles=1)
+    for _ in range(201):
+        bp.step(closure)
+    bp.finish()
+    closed = [e for e in bp.history if e["event"] in ("contract", "rollback")]
+    assert closed[0]["event"] == "contract", closed[0].get("reason")
+    assert closed[0]["loss_after"] < 0.5 * closed[0]["loss_before"]
+    assert not zoo.hidden_units_identical(model)
