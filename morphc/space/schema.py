@@ -193,7 +193,9 @@ def _same(a, b) -> bool:
 
 
 def _canonical(data: dict) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    """The bytes a digest covers. Key order is kept, not sorted: it is the order of the modules
+    and parameters, so a file whose entries were reordered must not match its digest."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _dtype(name, where: str, *, floating: bool = False) -> torch.dtype:
