@@ -17,6 +17,7 @@ SEEDS, STEPS = range(5), 2000
 SETTINGS = {
     "defaults": {},
     'sites="auto"': {"sites": "auto"},
+    'sites="auto", probe=None (first-order score)': {"sites": "auto", "probe": None},
     'sites="2"': {"sites": "2"},
     'free_phase="plain"': {"free_phase": "plain"},
     'return_mode="anneal"': {"return_mode": "anneal"},
@@ -27,6 +28,7 @@ SETTINGS = {
     "width=4": {"width": 4},
     "width=16": {"width": 16},
     "bypass_steps=50, return_steps=50": {"bypass_steps": 50, "return_steps": 50},
+    "extension_lr_scale=0.1 (the earlier default)": {"extension_lr_scale": 0.1},
 }
 
 
