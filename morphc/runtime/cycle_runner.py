@@ -243,12 +243,17 @@ class CycleRunner:
             ext.set_homotopy(s)
         self.optimizer.zero_grad(set_to_none=True)
         cycle.group.zero_grad()
-        if cycle.phase is Phase.BYPASS and cfg.free_phase is FreePhase.JOINT:
+        joint = cycle.phase is Phase.BYPASS and cfg.free_phase is FreePhase.JOINT
+        if joint:
             ext.set_homotopy(0.0)                       # the model a fold would keep ...
             backward_checked(*loss_of(closure, self.model, self._reduce()))
-            ext.set_homotopy(1.0)                       # ... and the free one
-        loss, value = loss_of(closure, self.model, self._reduce())
+            ext.set_homotopy(1.0)                       # ... and the free one, whose forward
+            buffers, kept = self._back_up_buffers()     # must not move BN statistics: they
+        loss, value = loss_of(closure, self.model, self._reduce())      # belong to s = 0
         backward_checked(loss, value)
+        if joint and buffers:                           # after backward: autograd saved them
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, kept)
         params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
             cycle.group.params
         grad_norm(params)

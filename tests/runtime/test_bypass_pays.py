@@ -54,6 +54,27 @@ def test_default_free_phase_is_joint_and_the_return_projects_at_once():
         assert key in contract
 
 
+def test_the_free_pass_leaves_batchnorm_statistics_to_the_model_a_fold_keeps():
+    model, closure, _ = cnn_task()
+    after_s0 = []
+
+    def recording(m):
+        loss = closure(m)
+        if isinstance(m, morphc.ExtendedModel) and float(m.homotopy) == 0.0:
+            after_s0.append({k: v.clone() for k, v in model.bn1.named_buffers()})
+        return loss
+
+    bp = default_bypass(model, accept="always")
+    run(bp, recording, 3)
+    assert bp.phase == "bypass"
+    for _ in range(3):
+        tracked = int(model.bn1.num_batches_tracked)
+        run(bp, recording, 1)
+        assert int(model.bn1.num_batches_tracked) == tracked + 1, "one update per step"
+        for key, value in model.bn1.named_buffers():
+            assert torch.equal(value, after_s0[-1][key]), f"{key}: as the s = 0 pass left it"
+
+
 def test_a_cycle_that_does_not_pay_is_rolled_back_bit_identically_and_backs_off():
     model, closure, _ = cnn_task()
     verdicts = iter([10.0, 1.0])       # after the cycle: 10; before it: 1 — it did not pay
