@@ -23,7 +23,8 @@ How the pieces sit inside a trainer:
   warm-up and decay; a cycle whose loss went non-finite halves that scale for the next cycles.
 - **Free phase.** ``free_phase="joint"`` (default) alternates s = 1 / s = 0 from one micro-batch
   to the next: with gradient accumulation 2 every optimizer step trains ``L(s=1) + L(s=0)`` as
-  Bypass's joint step does (on two half-batches); without accumulation, alternate steps do.
+  Bypass's joint step does (on two half-batches); without accumulation, alternate steps do. As
+  there, the s = 1 pass leaves BatchNorm statistics as they were (they belong to s = 0).
 - **Acceptance, noise-averaged.** ``loss_before`` is the mean training loss of the last
   ``window`` optimizer steps before the extension (the pre-extension model, as it trained);
   ``loss_after`` the mean over the last ``window`` steps of the return phase. With
@@ -128,6 +129,7 @@ class TrainerBypass:
         self._pending: list[float] = []
         self._handles: list = []
         self._micro = 0
+        self._free_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.step_count, self.cycle, self.failures = 0, 0, 0
         self._unpaid, self._quiet_until, self._peak_lr = 0, 0, 0.0
         self._lr_scale = float(self.config.extension_lr_scale)
@@ -184,12 +186,24 @@ class TrainerBypass:
 
     def before_micro_batch(self) -> None:
         """A forward/backward is about to run: in a joint free phase, alternate s = 1 / 0."""
+        self._restore_free_buffers()
         cycle = self._cycle
         if cycle is None or cycle.phase is not Phase.BYPASS:
             return
         joint = self.config.free_phase is FreePhase.JOINT
-        cycle.ext.set_homotopy(0.0 if joint and self._micro % 2 else 1.0)
+        s = 0.0 if joint and self._micro % 2 else 1.0
+        cycle.ext.set_homotopy(s)
         self._micro += 1
+        if joint and s == 1.0:     # the s = 1 pass must not move BN statistics: they belong
+            self._free_buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+
+    def _restore_free_buffers(self) -> None:
+        """After the s = 1 micro-batch's backward (autograd may have saved the buffers):
+        put back the statistics from before its forward, as Bypass's joint step does."""
+        saved, self._free_buffers = self._free_buffers, []
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
     def record_loss(self, value) -> None:
         """One micro-batch's training loss (a tensor or a number)."""
@@ -212,6 +226,7 @@ class TrainerBypass:
 
     # -- the optimizer's step hooks: the extension's group joins only inside step() --------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        self._restore_free_buffers()
         cycle = self._cycle
         if cycle is None:
             return
@@ -335,6 +350,7 @@ class TrainerBypass:
                     sites=[s.name for s in cycle.ext.sites], **measures)
 
     def _end_cycle(self) -> None:
+        self._restore_free_buffers()
         cycle, self._cycle = self._cycle, None
         if cycle.group.attached:
             cycle.group.detach()

@@ -109,6 +109,34 @@ def test_module_sites_exclude_tied_parametrized_and_mha():
     assert set(modules) >= {"fc", "conv"}
 
 
+def test_joint_free_micro_batches_leave_batchnorm_statistics_to_s0():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    bn = model[1]
+    tb = TrainerBypass(morphc.Schedule(at=[2]), bypass_steps=4, return_steps=2, verbose=False)
+    tb.attach(model, opt)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    seen = []
+    for step in range(1, 6):
+        before = {k: v.clone() for k, v in bn.named_buffers()}
+        tb.before_micro_batch()
+        s = float(tb.extended.homotopy) if tb.in_cycle else None
+        loss = F.mse_loss(model(x), y)
+        tb.record_loss(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tb.after_step(step)
+        moved = any(not torch.equal(v, before[k]) for k, v in bn.named_buffers())
+        seen.append((s, moved))
+    free = [(s, moved) for s, moved in seen if s is not None]
+    assert (1.0, False) in free, "an s = 1 micro-batch leaves the statistics alone"
+    assert (0.0, True) in free, "an s = 0 micro-batch updates them"
+    assert all(moved for s, moved in seen if s is None), "plain steps update them"
+    tb.finish()
+
+
 def test_trainer_bypass_refuses_what_needs_its_own_loop():
     with pytest.raises(morphc.BypassError, match="not available inside a trainer"):
         TrainerBypass(eval_closure=lambda m: 0)
