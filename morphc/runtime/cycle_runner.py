@@ -184,10 +184,12 @@ class CycleRunner:
         if probe == "closure":
             probe = self.config.eval_closure or closure
         options = {"lr": self._lr_scale * self._peak_lr, **self.config.extension_options}
+        device = next(self._user_model.parameters()).device
         scores = lookahead_scores(
             lambda name: self._extend([name]), names, self.optimizer, self._user_model,
-            closure, lambda m: self._loss_without_trace(probe, m),
-            steps=self.config.lookahead_steps, group_options=options)
+            closure, lambda m: self._loss_without_trace(probe, m, reduce=False),
+            steps=self.config.lookahead_steps, group_options=options,
+            reduce=(lambda v: all_reduce_mean(v, device)) if self.distributed else float)
         return rank_sites(scores, self.config.top_k), scores
 
     def _extend(self, sites):
@@ -331,10 +333,10 @@ class CycleRunner:
             cycle.snapshot.put_back(model, current)
         return before, after
 
-    def _loss_without_trace(self, probe: Closure, model: nn.Module) -> float:
+    def _loss_without_trace(self, probe: Closure, model: nn.Module, reduce: bool = True) -> float:
         with deterministic(model):
             value = float(probe(model))
-        if self.distributed:
+        if self.distributed and reduce:
             value = all_reduce_mean(value, next(model.parameters()).device)
         return value
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
-from morphc.runtime.steps import backward_checked, loss_of
+from morphc.runtime.steps import loss_of
 
 Closure = Callable[[nn.Module], torch.Tensor]
 
@@ -29,25 +29,31 @@ Closure = Callable[[nn.Module], torch.Tensor]
 def lookahead_scores(extend_site: Callable[[str], nn.Module], names: list[str],
                      optimizer: torch.optim.Optimizer, user_model: nn.Module, closure: Closure,
                      evaluate: Callable[[nn.Module], float], *, steps: int,
-                     group_options: dict) -> dict[str, float]:
+                     group_options: dict,
+                     reduce: Callable[[float], float] = float) -> dict[str, float]:
     """Per site: loss of the model before, minus the loss of the s = 0 model after ``steps``
     joint steps with a bypass at that site only (higher is better; a trial whose loss went
-    non-finite scores −inf). ``extend_site(name)`` builds the one-site extension."""
+    non-finite on any rank scores −inf). ``extend_site(name)`` builds the one-site extension;
+    ``evaluate`` measures on this rank, ``reduce`` agrees across ranks (a mean, inf-preserving)."""
     snapshot = Snapshot.take(user_model, optimizer)
-    before = evaluate(user_model)
+    before = reduce(evaluate(user_model))
     scores: dict[str, float] = {}
     for name in names:
         ext = extend_site(name)
         group = ExtensionGroup(optimizer, list(ext.extension_parameters()), group_options)
         try:
-            scores[name] = before - _trial(ext, optimizer, group, closure, evaluate, steps)
+            after = reduce(_trial(ext, optimizer, group, closure, evaluate, steps))
         finally:
             snapshot.restore(user_model, optimizer)
+        scores[name] = before - after if math.isfinite(after) else -math.inf
     return scores
 
 
 def _trial(ext, optimizer, group: ExtensionGroup, closure: Closure,
            evaluate: Callable[[nn.Module], float], steps: int) -> float:
+    """The loss of the s = 0 model after ``steps`` joint steps (inf if a loss went non-finite);
+    every rank returns from every trial, so the caller's reduce is reached by all."""
+    diverged = False
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         group.zero_grad()
@@ -55,8 +61,13 @@ def _trial(ext, optimizer, group: ExtensionGroup, closure: Closure,
             ext.set_homotopy(s)
             loss, value = loss_of(closure, ext)
             if not math.isfinite(value):
-                return math.inf
-            backward_checked(loss, value)
+                diverged = True
+                break
+            loss.backward()
+        if diverged:
+            break
         group.step()
+    if diverged:
+        return math.inf
     ext.set_homotopy(0.0)
     return evaluate(ext)
