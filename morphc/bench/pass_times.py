@@ -5,8 +5,8 @@ The target is that the passes themselves — ``extend`` (find sites, insert bran
 ResNet-50-shaped net and a 12-layer transformer encoder, and that the sympy derivation is paid
 once per family, not per extend. Tracing is timed apart: it is paid once per model
 (``morphc.trace``, then ``extend(..., traced=...)``), and ``torch.export`` is the slow part.
-With transformers installed, tiny Hugging Face models (keyword inputs, export frontend) are timed
-too.
+With transformers installed, four tiny Hugging Face models of the zoo (keyword inputs, export
+frontend) are timed too; ``morphc.bench.zoo_times`` times the whole zoo, once per model.
 """
 
 from __future__ import annotations
@@ -19,43 +19,23 @@ import torch
 
 import morphc
 from morphc import zoo
+from morphc.bench import hf_zoo
 from morphc.families import derivation_count
 
 MODELS: dict[str, Callable] = {"resnet50": zoo.resnet50, "transformer12": zoo.transformer12}
 TARGET_S = 1.0
 
 
-def _hf(make_model, inputs: dict) -> Callable:
-    def build():
-        model = make_model().eval()
-        return model, (), inputs
-    return build
+HF_MODELS = {"hf-bert": "bert", "hf-gpt2": "gpt2", "hf-llama": "llama", "hf-vit": "vit"}
 
 
 def hf_models() -> dict[str, Callable]:
-    """Tiny Hugging Face models from configs (random weights, no download), when transformers is
-    installed (``pip install morphc[hf]``): each factory returns ``(model, args, kwargs)``."""
-    try:
-        import transformers as tf
-    except ImportError:
+    """Four tiny Hugging Face models of the zoo (``morphc.bench.hf_zoo``: configs, random weights,
+    no download), when transformers is installed (``pip install morphc[hf]``): each factory
+    returns ``(model, args, kwargs)``. The whole zoo, once per model, is ``zoo_times``."""
+    if not hf_zoo.available():
         return {}
-    g = torch.Generator().manual_seed(0)
-    text = {"input_ids": torch.randint(3, 99, (2, 9), generator=g),
-            "attention_mask": torch.ones(2, 9, dtype=torch.long)}
-    small = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=37, max_position_embeddings=64)
-    return {
-        "hf-bert": _hf(lambda: tf.BertModel(tf.BertConfig(**small)), text),
-        "hf-gpt2": _hf(lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
-            vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
-            {**text, "use_cache": False}),
-        "hf-llama": _hf(lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2)),
-                        {**text, "use_cache": False}),
-        "hf-vit": _hf(lambda: tf.ViTModel(tf.ViTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            patch_size=8, image_size=32)),
-            {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}),
-    }
+    return {label: hf_zoo.ZOO[name].build for label, name in HF_MODELS.items()}
 
 
 def _timed(fn):

@@ -1,11 +1,11 @@
 """The models people bring: tiny Hugging Face architectures (random weights, no downloads).
 
-For every architecture of ``hf_zoo.ZOO``: sites + listed exclusions cover every linear-operator
-weight; E1 (extended == original) and exact contraction after perturbing the branches (C1), on
-the example shapes, on another batch size and on another sequence length / image size / audio
-length. Where the model itself refuses a size, the extended model refuses it with a
-``ShapeError`` that names the input and the dimension; where only torch.export fixed or guarded
-it, the extended model traces the model again at that size, with the same branches.
+For every architecture of ``morphc.bench.hf_zoo.ZOO``: sites + listed exclusions cover every
+linear-operator weight; E1 (extended == original) and exact contraction after perturbing the
+branches (C1), on the example shapes, on another batch size and on another sequence length /
+image size / audio length. Where the model itself refuses a size, the extended model refuses it
+with a ``ShapeError`` that names the input and the dimension; where only torch.export fixed or
+guarded it, the extended model traces the model again at that size, with the same branches.
 """
 
 import os
@@ -19,8 +19,8 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 import morphc  # noqa: E402
+from morphc.bench.hf_zoo import ZOO  # noqa: E402
 from morphc.compiler.deviation import relative_deviation  # noqa: E402
-from tests.hf_zoo import ZOO  # noqa: E402
 from tests.ir.test_sites import linear_operator_weights  # noqa: E402
 
 SIZE_INPUT = {"seq": "input_ids", "image": "pixel_values", "audio": "input_values"}
