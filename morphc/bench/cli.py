@@ -34,7 +34,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="morphc bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2 seeds, short budgets, small cost models, one width, "
-                             "torch.compile timed on the MLP only (< 2 min)")
+                             "torch.compile timed on the MLP only, two models of the HF zoo "
+                             "(< 2 min; without it, pass times cover the whole zoo)")
     parser.add_argument("--out", default="bench-results", help="output directory "
                         "(default: bench-results/)")
     parser.add_argument("--only", default=",".join(PARTS),
@@ -119,7 +120,39 @@ def _passes(args, out: Path, data: dict) -> list[str]:
                disable=args.no_progress)
     rows = [time_passes(name, quick=args.quick) for name in bar]
     data["pass_times"] = rows
-    return ["## Pass times (tracing apart)", "", format_pass_times(rows), ""]
+    return ["## Pass times (tracing apart)", "", format_pass_times(rows), "",
+            *_zoo(args, data)]
+
+
+def _zoo(args, data: dict) -> list[str]:
+    from morphc.bench.zoo_times import (
+        WIDTH,
+        format_zoo_times,
+        skip_reason,
+        time_zoo_model,
+        zoo_names,
+        zoo_summary,
+    )
+
+    title = "### Hugging Face zoo: trace, extend and contract per model"
+    reason = skip_reason()
+    if reason is not None:
+        data["hf_zoo"], data["hf_zoo_skipped"] = [], reason
+        return [title, "", reason + ".", ""]
+    names = zoo_names(args.quick)
+    bar = tqdm(names, desc="HF zoo", unit="model", disable=args.no_progress)
+    rows = [time_zoo_model(name) for name in bar]
+    data["hf_zoo"] = rows
+    which = (f"`--quick`: {len(names)} of the zoo's models" if args.quick
+             else f"all {len(names)} models of the zoo")
+    return [title, "", f"Tiny configs, random weights ({which}; `morphc.bench.hf_zoo`). Trace: "
+            "the first `morphc.trace` (export or symbolic trace), then the same call again, "
+            "which must hit the cache; extend: every site, width "
+            f"{WIDTH}, tracing apart (the second call; the first in parentheses); 1st call: the "
+            "extended model's first forward; contract: after perturbing every branch, with "
+            "its verification forward; deviation: contracted vs extended, the largest over the "
+            "shapes the model took; another batch / size: the zoo's `alt` inputs, checked "
+            "against the model (E1).", "", format_zoo_times(rows), "", zoo_summary(rows), ""]
 
 
 def plot_cost(rows: list[dict], path: Path) -> Path:

@@ -240,8 +240,12 @@ def test_bench_quick_writes_every_part(tmp_path):
     assert all(r["flop_bound"] > 1 and r["step_ratio"] > 0 for r in data["step_cost"])
     from morphc.bench.pass_times import MODELS, hf_models
     assert {r["model"] for r in data["pass_times"]} == set(MODELS) | set(hf_models())
+    from morphc.bench.zoo_times import skip_reason, zoo_names
+    assert [r["model"] for r in data["hf_zoo"]] == ([] if skip_reason() else zoo_names(True))
+    assert all(r["error"] is None for r in data["hf_zoo"])
     md = (tmp_path / "results.md").read_text()
-    for section in ("## Headline", "## Training", "## Step cost", "## Pass times"):
+    for section in ("## Headline", "## Training", "## Step cost", "## Pass times",
+                    "### Hugging Face zoo"):
         assert section in md
     pngs = {p.name for p in tmp_path.glob("*.png")}
     assert pngs == {"cost.png"} | {f"loss_{p}.png" for p in PROBLEMS}
