@@ -51,7 +51,7 @@ from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.sites import module_sites
 from morphc.ir.sites import select_sites
 from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, may_start, quiet_until
+from morphc.runtime.cycle import Cycle, may_start, misses_after_kept, quiet_until
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
@@ -343,7 +343,10 @@ class TrainerBypass:
         except MorphcError as exc:
             self._rollback(f"contraction failed: {exc}", exc)
             return
-        self._unpaid = 0
+        self._unpaid = misses_after_kept(self.trigger, self._unpaid, before, after, self.config)
+        if self._unpaid:
+            self._quiet_until = quiet_until(self.config, step=self.step_count,
+                                            misses=self._unpaid)
         self._end_cycle()
         self.cycle += 1
         self._event("contract", residual=residual, deviation=deviation, reason=reason,

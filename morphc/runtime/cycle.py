@@ -126,6 +126,17 @@ def quiet_until(config: BypassConfig, *, step: int, misses: int) -> int:
     return step + config.cycle_steps * 2 ** misses
 
 
+def misses_after_kept(trigger, misses: int, before: float, after: float,
+                      config: BypassConfig) -> int:
+    """The back-off count after a cycle that was kept: reset, unless by the trigger's own
+    measure (``trigger.escaped``, e.g. :meth:`~morphc.Plateau.escaped`) the cycle did not leave
+    the plateau — then it counts as a miss, so tiny gains do not buy cycle after cycle."""
+    escaped = getattr(trigger, "escaped", None)
+    if callable(escaped) and not escaped(before, after, config.cycle_steps):
+        return misses + 1
+    return 0
+
+
 def may_start(config: BypassConfig, *, step: int, cycles: int, quiet_until: int, lr: float,
               peak_lr: float) -> bool:
     """When a fired trigger may start a cycle now (shared by Bypass and the trainer

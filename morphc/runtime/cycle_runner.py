@@ -18,7 +18,7 @@ from morphc.compiler.extend import extend
 from morphc.errors import BypassError, MorphcError, ShapeError
 from morphc.ir.trace import trace
 from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, may_start, quiet_until
+from morphc.runtime.cycle import Cycle, may_start, misses_after_kept, quiet_until
 from morphc.runtime.lookahead import lookahead_scores
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
@@ -307,7 +307,10 @@ class CycleRunner:
                            measures=self._measures(cycle, before, after, snap),
                            backoff=True)
             return
-        self._unpaid = 0
+        self._unpaid = misses_after_kept(self.trigger, self._unpaid, before, after, self.config)
+        if self._unpaid:
+            self._quiet_until = quiet_until(self.config, step=self.step_count,
+                                            misses=self._unpaid)
         self._detach()
         self.cycle += 1
         self._event("contract", residual=residual, deviation=ext.contraction_report.deviation,

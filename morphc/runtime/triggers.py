@@ -162,6 +162,14 @@ class Plateau(Trigger):
         gain = self.improvement()
         return max(gain, 0.0) / self.window if gain is not None else 0.0
 
+    def escaped(self, before: float, after: float, steps: int) -> bool:
+        """Did a cycle of ``steps`` steps that took the loss from ``before`` to ``after`` leave
+        the plateau, by this trigger's own measure? (Its relative gain is at least what would
+        not count as stagnation over that many steps.) A kept cycle that did not escape makes
+        Bypass back off as after one that did not pay."""
+        gain = (before - after) / max(abs(after), 1e-30)
+        return gain >= self.threshold * steps / self.window
+
     def update(self, loss, *, step, grad_norm=None) -> bool:
         loss = float(loss)
         if not math.isfinite(loss):

@@ -75,6 +75,29 @@ def test_the_free_pass_leaves_batchnorm_statistics_to_the_model_a_fold_keeps():
             assert torch.equal(value, after_s0[-1][key]), f"{key}: as the s = 0 pass left it"
 
 
+def test_a_kept_cycle_that_stays_on_the_plateau_backs_off_too():
+    model, closure, _ = mlp_task()
+
+    def flat(m):                       # a constant loss: the Plateau fires, pace is 0
+        return closure(m) * 0.0 + 1.0
+
+    verdicts = iter([0.999, 1.0, 0.5, 1.0] * 4)   # per cycle: after, then before
+
+    bp = morphc.Bypass(model, OPTIMIZERS["adam"], trigger=morphc.Plateau(window=2),
+                       bypass_steps=2, return_steps=2, verbose=False,
+                       eval_closure=lambda m: torch.tensor(next(verdicts)))
+    run(bp, flat, 60)
+    contracts = events(bp, "contract")
+    extends = events(bp, "extend")
+    assert len(contracts) >= 2, "both cycles paid and were kept"
+    tiny, large = contracts[0], contracts[1]
+    assert tiny["loss_after"] == pytest.approx(0.999) and large["loss_after"] == 0.5
+    gap_after_tiny = extends[1]["step"] - tiny["step"]
+    gap_after_large = extends[2]["step"] - large["step"]
+    assert gap_after_tiny >= 2 * 4, "kept with a 0.1 % gain: backed off like a miss"
+    assert gap_after_large < gap_after_tiny, "a real escape resets the back-off"
+
+
 def test_a_cycle_that_does_not_pay_is_rolled_back_bit_identically_and_backs_off():
     model, closure, _ = cnn_task()
     verdicts = iter([10.0, 1.0])       # after the cycle: 10; before it: 1 — it did not pay

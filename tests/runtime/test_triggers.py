@@ -25,6 +25,13 @@ def test_plateau_fires_on_flat_loss_once_two_windows_are_full():
     assert fired and fired[0] == 40   # two full windows of the current model to compare
 
 
+def test_plateau_judges_whether_a_cycle_left_the_plateau_by_its_own_threshold():
+    t = morphc.Plateau(window=100, threshold=1e-3)
+    assert not t.escaped(1.0, 0.999, steps=200), "0.1 % over 200 steps: still stagnant"
+    assert t.escaped(1.0, 0.99, steps=200)
+    assert not t.escaped(1.0, 1.01, steps=200)
+
+
 def test_plateau_quiet_on_decreasing_loss():
     t = morphc.Plateau(window=20, threshold=1e-3)
     assert feed(t, [math.exp(-0.01 * i) for i in range(500)]) == []
