@@ -209,14 +209,19 @@ def compile_family(family: ActivationFamily, zero_offset: bool) -> CompiledFamil
     solution, p, q = _derive(family, zero_offset)
     _check_init_off_c(family, solution)
     params = family.params
+    projection = tuple(torch_fn(solution[a], params) if a in solution else None for a in params)
+    # Solved parameters fixed to a constant (all of them, for every built-in family): the
+    # projection is then one select. The constant is the projection's own, so the bits agree.
+    fixed = None
+    if all(not solution[a].free_symbols for a in solution):
+        fixed = tuple(None if f is None else f(()) for f in projection)
     return CompiledFamily(
         family=family, zero_offset=zero_offset,
         constraints=tuple(a - solution[a] for a in params if a in solution),
         solution=solution, p_expr=p, q_expr=q,
         _rho=torch_fn(family.expr, (family.t, *params)),
         _p=torch_fn(p, params), _q=torch_fn(q, params),
-        _projection=tuple(torch_fn(solution[a], params) if a in solution else None
-                          for a in params),
+        _projection=projection, _fixed=fixed,
     )
 
 

@@ -101,15 +101,26 @@ class CompiledFamily:
     _p: TorchFn = field(repr=False)
     _q: TorchFn = field(repr=False)
     _projection: tuple[TorchFn | None, ...] = field(repr=False)  # None: free, passes through
+    # α_C,j as a number per solved parameter (None: free), when every solved parameter is fixed
+    # to a constant on C (every built-in family); None when some α_C,j depends on the free ones.
+    _fixed: tuple[float | int | None, ...] | None = field(default=None, repr=False)
+    # (mask, values) of ``_fixed`` as tensors, per (dtype, device, alpha.dim()): made once.
+    _fixed_tensors: dict = field(default_factory=dict, repr=False)
 
     def rho(self, t: Tensor, alpha: Tensor) -> Tensor:
         """ρ(t; α) per unit; the result has the broadcast shape of ``t`` and ``unit_shape``."""
-        units = self._units(alpha)
-        shape = torch.broadcast_shapes(t.shape, alpha.shape[1:])
-        return _full(self._rho((t, *units)), shape, t)
+        value = self._rho((t, *self._units(alpha)))
+        if isinstance(value, torch.Tensor) and value.shape == t.shape \
+                and not torch.compiler.is_compiling() and _fits(alpha.shape[1:], t.shape):
+            return value          # already of the broadcast shape (t's): what _full returns
+        return _full(value, torch.broadcast_shapes(t.shape, alpha.shape[1:]), t)
 
     def project(self, alpha: Tensor) -> Tensor:
         """α_C(α): solved parameters replaced by their value on C, free ones copied bit-exactly."""
+        fixed = self._fixed_for(alpha)
+        if fixed is not None:     # one select instead of unbind, one full per column, stack
+            proj = _select(*fixed, alpha)
+            return proj if fixed[0] is not None else proj.expand(alpha.shape).clone()
         units = self._units(alpha)
         columns = [u if f is None else _full(f(units), u.shape, alpha)
                    for u, f in zip(units, self._projection, strict=True)]
@@ -117,8 +128,9 @@ class CompiledFamily:
 
     def homotopy(self, alpha: Tensor, s: Tensor) -> Tensor:
         """α(s) = α_C + s·(α − α_C): the free α at s = 1, exactly α_C at s = 0."""
-        proj = self.project(alpha)
-        return proj + s * (alpha - proj)
+        fixed = self._fixed_for(alpha)
+        proj = self.project(alpha) if fixed is None else _select(*fixed, alpha)
+        return proj + s * (alpha - proj)     # not lerp/addcmul: those round differently
 
     def p(self, alpha: Tensor) -> Tensor:
         """Slope of ρ on C, shape ``unit_shape`` (meaningful for α on C)."""
@@ -157,6 +169,52 @@ class CompiledFamily:
             raise ValueError(f"family {self.family.name!r} takes alpha of shape (n_params="
                              f"{self.family.n_params}, *unit_shape), got {tuple(alpha.shape)}")
         return alpha.unbind(0)
+
+    def _fixed_for(self, alpha: Tensor) -> tuple[Tensor | None, Tensor] | None:
+        """``(mask, values)`` broadcasting against ``alpha``: where ``mask``, α_C is the constant
+        in ``values``; elsewhere α passes through (``mask`` None: no parameter is free).
+        None when the generic path must run: a family whose α_C depends on α, under
+        torch.compile / export / a dispatch mode (no tensors made outside the graph), on tensor
+        subclasses, or for a malformed ``alpha`` (the generic path raises its error)."""
+        fixed = self._fixed
+        if fixed is None or type(alpha) not in _PLAIN_TENSORS or alpha.dim() == 0 \
+                or alpha.shape[0] != len(fixed) or torch.compiler.is_compiling() \
+                or torch._C._len_torch_dispatch_stack():
+            return None
+        key = (alpha.dtype, alpha.device, alpha.dim())
+        made = self._fixed_tensors.get(key)
+        if made is None:
+            shape = (len(fixed),) + (1,) * (alpha.dim() - 1)
+            with torch.inference_mode(False), torch.no_grad():
+                mask = torch.tensor([v is not None for v in fixed], device=alpha.device)
+                values = torch.stack([torch.zeros((), dtype=alpha.dtype, device=alpha.device)
+                                      if v is None else alpha.new_full((), v, requires_grad=False)
+                                      for v in fixed])
+            made = self._fixed_tensors[key] = (None if None not in fixed else
+                                               mask.reshape(shape), values.reshape(shape))
+        return made
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _select(mask: Tensor | None, values: Tensor, alpha: Tensor) -> Tensor:
+    """α_C from the constants of a fixed projection: α where free, the constant where solved;
+    with no free parameter (``mask`` None), ``values`` itself, broadcasting against α — the
+    generic path's stack of constants does not depend on α either, so α's gradient gets no
+    ``+ 0`` from a select (which would turn a −0.0 into +0.0)."""
+    return values if mask is None else torch.where(mask, values, alpha)
+
+
+def _fits(unit_shape: Sequence[int], shape: Sequence[int]) -> bool:
+    """True when ``unit_shape`` broadcasts against ``shape`` without enlarging it (so the
+    broadcast shape is ``shape``); False means "ask torch.broadcast_shapes"."""
+    if len(unit_shape) > len(shape):
+        return False
+    for u, n in zip(reversed(unit_shape), reversed(shape), strict=False):  # trailing dims
+        if u != 1 and u != n:
+            return False
+    return True
 
 
 def _full(value: Tensor | float, shape: Sequence[int], like: Tensor) -> Tensor:

@@ -87,6 +87,10 @@ def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
 
 def _fold(op: Callable, args: list[TorchFn], tensors_only: bool = False) -> TorchFn:
     """Apply a binary ``op`` left to right over the translated args (Add, Mul, Max, Min)."""
+    if len(args) == 2 and not tensors_only:    # the common case, without the loop
+        first, second = args
+        return lambda xs: op(first(xs), second(xs))
+
     def run(xs):
         acc = args[0](xs)
         for f in args[1:]:
