@@ -51,6 +51,7 @@ class BypassBranch(nn.Module):
         init = torch.tensor(get_family(family).init, dtype=torch.float64)
         self.alpha = nn.Parameter(init[:, None].repeat(1, width).to(**factory))
         self.register_buffer("homotopy", homotopy, persistent=False)
+        self._unit_shape = (-1, *self.strategy.unit_shape(width, conv))   # α's view for ρ
 
     # -- the forward the graph calls ------------------------------------------------------------
     def unit_shape(self) -> tuple[int, ...]:
@@ -59,14 +60,15 @@ class BypassBranch(nn.Module):
 
     def effective_alpha(self) -> torch.Tensor:
         """α on the homotopy path: ``α_C`` exactly at ``s = 0``, the free α at ``s = 1``."""
-        return self.compiled.homotopy(self.alpha, self.homotopy.to(self.alpha.dtype))
+        alpha, s = self.alpha, self.homotopy
+        return self.compiled.homotopy(alpha, s if s.dtype == alpha.dtype else s.to(alpha.dtype))
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         return self.strategy.pre_activation(x, self.A, self.a, self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.effective_alpha()
-        h = self.compiled.rho(self.pre_activation(x), alpha.reshape(-1, *self.unit_shape()))
+        h = self.compiled.rho(self.pre_activation(x), alpha.reshape(self._unit_shape))
         return self.strategy.apply_b(h, self.B, self.conv, x)
 
     # -- what the constraint compiler says about the current state ------------------------------

@@ -55,14 +55,14 @@ class SiteKind:
         ``(8, out)``), and autograd picks the transposed product for a column-major operand:
         with ``(k, positions)`` here and ``Bᵀ`` row-major in :meth:`apply_b`, every product of
         the branch's forward and backward has a long last dimension."""
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])   # no view node when 2-D
         return torch.mm(A, rows.t()) if a is None else torch.addmm(a[:, None], A, rows.t())
 
     def apply_b(self, h: Tensor, B: Tensor, conv: ConvConfig | None, x: Tensor) -> Tensor:
         """``B h`` from the units-first ``h`` of :meth:`pre_activation`, shaped like the site's
         output for the input ``x``."""
         out = torch.mm(h.t(), B.t().contiguous())     # Bᵀ row-major: ∂B is computed as h·g
-        return out.reshape(*x.shape[:-1], B.shape[0])
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], B.shape[0])
 
     def fold(self, A: Tensor, B: Tensor, p: Tensor, groups: int) -> Tensor:
         """ΔW in the layout of the site's weight (B flattened to ``(out, k/groups)``)."""
