@@ -1,0 +1,42 @@
+"""One checked step's helpers: the gradient norm is get_total_norm's, bit for bit."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from morphc.runtime.steps import NonFinite, grad_norm
+
+
+def _params(shapes, dtype, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) * scale
+    return params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(5))
+def test_grad_norm_is_get_total_norm_bit_for_bit(dtype, seed):
+    shapes = [(2, 2), (2,), (1, 2), (1,), (7, 3, 2)][: seed + 1]
+    params = _params(shapes, dtype, seed, scale=10.0 ** (seed - 2))
+    want = float(nn.utils.get_total_norm([p.grad for p in params]))
+    assert grad_norm(params) == want
+
+
+def test_grad_norm_mixed_dtypes_and_missing_grads():
+    params = _params([(3,), (2, 2)], torch.float32, 0) + _params([(4,)], torch.float64, 1)
+    params.append(nn.Parameter(torch.zeros(2)))            # no gradient
+    want = float(nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    assert grad_norm(params) == want
+    assert grad_norm([nn.Parameter(torch.zeros(1))]) == 0.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 3e38], ids=["nan", "inf", "overflow"])
+def test_grad_norm_non_finite_raises(bad):
+    params = _params([(3,)], torch.float32, 0)
+    params[0].grad[1] = bad        # 3e38 is finite, but the float32 norm overflows: inf
+    with pytest.raises(NonFinite):
+        grad_norm(params)
