@@ -71,7 +71,7 @@ def _error(exc: BaseException) -> str:
 
 
 def _try_shape(model, ext, entry, shape) -> tuple[str, float | None]:
-    """What the extended model does on ``shape``: ``"yes"`` (E1 holds), ``"yes, re-traced"``,
+    """What the extended model does on ``shape``: ``"yes"`` (E1 holds), ``"yes, re-traced (s)"``,
     ``"no: model refuses"`` (the eager model fails too, and the extended model says so with a
     ``ShapeError``), or what went wrong; and the seconds of that call when it ran."""
     retraces = len(ext.retraces)
@@ -90,7 +90,9 @@ def _try_shape(model, ext, entry, shape) -> tuple[str, float | None]:
     deviation = relative_deviation(eager, extended)
     if deviation > E1_TOLERANCE:
         return f"**E1 broken** ({deviation:.1e})", None
-    return ("yes, re-traced" if len(ext.retraces) > retraces else "yes"), seconds
+    if len(ext.retraces) > retraces:
+        return f"yes, re-traced ({ext.retraces[-1].seconds:.1f} s)", seconds
+    return "yes", seconds
 
 
 def time_zoo_model(name: str, width: int = WIDTH) -> dict:
@@ -193,9 +195,12 @@ def zoo_summary(rows: list[dict]) -> str:
     devs = [r["deviation"] for r in done if r.get("deviation") is not None]
     both = sum(r.get("batch", "").startswith("yes") and r.get("size", "").startswith("yes")
                for r in rows)
+    refused = [r["model"] for r in rows if "no: model refuses" in (r.get("batch"), r.get("size"))]
+    why = (f" ({', '.join(refused)}: the model itself refuses the other shape, and the extended "
+           "one says so with a ShapeError)" if refused else "")
     return (f"{len(done)}/{len(rows)} models extended and contracted. Tracing "
             f"{trace_total:.1f} s in all (slowest: {_top(traced, lambda r: r['trace_s'])}); "
             f"extend {extend_total:.2f} s and contract {contract_total:.2f} s in all (slowest "
             f"extend + contract: {_top(done, lambda r: r['extend_s'] + r['contract_s'])}); "
             f"largest contraction deviation {max(devs, default=0.0):.1e}; {both}/{len(rows)} "
-            f"take both another batch size and another size.")
+            f"take both another batch size and another size{why}.")
