@@ -29,9 +29,10 @@ from collections.abc import Iterable
 class Trigger:
     """Base class / protocol of a stagnation trigger.
 
-    ``needs_grad_norm``: set it to True when ``update`` uses ``grad_norm``; Bypass then measures
-    the gradient norm of the user's parameters after each backward (one pass over the grads),
-    and skips that cost otherwise.
+    ``needs_grad_norm``: set it to True when ``update`` uses ``grad_norm``. Bypass measures the
+    gradient norm of the user's parameters after every backward anyway (it is also the check
+    that no non-finite gradient reaches the weights) and passes it to every trigger; the trainer
+    integrations, where the trainer owns the backward, pass ``None``.
     """
 
     needs_grad_norm = False
