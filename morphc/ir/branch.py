@@ -38,6 +38,7 @@ class BypassBranch(nn.Module):
         a_shape = self.strategy.a_shape(width, in_features, conv)
         b_shape = self.strategy.b_shape(out_features, width, conv)
         fan_in = math.prod(a_shape[1:])
+        dtype = dtype if dtype is not None else torch.get_default_dtype()   # α too, not float64
         factory = dict(dtype=dtype, device=device)
         init_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         a_init = torch.randn(a_shape, generator=generator, dtype=init_dtype)

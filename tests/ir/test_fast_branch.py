@@ -79,3 +79,10 @@ def test_e1_bit_exact_with_new_layout(name):
         after = ext(*inputs)
     assert torch.equal(before, after)
     assert not torch.isnan(after).any()
+
+
+def test_a_branch_built_without_a_dtype_follows_the_default_dtype():
+    branch = BypassBranch("linear", 4, 3, 2, "tanh", with_bias=True, homotopy=torch.ones(()))
+    assert {p.dtype for p in branch.parameters()} == {torch.get_default_dtype()}
+    x = torch.randn(5, 4)
+    assert torch.equal(branch(x), torch.zeros(5, 3)), "B = 0: the branch adds nothing"
