@@ -51,7 +51,7 @@ from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.sites import module_sites
 from morphc.ir.sites import select_sites
 from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, may_start, misses_after_kept, quiet_until
+from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
@@ -329,9 +329,9 @@ class TrainerBypass:
         measures = {"loss_before": before, "loss_free": cycle.loss_free, "loss_after": after,
                     "survival": cycle.survival(before, after), "window": len(recent)}
         if not cycle.pays(before, after):
-            self._unpaid += 1
-            self._quiet_until = quiet_until(self.config, step=self.step_count,
-                                            misses=self._unpaid)
+            self._unpaid, self._quiet_until = back_off(
+                self.config, self.trigger, step=self.step_count, misses=self._unpaid,
+                quiet=self._quiet_until, paid=False, before=before, after=after)
             self._rollback(f"the cycle did not pay: mean training loss {after:.4g} over its last "
                            f"{len(recent)} steps vs {before:.4g} before (needed < "
                            f"{before - cycle.required_gain(before):.4g})", measures=measures,
@@ -343,10 +343,9 @@ class TrainerBypass:
         except MorphcError as exc:
             self._rollback(f"contraction failed: {exc}", exc)
             return
-        self._unpaid = misses_after_kept(self.trigger, self._unpaid, before, after, self.config)
-        if self._unpaid:
-            self._quiet_until = quiet_until(self.config, step=self.step_count,
-                                            misses=self._unpaid)
+        self._unpaid, self._quiet_until = back_off(
+            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
+            quiet=self._quiet_until, paid=True, before=before, after=after)
         self._end_cycle()
         self.cycle += 1
         self._event("contract", residual=residual, deviation=deviation, reason=reason,

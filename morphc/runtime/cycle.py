@@ -126,15 +126,19 @@ def quiet_until(config: BypassConfig, *, step: int, misses: int) -> int:
     return step + config.cycle_steps * 2 ** misses
 
 
-def misses_after_kept(trigger, misses: int, before: float, after: float,
-                      config: BypassConfig) -> int:
-    """The back-off count after a cycle that was kept: reset, unless by the trigger's own
-    measure (``trigger.escaped``, e.g. :meth:`~morphc.Plateau.escaped`) the cycle did not leave
-    the plateau — then it counts as a miss, so tiny gains do not buy cycle after cycle."""
+def back_off(config: BypassConfig, trigger, *, step: int, misses: int, quiet: int, paid: bool,
+             before: float, after: float) -> tuple[int, int]:
+    """``(misses, quiet_until)`` once a cycle closes (shared by Bypass and the integrations).
+
+    A cycle that did not pay is a miss. A kept one resets the count, unless by the trigger's own
+    measure (``trigger.escaped``, e.g. :meth:`~morphc.Plateau.escaped`) it did not leave the
+    plateau — then it is a miss too, so tiny gains do not buy cycle after cycle. After a miss the
+    trigger waits 2^misses cycle lengths (:func:`quiet_until`)."""
     escaped = getattr(trigger, "escaped", None)
-    if callable(escaped) and not escaped(before, after, config.cycle_steps):
-        return misses + 1
-    return 0
+    if paid and not (callable(escaped) and not escaped(before, after, config.cycle_steps)):
+        return 0, quiet
+    misses += 1
+    return misses, quiet_until(config, step=step, misses=misses)
 
 
 def may_start(config: BypassConfig, *, step: int, cycles: int, quiet_until: int, lr: float,

@@ -18,7 +18,7 @@ from morphc.compiler.extend import extend
 from morphc.errors import BypassError, MorphcError, ShapeError
 from morphc.ir.trace import trace
 from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, may_start, misses_after_kept, quiet_until
+from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.lookahead import lookahead_scores
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
@@ -299,18 +299,17 @@ class CycleRunner:
             return
         before, after = self._evaluate_both(cycle, closure)
         if not cycle.pays(before, after):
-            self._unpaid += 1
-            self._quiet_until = quiet_until(self.config, step=self.step_count,
-                                            misses=self._unpaid)
+            self._unpaid, self._quiet_until = back_off(
+                self.config, self.trigger, step=self.step_count, misses=self._unpaid,
+                quiet=self._quiet_until, paid=False, before=before, after=after)
             self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
                            f"before (needed < {before - cycle.required_gain(before):.4g})",
                            measures=self._measures(cycle, before, after, snap),
                            backoff=True)
             return
-        self._unpaid = misses_after_kept(self.trigger, self._unpaid, before, after, self.config)
-        if self._unpaid:
-            self._quiet_until = quiet_until(self.config, step=self.step_count,
-                                            misses=self._unpaid)
+        self._unpaid, self._quiet_until = back_off(
+            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
+            quiet=self._quiet_until, paid=True, before=before, after=after)
         self._detach()
         self.cycle += 1
         self._event("contract", residual=residual, deviation=ext.contraction_report.deviation,
