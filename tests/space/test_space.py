@@ -29,6 +29,7 @@ from morphc.space.moves import (
     private_copy,
     set_homotopy,
 )
+from tests.cli_factories import Masked
 from tests.helpers import max_rel
 
 ARCHS = ["mlp", "cnn_bn", "resnet_small"]
@@ -473,23 +474,10 @@ def test_ungrow_handles_two_branches_grown_at_one_site():
 
 
 # -- keyword inputs and dynamic shapes (issue 10) ------------------------------------------------
-class _Masked(nn.Module):
-    """A model with keyword inputs: a tensor (``mask``) and a non-tensor (``scale``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
-
-    def forward(self, x, mask=None, scale=1.0):
-        if mask is not None:
-            x = x * mask[..., None]
-        return self.b(torch.tanh(self.a(x))) * scale
-
-
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_space_moves_use_the_keyword_inputs_and_dynamic_shapes(dynamic):
     torch.manual_seed(0)
-    model, x, mask = _Masked(), torch.randn(2, 5, 6), (torch.rand(2, 5) > 0.3).float()
+    model, x, mask = Masked(), torch.randn(2, 5, 6), (torch.rand(2, 5) > 0.3).float()
     auto = torch.export.Dim.AUTO
     spec = {"x": {0: auto, 1: auto}, "mask": {0: auto, 1: auto}, "scale": None} \
         if dynamic else None
@@ -511,7 +499,7 @@ def test_space_moves_use_the_keyword_inputs_and_dynamic_shapes(dynamic):
 
 def test_move_called_directly_takes_kwargs_and_dynamic_shapes():
     torch.manual_seed(0)
-    model, x, mask = _Masked(), torch.randn(2, 5, 6), torch.ones(2, 5)
+    model, x, mask = Masked(), torch.randn(2, 5, 6), torch.ones(2, 5)
     spec = {"x": {1: torch.export.Dim("seq", max=16)}, "mask": {1: torch.export.Dim("seq",
                                                                                   max=16)},
             "scale": None}
