@@ -26,6 +26,7 @@ from morphc.runtime.steps import (
     Closure,
     NonFinite,
     backward_checked,
+    check_finite,
     clip,
     grad_norm,
     loss_of,
@@ -50,7 +51,7 @@ class CycleRunner:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         try:
             backward_checked(loss, value)
-            norm = grad_norm(params)
+            norm = grad_norm(params) if self.trigger.needs_grad_norm else check_finite(params)
         except NonFinite as exc:
             zero_grads(params)
             if buffers:
@@ -258,7 +259,7 @@ class CycleRunner:
                 torch._foreach_copy_(buffers, kept)
         params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
             cycle.group.params
-        grad_norm(params)
+        check_finite(params)
         if not cycle.saw_extension_grad:
             if all(p.grad is None for p in cycle.group.params):
                 raise BypassError(

@@ -55,6 +55,39 @@ def grad_norm(params: Iterable[nn.Parameter]) -> float:
     return norm
 
 
+def check_finite(params: Iterable[nn.Parameter]) -> None:
+    """Raise :class:`NonFinite` when some gradient holds NaN/Inf — without a norm.
+
+    On dense gradients of one CPU/CUDA device this is the one fused kernel
+    ``torch.amp.GradScaler`` runs (an unscale by exactly 1.0, so every gradient keeps its bits):
+    ~5 µs where a norm costs ~30 on a small model, and every watched step pays it. Sparse
+    gradients (``nn.Embedding(sparse=True)``), several devices or tensor subclasses are
+    checked tensor by tensor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    device = grads[0].device
+    with torch.no_grad():
+        if device.type in ("cpu", "cuda") and all(
+                type(g) is torch.Tensor and g.layout is torch.strided and g.device == device
+                for g in grads):
+            found = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found,
+                                                             torch.ones(1, device=device))
+            bad = bool(found.item())
+        else:
+            bad = not all(bool(torch.isfinite(_values(g)).all()) for g in grads)
+    if bad:
+        raise NonFinite("gradient", math.nan)
+
+
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """The stored values of a gradient: itself when dense, its non-zeros when sparse."""
+    if grad.layout is torch.strided:
+        return grad
+    return grad.coalesce().values() if grad.layout is torch.sparse_coo else grad.values()
+
+
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """``nn.utils.get_total_norm(grads)``, bit for bit: on one CPU/CUDA device and dtype with
     plain tensors it makes the same three calls (``_foreach_norm``, ``stack``, ``vector_norm``)
@@ -63,7 +96,8 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     first = grads[0]
     device, dtype = first.device, first.dtype
     if device.type in ("cpu", "cuda") and all(
-            type(g) is torch.Tensor and g.device == device and g.dtype == dtype for g in grads):
+            type(g) is torch.Tensor and g.layout is torch.strided and g.device == device
+            and g.dtype == dtype for g in grads):
         with torch.no_grad():
             return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     return nn.utils.get_total_norm(grads)

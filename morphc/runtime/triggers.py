@@ -29,13 +29,15 @@ from collections.abc import Iterable
 class Trigger:
     """Base class / protocol of a stagnation trigger.
 
-    ``needs_grad_norm``: set it to True when ``update`` uses ``grad_norm``. Bypass measures the
-    gradient norm of the user's parameters after every backward anyway (it is also the check
-    that no non-finite gradient reaches the weights) and passes it to every trigger; the trainer
-    integrations, where the trainer owns the backward, pass ``None``.
+    ``needs_grad_norm``: whether ``update`` reads ``grad_norm``. True by default, so a trigger
+    that does not say gets the gradient norm of the user's parameters after every backward; set
+    it to False when ``update`` ignores it, and Bypass checks the gradients for NaN/Inf with one
+    fused kernel instead of a norm (``grad_norm`` is then ``None``) — on a small model the norm
+    costs more than the rest of what Bypass adds to a step. The trainer integrations, where the
+    trainer owns the backward, always pass ``None``.
     """
 
-    needs_grad_norm = False
+    needs_grad_norm = True
 
     def update(self, loss: float, *, step: int, grad_norm: float | None = None) -> bool:
         """Observe one training step; return True to start a bypass cycle now."""
@@ -109,6 +111,8 @@ class Plateau(Trigger):
     >>> [t.update(1.0, step=i) for i in range(7)]
     [False, False, False, False, False, True, True]
     """
+
+    needs_grad_norm = False
 
     def __init__(self, window: int = 100, threshold: float = 1e-3, confidence: float = 2.0,
                  floor: float = 0.0) -> None:
@@ -250,6 +254,8 @@ class Schedule(Trigger):
     >>> [t.update(0.0, step=i) for i in range(1, 8)]
     [False, False, True, False, False, True, False]
     """
+
+    needs_grad_norm = False
 
     def __init__(self, every: int | None = None, *, at: Iterable[int] = (), start: int = 0
                  ) -> None:

@@ -553,6 +553,59 @@ def test_gradient_norm_trigger_sees_the_gradient():
     assert bp.phase == "bypass"
 
 
+def test_a_trigger_that_ignores_the_norm_gets_none_and_nan_is_still_caught():
+    """Plateau and Schedule say needs_grad_norm=False: no norm is computed, yet a NaN gradient
+    is still stopped before it reaches the weights."""
+    model, closure, _ = mlp_task()
+    seen = []
+
+    class Quiet(morphc.Trigger):
+        needs_grad_norm = False
+
+        def update(self, loss, *, step, grad_norm=None):
+            seen.append(grad_norm)
+            return False
+
+    assert not morphc.Plateau.needs_grad_norm and not morphc.Schedule.needs_grad_norm
+    bp = cycle_bypass(model, OPTIMIZERS["sgd_momentum"], trigger=Quiet())
+    run(bp, closure, 2)
+    assert seen == [None, None]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def nan_gradient(m):       # a finite loss whose gradient is NaN: 0 · sqrt'(0) · 0
+        total = sum(p.sum() for p in m.parameters())
+        return closure(m) + 0.0 * torch.sqrt(total - total)
+
+    bp.step(nan_gradient)
+    assert bp.history[-1]["event"] == "skip" and "gradient" in bp.history[-1]["reason"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_sparse_embedding_gradients_train_and_cycle():
+    """nn.Embedding(sparse=True) gives sparse gradients, which no norm kernel takes: the
+    finiteness check reads their values, and a whole cycle runs."""
+    gen = torch.Generator().manual_seed(0)
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8, sparse=True)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, index):
+            return self.head(torch.tanh(self.embed(index))).squeeze(-1)
+
+    model = Bag()
+    index, target = torch.randint(0, 20, (32,), generator=gen), torch.randn(32, generator=gen)
+    bp = morphc.Bypass(model, lambda p: torch.optim.SGD(p, lr=0.1), trigger=morphc.Schedule(
+        every=3), bypass_steps=2, return_steps=2, accept="always", verbose=False)
+    for _ in range(12):
+        bp.step(lambda m: F.mse_loss(m(index), target))
+    assert bp.finish() is model
+    assert [e["event"] for e in bp.history if e["event"] != "return"][:2] == ["extend", "contract"]
+
+
 # -- torch.compile ----------------------------------------------------------------------------
 class CountingBackend:
     """A dynamo backend that counts graph captures, then runs them with ``inner``."""

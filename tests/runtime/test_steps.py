@@ -1,4 +1,5 @@
-"""One checked step's helpers: the gradient norm is get_total_norm's, bit for bit."""
+"""One checked step's helpers: the gradient norm is get_total_norm's, bit for bit; the finiteness
+check leaves the gradients as they are."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from morphc.runtime.steps import NonFinite, grad_norm
+from morphc.runtime.steps import NonFinite, check_finite, grad_norm
 
 
 def _params(shapes, dtype, seed, scale=1.0):
@@ -38,5 +39,37 @@ def test_grad_norm_mixed_dtypes_and_missing_grads():
 def test_grad_norm_non_finite_raises(bad):
     params = _params([(3,)], torch.float32, 0)
     params[0].grad[1] = bad        # 3e38 is finite, but the float32 norm overflows: inf
+    with pytest.raises(NonFinite):
+        grad_norm(params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_check_finite_leaves_every_gradient_bit_for_bit(dtype):
+    params = _params([(3, 2), (5,), (1,)], dtype, 3, scale=1e3)
+    params[1].grad[0] = -0.0
+    params[2].grad = None                                  # a parameter without gradient
+    before = [p.grad.clone() for p in params[:2]]
+    check_finite(params)
+    for p, want in zip(params[:2], before, strict=True):
+        assert torch.equal(p.grad.view(torch.uint8), want.view(torch.uint8))
+    check_finite([nn.Parameter(torch.zeros(1))])           # no gradient at all: nothing to do
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-falls-back"])
+def test_check_finite_raises_on_nan_and_inf(bad, sparse):
+    params = _params([(4,), (2, 2)], torch.float32, 0)
+    params[1].grad[1, 0] = bad
+    if sparse:
+        params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(NonFinite, match="gradient"):
+        check_finite(params)
+
+
+def test_check_finite_accepts_large_finite_gradients():
+    """Unlike a float32 norm, which overflows to inf, the check looks at the values."""
+    params = _params([(3,)], torch.float32, 0)
+    params[0].grad[1] = 3e38
+    check_finite(params)
     with pytest.raises(NonFinite):
         grad_norm(params)
