@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -77,15 +78,16 @@ class ExtensionGroup:
 
 
 def make_optimizer(model: nn.Module, optimizer) -> torch.optim.Optimizer:
-    """Accept a ready optimizer (it must hold the model's parameters) or build one."""
+    """Accept a ready optimizer (it must hold the model's trainable parameters; frozen ones
+    may be left out, as fine-tuning code does) or build one."""
     if isinstance(optimizer, torch.optim.Optimizer):
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in model.named_parameters() if id(p) not in held]
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
         if missing:
             raise BypassError(f"the optimizer does not hold the model's parameters {missing[:5]}"
                               "; build it over model.parameters() or pass a factory "
                               "lambda params: torch.optim.Adam(params, ...)")
-        return optimizer
+        return _steps_without_closure(optimizer)
     if not callable(optimizer):
         raise BypassError("optimizer must be a torch.optim.Optimizer or a factory "
                           f"params -> Optimizer, got {type(optimizer).__name__}")
@@ -93,4 +95,15 @@ def make_optimizer(model: nn.Module, optimizer) -> torch.optim.Optimizer:
     if not isinstance(built, torch.optim.Optimizer):
         raise BypassError(f"the optimizer factory returned {type(built).__name__}, not a "
                           "torch.optim.Optimizer")
-    return built
+    return _steps_without_closure(built)
+
+
+def _steps_without_closure(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Bypass computes the loss and gradients once, then calls ``optimizer.step()``: an
+    optimizer whose step must re-evaluate the loss itself (LBFGS) cannot be driven that way."""
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise BypassError(f"{type(optimizer).__name__}.step needs a closure that re-evaluates "
+                          "the loss, and Bypass steps the optimizer once per bp.step after its "
+                          "own backward: use a first-order optimizer (SGD, Adam, AdamW, ...)")
+    return optimizer

@@ -504,6 +504,21 @@ def test_bad_arguments_raise_typed_errors():
         morphc.Bypass(model, 0.1)
     with pytest.raises(morphc.BypassError, match="process group"):
         morphc.Bypass(model, OPTIMIZERS["adam"], distributed=True)
+    with pytest.raises(morphc.BypassError, match="LBFGS.step needs a closure"):
+        morphc.Bypass(model, lambda params: torch.optim.LBFGS(params))
+
+
+def test_an_optimizer_over_the_trainable_parameters_only_is_accepted():
+    """Fine-tuning code builds the optimizer over what requires grad; the frozen weight is
+    neither asked for nor extended, and stays bit for bit."""
+    model, closure, _ = mlp_task()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bp = cycle_bypass(model, torch.optim.Adam(trainable, lr=1e-2), accept="always")
+    run(bp, closure, 12)
+    assert any(e["event"] == "contract" for e in bp.history)
+    assert torch.equal(bp.finish()[0].weight, frozen)
 
 
 def test_history_and_log_lines_name_each_phase(caplog):
