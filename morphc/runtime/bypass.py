@@ -63,6 +63,12 @@ class Bypass(CycleRunner):
     def __init__(self, model: nn.Module, optimizer, trigger: Trigger | None = None,
                  **options) -> None:
         model, was_ddp, was_compiled = unwrap(model)
+        if not isinstance(model, nn.Module):
+            raise BypassError(f"Bypass trains an nn.Module, got {type(model).__name__}: wrap a "
+                              "function in a Module whose parameters are its weights")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise BypassError(f"{type(model).__name__} has no trainable parameter (none, or all "
+                              "requires_grad=False): there is nothing for Bypass to train")
         try:
             self.config = BypassConfig(**options)
         except TypeError as exc:

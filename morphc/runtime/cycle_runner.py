@@ -52,11 +52,13 @@ class CycleRunner:
         try:
             backward_checked(loss, value)
             norm = grad_norm(params) if self.trigger.needs_grad_norm else check_finite(params)
-        except NonFinite as exc:
+        except (NonFinite, BypassError) as exc:
             zero_grads(params)
             if buffers:
                 with torch.no_grad():
                     torch._foreach_copy_(buffers, backup)
+            if isinstance(exc, BypassError):          # a closure without autograd: say so
+                raise
             self._count_step(value)
             self._event("skip", reason=f"{exc}; the optimizer step was skipped, weights untouched")
             if self.config.on_failure is OnFailure.RAISE:

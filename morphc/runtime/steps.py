@@ -43,6 +43,10 @@ def loss_of(closure: Closure, module: nn.Module,
 def backward_checked(loss: torch.Tensor, value: float) -> None:
     if not math.isfinite(value):
         raise NonFinite("loss", value)
+    if not loss.requires_grad:
+        raise BypassError("the closure's loss does not require grad: it was computed under "
+                          "torch.no_grad() / inference_mode, or detached (e.g. .item()); "
+                          "return the loss tensor itself, with autograd on")
     loss.backward()
 
 

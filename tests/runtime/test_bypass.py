@@ -717,3 +717,24 @@ def test_failed_extension_retries_with_a_new_seed():
     assert bp.failures == 1 and bp.phase == "bypass"
     second = list(bp.extended.extension_parameters())
     assert not torch.equal(first[0], second[0]), "a rollback does not replay the same draw"
+
+
+def test_mistakes_in_model_or_closure_are_typed_errors_and_change_nothing():
+    model, closure, _ = mlp_task()
+    with pytest.raises(morphc.BypassError, match="nn.Module"):
+        morphc.Bypass(lambda x: x, OPTIMIZERS["adam"])
+    with pytest.raises(morphc.BypassError, match="no trainable parameter"):
+        morphc.Bypass(nn.ReLU(), OPTIMIZERS["adam"])
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    bp = morphc.Bypass(bn, OPTIMIZERS["adam"], verbose=False)
+
+    def without_autograd(m):
+        with torch.no_grad():
+            return m(x).pow(2).mean()
+
+    with pytest.raises(morphc.BypassError, match="does not require grad"):
+        bp.step(without_autograd)
+    for k, v in bn.state_dict().items():      # BatchNorm's statistics moved back too
+        assert torch.equal(v, before[k]), k
