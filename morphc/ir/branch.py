@@ -18,6 +18,8 @@ from morphc.families import get_family
 from morphc.ir.kinds import kind_of
 from morphc.ir.sites import ConvConfig
 
+LANES = 16   # float32 values per AVX-512 register, a multiple of AVX2's 8
+
 
 class BypassBranch(nn.Module):
     """One bypass branch; ``kind`` names its :class:`~morphc.ir.kinds.SiteKind` (``linear``,
@@ -68,8 +70,11 @@ class BypassBranch(nn.Module):
         return self.strategy.pre_activation(x, self.A, self.a, self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = self.effective_alpha()
-        h = self.compiled.rho(self.pre_activation(x), alpha.reshape(self._unit_shape))
+        alpha, u = self.effective_alpha(), self.pre_activation(x)
+        if _rows_of_lanes(u, self.conv):
+            h = rho_by_rows(self.compiled, u, alpha)
+        else:
+            h = self.compiled.rho(u, alpha.reshape(self._unit_shape))
         return self.strategy.apply_b(h, self.B, self.conv, x)
 
     # -- what the constraint compiler says about the current state ------------------------------
@@ -85,3 +90,32 @@ class BypassBranch(nn.Module):
         return (f"kind={self.kind}, in={self.in_features}, out={self.out_features}, "
                 f"width={self.width}, family={self.family_name!r}, zero_offset={self.zero_offset}")
 
+
+# -- ρ of a thin conv branch, as torch.compile vectorises it on a CPU -----------------------------
+def _rows_of_lanes(u: torch.Tensor, conv: ConvConfig | None) -> bool:
+    """Whether ρ should run on :func:`rho_by_rows`' view: under torch.compile on a CPU, for a
+    batched conv output whose k units do not fill whole SIMD registers and whose spatial size is
+    static. Inductor stores conv maps channels-last and vectorises ρ along the innermost
+    dimension, which is then k: k of 16 lanes, through masked loads (measured in the compiled
+    CNN + BN step: ρ on a 32×4×32×32 map 0.86 ms, as rows of 16 values 0.21 ms; its backward
+    0.61 → 0.25 ms)."""
+    if conv is None or u.dim() != conv.dim + 2 or u.device.type != "cpu" or \
+            not torch.compiler.is_compiling():
+        return False
+    k, spatial = u.shape[1], u.shape[2:]
+    if not isinstance(k, int) or k % LANES == 0 or \
+            not all(isinstance(d, int) for d in spatial):
+        return False
+    return math.prod(spatial) % (math.lcm(k, LANES) // k) == 0
+
+
+def rho_by_rows(compiled, u: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """ρ(u; α) for a conv map ``u`` (batch, k units, spatial…), computed on the units-last order
+    of ``u`` cut into rows of ``lcm(k, 16)`` values, each row holding whole groups of k units
+    (column j is unit j mod k, so α is tiled along the row). The same numbers as ρ on ``u``
+    itself, element for element; the caller checks that the spatial size divides into rows."""
+    k = u.shape[1]
+    lanes = math.lcm(k, LANES)
+    rows = u.movedim(1, -1).reshape(-1, lanes)
+    h = compiled.rho(rows, alpha.repeat(1, lanes // k))
+    return h.reshape(u.shape[0], *u.shape[2:], k).movedim(-1, 1)

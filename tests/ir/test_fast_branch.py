@@ -86,3 +86,56 @@ def test_a_branch_built_without_a_dtype_follows_the_default_dtype():
     assert {p.dtype for p in branch.parameters()} == {torch.get_default_dtype()}
     x = torch.randn(5, 4)
     assert torch.equal(branch(x), torch.zeros(5, 3)), "B = 0: the branch adds nothing"
+
+
+# -- ρ of a thin conv branch as rows of SIMD lanes (what torch.compile runs on a CPU) ----------
+
+
+@pytest.mark.parametrize("family", ["tanh", "prelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k, shape", [(1, (2, 1, 4, 4)), (3, (2, 3, 4, 4)), (4, (3, 4, 5, 4)),
+                                      (8, (2, 8, 6)), (12, (2, 12, 2, 2, 4))],
+                         ids=["k1", "k3", "k4", "k8_conv1d", "k12_conv3d"])
+def test_rho_by_rows_is_rho_element_for_element(k, shape, dtype, family):
+    """Each unit keeps its own α when the map is cut into rows of lcm(k, 16) values."""
+    from morphc.families import get_family
+    from morphc.ir.branch import rho_by_rows
+
+    compiled = get_family(family).compile()
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(shape, generator=gen, dtype=dtype)
+    alpha = torch.randn(len(get_family(family).init), k, generator=gen, dtype=dtype)
+    want = compiled.rho(u, alpha.reshape(alpha.shape[0], k, *[1] * (u.dim() - 2)))
+    assert torch.equal(rho_by_rows(compiled, u, alpha), want)
+
+
+def test_compiled_conv_branch_uses_rows_and_matches_eager(monkeypatch):
+    """Under torch.compile on a CPU a thin conv branch runs ρ on rows of lanes; the step's
+    output and gradients are those of eager mode (to float rounding: B's conv sees another
+    memory layout)."""
+    import morphc.ir.branch as branch_module
+
+    calls = []
+    original = branch_module.rho_by_rows
+    monkeypatch.setattr(branch_module, "rho_by_rows",
+                        lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(0)
+    model, (x,) = morphc.zoo.cnn_bn(channels=8, batch=2, size=8)
+    ext = morphc.extend(model, (x,), sites="all", width=4)
+    with torch.no_grad():
+        for branch in ext.branches.values():
+            branch.B.normal_()
+    params = [p for p in ext.parameters() if p.requires_grad]
+
+    def run(module):
+        out = module(x)
+        return [out.detach(), *torch.autograd.grad(out.square().sum(), params)]
+
+    torch._dynamo.reset()
+    compiled = run(torch.compile(ext.graph_module, backend="eager"))
+    assert calls, "the compiled conv branches did not take the rows path"
+    calls.clear()
+    eager = run(ext.graph_module)
+    assert not calls, "eager mode keeps ρ on the map itself (E1 bit for bit)"
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
