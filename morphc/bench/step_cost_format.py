@@ -55,10 +55,11 @@ def format_step_costs(rows: list[dict]) -> str:
                        summary["compiled_slower_than_eager"]) + "."]
     floors = [r for r in rows if r.get("floor_ratio") is not None]
     if floors:
-        lines += ["", "The branch's floor (eager; every branch reduced to its two products "
-                  "`B (A x)`, no ρ, bias or α, same graph): " + "; ".join(
-                      f"{r['model']} {r['width']} {r['floor_ratio']:.2f}× (extended "
-                      f"{r['step_ratio']:.2f}×)" for r in floors) + "."]
+        lines += ["", "The branch's floor (every branch reduced to its two products "
+                  "`B (A x)`, no ρ, bias or α, same graph, same mode): " + "; ".join(
+                      f"{r['model']} {r['width']}{' compiled' if r['mode'] == 'compile' else ''}"
+                      f" {r['floor_ratio']:.2f}× (extended {r['step_ratio']:.2f}×)"
+                      for r in floors) + "."]
     return "\n".join(lines)
 
 

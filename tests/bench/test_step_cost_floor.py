@@ -34,3 +34,19 @@ def test_floor_ratio_is_reported_beside_the_extended_ratio():
            "within_target": False, "compiled_not_slower_than_eager": None,
            "eager_target_met": False, "floor_ratio": 1.2}
     assert "mlp512 8 1.20× (extended 1.30×)" in format_step_costs([row])
+
+
+def test_a_compiled_floor_is_labelled_compiled():
+    row = {"model": "cnn_bn", "width": "1/8", "mode": "compile", "step_ms": 17.0,
+           "original_ms": 10.0, "fastest_original": "compile/user", "original_user_ms": 10.0,
+           "step_ratio": 1.7, "flop_bound": 1.17, "excess_over_bound": 0.45,
+           "within_target": False, "compiled_not_slower_than_eager": True, "eager_step_ms": 25.0,
+           "eager_target_met": None, "floor_ratio": 1.6}
+    assert "cnn_bn 1/8 compiled 1.60× (extended 1.70×)" in format_step_costs([row])
+
+
+def test_the_compiled_cnn_and_the_eager_targets_time_their_floor():
+    from morphc.bench.step_cost import EAGER_TARGET_MODELS, FLOOR_MODES
+
+    assert FLOOR_MODES["cnn_bn"] == "compile"
+    assert all(FLOOR_MODES[name] == "eager" for name in EAGER_TARGET_MODELS)
