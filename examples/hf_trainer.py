@@ -53,7 +53,7 @@ def main():
                           callbacks=[callback])
         trainer.train()
         print("checkpoints:", sorted(os.listdir(out)))
-    for event in callback.bypass.history:
+    for event in callback.history:
         print({k: event[k] for k in ("event", "step", "loss_before", "loss_after", "deviation",
                                      "reason") if event.get(k) is not None})
     print("same object, same keys:", trainer.model is model and list(model.state_dict()) == keys)

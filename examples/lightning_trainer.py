@@ -61,7 +61,7 @@ def main():
                             callbacks=[callback, ModelCheckpoint(dirpath=out,
                                                                  every_n_train_steps=75)])
         trainer.fit(module, loader)
-    for event in callback.bypass.history:
+    for event in callback.history:
         print({k: event[k] for k in ("event", "step", "loss_before", "loss_after", "deviation",
                                      "reason") if event.get(k) is not None})
     print("same keys:", list(module.state_dict()) == keys)

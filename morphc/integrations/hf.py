@@ -39,12 +39,16 @@ from morphc.runtime.triggers import Trigger
 
 class BypassCallback(transformers.TrainerCallback):
     """Run Bypass cycles inside ``transformers.Trainer``; settings as
-    :class:`~morphc.integrations.core.TrainerBypass`. ``callback.bypass.history`` lists the
-    events."""
+    :class:`~morphc.integrations.core.TrainerBypass`. ``callback.history`` lists the events."""
 
     def __init__(self, trigger: Trigger | None = None, **options) -> None:
         self.bypass = TrainerBypass(trigger, **options)
         self._loss_hook = None
+
+    @property
+    def history(self) -> list[dict]:
+        """Every cycle event, as ``morphc.Bypass.history`` (``callback.bypass.history``)."""
+        return self.bypass.history
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "fp16", False):

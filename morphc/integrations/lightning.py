@@ -40,12 +40,16 @@ from morphc.runtime.triggers import Trigger
 
 class BypassCallback(pl.Callback):
     """Run Bypass cycles inside ``lightning.Trainer``; settings as
-    :class:`~morphc.integrations.core.TrainerBypass`. ``callback.bypass.history`` lists the
-    events."""
+    :class:`~morphc.integrations.core.TrainerBypass`. ``callback.history`` lists the events."""
 
     def __init__(self, trigger: Trigger | None = None, **options) -> None:
         self.bypass = TrainerBypass(trigger, **options)
         self._last_step = 0
+
+    @property
+    def history(self) -> list[dict]:
+        """Every cycle event, as ``morphc.Bypass.history`` (``callback.bypass.history``)."""
+        return self.bypass.history
 
     def on_train_start(self, trainer, pl_module) -> None:
         if str(trainer.precision).startswith("16"):

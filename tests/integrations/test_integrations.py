@@ -268,7 +268,7 @@ def test_hf_trainer_cycles_with_accumulation_and_checkpoints(tmp_path, fold_outp
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
                                    callbacks=[callback])
     trainer.train()
-    history = callback.bypass.history
+    history = callback.history
     assert [(e["event"], e["step"]) for e in history] == [
         ("extend", 2), ("return", 4), ("contract", 7), ("extend", 11), ("return", 13),
         ("contract", 15)]
@@ -439,7 +439,7 @@ def test_lightning_cycles_with_accumulation_and_checkpoints(tmp_path, precision,
                                   save_top_k=-1)
     trainer = _pl_trainer(tmp_path, [callback, checkpoints], precision=precision)
     trainer.fit(module, _loader())
-    history = callback.bypass.history
+    history = callback.history
     assert [(e["event"], e["step"]) for e in history] == [
         ("extend", 2), ("return", 4), ("contract", 7), ("extend", 9), ("return", 11),
         ("contract", 12)]
