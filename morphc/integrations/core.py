@@ -215,7 +215,9 @@ class TrainerBypass:
         if not self._pending:
             raise BypassError("no training loss was recorded for this optimizer step: the "
                               "trainer integration reads it from the model's output (.loss / "
-                              "['loss']) or the training step's output; return the loss there")
+                              "['loss']) or the training step's output; return the loss there, or "
+                              "where you compute it yourself (a Trainer.compute_loss override) "
+                              "call callback.bypass.record_loss(loss) once per micro-batch")
         value = sum(self._pending) / len(self._pending)
         self._pending.clear()
         self.step_count = int(step)

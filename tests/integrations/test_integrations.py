@@ -148,6 +148,17 @@ def test_trainer_bypass_refuses_what_needs_its_own_loop():
         bp.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
+def test_a_step_without_a_recorded_loss_says_how_to_record_it():
+    bp = TrainerBypass()
+    model = nn.Sequential(nn.Linear(2, 2))
+    bp.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(morphc.BypassError, match=r"callback.bypass.record_loss\(loss\)"):
+        bp.after_step(1)
+    bp.record_loss(torch.tensor(0.5))
+    bp.after_step(1)                   # with the loss recorded, the step goes through
+    bp.finish()
+
+
 @pytest.mark.parametrize("name, extra", [("hf", "transformers"), ("lightning", "lightning")])
 def test_missing_extra_says_what_to_install(monkeypatch, name, extra):
     import importlib
