@@ -97,20 +97,30 @@ def _training(args, out: Path, data: dict) -> list[str]:
 
 
 def _cost(args, out: Path, data: dict) -> list[str]:
-    from morphc.bench.step_cost import MODEL_LABELS, cost_models, run_step_costs
-    from morphc.bench.step_cost_format import cost_summary, format_step_costs
+    from morphc.bench.step_cost import (
+        MODEL_LABELS,
+        bypass_compile_counts,
+        cost_models,
+        run_step_costs,
+    )
+    from morphc.bench.step_cost_format import (
+        cost_summary,
+        format_compile_counts,
+        format_step_costs,
+    )
 
     with tqdm(total=len(cost_models(args.quick)), desc="step cost", unit="model",
               disable=args.no_progress) as bar:
         rows = run_step_costs(args.quick, progress=bar, device=args.device)
     data["step_cost"], data["cost_summary"] = rows, cost_summary(rows)
+    data["compile_counts"] = counts = bypass_compile_counts(device=args.device)
     plot_cost(rows, out / "cost.png")
     models = "; ".join(f"`{k}`: {v}" for k, v in MODEL_LABELS.items())
     scale = " (quick: models 4× smaller)" if args.quick else ""
     return ["## Step cost: extended / original, beside the FLOP bound", "",
             f"Every site extended, width a fraction of each site's output size; "
             f"{rows[0]['threads'] if rows else 1} thread(s); models{scale}: {models}.", "",
-            format_step_costs(rows), ""]
+            format_step_costs(rows), "", format_compile_counts(counts), ""]
 
 
 def _passes(args, out: Path, data: dict) -> list[str]:

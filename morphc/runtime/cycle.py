@@ -99,6 +99,21 @@ class Cycle:
             return True
         return loss_after < loss_before - self.required_gain(loss_before)
 
+    def found_something(self, loss_before: float, loss_free: float, trigger) -> bool:
+        """Did the free phase find anything for the return to keep? ``loss_free`` (the better of
+        s = 1 and s = 0) must beat the loss from before the cycle by the trigger's own measure
+        of leaving a plateau over the free phase's steps (``trigger.escaped``), or at all for a
+        trigger without one. A cycle that found nothing is rolled back at once: its return
+        phase could only train at plain training's pace, which a cycle must beat to be kept,
+        at a higher cost per step. (``accept="always"`` keeps every cycle: the runner does not
+        ask.)"""
+        if not math.isfinite(loss_free):
+            return False
+        escaped = getattr(trigger, "escaped", None)
+        if callable(escaped):
+            return bool(escaped(loss_before, loss_free, self.config.bypass_steps))
+        return loss_free < loss_before
+
     def survival(self, loss_before: float, loss_after: float) -> float | None:
         """Share of the free phase's gain still there after contraction (None: no gain)."""
         if self.loss_free is None or not loss_before > self.loss_free:

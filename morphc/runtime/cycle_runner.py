@@ -17,7 +17,7 @@ from morphc.compiler.escape import escape_scores, random_direction_probe, rank_s
 from morphc.compiler.extend import extend
 from morphc.errors import BypassError, MorphcError, ShapeError
 from morphc.ir.trace import trace
-from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
+from morphc.runtime.config import Accept, FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.lookahead import lookahead_scores
 from morphc.runtime.optimizer_group import ExtensionGroup
@@ -236,6 +236,8 @@ class CycleRunner:
         cycle.advance()
         if was_free and cycle.phase is Phase.RETURN:
             cycle.loss_free = value
+            if self._free_phase_found_nothing(cycle, closure):
+                return loss.detach()
             self._event("return", mode=self.config.return_mode, steps=cycle.return_len)
         if cycle.return_done:
             self._close_cycle(closure)
@@ -278,6 +280,38 @@ class CycleRunner:
         if cycle.phase is Phase.RETURN and cfg.return_mode is ReturnMode.PENALTY:
             cycle.shrink_towards_c(lr)
         return loss, value
+
+    def _free_phase_found_nothing(self, cycle: Cycle, closure: Closure) -> bool:
+        """At the end of the free phase: the extended model (s = 1 and s = 0) and the model from
+        before the cycle on the same data; when the free phase found nothing, roll back now
+        (:meth:`Cycle.found_something`) instead of running the return phase to learn it."""
+        probe, ext, model = self.config.eval_closure or closure, cycle.ext, self._user_model
+        if probe is None or self.config.accept == Accept.ALWAYS:
+            return False
+        homotopy, losses = ext.homotopy, []
+        try:
+            for s in (1.0, 0.0):
+                ext.set_homotopy(s)
+                losses.append(self._loss_without_trace(probe, ext))
+        finally:
+            ext.set_homotopy(homotopy)
+        current = cycle.snapshot.swap_params(model)
+        try:
+            before = self._loss_without_trace(probe, model)
+        finally:
+            cycle.snapshot.put_back(model, current)
+        free = min((v for v in losses if math.isfinite(v)), default=math.nan)
+        if cycle.found_something(before, free, self.trigger):
+            return False
+        self._unpaid, self._quiet_until = back_off(
+            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
+            quiet=self._quiet_until, paid=False, before=before, after=free)
+        self._rollback(f"the free phase found nothing: loss {free:.4g} (the better of s = 1 "
+                       f"and s = 0) vs {before:.4g} before the cycle; the return was skipped",
+                       measures={"loss_before": before, "loss_free": losses[0],
+                                 "loss_after": None, "survival": None, "snap_change": None},
+                       backoff=True)
+        return True
 
     def _close_cycle(self, closure: Closure | None, finishing: bool = False) -> None:
         """return → contract → accept or roll back. ``finishing``: a cycle cut short by

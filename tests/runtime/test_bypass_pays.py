@@ -81,7 +81,9 @@ def test_a_kept_cycle_that_stays_on_the_plateau_backs_off_too():
     def flat(m):                       # a constant loss: the Plateau fires, pace is 0
         return closure(m) * 0.0 + 1.0
 
-    verdicts = iter([0.999, 1.0, 0.5, 1.0] * 4)   # per cycle: after, then before
+    # per cycle: at the end of the free phase s = 1, s = 0, before (it found something);
+    # at its close: after, then before
+    verdicts = iter([0.5, 0.5, 1.0, 0.999, 1.0, 0.5, 0.5, 1.0, 0.5, 1.0] * 4)
 
     bp = morphc.Bypass(model, OPTIMIZERS["adam"], trigger=morphc.Plateau(window=2),
                        bypass_steps=2, return_steps=2, verbose=False,
@@ -100,7 +102,9 @@ def test_a_kept_cycle_that_stays_on_the_plateau_backs_off_too():
 
 def test_a_cycle_that_does_not_pay_is_rolled_back_bit_identically_and_backs_off():
     model, closure, _ = cnn_task()
-    verdicts = iter([10.0, 1.0])       # after the cycle: 10; before it: 1 — it did not pay
+    # the free phase found something (s = 1: 0.5, s = 0: 0.5, before: 1); after the cycle: 10,
+    # before it: 1 — it did not pay
+    verdicts = iter([0.5, 0.5, 1.0, 10.0, 1.0])
 
     def judge(m):
         return torch.tensor(next(verdicts))
@@ -122,13 +126,21 @@ def test_a_cycle_that_does_not_pay_is_rolled_back_bit_identically_and_backs_off(
     assert len(events(bp, "extend")) == 2
 
 
-def test_rollback_restores_the_optimizer_state_too():
+@pytest.mark.parametrize("found", [True, False], ids=["did-not-pay", "found-nothing"])
+def test_rollback_restores_the_optimizer_state_too(found):
+    """Rolled back when the cycle closes without paying, or already at the end of a free phase
+    that found nothing (then the return is skipped): either way bit for bit."""
     model, closure, _ = mlp_task()
-    bp = default_bypass(model, eval_closure=lambda m: torch.tensor(1.0))   # never better
+    free = 0.5 if found else 1.0                  # at the end of the free phase, s = 1 and 0
+    verdicts = iter([free, free, 1.0, 1.0, 1.0])  # ... then before; at the close after, before
+    bp = default_bypass(model, eval_closure=lambda m: torch.tensor(next(verdicts)))
     run(bp, closure, 3)
     state, weights = optimizer_state(bp, model), snapshot(model)
-    run(bp, closure, 8)
-    assert events(bp, "rollback") and not events(bp, "contract")
+    run(bp, closure, 8 if found else 4)
+    rollback = events(bp, "rollback")
+    assert len(rollback) == 1 and not events(bp, "contract") and bp.phase == "train"
+    assert ("did not pay" if found else "found nothing") in rollback[0]["reason"]
+    assert bool(events(bp, "return")) == found, "a free phase that found nothing: no return"
     assert same_optimizer_state(optimizer_state(bp, model), state)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
