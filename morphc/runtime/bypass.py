@@ -32,6 +32,7 @@ from morphc.ir.trace import _as_tuple, run_example
 from morphc.runtime.config import BypassConfig, Phase
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
+from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import make_optimizer
 from morphc.runtime.steps import Closure
@@ -185,7 +186,7 @@ class Bypass(CycleRunner):
                 "model": self._user_model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "example_inputs": None if self.example_inputs is None else
-                list(self.example_inputs), "extension": self._extension_state()}
+                list(self.example_inputs), "extension": extension_state(self._cycle)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`, on a fresh ``Bypass`` over a model of the same
@@ -199,7 +200,11 @@ class Bypass(CycleRunner):
         inputs = state["example_inputs"]
         self.example_inputs = None if inputs is None else tuple(inputs)
         if state["extension"] is not None:
-            self._restore_extension(state["extension"])
+            self._trace()
+            self._cycle = restore_cycle(state["extension"], model=self._user_model,
+                                        example_inputs=self.example_inputs,
+                                        traced=self._traced, optimizer=self.optimizer,
+                                        config=self.config)
         self.optimizer.load_state_dict(state["optimizer"])
         self.trigger.load_state_dict(state["trigger"])
         self.log.events[:] = list(state["history"])

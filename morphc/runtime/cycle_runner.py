@@ -406,38 +406,3 @@ class CycleRunner:
             fields["residual"] = cycle.ext.constraint_residual()
         self.log.add(kind, step=self.step_count, phase=self.phase, cycle=self.cycle,
                      loss=self._last_loss, **fields)
-
-    def _extension_state(self) -> dict | None:
-        cycle = self._cycle
-        if cycle is None:
-            return None
-        cfg, named = cycle.ext.config, dict(cycle.ext.named_extension_parameters())
-        return {"sites": list(cfg.sites), "widths": dict(cfg.widths),
-                "families": dict(cfg.families), "seed": cfg.seed,
-                "init_scale": cfg.init_scale, "scores": cfg.escape_scores,
-                "homotopy": cycle.ext.homotopy, "cycle": cycle.state_dict(),
-                "params": {n: p.detach().clone() for n, p in named.items()},
-                "optimizer": cycle.group.state_dict({p: n for n, p in named.items()}),
-                "snapshot": cycle.snapshot.state_dict()}
-
-    def _restore_extension(self, state: dict) -> None:
-        """Rebuild the extension of a checkpoint: same sites, widths, families, values."""
-        self._trace()
-        wanted = set(state["sites"])
-        overrides = {n: {"width": state["widths"][n], "activation": state["families"][n]}
-                     for n in state["sites"]}
-        ext = extend(self._user_model, self.example_inputs, sites=lambda s: s.name in wanted,
-                     overrides=overrides, seed=int(state["seed"]),
-                     init_scale=float(state["init_scale"]), traced=self._traced)
-        with torch.no_grad():
-            for name, param in ext.named_extension_parameters():
-                param.copy_(state["params"][name])
-        ext.set_homotopy(state["homotopy"])
-        ext.config.escape_scores = state["scores"]
-        group = ExtensionGroup(self.optimizer, list(ext.extension_parameters()),
-                               self.config.extension_options)
-        group.load_state_dict(state["optimizer"], dict(ext.named_extension_parameters()))
-        cycle = Cycle(ext, Snapshot.from_state(state["snapshot"]), group, self.config,
-                      started_at=0)
-        cycle.load_state_dict(state["cycle"])
-        self._cycle = cycle
