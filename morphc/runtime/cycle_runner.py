@@ -52,13 +52,12 @@ class CycleRunner:
         try:
             backward_checked(loss, value)
             norm = grad_norm(params) if self.trigger.needs_grad_norm else check_finite(params)
-        except (NonFinite, BypassError) as exc:
+        except BypassError:                          # a closure without autograd: say so
+            _put_back(buffers, backup)
+            raise
+        except NonFinite as exc:
             zero_grads(params)
-            if buffers:
-                with torch.no_grad():
-                    torch._foreach_copy_(buffers, backup)
-            if isinstance(exc, BypassError):          # a closure without autograd: say so
-                raise
+            _put_back(buffers, backup)
             self._count_step(value)
             self._event("skip", reason=f"{exc}; the optimizer step was skipped, weights untouched")
             if self.config.on_failure is OnFailure.RAISE:
@@ -258,9 +257,8 @@ class CycleRunner:
             buffers, kept = self._back_up_buffers()     # must not move BN statistics: they
         loss, value = loss_of(closure, self.model, self._reduce())      # belong to s = 0
         backward_checked(loss, value)
-        if joint and buffers:                           # after backward: autograd saved them
-            with torch.no_grad():
-                torch._foreach_copy_(buffers, kept)
+        if joint:                                       # after backward: autograd saved them
+            _put_back(buffers, kept)
         params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
             cycle.group.params
         check_finite(params)
@@ -285,7 +283,7 @@ class CycleRunner:
         """At the end of the free phase: the extended model (s = 1 and s = 0) and the model from
         before the cycle on the same data; when the free phase found nothing, roll back now
         (:meth:`Cycle.found_something`) instead of running the return phase to learn it."""
-        probe, ext, model = self.config.eval_closure or closure, cycle.ext, self._user_model
+        probe, ext = self.config.eval_closure or closure, cycle.ext
         if probe is None or self.config.accept == Accept.ALWAYS:
             return False
         homotopy, losses = ext.homotopy, []
@@ -295,11 +293,7 @@ class CycleRunner:
                 losses.append(self._loss_without_trace(probe, ext))
         finally:
             ext.set_homotopy(homotopy)
-        current = cycle.snapshot.swap_params(model)
-        try:
-            before = self._loss_without_trace(probe, model)
-        finally:
-            cycle.snapshot.put_back(model, current)
+        before = self._loss_before_cycle(cycle, probe)
         free = min((v for v in losses if math.isfinite(v)), default=math.nan)
         if cycle.found_something(before, free, self.trigger):
             return False
@@ -363,14 +357,17 @@ class CycleRunner:
         probe = self.config.eval_closure or closure
         if probe is None:
             return math.nan, math.nan
+        after = self._loss_without_trace(probe, self._user_model)
+        return self._loss_before_cycle(cycle, probe), after
+
+    def _loss_before_cycle(self, cycle: Cycle, probe: Closure) -> float:
+        """``probe`` on the user's model with the weights from before the extension."""
         model = self._user_model
-        after = self._loss_without_trace(probe, model)
         current = cycle.snapshot.swap_params(model)
         try:
-            before = self._loss_without_trace(probe, model)
+            return self._loss_without_trace(probe, model)
         finally:
             cycle.snapshot.put_back(model, current)
-        return before, after
 
     def _loss_without_trace(self, probe: Closure, model: nn.Module, reduce: bool = True) -> float:
         with deterministic(model):
@@ -406,3 +403,10 @@ class CycleRunner:
             fields["residual"] = cycle.ext.constraint_residual()
         self.log.add(kind, step=self.step_count, phase=self.phase, cycle=self.cycle,
                      loss=self._last_loss, **fields)
+
+
+def _put_back(buffers: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+    """Buffers (BatchNorm statistics) as they were before a step's forward."""
+    if buffers:
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, backup)
