@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from morphc.runtime.steps import NonFinite, check_finite, grad_norm
@@ -73,3 +75,24 @@ def test_check_finite_accepts_large_finite_gradients():
     check_finite(params)
     with pytest.raises(NonFinite):
         grad_norm(params)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1,
+                       max_size=4),
+       bad=st.one_of(st.none(), st.sampled_from([math.nan, math.inf, -math.inf])),
+       where=st.integers(0, 10_000), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_check_finite_raises_exactly_when_some_gradient_is_not_finite(shapes, bad, where, dtype):
+    """Any shapes (0-d too), any position of one NaN/Inf: raised iff it is there; otherwise
+    every gradient keeps its bits."""
+    params = _params([tuple(s) for s in shapes], dtype, where)
+    if bad is not None:
+        grad = params[where % len(params)].grad
+        grad.view(-1)[where % grad.numel()] = bad
+    before = [p.grad.clone() for p in params]
+    if bad is None:
+        check_finite(params)
+        assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+    else:
+        with pytest.raises(NonFinite):
+            check_finite(params)
