@@ -74,7 +74,10 @@ class CycleRunner:
 
     def _back_up_buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copy the user's buffers into storage kept across steps (one fused copy a step)."""
-        buffers = list(self._user_model.buffers())
+        modules = getattr(self, "_buffer_modules", None)
+        if modules is None:         # walking the module tree each step costs more than the copy
+            modules = self._buffer_modules = list(self._user_model.modules())
+        buffers = [b for m in modules for b in m._buffers.values() if b is not None]
         key = tuple(map(id, buffers))
         if getattr(self, "_buffer_key", None) != key:    # new or replaced buffers: reallocate
             self._buffer_key = key
