@@ -50,14 +50,7 @@ from morphc.errors import BypassError, MorphcError, SiteError
 from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.sites import module_sites
 from morphc.ir.sites import select_sites
-from morphc.runtime.config import (
-    Accept,
-    BypassConfig,
-    FreePhase,
-    OnFailure,
-    Phase,
-    ReturnMode,
-)
+from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import ExtensionGroup
@@ -301,34 +294,12 @@ class TrainerBypass:
         cycle.advance()
         if was_free and cycle.phase is Phase.RETURN:
             cycle.loss_free = value
-            if self._free_phase_found_nothing(cycle):
-                return
             self._cycle_losses = []          # the acceptance window is the return phase's
             self._event("return", mode=self.config.return_mode, steps=cycle.return_len)
         if cycle.return_done:
             self._close()
         else:
             self._set_return_homotopy()
-
-    def _free_phase_found_nothing(self, cycle: Cycle) -> bool:
-        """As in ``morphc.Bypass``: a free phase that did not leave the plateau ends the cycle
-        before its return (:meth:`Cycle.found_something`). Here "free" is the mean training loss
-        over the free phase's last ``window`` steps (its micro-batches at s = 1 and s = 0),
-        against the mean over the ``window`` steps before the extension."""
-        recent = self._cycle_losses[-self.window:]
-        if self.config.accept == Accept.ALWAYS or not recent:
-            return False
-        before, free = cycle.loss_before, sum(recent) / len(recent)
-        if cycle.found_something(before, free, self.trigger):
-            return False
-        self._unpaid, self._quiet_until = back_off(
-            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
-            quiet=self._quiet_until, paid=False, before=before, after=free)
-        self._rollback(f"the free phase found nothing: mean training loss {free:.4g} over its "
-                       f"last {len(recent)} steps vs {before:.4g} before; the return was skipped",
-                       measures={"loss_before": before, "loss_free": free, "loss_after": None,
-                                 "survival": None, "window": len(recent)}, backoff=True)
-        return True
 
     def _set_return_homotopy(self) -> None:
         s = self._cycle.homotopy_now()
