@@ -72,9 +72,7 @@ def check_finite(params: Iterable[nn.Parameter]) -> None:
     if not grads:
         return
     device = grads[0].device
-    if device.type in ("cpu", "cuda") and all(
-            type(g) is torch.Tensor and g.layout is torch.strided and g.device == device
-            for g in grads):
+    if _plain_on_one_device(grads):
         found, one = _flag(device)
         found.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
@@ -101,6 +99,15 @@ def _flag(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return pair
 
 
+def _plain_on_one_device(grads: list[torch.Tensor]) -> bool:
+    """Dense plain tensors on one CPU/CUDA device: what the fused foreach kernels take as is
+    (sparse gradients, tensor subclasses and several devices take the general paths)."""
+    device = grads[0].device
+    return device.type in ("cpu", "cuda") and all(
+        type(g) is torch.Tensor and g.layout is torch.strided and g.device == device
+        for g in grads)
+
+
 def _values(grad: torch.Tensor) -> torch.Tensor:
     """The stored values of a gradient: itself when dense, its non-zeros when sparse."""
     if grad.layout is torch.strided:
@@ -113,11 +120,8 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     plain tensors it makes the same three calls (``_foreach_norm``, ``stack``, ``vector_norm``)
     without the grouping and wrappers around them, which cost more than the norm on small
     models; anything else goes to ``get_total_norm`` itself."""
-    first = grads[0]
-    device, dtype = first.device, first.dtype
-    if device.type in ("cpu", "cuda") and all(
-            type(g) is torch.Tensor and g.layout is torch.strided and g.device == device
-            and g.dtype == dtype for g in grads):
+    dtype = grads[0].dtype
+    if _plain_on_one_device(grads) and all(g.dtype == dtype for g in grads):
         with torch.no_grad():
             return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     return nn.utils.get_total_norm(grads)
