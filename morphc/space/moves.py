@@ -138,7 +138,8 @@ class Move:
 
     def apply_to(self, module: nn.Module, inputs: tuple) -> nn.Module:
         """Rewrite ``module`` (a private copy, shapes annotated) into the new architecture."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement apply_to(module, "
+                                  "inputs) -> the rewritten module")
 
     def describe(self) -> dict:
         """JSON-able description (edge attribute in the space)."""
