@@ -91,12 +91,24 @@ class TracedModel:
             raise
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _hooked(model: nn.Module) -> list[str]:
+    """Qualified names of the modules with forward (pre-)hooks ("" is the model itself)."""
+    return [name for name, m in model.named_modules() if _has_forward_hooks(m)]
+
+
 class _SiteAwareTracer(fx.Tracer):
     """Trace *through* torch.nn modules that have children (e.g. ``MultiheadAttention``,
-    ``TransformerEncoderLayer``): as opaque leaves they would hide linear sites inside them."""
+    ``TransformerEncoderLayer``): as opaque leaves they would hide linear sites inside them.
+    A module with forward (pre-)hooks is traced through too, so its hooks are in the graph: as
+    a leaf, a branch added after it would bypass a hook that rescales its output or input."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) and not any(m.children())
+        return super().is_leaf_module(m, module_qualified_name) and not any(m.children()) \
+            and not _has_forward_hooks(m)
 
 
 @contextlib.contextmanager
@@ -189,6 +201,8 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
     inputs = _positional(model, args, kwargs)
     if inputs is None:
         raise TraceError("keyword inputs that do not bind to named forward parameters")
+    if _has_forward_hooks(model):   # symbolic_trace reads model.forward: it would drop them
+        raise TraceError("forward hooks on the model itself, which symbolic_trace drops")
     tracer = _SiteAwareTracer()
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
@@ -294,7 +308,10 @@ def _signature(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, fron
     described = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor)
                       else repr(x) for x in leaves)
     tensors = tuple(id(t) for t in [*model.parameters(), *model.buffers()])
-    return (str(spec), described, repr(dynamic_shapes), frontend, model.training, tensors)
+    hooks = tuple((id(m), *m._forward_hooks, *m._forward_pre_hooks) for m in model.modules()
+                  if _has_forward_hooks(m))
+    return (str(spec), described, repr(dynamic_shapes), frontend, model.training, tensors,
+            hooks)
 
 
 def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwargs=None,
@@ -341,7 +358,8 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
         try:
             gm = _symbolic_trace(model, inputs, traced_kwargs)
             return TracedModel(gm, "symbolic_trace", "torch.fx.symbolic_trace succeeded",
-                               inputs, model.training, dynamic_batch=True, notes=notes,
+                               inputs, model.training, dynamic_batch=True,
+                               notes=notes + _hook_notes(model),
                                example_kwargs=dict(traced_kwargs))
         except Exception as exc:  # any tracing failure means: try the next frontend
             symbolic_error = exc
@@ -364,8 +382,17 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
     traced.reason = (f"symbolic_trace failed ({_first_line(symbolic_error)})"
                      if symbolic_error else
                      "requested" if frontend == "export" else "dynamic_shapes given")
-    traced.notes = notes + traced.notes
+    traced.notes = notes + traced.notes + _hook_notes(model)
     return traced
+
+
+def _hook_notes(model: nn.Module) -> list[str]:
+    hooked = _hooked(model)
+    if not hooked:
+        return []
+    return [f"forward hooks on {', '.join(n or '(the model)' for n in hooked)} were traced into "
+            "the graph: what they compute is kept, but they ran once at trace time, so their "
+            "side effects (logging, storing activations) do not happen on the extended model"]
 
 
 __all__ = ["FRONTENDS", "ExampleInputs", "ShapeError", "TracedModel", "no_side_effects",

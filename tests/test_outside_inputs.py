@@ -1,0 +1,67 @@
+"""Probes of the public API with models and inputs an outside user brings: each one either keeps
+the invariants (E1 bit for bit, C1 into the user's own Parameters) or fails at once, typed."""
+
+import pytest
+import torch
+from torch import nn
+
+import morphc
+from tests.helpers import max_rel, train_extension
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _extend_and_fold(model, x):
+    """E1 at extension, then C1 after training the branches: returns (ext, folded output,
+    extended output at s = 0)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        expected = model(x)
+    ext = morphc.extend(model, (x,), sites="all", width=4)
+    with torch.no_grad():
+        assert torch.equal(ext(x), expected)
+    train_extension(ext, (x,))
+    ext.set_homotopy(0.0)
+    with torch.no_grad():
+        extended = ext(x)
+    assert morphc.contract(ext) is model
+    assert all(p is params[n] for n, p in model.named_parameters())
+    with torch.no_grad():
+        return ext, model(x), extended
+
+
+def _scale_output(module, args, output):
+    return output * 2
+
+
+def _scale_input(module, args):
+    return (args[0] * 3,)
+
+
+@pytest.mark.parametrize("where", ["root", "site"])
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_forward_hooks_are_part_of_the_function(where, hook):
+    """A forward hook that changes what a module computes is part of the model's function:
+    on the model itself symbolic_trace used to drop it (E1 broke silently), on a site's module
+    the branch bypassed it (the fold was refused as 'a morphc bug')."""
+    model = _mlp()
+    target = model if where == "root" else model[2]
+    if hook == "forward":
+        target.register_forward_hook(_scale_output)
+    else:
+        target.register_forward_pre_hook(_scale_input)
+    ext, folded, extended = _extend_and_fold(model, torch.randn(5, 8))
+    assert max_rel(folded, extended) < 1e-6
+    assert any("hooks" in note for note in ext.traced.notes)
+
+
+def test_hook_added_after_a_trace_is_not_served_from_the_cache():
+    model, x = _mlp(), torch.randn(5, 8)
+    morphc.extend(model, (x,), sites="all")
+    model.register_forward_hook(_scale_output)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(morphc.extend(model, (x,), sites="all")(x), expected)
