@@ -23,7 +23,6 @@ from torch import fx
 from morphc.ir.site_rules import (
     _BROADCASTS,
     _SPLITS,
-    _TRANSPOSES,
     _WEIGHT_NORM,
     BATCHED_TARGETS,
     EINSUM_TARGETS,
@@ -32,6 +31,7 @@ from morphc.ir.site_rules import (
     _arg,
     _param_node,
     _shape,
+    is_transpose,
 )
 from morphc.ir.site_uses import (
     Use,
@@ -111,7 +111,7 @@ def _check_other_uses(gm, uses: Uses) -> None:
                                                            *user.kwargs.values()])) != 1:
                     uses.other[key].append(user.name)
                 elif user.target in _SPLITS or user.target is operator.getitem or \
-                        user.target in _TRANSPOSES or user.target is aten.slice.Tensor or \
+                        is_transpose(user) or user.target is aten.slice.Tensor or \
                         user.target in _WEIGHT_NORM or user.target in _BROADCASTS or \
                         user.op == "call_module" and \
                         type(gm.get_submodule(user.target)).__name__ == "_WeightNorm":
@@ -160,9 +160,11 @@ def _computed_weights(gm, uses: Uses, sites: SiteTable) -> None:
                 if name not in sites.covered():
                     uses.exclusions.setdefault(name, (
                         f"the weight of {node.name} is computed from it by other code "
-                        f"({', '.join(sorted(ops)[:4])}); folding needs a parameter equal to "
-                        "the weight (spectral_norm divides by a norm estimate, so no parameter "
-                        "value reproduces an arbitrary W')"))
+                        f"({', '.join(sorted(ops)[:4])}); folding needs a parameter the "
+                        "folded W' can be written into, and no value of it is known to give an "
+                        "arbitrary W' through that code (spectral_norm's division by a norm "
+                        "estimate, a scale); pass the parameter itself (or .t(), .T, a row "
+                        "slice, weight_norm) to the linear operator to make it a site"))
 
 
 def _ancestor_params(gm, node: fx.Node, limit: int = 40) -> tuple[list[str], set[str]] | None:

@@ -65,3 +65,59 @@ def test_hook_added_after_a_trace_is_not_served_from_the_cache():
     with torch.no_grad():
         expected = model(x)
         assert torch.equal(morphc.extend(model, (x,), sites="all")(x), expected)
+
+
+class _Transposed(nn.Module):
+    """Parameters stored (in, out) or (out, in) and read through each spelling of a transpose."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(6, 6))
+        self.c, self.d = nn.Parameter(torch.randn(6, 6)), nn.Parameter(torch.randn(6, 6))
+        self.e, self.f = nn.Parameter(torch.randn(6, 6)), nn.Parameter(torch.randn(6, 3))
+        self.bias = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.a.T)
+        h = torch.tanh(h @ self.b.transpose(0, 1))
+        h = torch.tanh(h @ self.c.mT)
+        h = torch.tanh(h @ self.d.permute(1, 0))
+        h = torch.tanh(nn.functional.linear(h, torch.transpose(self.e, -1, -2), self.bias))
+        return nn.functional.linear(h, self.f.t())
+
+
+@pytest.mark.parametrize("frontend", ["symbolic_trace", "export"])
+def test_a_transposed_parameter_is_a_site_however_it_is_spelled(frontend):
+    """``x @ W.T``, ``W.transpose(0, 1)``, ``W.mT``, ``W.permute(1, 0)`` and ``F.linear(x, W.t())``
+    are linear maps by a parameter; only ``.t()`` under ``@`` used to be recognised."""
+    model, x = _Transposed(), torch.randn(5, 8)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        expected = model(x)
+    ext = morphc.extend(model, (x,), sites="all", width=3, frontend=frontend)
+    assert sorted(s.weight_name for s in ext.sites) == ["a", "b", "c", "d", "e", "f"]
+    with torch.no_grad():
+        assert torch.equal(ext(x), expected)
+    train_extension(ext, (x,))
+    ext.set_homotopy(0.0)
+    with torch.no_grad():
+        extended = ext(x)
+    assert morphc.contract(ext) is model
+    assert all(p is params[n] for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert max_rel(model(x), extended) < 1e-6
+
+
+def test_a_weight_computed_by_other_code_is_explained_without_blaming_spectral_norm():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.s = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.ones(6, 1))
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.w * self.s)
+
+    with pytest.raises(morphc.SiteError, match=r"computed from it by other code \(mul\)") as err:
+        morphc.extend(Scaled(), (torch.randn(2, 8),), sites="all")
+    assert "spectral_norm divides" not in str(err.value)

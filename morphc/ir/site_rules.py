@@ -101,6 +101,32 @@ _BROADCASTS = {aten.expand.default, aten.unsqueeze.default, "expand", "unsqueeze
 _SPLITS = {aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, torch.split,
            torch.chunk, aten.split_with_sizes_copy.default, aten.split_copy.Tensor}
 _TRANSPOSES = {aten.t.default, torch.t, "t"}     # "t": the method W.t() under symbolic_trace
+_ATTR_TRANSPOSES = {aten.numpy_T.default, aten.mT.default}        # W.T, W.mT under export
+_SWAPS = {aten.transpose.int, torch.transpose, "transpose", aten.swapaxes.default,
+          torch.swapaxes, "swapaxes", aten.swapdims.default, torch.swapdims, "swapdims"}
+_PERMUTES = {aten.permute.default, torch.permute, "permute"}
+
+
+def is_transpose(node) -> bool:
+    """``node`` swaps the two dimensions of a matrix: ``W.t()``, ``W.T``, ``W.mT``,
+    ``W.transpose(0, 1)`` / ``(-1, -2)``, ``W.permute(1, 0)`` (for a 2-D ``W``; the caller
+    checks the dimension)."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    target, args = node.target, node.args
+    if target in _TRANSPOSES or target in _ATTR_TRANSPOSES:
+        return len(args) == 1 and not node.kwargs
+    if target is getattr:
+        return len(args) == 2 and args[1] in ("T", "mT")
+    dims = [*args[1:], *node.kwargs.values()]
+    if target in _PERMUTES:
+        dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], list | tuple) else dims
+        return len(dims) == 2 and all(isinstance(d, int) for d in dims) and \
+            [d % 2 for d in dims] == [1, 0]
+    if target in _SWAPS:
+        return len(dims) == 2 and all(isinstance(d, int) for d in dims) and \
+            {d % 2 for d in dims} == {0, 1}
+    return False
 _WEIGHT_NORM = {aten._weight_norm.default, torch._weight_norm}
 
 
@@ -184,7 +210,7 @@ def _resolve(gm, arg) -> _Ref | None:
     if param is not None:
         return _Ref(param[0], param[1], [(arg, None)])
     if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_module") and \
-            not (arg.op == "call_method" and arg.target in _TRANSPOSES):
+            not is_transpose(arg):
         return None
     if arg.op == "call_module":
         module = gm.get_submodule(arg.target)
@@ -200,7 +226,7 @@ def _resolve(gm, arg) -> _Ref | None:
             return _Ref(v[0], v[1], [(arg.args[0], arg), (arg.args[1], arg), (arg, None)],
                         weight_norm=(g[0], g[1], int(_arg(arg, 2, "dim", 0))))
         return None
-    if arg.target in _TRANSPOSES:
+    if is_transpose(arg):
         inner = _param_node(gm, arg.args[0])
         if inner and inner[1].dim() == 2:
             return _Ref(inner[0], inner[1], [(arg.args[0], arg), (arg, None)],

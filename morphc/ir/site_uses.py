@@ -131,7 +131,7 @@ def _record_rule(gm, node, rule: _FunctionRule, uses: Uses) -> None:
     if conv is not None and conv.transposed:
         kind = "conv_transpose"
     if weight.transposed:        # x @ t(W) with W (out, in) is a linear map; mm(t(W)) in addmm
-        kind = {"matmul_right": "linear"}.get(kind)
+        kind = {"matmul_right": "linear", "linear": "matmul_right"}.get(kind)
         shape = tuple(weight.tensor.shape)
         if kind is None:
             return
