@@ -121,3 +121,34 @@ def test_a_weight_computed_by_other_code_is_explained_without_blaming_spectral_n
     with pytest.raises(morphc.SiteError, match=r"computed from it by other code \(mul\)") as err:
         morphc.extend(Scaled(), (torch.randn(2, 8),), sites="all")
     assert "spectral_norm divides" not in str(err.value)
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+@pytest.mark.parametrize(("options", "error", "match"), [
+    ({"activation": "nope"}, morphc.FamilyError, "known: "),
+    ({"width": 0}, morphc.SiteError, "width"),
+    ({"width": -2}, morphc.SiteError, "width"),
+    ({"width": 1.5}, morphc.SiteError, "fraction"),
+    ({"width": float("nan")}, morphc.SiteError, "width"),
+    ({"width": "8"}, morphc.SiteError, "width"),
+    ({"overrides": {"0": {"widht": 2}}}, morphc.SiteError, "keys among"),
+    ({"overrides": {"0": {"activation": "nope"}}}, morphc.FamilyError, "known: "),
+    ({"overrides": {"0": {"width": 0}}}, morphc.SiteError, "width"),
+])
+def test_bypass_refuses_bad_branch_settings_at_construction(options, error, match):
+    """These used to pass construction and fail at the first cycle, which then disabled Bypass
+    for the rest of the run with only a warning."""
+    with pytest.raises(error, match=match):
+        morphc.Bypass(_mlp(), _adam, **options)
+
+
+def test_trainer_callbacks_refuse_bad_branch_settings_at_construction():
+    from morphc.integrations.core import TrainerBypass
+
+    with pytest.raises(morphc.FamilyError, match="known: "):
+        TrainerBypass(activation="nope")
+    with pytest.raises(morphc.SiteError, match="width"):
+        TrainerBypass(width=-1)

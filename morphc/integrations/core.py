@@ -50,6 +50,7 @@ from morphc.errors import BypassError, MorphcError, SiteError
 from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.sites import module_sites
 from morphc.ir.sites import select_sites
+from morphc.runtime.bypass import check_branch_settings
 from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.events import EventLog
@@ -108,6 +109,7 @@ class TrainerBypass:
             known = sorted(set(BypassConfig.__dataclass_fields__) - set(_NOT_HERE))
             raise BypassError(f"{exc}; settings: {known}") from None
         cfg = self.config
+        check_branch_settings(cfg)
         if cfg.return_mode is ReturnMode.PENALTY:
             raise BypassError(f"return_mode='penalty' is {_NOT_HERE['penalty']} in a trainer; "
                               "use 'project' (default) or 'anneal'")

@@ -22,12 +22,15 @@ True
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from morphc.errors import BypassError, TraceError
+from morphc.errors import BypassError, SiteError, TraceError
+from morphc.families import get_family
 from morphc.ir.trace import _as_tuple, run_example
 from morphc.runtime.config import BypassConfig, Phase
 from morphc.runtime.cycle import Cycle
@@ -40,6 +43,36 @@ from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
 
 STATE_VERSION = 3
+
+
+_OVERRIDE_KEYS = ("width", "activation")
+
+
+def _check_width(width, where: str) -> None:
+    if isinstance(width, bool) or not isinstance(width, int | float) or \
+            not math.isfinite(width) or width <= 0 or isinstance(width, float) and width > 1:
+        raise SiteError(f"{where} must be a positive int (units) or a float fraction in (0, 1] "
+                        f"of the site's output size, got {width!r}")
+
+
+def check_branch_settings(cfg: BypassConfig) -> None:
+    """Refuse a width, activation or override that every cycle's extension would refuse, at
+    construction: found only when the first cycle starts, it would end Bypass for the run."""
+    _check_width(cfg.width, "width")
+    get_family(cfg.activation)
+    if cfg.overrides is None:
+        return
+    if not isinstance(cfg.overrides, Mapping):
+        raise SiteError(f"overrides must map a site name to {{'width': ..., 'activation': ...}}, "
+                        f"got {type(cfg.overrides).__name__}")
+    for name, values in cfg.overrides.items():
+        if not isinstance(values, Mapping) or set(values) - set(_OVERRIDE_KEYS):
+            raise SiteError(f"overrides[{name!r}] must be a mapping with keys among "
+                            f"{list(_OVERRIDE_KEYS)}, got {values!r}")
+        if "width" in values:
+            _check_width(values["width"], f"overrides[{name!r}]['width']")
+        if "activation" in values:
+            get_family(values["activation"])
 
 
 class Bypass(CycleRunner):
@@ -76,6 +109,7 @@ class Bypass(CycleRunner):
             known = sorted(BypassConfig.__dataclass_fields__)
             raise BypassError(f"{exc}; Bypass takes these settings: {known}") from None
         cfg = self.config
+        check_branch_settings(cfg)
         self._user_model = model
         self.optimizer = make_optimizer(model, optimizer)
         self.trigger = trigger if trigger is not None else Plateau()
