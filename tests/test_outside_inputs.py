@@ -152,3 +152,33 @@ def test_trainer_callbacks_refuse_bad_branch_settings_at_construction():
         TrainerBypass(activation="nope")
     with pytest.raises(morphc.SiteError, match="width"):
         TrainerBypass(width=-1)
+
+
+@pytest.mark.parametrize("sites", [None, 0, [0], b"0"])
+def test_a_site_selection_of_the_wrong_type_is_a_site_error(sites):
+    with pytest.raises(morphc.SiteError, match="a predicate"):
+        morphc.extend(_mlp(), (torch.randn(2, 8),), sites=sites)
+    with pytest.raises(morphc.SiteError, match="a predicate"):
+        morphc.Bypass(_mlp(), _adam, sites=sites)
+
+
+def _bypass_sites(bp, x):
+    """The sites the first cycle of ``bp`` extends."""
+    for _ in range(3):
+        bp.step(lambda m: m(x).pow(2).mean())
+    names = list(bp.extended.config.sites)
+    bp.finish()
+    return names
+
+
+def test_exclude_given_as_one_string_is_one_pattern():
+    """``exclude="2"`` excludes site 2 (a plain string was split into one pattern per
+    character: ``exclude="fc"`` excluded sites named 'f' and 'c', and never 'fc')."""
+    model, x = _mlp(), torch.randn(4, 8)
+    model.add_module("fc", nn.Linear(2, 2))
+    model.add_module("f", nn.Linear(2, 2))
+    ext = morphc.extend(model, (x,), sites="all", exclude="fc")
+    assert [s.name for s in ext.sites] == ["0", "2", "f"]
+    bp = morphc.Bypass(model, _adam, trigger=morphc.Schedule(every=2), bypass_steps=4,
+                       return_steps=4, verbose=False, exclude="fc", example_inputs=(x,))
+    assert _bypass_sites(bp, x) == ["0", "2", "f"]

@@ -50,7 +50,7 @@ from morphc.errors import BypassError, MorphcError, SiteError
 from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.sites import module_sites
 from morphc.ir.sites import select_sites
-from morphc.runtime.bypass import check_branch_settings
+from morphc.runtime.bypass import check_branch_settings, one_exclude_pattern
 from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.events import EventLog
@@ -104,7 +104,7 @@ class TrainerBypass:
         if unsupported:
             raise BypassError(f"not available inside a trainer: {unsupported}")
         try:
-            self.config = BypassConfig(**options)
+            self.config = BypassConfig(**one_exclude_pattern(options))
         except TypeError as exc:
             known = sorted(set(BypassConfig.__dataclass_fields__) - set(_NOT_HERE))
             raise BypassError(f"{exc}; settings: {known}") from None

@@ -181,6 +181,18 @@ def _names(pattern: str, site: Site) -> bool:
     return pattern in names or any(n.endswith("." + pattern) for n in names)
 
 
+def site_patterns(spec, what: str = "sites") -> list[str]:
+    """A name/pattern or an iterable of them, as a list of strings; anything else is a
+    ``SiteError`` saying what is accepted."""
+    patterns = [spec] if isinstance(spec, str) else \
+        list(spec) if isinstance(spec, Iterable) and not isinstance(spec, bytes) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise SiteError(f"{what}= takes 'all', 'auto', a site name / '.suffix' / full-match "
+                        "regex, a list of those, or a predicate (Site) -> bool; got "
+                        f"{spec!r}")
+    return patterns
+
+
 def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = (),
                  frozen: Iterable[str] = ()) -> list[Site]:
     """Resolve a user's site choice to a list of sites; no match is an error listing what exists.
@@ -199,7 +211,7 @@ def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = (),
     elif callable(sites):
         chosen = [s for s in candidates if s.weight_name not in frozen and sites(s)]
     else:
-        patterns = [sites] if isinstance(sites, str) else list(sites)
+        patterns = site_patterns(sites)
         chosen = []
         for pattern in patterns:
             hits = [s for s in candidates if _names(pattern, s) or
@@ -216,7 +228,7 @@ def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = (),
                     f"no site matches {pattern!r}; sites in this model: {table.describe()}"
                 )
             chosen.extend(h for h in hits if h not in chosen)
-    excluded = list(exclude)
+    excluded = site_patterns(exclude, "exclude")
     chosen = [s for s in chosen if not any(_matches(p, s) for p in excluded)]
     if not chosen:
         skipped = sorted(s.name for s in candidates if s.weight_name in frozen)

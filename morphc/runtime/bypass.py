@@ -31,6 +31,7 @@ from torch import nn
 
 from morphc.errors import BypassError, SiteError, TraceError
 from morphc.families import get_family
+from morphc.ir.sites import site_patterns
 from morphc.ir.trace import _as_tuple, run_example
 from morphc.runtime.config import BypassConfig, Phase
 from morphc.runtime.cycle import Cycle
@@ -55,11 +56,22 @@ def _check_width(width, where: str) -> None:
                         f"of the site's output size, got {width!r}")
 
 
+def one_exclude_pattern(options: dict) -> dict:
+    """``exclude="fc1"`` is one pattern, as in ``extend``; the config would take the string as
+    an iterable of patterns, one per character."""
+    if isinstance(options.get("exclude"), str):
+        return {**options, "exclude": (options["exclude"],)}
+    return options
+
+
 def check_branch_settings(cfg: BypassConfig) -> None:
     """Refuse a width, activation or override that every cycle's extension would refuse, at
     construction: found only when the first cycle starts, it would end Bypass for the run."""
     _check_width(cfg.width, "width")
     get_family(cfg.activation)
+    if not callable(cfg.sites) and cfg.sites not in ("all", "auto"):
+        site_patterns(cfg.sites)
+    site_patterns(cfg.exclude, "exclude")
     if cfg.overrides is None:
         return
     if not isinstance(cfg.overrides, Mapping):
@@ -104,7 +116,7 @@ class Bypass(CycleRunner):
             raise BypassError(f"{type(model).__name__} has no trainable parameter (none, or all "
                               "requires_grad=False): there is nothing for Bypass to train")
         try:
-            self.config = BypassConfig(**options)
+            self.config = BypassConfig(**one_exclude_pattern(options))
         except TypeError as exc:
             known = sorted(BypassConfig.__dataclass_fields__)
             raise BypassError(f"{exc}; Bypass takes these settings: {known}") from None
