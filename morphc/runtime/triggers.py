@@ -104,7 +104,12 @@ class Plateau(Trigger):
     gain plus ``confidence`` standard errors of the difference of the two means — is below
     ``threshold`` (relative to the current mean). Full-batch training on a plateau fires after
     two windows; noisy minibatch training that still improves, or whose noise hides whether it
-    does, stays quiet. Running sums make it O(1) per step. Losses below ``floor`` never fire (a
+    does, stays quiet. A loss *spike* does not fire either: when the newer window's mean is up
+    by more than ``threshold`` and its spread is over ``spike_spread`` times the older window's,
+    a step threw training off and it is recovering — unstable, not stuck — and it stays quiet
+    until the spike has left both windows (measured: momentum SGD on a deep tanh net fired on
+    40× spikes, and cycles started there were accepted against the spiked loss, then trailed
+    plain training). Running sums make it O(1) per step. Losses below ``floor`` never fire (a
     converged model is not stuck); non-finite losses are ignored.
 
     >>> t = Plateau(window=3, threshold=1e-2)
@@ -113,6 +118,7 @@ class Plateau(Trigger):
     """
 
     needs_grad_norm = False
+    spike_spread = 3.0   # noise leaves two windows' spreads alike: F(99, 99) > 9 has p ≈ 1e-20
 
     def __init__(self, window: int = 100, threshold: float = 1e-3, confidence: float = 2.0,
                  floor: float = 0.0) -> None:
@@ -127,6 +133,7 @@ class Plateau(Trigger):
     def reset(self) -> None:
         self._losses: deque[float] = deque(maxlen=2 * self.window)
         self._sums = [0.0, 0.0, 0.0, 0.0]   # Σ, Σ² of the older window, then the newer one
+        self._spike_hold = 0                # steps until a spike seen has left both windows
 
     def _push(self, loss: float) -> None:
         w = self.window
@@ -144,15 +151,23 @@ class Plateau(Trigger):
         self._sums[2] += loss
         self._sums[3] += loss * loss
 
-    def _stats(self) -> tuple[float, float, float] | None:
-        """(older mean, newer mean, standard error of their difference) once both are full."""
+    def _windows(self) -> tuple[float, float, float, float] | None:
+        """(older mean, newer mean, older variance, newer variance) once both are full."""
         if len(self._losses) < 2 * self.window:
             return None
         w = self.window
         older, newer = self._sums[0] / w, self._sums[2] / w
         var_old = max(self._sums[1] / w - older * older, 0.0) * w / (w - 1)
         var_new = max(self._sums[3] / w - newer * newer, 0.0) * w / (w - 1)
-        return older, newer, math.sqrt((var_old + var_new) / w)
+        return older, newer, var_old, var_new
+
+    def _stats(self) -> tuple[float, float, float] | None:
+        """(older mean, newer mean, standard error of their difference) once both are full."""
+        windows = self._windows()
+        if windows is None:
+            return None
+        older, newer, var_old, var_new = windows
+        return older, newer, math.sqrt((var_old + var_new) / self.window)
 
     def improvement(self) -> float | None:
         """Relative improvement of the mean loss over one window (None until two are full)."""
@@ -180,22 +195,30 @@ class Plateau(Trigger):
         if not math.isfinite(loss):
             return False
         self._push(loss)
-        stats = self._stats()
-        if stats is None:
+        windows = self._windows()
+        if windows is None:
             return False
-        older, newer, error = stats
+        older, newer, var_old, var_new = windows
+        limit = self.threshold * abs(newer)
+        if newer - older > limit and var_new > self.spike_spread ** 2 * var_old:
+            self._spike_hold = 2 * self.window            # a spike: recovering, not stuck
+        if self._spike_hold > 0:
+            self._spike_hold -= 1
+            return False
         if newer < self.floor:
             return False
-        optimistic = (older - newer) + self.confidence * error
-        return optimistic < self.threshold * abs(newer)
+        optimistic = (older - newer) + self.confidence * math.sqrt((var_old + var_new) /
+                                                                   self.window)
+        return optimistic < limit
 
     def state_dict(self) -> dict:
-        return {"losses": list(self._losses)}
+        return {"losses": list(self._losses), "spike_hold": self._spike_hold}
 
     def load_state_dict(self, state: dict) -> None:
         self.reset()
         for value in state["losses"]:
             self._push(float(value))
+        self._spike_hold = int(state.get("spike_hold", 0))
 
 
 class GradientNorm(Trigger):

@@ -46,6 +46,29 @@ def test_plateau_fires_when_a_descent_stalls():
     assert fired and 200 < fired[0] < 300
 
 
+def spiked_descent():
+    """A slow descent that one bad step throws 30× up, recovering within ~20 steps."""
+    trend = [0.01 * math.exp(-0.001 * i) for i in range(600)]
+    return [v * (1 + 29 * math.exp(-0.2 * (i - 300))) if i >= 300 else v
+            for i, v in enumerate(trend)]
+
+
+def test_plateau_does_not_fire_on_a_loss_spike():
+    assert feed(morphc.Plateau(window=50), spiked_descent()) == [], \
+        "a spike is instability that training recovers from, not a plateau"
+    without_rule = morphc.Plateau(window=50)
+    without_rule.spike_spread = math.inf
+    assert feed(without_rule, spiked_descent()), "the spike is what the rule keeps out"
+    flat_after_spike = spiked_descent()[:400] + [spiked_descent()[399]] * 300
+    fired = feed(morphc.Plateau(window=50), flat_after_spike)
+    assert fired and fired[0] > 400, "a plateau after the spike still fires"
+    a, b = morphc.Plateau(window=50), morphc.Plateau(window=50)
+    feed(a, flat_after_spike[:320])
+    b.load_state_dict(a.state_dict())
+    assert feed(a, flat_after_spike[320:]) == feed(b, flat_after_spike[320:]) != [], \
+        "a checkpoint taken during a spike resumes the same"
+
+
 def test_plateau_floor_and_nonfinite():
     assert feed(morphc.Plateau(window=5, floor=1e-6), [1e-9] * 50) == []
     t = morphc.Plateau(window=5)
