@@ -66,6 +66,8 @@ class TracedModel:
     input_names: list[str] = field(default_factory=list)   # the forward's parameter names
     trace_seconds: float = 0.0
     cached: bool = False
+    _signatures: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary,
+                                                   repr=False, compare=False)
 
     def check_call(self, args: tuple, kwargs: dict) -> dict:
         """Refuse, with a ``ShapeError``, inputs the graph cannot take; returns the kwargs with
@@ -73,8 +75,9 @@ class TracedModel:
         filled in where the call omits them."""
         if self.frontend != "export":
             return kwargs
+        positional = {n for n in self.input_names[:len(args)] if not n.startswith("*")}
         filled = {k: v for k, v in self.example_kwargs.items()
-                  if k not in kwargs and not isinstance(v, torch.Tensor)}
+                  if k not in kwargs and k not in positional and not isinstance(v, torch.Tensor)}
         kwargs = {**kwargs, **filled} if filled else kwargs
         if self.input_dims:
             check_call(self.input_dims, input_labels(self.input_names, args, kwargs))
@@ -83,12 +86,53 @@ class TracedModel:
     def call(self, module: nn.Module, args: tuple, kwargs: dict):
         """``module(*args, **kwargs)`` for a graph of this trace, shape errors typed."""
         kwargs = self.check_call(args, kwargs)
+        if self.frontend == "export":
+            self._check_structure(module, args, kwargs)
         try:
             return module(*args, **kwargs)
         except AssertionError as exc:
             if str(exc).strip().startswith("Guard failed"):
                 raise guard_error(exc) from exc
             raise
+
+    def _check_structure(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """An exported graph takes the inputs the example gave and no others (an optional
+        input left out or None is baked in): a call that gives others is a ``ShapeError`` —
+        which the extended model answers by tracing again — not a bare ``TypeError``."""
+        known = self._signatures.get(module)
+        if known is None:
+            try:
+                signature = inspect.signature(module.forward)
+                example = signature.bind(*self.example_inputs, **self.example_kwargs).arguments
+            except (TypeError, ValueError):   # not a signature this check can read: skip it
+                signature, example = None, {}
+            known = self._signatures[module] = (signature, {k: _kind(v)
+                                                            for k, v in example.items()})
+        signature, kinds = known
+        if signature is None:
+            return
+        try:
+            given = signature.bind(*args, **kwargs).arguments
+            problem = next((f"{name!r} is {_kind(value)}, the example's is {kinds[name]}"
+                            for name, value in given.items()
+                            if name in kinds and _kind(value) != kinds[name]), None)
+        except TypeError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise ShapeError(
+                f"inputs {describe_inputs(args, kwargs)} differ in structure from the example "
+                f"inputs {describe_inputs(self.example_inputs, self.example_kwargs)} that "
+                f"torch.export traced ({problem}): an exported graph takes exactly the inputs "
+                "the example gave, and computes as if an input that was None is still None. "
+                "To allow it: extend with example inputs that give the same inputs as your "
+                "calls (None where you pass None)")
+
+
+def _kind(value) -> str:
+    """What torch.export bakes in about an input: None, a tensor, or another value (whose
+    value the graph guards on)."""
+    return "None" if value is None else "a tensor" if isinstance(value, torch.Tensor) \
+        else "a value"
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
