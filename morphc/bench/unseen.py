@@ -1,0 +1,334 @@
+"""Bypass with the library defaults on problems the rest of the bench does not tune for.
+
+The bench's own problems chose Bypass's defaults; these did not. Each is what a user would try
+first — a textbook network, a stock optimizer and schedule, ``morphc.Bypass(model, optimizer)``
+with nothing set, ``finish()`` at the end — and is scored against the same training without
+Bypass, same seed, same steps. The question is the issue's: is anyone left worse off?
+
+    python -m morphc.bench.unseen --seeds 8              # all problems, ~10 min on one core
+    python -m morphc.bench.unseen --seeds 3 sine_deep    # some of them
+
+A seed counts as *worse* (*better*) when Bypass's final full-training loss is above (below)
+plain training's by more than 2 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_breast_cancer, load_digits, load_wine, make_moons
+from torch import nn
+
+import morphc
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Case:
+    """One training run's ingredients, made from a seed."""
+
+    model: nn.Module
+    optimizer: Callable[..., torch.optim.Optimizer]
+    train: Tensors                                   # the whole training set
+    loss_fn: Callable
+    steps: int
+    test: Tensors | None = None
+    batch: int | None = None                         # minibatch size (None: full batch)
+    schedule: Callable | None = None                 # optimizer -> lr scheduler
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(0)) / (x.std(0) + 1e-8)
+
+
+def _split(x, y, seed: int, train: float = 0.7):
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1000 + seed))
+    n = int(train * len(x))
+    return (x[order[:n]], y[order[:n]]), (x[order[n:]], y[order[n:]])
+
+
+def _model(seed: int, layers: Callable[[], list[nn.Module]]) -> nn.Module:
+    """PyTorch's default init drawn from ``seed``; the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(*layers())
+
+
+def _sgd(lr: float, momentum: float = 0.9):
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def _adam(lr: float):
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
+_XOR = (torch.tensor([[0.0, 0], [0, 1], [1, 0], [1, 1]]), torch.tensor([[0.0], [1], [1], [0]]))
+
+
+def xor_tanh(seed: int) -> Case:
+    """XOR, 2-2-1 tanh, BCE on logits, momentum SGD: collapses to ln 2 / 2 on some inits."""
+    model = _model(seed, lambda: [nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)])
+    return Case(model, _sgd(0.1), _XOR, F.binary_cross_entropy_with_logits, 2000)
+
+
+def xor_adam(seed: int) -> Case:
+    """XOR, 2-2-1 sigmoid, MSE, Adam."""
+    model = _model(seed, lambda: [nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 1), nn.Sigmoid()])
+    return Case(model, _adam(0.01), _XOR, F.mse_loss, 3000)
+
+
+def parity3(seed: int) -> Case:
+    """3-bit parity, 3-3-1 sigmoid, MSE, momentum SGD."""
+    x = torch.tensor([[a, b, c] for a in (0.0, 1) for b in (0.0, 1) for c in (0.0, 1)])
+    model = _model(seed, lambda: [nn.Linear(3, 3), nn.Sigmoid(), nn.Linear(3, 1), nn.Sigmoid()])
+    return Case(model, _sgd(0.5), (x, x.sum(1, keepdim=True) % 2), F.mse_loss, 3000)
+
+
+def encoder_838(seed: int) -> Case:
+    """The 8-3-8 encoder: one-hot in, its class out, through 3 sigmoid units."""
+    model = _model(seed, lambda: [nn.Linear(8, 3), nn.Sigmoid(), nn.Linear(3, 8)])
+    return Case(model, _sgd(0.5), (torch.eye(8), torch.arange(8)), F.cross_entropy, 3000)
+
+
+def _spiral(seed: int, n: int = 300) -> Tensors:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(n, generator=g) * 3 * math.pi + 0.5
+    label = torch.randint(0, 2, (n,), generator=g)
+    r = t / (3 * math.pi)
+    x = torch.stack([r * torch.cos(t + math.pi * label), r * torch.sin(t + math.pi * label)], 1)
+    return x + 0.02 * torch.randn(n, 2, generator=g), label
+
+
+def spiral(seed: int) -> Case:
+    """Two spirals, 2-16-16-2 tanh, Adam."""
+    model = _model(seed, lambda: [nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                                  nn.Linear(16, 2)])
+    return Case(model, _adam(1e-2), _spiral(seed), F.cross_entropy, 2000,
+                test=_spiral(seed + 500))
+
+
+def cancer_minibatch(seed: int) -> Case:
+    """load_breast_cancer, 30-16-1 ReLU, Adam, minibatches of 64."""
+    data = load_breast_cancer()
+    x = _standardise(torch.tensor(data.data, dtype=torch.float32))
+    train, test = _split(x, torch.tensor(data.target, dtype=torch.float32)[:, None], seed)
+    model = _model(seed, lambda: [nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 1)])
+    return Case(model, _adam(1e-3), train, F.binary_cross_entropy_with_logits, 1500,
+                test=test, batch=64)
+
+
+def digits_cosine(seed: int) -> Case:
+    """load_digits, 64-32-10 tanh, momentum SGD with a cosine schedule, minibatches of 64."""
+    data = load_digits()
+    train, test = _split(torch.tensor(data.data, dtype=torch.float32) / 16,
+                         torch.tensor(data.target), seed)
+    model = _model(seed, lambda: [nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)])
+    return Case(model, _sgd(0.1), train, F.cross_entropy, 1500, test=test, batch=64,
+                schedule=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1500))
+
+
+def digits_cnn_dropout(seed: int) -> Case:
+    """load_digits as images, conv-BN-ReLU-conv-ReLU-dropout-linear, Adam, minibatches."""
+    data = load_digits()
+    train, test = _split(torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16,
+                         torch.tensor(data.target), seed)
+    model = _model(seed, lambda: [
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2),
+        nn.Linear(16 * 4 * 4, 10)])
+    return Case(model, _adam(1e-3), train, F.cross_entropy, 800, test=test, batch=64)
+
+
+def teacher_relu(seed: int) -> Case:
+    """A random 10-6-1 ReLU teacher, a 10-3-1 ReLU student, Adam, full batch."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 1))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        x, x_test = torch.randn(500, 10, generator=g), torch.randn(500, 10, generator=g)
+        train, test = (x, teacher(x)), (x_test, teacher(x_test))
+    model = _model(seed, lambda: [nn.Linear(10, 3), nn.ReLU(), nn.Linear(3, 1)])
+    return Case(model, _adam(1e-2), train, F.mse_loss, 3000, test=test)
+
+
+def wine(seed: int) -> Case:
+    """load_wine, 13-4-3 tanh, plain SGD, full batch."""
+    data = load_wine()
+    train, test = _split(_standardise(torch.tensor(data.data, dtype=torch.float32)),
+                         torch.tensor(data.target), seed)
+    model = _model(seed, lambda: [nn.Linear(13, 4), nn.Tanh(), nn.Linear(4, 3)])
+    return Case(model, _sgd(0.05, momentum=0.0), train, F.cross_entropy, 2000, test=test)
+
+
+def sine_deep(seed: int) -> Case:
+    """sin(2x) by a 1-4-4-4-1 tanh net under momentum SGD: the loss spikes now and then."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(200, 1, generator=g) * 6 - 3
+    x_test = torch.linspace(-3, 3, 200)[:, None]
+    model = _model(seed, lambda: [nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                                  nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)])
+    return Case(model, _sgd(0.05), (x, torch.sin(2 * x)), F.mse_loss, 3000,
+                test=(x_test, torch.sin(2 * x_test)))
+
+
+def step_schedule(seed: int) -> Case:
+    """y = x0·x1 + sin x2 by a 5-12-1 tanh net, momentum SGD with StepLR."""
+    g = torch.Generator().manual_seed(seed)
+    x, x_test = torch.randn(400, 5, generator=g), torch.randn(400, 5, generator=g)
+
+    def target(v):
+        return v[:, :1] * v[:, 1:2] + torch.sin(v[:, 2:3])
+
+    model = _model(seed, lambda: [nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 1)])
+    return Case(model, _sgd(0.05), (x, target(x)), F.mse_loss, 2000, test=(x_test, target(x_test)),
+                schedule=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 700, 0.3))
+
+
+def moons(seed: int) -> Case:
+    """Two moons, 2-3-3-2 tanh, plain SGD, full batch."""
+    a, b = make_moons(400, noise=0.1, random_state=seed)
+    a_test, b_test = make_moons(400, noise=0.1, random_state=seed + 99)
+    model = _model(seed, lambda: [nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(),
+                                  nn.Linear(3, 2)])
+    return Case(model, _sgd(0.1, momentum=0.0),
+                (torch.tensor(a, dtype=torch.float32), torch.tensor(b)), F.cross_entropy, 3000,
+                test=(torch.tensor(a_test, dtype=torch.float32), torch.tensor(b_test)))
+
+
+def linear_autoencoder(seed: int) -> Case:
+    """A 12-4-12 linear autoencoder from a small init (a saddle at the origin), momentum SGD."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 12, generator=g) @ torch.randn(12, 12, generator=g) * 0.5
+    model = _model(seed, lambda: [nn.Linear(12, 4, bias=False), nn.Linear(4, 12, bias=False)])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.01)
+    return Case(model, _sgd(0.01), (x, x), F.mse_loss, 2000)
+
+
+PROBLEMS: dict[str, Callable[[int], Case]] = {f.__name__: f for f in (
+    xor_tanh, xor_adam, parity3, encoder_838, spiral, cancer_minibatch, digits_cosine,
+    digits_cnn_dropout, teacher_relu, wine, sine_deep, step_schedule, moons, linear_autoencoder)}
+
+
+@dataclass
+class Outcome:
+    train_loss: float
+    test_score: float | None    # accuracy for classifiers, MSE for regressions
+    seconds: float
+    cycles: tuple[int, int]     # (started, kept)
+
+
+def run(problem: str, seed: int, bypass: bool) -> Outcome:
+    """Train one case, with or without ``morphc.Bypass`` (library defaults), and score it."""
+    case = PROBLEMS[problem](seed)
+    model, (x, y) = case.model, case.train
+    optimizer = case.optimizer(model.parameters())
+    scheduler = case.schedule(optimizer) if case.schedule else None
+    bp = morphc.Bypass(model, optimizer, verbose=False) if bypass else None
+    batches = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for _ in range(case.steps):
+        if case.batch is None:
+            xb, yb = x, y
+        else:
+            pick = torch.randint(0, len(x), (case.batch,), generator=batches)
+            xb, yb = x[pick], y[pick]
+
+        def closure(module, xb=xb, yb=yb):
+            return case.loss_fn(module(xb), yb)
+
+        if bp is not None:
+            bp.step(closure)
+        else:
+            optimizer.zero_grad()
+            closure(model).backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    if bp is not None:
+        model = bp.finish()
+    seconds = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        train_loss = float(case.loss_fn(model(x), y))
+        score = None if case.test is None else _score(model(case.test[0]), case)
+    cycles = (0, 0) if bp is None else (
+        sum(e["event"] == "extend" for e in bp.history),
+        sum(e["event"] == "contract" for e in bp.history))
+    return Outcome(train_loss, score, seconds, cycles)
+
+
+def _score(out: torch.Tensor, case: Case) -> float:
+    target = case.test[1]
+    if target.dtype == torch.long:
+        return float((out.argmax(1) == target).float().mean())
+    if case.loss_fn is F.binary_cross_entropy_with_logits:
+        return float(((out > 0).float() == target).float().mean())
+    return float(F.mse_loss(out, target))
+
+
+def compare(problem: str, seeds: Sequence[int], threads: int = 1) -> dict:
+    """Plain and Bypass on the same seeds: medians, per-seed pairs, worse/better counts. One
+    intra-op thread by default, as in the rest of the bench: these models are tiny, and a
+    second thread only waits (on a busy 2-core machine it made a run 3× slower)."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pairs = [(run(problem, s, False), run(problem, s, True)) for s in seeds]
+    finally:
+        torch.set_num_threads(old_threads)
+    plain = [p.train_loss for p, _ in pairs]
+    bypass = [b.train_loss for _, b in pairs]
+    return {
+        "problem": problem,
+        "plain": statistics.median(plain), "bypass": statistics.median(bypass),
+        "worse": sum(b > 1.02 * p + 1e-6 for p, b in zip(plain, bypass, strict=True)),
+        "better": sum(b < 0.98 * p - 1e-6 for p, b in zip(plain, bypass, strict=True)),
+        "seeds": len(pairs), "pairs": list(zip(plain, bypass, strict=True)),
+        "wall": statistics.median(b.seconds / p.seconds for p, b in pairs),
+        "cycles": tuple(sum(b.cycles[i] for _, b in pairs) for i in (0, 1)),
+        "test": None if pairs[0][0].test_score is None else
+        (statistics.median(p.test_score for p, _ in pairs),
+         statistics.median(b.test_score for _, b in pairs)),
+    }
+
+
+def format_row(r: dict) -> str:
+    test = "—" if r["test"] is None else f"{r['test'][0]:.4g} / {r['test'][1]:.4g}"
+    return (f"| `{r['problem']}` | {r['plain']:.4g} | {r['bypass']:.4g} | {r['worse']} / "
+            f"{r['better']} of {r['seeds']} | {test} | {r['cycles'][0]} / {r['cycles'][1]} | "
+            f"{r['wall']:.2f} |")
+
+
+HEADER = ("| problem | plain (median train loss) | Bypass | seeds worse / better | "
+          "test plain / Bypass | cycles started / kept | wall × plain |\n"
+          "|---|---|---|---|---|---|---|")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("problems", nargs="*", help=f"some of {', '.join(PROBLEMS)} "
+                        "(default: all)")
+    parser.add_argument("--seeds", type=int, default=8)
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.problems if name not in PROBLEMS]
+    if unknown:
+        parser.error(f"unknown problems {unknown}; choose from {list(PROBLEMS)}")
+    print(HEADER, flush=True)
+    for name in args.problems or PROBLEMS:
+        print(format_row(compare(name, range(args.seeds))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
