@@ -229,3 +229,31 @@ def test_an_optional_input_the_example_left_none_can_be_given_later(example, cal
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")        # "traced its model again": expected here
         assert torch.equal(ext(*args, **kwargs), model(*args, **kwargs))
+
+
+def _bypass(model, **options):
+    return morphc.Bypass(model, _adam, trigger=morphc.Schedule(every=3), bypass_steps=4,
+                         return_steps=4, verbose=False, **options)
+
+
+@pytest.mark.parametrize("bad", ["other-architecture", "missing-keys", "not-a-dict"])
+def test_bypass_refuses_a_foreign_checkpoint_before_loading_anything(bad):
+    """A checkpoint of another architecture used to load every matching tensor into the model
+    and then raise torch's RuntimeError (missing keys: a KeyError)."""
+    x = torch.randn(16, 8)
+    saved = _bypass(_mlp())
+    for _ in range(5):
+        saved.step(lambda m: m(x).pow(2).mean())
+    state = saved.state_dict()
+    saved.finish()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    if bad == "missing-keys":
+        model, state = _mlp(), {"version": state["version"]}
+    elif bad == "not-a-dict":
+        state = [state]
+    bp = _bypass(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(morphc.BypassError, match="checkpoint"):
+        bp.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -237,9 +237,7 @@ class Bypass(CycleRunner):
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`, on a fresh ``Bypass`` over a model of the same
         architecture (re-extends identically when the checkpoint was taken mid-cycle)."""
-        if state.get("version") != STATE_VERSION:
-            raise BypassError(f"unknown Bypass checkpoint version {state.get('version')!r}; "
-                              f"this morphc writes version {STATE_VERSION}")
+        self._check_checkpoint(state)
         if self._cycle is not None:
             self._detach()
         self._user_model.load_state_dict(state["model"])
@@ -260,6 +258,32 @@ class Bypass(CycleRunner):
         self._lr_scale = float(state["lr_scale"])
         self._quiet_until, self._disabled = int(state["quiet_until"]), state["disabled"]
         self._module = None
+
+    def _check_checkpoint(self, state) -> None:
+        """Refuse a checkpoint that is not one of ours or not of this model before anything
+        loads (``nn.Module.load_state_dict`` copies the matching tensors before it raises)."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise BypassError(f"not a Bypass checkpoint of version {STATE_VERSION} (got "
+                              f"{found!r}); pass what bp.state_dict() returned")
+        missing = sorted(set(self.state_dict()) - set(state))
+        if missing:
+            raise BypassError(f"the Bypass checkpoint lacks {missing}; pass what "
+                              "bp.state_dict() returned")
+        ours, theirs = self._user_model.state_dict(), state["model"]
+        if not isinstance(theirs, Mapping):
+            raise BypassError("the Bypass checkpoint's 'model' is not a state_dict")
+        wrong = [f"{k}: {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+                 for k, v in ours.items() if k in theirs and
+                 isinstance(theirs[k], torch.Tensor) and theirs[k].shape != v.shape]
+        unknown, absent = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        if wrong or unknown or absent:
+            raise BypassError(
+                f"the Bypass checkpoint is of another architecture than "
+                f"{type(self._user_model).__name__}: " + "; ".join(
+                    [*wrong[:5], *([f"keys not in this model: {unknown[:5]}"] if unknown else []),
+                     *([f"keys missing: {absent[:5]}"] if absent else [])])
+                + ". Nothing was loaded; resume on a model built like the one that was saved")
 
     def _warn(self, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
