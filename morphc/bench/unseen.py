@@ -229,8 +229,15 @@ class Outcome:
 
 
 def run(problem: str, seed: int, bypass: bool) -> Outcome:
-    """Train one case, with or without ``morphc.Bypass`` (library defaults), and score it."""
-    case = PROBLEMS[problem](seed)
+    """Train one case, with or without ``morphc.Bypass`` (library defaults), and score it.
+    Dropout draws from the global RNG: both runs of a seed start it from the same state (and
+    the caller's state is restored), so they differ only by what Bypass does."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train(PROBLEMS[problem](seed), seed, bypass)
+
+
+def _train(case: Case, seed: int, bypass: bool) -> Outcome:
     model, (x, y) = case.model, case.train
     optimizer = case.optimizer(model.parameters())
     scheduler = case.schedule(optimizer) if case.schedule else None
