@@ -257,3 +257,27 @@ def test_bypass_refuses_a_foreign_checkpoint_before_loading_anything(bad):
     with pytest.raises(morphc.BypassError, match="checkpoint"):
         bp.load_state_dict(state)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_inputs_given_through_var_keyword_are_traced():
+    """A forward ``(self, x, **kw)`` given ``kwargs={"m": ...}``: torch.export refuses any
+    dynamic_shapes for ``kw`` (an internal assertion), so extend used to fail with a TraceError
+    about data-dependent control flow. It now traces static shapes and traces again for others."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, x, **kw):
+            return self.a(x) * kw["m"] * kw.get("scale", 1.0)
+
+    model = Gated()
+    ext = morphc.extend(model, (torch.randn(4, 8),),
+                        kwargs={"m": torch.rand(4, 1), "scale": 2.0}, sites="all")
+    assert any("**kwargs" in note for note in ext.traced.notes)
+    for batch in (4, 6):
+        x, m = torch.randn(batch, 8), torch.rand(batch, 1)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # "traced its model again": expected at 6
+            assert torch.equal(ext(x, m=m, scale=2.0), model(x, m=m, scale=2.0))

@@ -255,8 +255,24 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
     return gm
 
 
+def _through_var_keyword(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """The keyword inputs that reach the forward through ``**kwargs``."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return []
+    return [k for name, value in bound.arguments.items()
+            if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+            for k in value]
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> TracedModel:
     spec = auto_dynamic_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
+    # torch.export (2.13) takes no dynamic_shapes for inputs given through **kwargs (an
+    # internal assertion): trace static shapes, and let the extended model trace other shapes.
+    var_keyword = _through_var_keyword(model, args, kwargs) if dynamic_shapes is None else []
+    if var_keyword:
+        spec = None
     # A view (a slice of a longer batch) makes export guard on how it relates to its base, and
     # the graph then refuses the contiguous batches that follow: trace contiguous copies.
     args, kwargs = torch.utils._pytree.tree_map_only(
@@ -272,6 +288,10 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> Trac
     batch = [r for r in ranges if r.dim == 0]
     dynamic_batch = bool(batch) and not any(r.fixed for r in batch)
     notes = [f"torch.export fixed {f}" for f in fixed]
+    if var_keyword:
+        notes.append(f"{', '.join(var_keyword)} reach the forward through **kwargs, for which "
+                     "torch.export takes no dynamic shapes: every shape is the example's, and "
+                     "a call at another shape traces again (max_retraces)")
     if batch and not dynamic_batch:
         notes.append("the batch dimension is fixed: the extended model only accepts the "
                      "example batch size; make the model's shapes independent of the batch size "
