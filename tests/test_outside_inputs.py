@@ -281,3 +281,44 @@ def test_inputs_given_through_var_keyword_are_traced():
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")        # "traced its model again": expected at 6
             assert torch.equal(ext(x, m=m, scale=2.0), model(x, m=m, scale=2.0))
+
+
+class _FunctionalDropout(nn.Module):
+    """Reads its own mode as a value, the way most research code writes dropout."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(nn.functional.dropout(torch.relu(self.a(x)), 0.5, self.training))
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_the_extended_model_follows_train_and_eval_when_the_forward_reads_self_training(
+        traced_in):
+    """symbolic_trace read ``self.training`` once, as a constant: after ``ext.eval()`` the
+    extended model kept dropping out (or, traced in eval, never did), silently unlike the
+    user's model in the same mode."""
+    model, x = _FunctionalDropout().train(traced_in == "train"), torch.randn(6, 8)
+    ext = morphc.extend(model, (x,), sites="all")
+    assert ext.traced.frontend == "symbolic_trace"
+    for mode in (traced_in != "train", traced_in == "train"):
+        ext.train(mode)
+        model.train(mode)
+        with torch.no_grad():
+            torch.manual_seed(3)
+            got = ext(x)
+            torch.manual_seed(3)
+            assert torch.equal(got, model(x))
+
+
+def test_a_saved_graph_stores_the_mode_it_was_saved_in(tmp_path):
+    model, x = _FunctionalDropout().eval(), torch.randn(6, 8)
+    graph = morphc.trace(model, (x,)).graph_module
+    morphc.save(graph, tmp_path / "g")
+    loaded = morphc.load(tmp_path / "g")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import operator
 from pathlib import Path
 
 import torch
@@ -84,10 +85,28 @@ def _owner(gm: fx.GraphModule, target: str):
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
-def _encode_node(node: fx.Node) -> dict:
+def _encode_node(node: fx.Node, constants: dict | None = None) -> dict:
     target = node.target if isinstance(node.target, str) else function_name(node.target)
+    args, kwargs = tuple(node.args), dict(node.kwargs)
+    if constants:
+        args, kwargs = fx.node.map_arg((args, kwargs), lambda n: constants.get(n, n))
     return {"name": node.name, "op": node.op, "target": target,
-            "args": encode_arg(tuple(node.args)), "kwargs": encode_arg(dict(node.kwargs))}
+            "args": encode_arg(args), "kwargs": encode_arg(kwargs)}
+
+
+def _mode_reads(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """Nodes that read a module's ``training`` flag (``morphc.trace`` makes them for
+    ``F.dropout(x, p, self.training)``), and ``not`` of them, with their value now: a saved
+    graph is data, so it stores the mode it was saved in, as a plain symbolic_trace would."""
+    constants: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target.rpartition(".")[2] == "training" and \
+                isinstance(_owner(gm, node.target), bool):
+            constants[node] = _owner(gm, node.target)
+        elif node.op == "call_function" and node.target is operator.not_ and \
+                len(node.args) == 1 and node.args[0] in constants:
+            constants[node] = not constants[node.args[0]]
+    return constants
 
 
 def graph_to_json(module: nn.Module) -> dict:
@@ -102,8 +121,11 @@ def graph_to_json(module: nn.Module) -> dict:
                           "calling convention); only symbolic_trace-style graphs can be stored "
                           "as data — save its state_dict and rebuild the model instead")
     nodes, modules, tensors = [], {}, {}
+    constants = _mode_reads(gm)
     for node in gm.graph.nodes:
-        nodes.append(_encode_node(node))
+        if node in constants:
+            continue
+        nodes.append(_encode_node(node, constants))
         if node.op == "call_module":
             modules[node.target] = module_spec(gm.get_submodule(node.target))
         elif node.op == "get_attr":
