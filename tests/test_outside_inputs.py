@@ -322,3 +322,23 @@ def test_a_saved_graph_stores_the_mode_it_was_saved_in(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
+
+def test_in_place_extension_runs_before_the_users_own_forward_hooks():
+    """The trainer integrations add the branch with a forward hook. Registered after a user's
+    hook that rescales the output, it added an unscaled branch, so the fold (which the user's
+    hook rescales) changed the function and every cycle was refused."""
+    from morphc.integrations.extension import InPlaceExtension
+    from morphc.integrations.sites import module_sites
+
+    model, x = _mlp(), torch.randn(5, 8)
+    model[0].register_forward_hook(_scale_output)
+    table, modules = module_sites(model)
+    ext = InPlaceExtension(model, table.extendable(), modules, width=3)
+    with torch.no_grad():
+        for param in ext.parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+    ext.set_homotopy(0.0)
+    with torch.no_grad():
+        extended = model(x)
+        assert ext.fold() < 1e-6
+        assert max_rel(model(x), extended) < 1e-6

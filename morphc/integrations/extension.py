@@ -64,7 +64,9 @@ class InPlaceExtension:
                 init_scale=init_scale)
         self.active, self.removed = True, False
         self.probes: dict[str, torch.Tensor] = {}
-        self._handles = [module.register_forward_hook(self._hook(name))
+        # first among the module's forward hooks: a user's hook then sees W x + branch, as it
+        # will see W' x after the fold (run last, a rescaling hook would make the fold wrong)
+        self._handles = [module.register_forward_hook(self._hook(name), prepend=True)
                          for name, module in self.modules.items()]
 
     def _hook(self, name: str):
