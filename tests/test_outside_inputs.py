@@ -342,3 +342,11 @@ def test_in_place_extension_runs_before_the_users_own_forward_hooks():
         extended = model(x)
         assert ext.fold() < 1e-6
         assert max_rel(model(x), extended) < 1e-6
+
+
+@pytest.mark.parametrize("options", [{"sites": ["nope"]}, {"sites": "layer.*"},
+                                     {"exclude": ["0", "2"]}])
+def test_bypass_with_example_inputs_refuses_site_names_that_match_nothing(options):
+    """Found only when the first cycle extended, such a selection ended Bypass for the run."""
+    with pytest.raises(morphc.SiteError, match="sites in this model: 0, 2"):
+        morphc.Bypass(_mlp(), _adam, example_inputs=(torch.randn(4, 8),), **options)

@@ -29,10 +29,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from morphc.errors import BypassError, SiteError, TraceError
+from morphc.errors import BypassError, MorphcError, SiteError, TraceError
 from morphc.families import get_family
-from morphc.ir.sites import site_patterns
-from morphc.ir.trace import _as_tuple, run_example
+from morphc.ir.sites import select_sites, site_patterns
+from morphc.ir.trace import _as_tuple, run_example, trace
+from morphc.passes.find_sites import find_sites
+from morphc.passes.infra import Pipeline
 from morphc.runtime.config import BypassConfig, Phase
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
@@ -137,6 +139,7 @@ class Bypass(CycleRunner):
         self.example_kwargs = dict(cfg.example_kwargs or {})
         if self.example_inputs is not None:
             self._check_example_inputs()
+            self._check_site_names()
         self._traced = None
         self._cycle: Cycle | None = None
         self._module: nn.Module | None = None
@@ -219,6 +222,25 @@ class Bypass(CycleRunner):
         except TraceError as exc:
             raise BypassError(f"{exc} Pass example_inputs of the shape and dtype of a real "
                               "batch.") from exc.__cause__
+
+    def _check_site_names(self) -> None:
+        """Site names / patterns that match nothing are a ``SiteError`` now, not a failed first
+        cycle that ends Bypass for the run (a model that does not trace is left to the cycle)."""
+        cfg = self.config
+        if callable(cfg.sites) or cfg.sites in ("all", "auto") and not cfg.exclude:
+            return
+        try:
+            traced = trace(self._user_model, self.example_inputs,
+                           kwargs=self.example_kwargs or None,
+                           dynamic_shapes=cfg.dynamic_shapes)
+        except MorphcError:
+            return
+        table = Pipeline(traced.graph_module).run(find_sites).analysis
+        if table.extendable():
+            frozen = [n for n, p in traced.graph_module.named_parameters()
+                      if not p.requires_grad]
+            select_sites(table, "all" if cfg.sites == "auto" else cfg.sites, cfg.exclude,
+                         frozen)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
