@@ -1,6 +1,7 @@
 """Probes of the public API with models and inputs an outside user brings: each one either keeps
 the invariants (E1 bit for bit, C1 into the user's own Parameters) or fails at once, typed."""
 
+import io
 import warnings
 
 import pytest
@@ -350,3 +351,37 @@ def test_bypass_with_example_inputs_refuses_site_names_that_match_nothing(option
     """Found only when the first cycle extended, such a selection ended Bypass for the run."""
     with pytest.raises(morphc.SiteError, match="sites in this model: 0, 2"):
         morphc.Bypass(_mlp(), _adam, example_inputs=(torch.randn(4, 8),), **options)
+
+
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x, mask):
+        return self.b(torch.tanh(self.a(x)) * mask)
+
+
+def test_bypass_resumes_mid_cycle_on_a_model_called_with_keyword_inputs():
+    """The checkpoint kept the positional inputs the closure passed but not the keyword ones,
+    so resuming mid-cycle re-traced without them and failed."""
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    mask = (torch.rand(16, 1) > 0.2).float()
+
+    def closure(m):
+        return nn.functional.mse_loss(m(x, mask=mask), y)
+
+    first = _bypass(_Masked())
+    for _ in range(5):
+        first.step(closure)
+    assert first.phase != "train"
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _bypass(_Masked())
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert [float(first.step(closure)) for _ in range(6)] == \
+        [float(resumed.step(closure)) for _ in range(6)]
+    first.finish()
+    resumed.finish()

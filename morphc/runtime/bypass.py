@@ -254,7 +254,8 @@ class Bypass(CycleRunner):
                 "model": self._user_model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "example_inputs": None if self.example_inputs is None else
-                list(self.example_inputs), "extension": extension_state(self._cycle)}
+                list(self.example_inputs), "example_kwargs": dict(self.example_kwargs),
+                "extension": extension_state(self._cycle)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`, on a fresh ``Bypass`` over a model of the same
@@ -265,6 +266,7 @@ class Bypass(CycleRunner):
         self._user_model.load_state_dict(state["model"])
         inputs = state["example_inputs"]
         self.example_inputs = None if inputs is None else tuple(inputs)
+        self.example_kwargs = dict(state.get("example_kwargs") or {})   # older checkpoints: none
         if state["extension"] is not None:
             self._trace()
             self._cycle = restore_cycle(state["extension"], model=self._user_model,
@@ -288,7 +290,7 @@ class Bypass(CycleRunner):
             found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise BypassError(f"not a Bypass checkpoint of version {STATE_VERSION} (got "
                               f"{found!r}); pass what bp.state_dict() returned")
-        missing = sorted(set(self.state_dict()) - set(state))
+        missing = sorted(set(self.state_dict()) - set(state) - {"example_kwargs"})
         if missing:
             raise BypassError(f"the Bypass checkpoint lacks {missing}; pass what "
                               "bp.state_dict() returned")
