@@ -385,3 +385,19 @@ def test_bypass_resumes_mid_cycle_on_a_model_called_with_keyword_inputs():
         [float(resumed.step(closure)) for _ in range(6)]
     first.finish()
     resumed.finish()
+
+
+def test_a_forward_that_branches_on_self_training_is_noted():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h) if self.training else self.b(torch.relu(h))
+
+    ext = morphc.extend(TwoHeads(), (torch.randn(3, 8),), sites="all")
+    assert any("branches on self.training" in n for n in ext.traced.notes)
+    plain = morphc.extend(_mlp(), (torch.randn(3, 8),), sites="all")
+    assert not any("self.training" in n for n in plain.traced.notes)

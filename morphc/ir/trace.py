@@ -242,7 +242,8 @@ def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
     return tuple(bound.arguments.values())
 
 
-def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule,
+                                                                          list[str]]:
     inputs = _positional(model, args, kwargs)
     if inputs is None:
         raise TraceError("keyword inputs that do not bind to named forward parameters")
@@ -250,11 +251,11 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
         raise TraceError("forward hooks on the model itself, which symbolic_trace drops")
     tracer = _SiteAwareTracer()
     graph = tracer.trace(model)
-    _follow_mode(graph, model)
+    notes = _follow_mode(graph, model)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     with no_side_effects(gm), torch.no_grad():
         ShapeProp(gm).propagate(*inputs)  # also proves the graph runs on these inputs
-    return gm
+    return gm, notes
 
 
 def _through_var_keyword(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
@@ -268,36 +269,41 @@ def _through_var_keyword(model: nn.Module, args: tuple, kwargs: dict) -> list[st
             for k in value]
 
 
-def _follow_mode(graph: fx.Graph, model: nn.Module) -> None:
+def _follow_mode(graph: fx.Graph, model: nn.Module) -> list[str]:
     """symbolic_trace reads ``self.training`` as a constant (``F.dropout(x, p, self.training)``),
     so the graph would keep the mode it was traced in after ``ext.eval()``. Trace again with
     every module's mode flipped; where the two graphs differ only in such booleans, read the
-    graph module's own ``training`` flag there instead (which ``.train()`` / ``.eval()`` set)."""
+    graph module's own ``training`` flag there instead (which ``.train()`` / ``.eval()`` set).
+    Otherwise the graph keeps the traced mode, and the returned note says so."""
     flags = {m: m.training for m in model.modules()}
+    mode, other_mode = ("train", "eval") if model.training else ("eval", "train")
+    kept = [f"the forward computes another graph in {other_mode} mode (it branches on "
+            f"self.training): the graph keeps the {mode} mode's; extend the model in the mode "
+            "you will call it in"]
     try:
         for module, flag in flags.items():
             module.training = not flag
         flipped = _SiteAwareTracer().trace(model)
     except Exception:           # the other mode does not trace: keep the graph as it is
-        return
+        return kept
     finally:
         for module, flag in flags.items():
             module.training = flag
     nodes, others = list(graph.nodes), list(flipped.nodes)
     if len(nodes) != len(others):
-        return
+        return kept
     found: list[tuple[fx.Node, list]] = []
     for node, other in zip(nodes, others, strict=True):
         if (node.op, node.target, node.name) != (other.op, other.target, other.name):
-            return
+            return kept
         paths: list = []
         if not _same_but_mode(node.args, other.args, ("args",), paths) or \
                 not _same_but_mode(node.kwargs, other.kwargs, ("kwargs",), paths):
-            return
+            return kept
         if paths:
             found.append((node, paths))
     if not found:
-        return
+        return []
     first = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first):
         training = graph.get_attr("training")
@@ -308,6 +314,7 @@ def _follow_mode(graph: fx.Graph, model: nn.Module) -> None:
             _set_path(node, path, training if value == model.training else not_training)
     if not not_training.users:
         graph.erase_node(not_training)
+    return []
 
 
 def _same_but_mode(a, b, path: tuple, paths: list) -> bool:
@@ -511,10 +518,10 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
     symbolic_error = None
     if frontend in ("auto", "symbolic_trace") and dynamic_shapes is None:
         try:
-            gm = _symbolic_trace(model, inputs, traced_kwargs)
+            gm, mode_notes = _symbolic_trace(model, inputs, traced_kwargs)
             return TracedModel(gm, "symbolic_trace", "torch.fx.symbolic_trace succeeded",
                                inputs, model.training, dynamic_batch=True,
-                               notes=notes + _hook_notes(model),
+                               notes=notes + _hook_notes(model) + mode_notes,
                                example_kwargs=dict(traced_kwargs))
         except Exception as exc:  # any tracing failure means: try the next frontend
             symbolic_error = exc
