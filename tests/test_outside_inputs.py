@@ -401,3 +401,29 @@ def test_a_forward_that_branches_on_self_training_is_noted():
     assert any("branches on self.training" in n for n in ext.traced.notes)
     plain = morphc.extend(_mlp(), (torch.randn(3, 8),), sites="all")
     assert not any("self.training" in n for n in plain.traced.notes)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: morphc.Plateau(window=0), lambda: morphc.Plateau(window=2.5),
+    lambda: morphc.Plateau(threshold=float("nan")), lambda: morphc.Plateau(floor=float("nan")),
+    lambda: morphc.GradientNorm(threshold=-1.0), lambda: morphc.GradientNorm(smoothing=1.0),
+    lambda: morphc.GradientNorm(patience=0), lambda: morphc.Schedule(every=0),
+    lambda: morphc.Schedule(every=2.5), lambda: morphc.AnyOf(),
+    lambda: morphc.AnyOf(morphc.Schedule(every=2), 3),
+], ids=["window0", "window-float", "threshold-nan", "floor-nan", "gradnorm-threshold",
+        "smoothing1", "patience0", "every0", "every-float", "anyof-empty", "anyof-int"])
+def test_bad_trigger_settings_are_typed_morphc_errors(make):
+    """They were bare ValueErrors, or accepted (a trigger that never fires), or an
+    AttributeError on the first step (``AnyOf(..., 3)``)."""
+    with pytest.raises(morphc.BypassError) as err:
+        make()
+    assert isinstance(err.value, ValueError)
+
+
+def test_plateau_fires_on_a_negative_loss_that_has_stopped_improving():
+    """A Gaussian negative log-likelihood plateaus below 0; the default floor of 0 kept
+    Plateau from ever firing there (and never mattered for a loss >= 0)."""
+    trigger = morphc.Plateau(window=5)
+    assert any(trigger.update(-5.0, step=i) for i in range(20))
+    floored = morphc.Plateau(window=5, floor=-1.0)
+    assert not any(floored.update(-5.0, step=i) for i in range(20))

@@ -22,8 +22,28 @@ Triggers combine with ``|`` (any fires) and ``&`` (all fire on the same step).
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from collections.abc import Iterable
+
+from morphc.errors import BypassError
+
+
+class InvalidTrigger(BypassError, ValueError):
+    """A trigger setting out of range: a morphc error, and a ValueError as it always was."""
+
+
+def _positive_int(value, what: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise InvalidTrigger(f"{what} must be an int >= {least}, got {value!r}")
+    return int(value)
+
+
+def _non_negative(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not math.isfinite(value) or value < 0:
+        raise InvalidTrigger(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 class Trigger:
@@ -64,6 +84,10 @@ class _Combined(Trigger):
     """Several triggers observed together; every member sees every step."""
 
     def __init__(self, *triggers: Trigger) -> None:
+        wrong = [type(t).__name__ for t in triggers if not isinstance(t, Trigger)]
+        if wrong or not triggers:
+            raise InvalidTrigger(f"{type(self).__name__} combines morphc.Trigger objects (at "
+                                 f"least one), got {wrong or 'none'}")
         self.triggers = list(triggers)
         self.needs_grad_norm = any(t.needs_grad_norm for t in self.triggers)
 
@@ -110,7 +134,8 @@ class Plateau(Trigger):
     until the spike has left both windows (measured: momentum SGD on a deep tanh net fired on
     40× spikes, and cycles started there were accepted against the spiked loss, then trailed
     plain training). Running sums make it O(1) per step. Losses below ``floor`` never fire (a
-    converged model is not stuck); non-finite losses are ignored.
+    converged model is not stuck; by default no loss is too low: a negative log-likelihood can
+    plateau below 0); non-finite losses are ignored.
 
     >>> t = Plateau(window=3, threshold=1e-2)
     >>> [t.update(1.0, step=i) for i in range(7)]
@@ -121,13 +146,13 @@ class Plateau(Trigger):
     spike_spread = 3.0   # noise leaves two windows' spreads alike: F(99, 99) > 9 has p ≈ 1e-20
 
     def __init__(self, window: int = 100, threshold: float = 1e-3, confidence: float = 2.0,
-                 floor: float = 0.0) -> None:
-        if window < 2:
-            raise ValueError(f"Plateau window must be >= 2 steps, got {window}")
-        if not threshold >= 0 or not confidence >= 0:
-            raise ValueError("Plateau threshold and confidence must be >= 0")
-        self.window, self.threshold = int(window), float(threshold)
-        self.confidence, self.floor = float(confidence), float(floor)
+                 floor: float = -math.inf) -> None:
+        self.window = _positive_int(window, "Plateau window (steps)", 2)
+        self.threshold = _non_negative(threshold, "Plateau threshold")
+        self.confidence = _non_negative(confidence, "Plateau confidence")
+        if isinstance(floor, bool) or not isinstance(floor, numbers.Real) or math.isnan(floor):
+            raise InvalidTrigger(f"Plateau floor must be a number, got {floor!r}")
+        self.floor = float(floor)
         self.reset()
 
     def reset(self) -> None:
@@ -234,9 +259,10 @@ class GradientNorm(Trigger):
 
     def __init__(self, threshold: float = 1e-3, patience: int = 20, smoothing: float = 0.9,
                  relative: bool = False) -> None:
-        if patience < 1:
-            raise ValueError(f"GradientNorm patience must be >= 1, got {patience}")
-        self.threshold, self.patience = float(threshold), int(patience)
+        self.threshold = _non_negative(threshold, "GradientNorm threshold")
+        self.patience = _positive_int(patience, "GradientNorm patience", 1)
+        if not _non_negative(smoothing, "GradientNorm smoothing") < 1:
+            raise InvalidTrigger(f"GradientNorm smoothing must be in [0, 1), got {smoothing!r}")
         self.smoothing, self.relative = float(smoothing), bool(relative)
         self.reset()
 
@@ -245,7 +271,7 @@ class GradientNorm(Trigger):
 
     def update(self, loss, *, step, grad_norm=None) -> bool:
         if grad_norm is None:
-            raise ValueError("GradientNorm needs grad_norm; Bypass passes it because "
+            raise InvalidTrigger("GradientNorm needs grad_norm; Bypass passes it because "
                              "needs_grad_norm is True — pass it when calling update yourself")
         grad_norm = float(grad_norm)
         if not math.isfinite(grad_norm):
@@ -283,9 +309,9 @@ class Schedule(Trigger):
     def __init__(self, every: int | None = None, *, at: Iterable[int] = (), start: int = 0
                  ) -> None:
         if every is None and not at:
-            raise ValueError("Schedule needs every=N or at=[steps]")
-        if every is not None and every < 1:
-            raise ValueError(f"Schedule every must be >= 1, got {every}")
+            raise InvalidTrigger("Schedule needs every=N or at=[steps]")
+        if every is not None:
+            _positive_int(every, "Schedule every", 1)
         self.every, self.start = every, int(start)
         self.at = sorted(int(s) for s in at)
         self._fired: int = 0   # how many scheduled steps were consumed
