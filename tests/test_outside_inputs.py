@@ -427,3 +427,22 @@ def test_plateau_fires_on_a_negative_loss_that_has_stopped_improving():
     assert any(trigger.update(-5.0, step=i) for i in range(20))
     floored = morphc.Plateau(window=5, floor=-1.0)
     assert not any(floored.update(-5.0, step=i) for i in range(20))
+
+
+@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm"])
+def test_the_old_weight_computing_hooks_stay_at_run_time(norm):
+    """``torch.nn.utils.spectral_norm`` / ``weight_norm`` (the pre-parametrization API) keep the
+    weight up to date with a forward pre-hook. Traced into the graph (as other hooks are), the
+    power iteration lost its no_grad and every training-mode call failed."""
+    wrap = getattr(torch.nn.utils, norm)
+    torch.manual_seed(0)
+    model = nn.Sequential(wrap(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # the old API is deprecated
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        ext = morphc.extend(model, (x,), sites="all")
+        model.load_state_dict(state)                 # the power iteration moves u: start alike
+        expected = model(x)
+        model.load_state_dict(state)
+        assert torch.equal(ext(x), expected)

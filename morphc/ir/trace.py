@@ -136,8 +136,18 @@ def _kind(value) -> str:
         else "a value"
 
 
+def _weight_hooks() -> tuple[type, ...]:
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return WeightNorm, SpectralNorm
+
+
 def _has_forward_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Forward hooks or pre-hooks other than the old ``weight_norm`` / ``spectral_norm`` ones,
+    which only recompute ``module.weight`` (and run their power iteration under no_grad, which
+    a graph would lose)."""
+    return bool(module._forward_hooks) or any(
+        not isinstance(h, _weight_hooks()) for h in module._forward_pre_hooks.values())
 
 
 def _hooked(model: nn.Module) -> list[str]:
