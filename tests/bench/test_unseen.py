@@ -28,3 +28,9 @@ def test_unknown_problem_names_are_refused_with_the_list(capsys):
     with pytest.raises(SystemExit):
         unseen.main(["no_such_problem", "--seeds", "1"])
     assert "sine_deep" in capsys.readouterr().err
+
+
+def test_worse_and_better_are_relative_to_the_size_of_the_loss_even_below_zero():
+    assert unseen.verdicts([1.0, 1.0, 1.0], [1.03, 0.97, 1.01]) == (1, 1)
+    # a negative log-likelihood: -1.80 is worse than -1.85, -1.90 better, -1.84 within 2 %
+    assert unseen.verdicts([-1.85, -1.85, -1.85], [-1.80, -1.90, -1.84]) == (1, 1)
