@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import morphc
@@ -446,3 +447,44 @@ def test_the_old_weight_computing_hooks_stay_at_run_time(norm):
         expected = model(x)
         model.load_state_dict(state)
         assert torch.equal(ext(x), expected)
+
+
+def _bn_bypass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    bp = morphc.Bypass(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                       trigger=morphc.Schedule(every=3), bypass_steps=5, return_steps=5,
+                       verbose=False)
+
+    def broken(m):
+        m(x)                      # BatchNorm's statistics move in this forward
+        raise ZeroDivisionError("a bug in the user's closure")
+
+    return model, bp, (lambda m: F.mse_loss(m(x), y)), broken
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_closure_that_raises_in_a_plain_step_leaves_buffers_as_they_were():
+    model, bp, good, broken = _bn_bypass()
+    bp.step(good)
+    before = _state(model)
+    with pytest.raises(ZeroDivisionError):
+        bp.step(broken)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_closure_that_raises_mid_cycle_restores_the_pre_cycle_state_bit_for_bit():
+    model, bp, good, broken = _bn_bypass()
+    while bp.phase != "bypass":
+        bp.step(good)
+    before_cycle = _state(model)
+    bp.step(good)
+    bp.step(good)
+    with pytest.raises(ZeroDivisionError):
+        bp.step(broken)
+    assert bp.phase == "train"
+    assert all(torch.equal(before_cycle[k], v) for k, v in model.state_dict().items())

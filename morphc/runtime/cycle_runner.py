@@ -46,15 +46,12 @@ class CycleRunner:
         """One step of the user's model; a non-finite loss or gradient skips it, untouched."""
         self.optimizer.zero_grad(set_to_none=True)
         buffers, backup = self._back_up_buffers()      # a bad batch moves BN stats in forward
-        loss, value = (self._capture_inputs(closure) if self.example_inputs is None else
-                       loss_of(closure, self.model, self._reduce()))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         try:
+            loss, value = (self._capture_inputs(closure) if self.example_inputs is None else
+                           loss_of(closure, self.model, self._reduce()))
             backward_checked(loss, value)
             norm = grad_norm(params) if self.trigger.needs_grad_norm else check_finite(params)
-        except BypassError:                          # a closure without autograd: say so
-            _put_back(buffers, backup)
-            raise
         except NonFinite as exc:
             zero_grads(params)
             _put_back(buffers, backup)
@@ -65,6 +62,9 @@ class CycleRunner:
                                   "skipped and the weights are untouched; check this batch, "
                                   "or pass on_failure='rollback' to skip such steps") from None
             return loss.detach()
+        except BaseException:     # the closure raised, or has no autograd: nothing moved
+            _put_back(buffers, backup)
+            raise
         clip(params, self.config.max_grad_norm)
         self.optimizer.step()
         self._count_step(value)
