@@ -488,3 +488,13 @@ def test_a_closure_that_raises_mid_cycle_restores_the_pre_cycle_state_bit_for_bi
         bp.step(broken)
     assert bp.phase == "train"
     assert all(torch.equal(before_cycle[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [2.0, -0.1, float("nan"), "0", True, None])
+def test_set_homotopy_refuses_what_is_not_a_number_in_0_1_typed(bad):
+    ext = morphc.extend(nn.Sequential(nn.Linear(3, 2)), (torch.randn(4, 3),))
+    with pytest.raises(morphc.MorphcError, match=r"\[0, 1\]") as info:
+        ext.set_homotopy(bad)
+    assert isinstance(info.value, ValueError) and ext.homotopy == 1.0
+    ext.set_homotopy(torch.tensor(0.25))
+    assert ext.homotopy == 0.25

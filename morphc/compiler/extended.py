@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -13,6 +14,10 @@ from morphc.errors import ContractionError, ShapeError
 from morphc.ir.sites import Site, SiteTable
 from morphc.ir.trace import TracedModel
 from morphc.passes.infra import Pipeline
+
+
+class HomotopyError(ContractionError, ValueError):
+    """``set_homotopy`` off [0, 1]: a morphc error, and the ValueError it always was."""
 
 
 @dataclass
@@ -114,9 +119,12 @@ class ExtendedModel(nn.Module):
     def set_homotopy(self, s: float) -> None:
         """1.0: free non-linearity; 0.0: on the constraint set C. Updated in place, so compiled
         graphs are not recaptured."""
+        if isinstance(s, torch.Tensor) and s.numel() == 1 and s.is_floating_point():
+            s = s.item()
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= s <= 1.0:
+            raise HomotopyError(f"homotopy must be a number in [0, 1] (1: the free "
+                                f"non-linearity, 0: on the constraint set), got {s!r}")
         s = float(s)
-        if not 0.0 <= s <= 1.0:
-            raise ValueError(f"homotopy must be in [0, 1], got {s}")
         with torch.no_grad():
             self._homotopy.fill_(s)
 
