@@ -498,3 +498,15 @@ def test_set_homotopy_refuses_what_is_not_a_number_in_0_1_typed(bad):
     assert isinstance(info.value, ValueError) and ext.homotopy == 1.0
     ext.set_homotopy(torch.tensor(0.25))
     assert ext.homotopy == 0.25
+
+
+@pytest.mark.parametrize("overrides, says", [({"nope": {"width": 2}}, "no site"),
+                                             ({"0": {"widht": 2}}, "keys among"),
+                                             ({"0": 3}, "keys among")])
+def test_extend_refuses_overrides_that_would_be_ignored(overrides, says):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    with pytest.raises(morphc.SiteError, match=says):
+        morphc.extend(model, (torch.randn(2, 3),), sites="all", overrides=overrides)
+    ext = morphc.extend(model, (torch.randn(2, 3),), sites="all", overrides={"0": {"width": 2},
+                                                                          "2.weight": {"width": 3}})
+    assert ext.config.widths == {"0": 2, "2": 3}

@@ -37,6 +37,27 @@ def resolve_width(site: Site, width: Width) -> int:
     return int(math.ceil(units / site.groups) * site.groups)
 
 
+OVERRIDE_KEYS = ("width", "activation")
+
+
+def check_overrides(overrides: Mapping[str, Mapping] | None, table) -> None:
+    """Every override names a site of ``table`` (by name or weight name) and sets only
+    ``width`` / ``activation``: a typo would otherwise be ignored in silence."""
+    if overrides is None:
+        return
+    if not isinstance(overrides, Mapping):
+        raise SiteError(f"overrides must map a site name to {{'width': ..., 'activation': ...}}"
+                        f", got {type(overrides).__name__}")
+    known = {n for site in table.values() for n in (site.name, site.weight_name) if n}
+    for name, values in overrides.items():
+        if name not in known:
+            raise SiteError(f"overrides names {name!r}, which is no site of this model; sites: "
+                            f"{[site.name for site in table.values()]}")
+        if not isinstance(values, Mapping) or set(values) - set(OVERRIDE_KEYS):
+            raise SiteError(f"overrides[{name!r}] must be a mapping with keys among "
+                            f"{list(OVERRIDE_KEYS)}, got {values!r}")
+
+
 def _option(overrides: Mapping[str, Mapping] | None, site: Site, key: str, default):
     for pattern, values in (overrides or {}).items():
         if pattern in (site.name, site.weight_name) and key in values:
@@ -119,6 +140,7 @@ def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", widt
     table = analysed.run(find_sites).analysis
     if not table.extendable():
         raise SiteError(f"{type(model).__name__} has no extendable site: {table.explain()}")
+    check_overrides(overrides, table)
     if isinstance(sites, str) and sites == "auto":
         candidates = select_sites(table, "all", exclude, frozen)
         full = _build(model, traced, analysed, table, candidates, width, activation, overrides,

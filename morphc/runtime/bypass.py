@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from morphc.compiler.extend import OVERRIDE_KEYS
 from morphc.errors import BypassError, MorphcError, SiteError, TraceError
 from morphc.families import get_family
 from morphc.ir.sites import select_sites, site_patterns
@@ -46,9 +47,6 @@ from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
 
 STATE_VERSION = 3
-
-
-_OVERRIDE_KEYS = ("width", "activation")
 
 
 def _check_width(width, where: str) -> None:
@@ -80,9 +78,9 @@ def check_branch_settings(cfg: BypassConfig) -> None:
         raise SiteError(f"overrides must map a site name to {{'width': ..., 'activation': ...}}, "
                         f"got {type(cfg.overrides).__name__}")
     for name, values in cfg.overrides.items():
-        if not isinstance(values, Mapping) or set(values) - set(_OVERRIDE_KEYS):
+        if not isinstance(values, Mapping) or set(values) - set(OVERRIDE_KEYS):
             raise SiteError(f"overrides[{name!r}] must be a mapping with keys among "
-                            f"{list(_OVERRIDE_KEYS)}, got {values!r}")
+                            f"{list(OVERRIDE_KEYS)}, got {values!r}")
         if "width" in values:
             _check_width(values["width"], f"overrides[{name!r}]['width']")
         if "activation" in values:
