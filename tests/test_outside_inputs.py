@@ -510,3 +510,21 @@ def test_extend_refuses_overrides_that_would_be_ignored(overrides, says):
     ext = morphc.extend(model, (torch.randn(2, 3),), sites="all", overrides={"0": {"width": 2},
                                                                           "2.weight": {"width": 3}})
     assert ext.config.widths == {"0": 2, "2": 3}
+
+
+@pytest.mark.parametrize("probe", [lambda m: 1.0, lambda m: m(torch.randn(2, 3)),
+                                   lambda m: m(torch.randn(2, 3)).sum().detach()])
+def test_auto_sites_refuse_a_probe_that_is_not_a_scalar_loss_with_autograd(probe):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    with pytest.raises(morphc.SiteError, match="probe"):
+        morphc.extend(model, (torch.randn(2, 3),), sites="auto", probe=probe)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 1.5])
+def test_top_k_below_one_is_refused_not_read_as_half_or_all_but_one(top_k):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    with pytest.raises(morphc.SiteError, match="top_k"):
+        morphc.extend(model, (torch.randn(2, 3),), sites="auto", top_k=top_k)
+    with pytest.raises(morphc.BypassError, match="top_k"):
+        morphc.Bypass(model, torch.optim.SGD(model.parameters(), lr=0.1), sites="auto",
+                      top_k=top_k)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from morphc.errors import SiteError
 from morphc.ir.trace import no_side_effects
 
 Probe = Callable[[nn.Module], torch.Tensor]
@@ -41,6 +42,10 @@ def escape_scores(ext, probe: Probe | None = None) -> dict[str, float]:
     names = list(ext.branches)
     with no_side_effects(ext):
         loss = probe(ext)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise SiteError(f"an escape-score probe must return a scalar loss tensor with "
+                            f"autograd on, as probe(module) -> loss_fn(module(x), y); got "
+                            f"{loss!r:.80}")
         grads = torch.autograd.grad(loss, [ext.branches[n].B for n in names], allow_unused=True)
     return {n: (float(g.norm()) if g is not None else 0.0) for n, g in zip(names, grads,
                                                                             strict=True)}
@@ -48,6 +53,9 @@ def escape_scores(ext, probe: Probe | None = None) -> dict[str, float]:
 
 def rank_sites(scores: dict[str, float], top_k: int | None = None) -> list[str]:
     """The ``top_k`` best-scoring site names (default: half, at least one), in graph order."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise SiteError(f"top_k must be an int >= 1 (or None: half the sites), got {top_k!r}")
     names = list(scores)
     keep = top_k or max(1, math.ceil(len(names) / 2))
     best = set(sorted(names, key=lambda n: -scores[n])[:keep])

@@ -96,6 +96,9 @@ class BypassConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BypassError(f"{name} must be an int >= 0, got {value!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or
+                                       not isinstance(self.top_k, int) or self.top_k < 1):
+            raise BypassError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
         if self.max_cycles is not None and self.max_cycles < 0:
             raise BypassError(f"max_cycles must be >= 0 or None, got {self.max_cycles!r}")
         for name in ("extension_lr_scale", "penalty", "init_scale"):
