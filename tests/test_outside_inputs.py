@@ -528,3 +528,22 @@ def test_top_k_below_one_is_refused_not_read_as_half_or_all_but_one(top_k):
     with pytest.raises(morphc.BypassError, match="top_k"):
         morphc.Bypass(model, torch.optim.SGD(model.parameters(), lr=0.1), sites="auto",
                       top_k=top_k)
+
+
+class _OptionalBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, bias=None):
+        y = self.linear(x)
+        return y if bias is None else y + bias
+
+
+def test_an_optional_input_given_positionally_later_is_traced_again_not_refused():
+    model, x, bias = _OptionalBias(), torch.randn(3, 4), torch.randn(3, 4)
+    ext = morphc.extend(model, (x,), kwargs={"bias": None}, sites="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(ext(x, bias), model(x, bias))
+    assert len(ext.retraces) == 1

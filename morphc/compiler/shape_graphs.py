@@ -117,8 +117,10 @@ class ShapeGraphs:
 
     def _add(self, ext, args: tuple, kwargs: dict, error: ShapeError):
         primary = ext.traced
+        positional = {n for n in primary.input_names[:len(args)] if not n.startswith("*")}
         kwargs = {**{k: v for k, v in primary.example_kwargs.items()
-                     if k not in kwargs and not isinstance(v, torch.Tensor)}, **kwargs}
+                     if k not in kwargs and k not in positional
+                     and not isinstance(v, torch.Tensor)}, **kwargs}
         what = describe_inputs(args, kwargs)
         if what in self.refused:
             raise ShapeError(f"{error} {self.refused[what]}") from None
