@@ -530,7 +530,7 @@ def test_top_k_below_one_is_refused_not_read_as_half_or_all_but_one(top_k):
                       top_k=top_k)
 
 
-class _OptionalBias(nn.Module):
+class _OptionalBias4(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(4, 4)
@@ -541,7 +541,7 @@ class _OptionalBias(nn.Module):
 
 
 def test_an_optional_input_given_positionally_later_is_traced_again_not_refused():
-    model, x, bias = _OptionalBias(), torch.randn(3, 4), torch.randn(3, 4)
+    model, x, bias = _OptionalBias4(), torch.randn(3, 4), torch.randn(3, 4)
     ext = morphc.extend(model, (x,), kwargs={"bias": None}, sites="all")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
