@@ -547,3 +547,20 @@ def test_an_optional_input_given_positionally_later_is_traced_again_not_refused(
         warnings.simplefilter("ignore")
         assert torch.equal(ext(x, bias), model(x, bias))
     assert len(ext.retraces) == 1
+
+
+def test_a_non_finite_weight_is_named_instead_of_blaming_the_batch():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    bp = morphc.Bypass(model, torch.optim.SGD(model.parameters(), lr=0.1), verbose=False,
+                       on_failure="raise")
+    bp.step(lambda m: F.mse_loss(m(x), y))
+    with torch.no_grad():
+        model[2].weight[0, 1] = float("inf")
+    with pytest.raises(morphc.BypassError, match=r"'2\.weight' is itself not finite"):
+        bp.step(lambda m: F.mse_loss(m(x), y))
+    x[0, 0] = float("nan")                          # a bad batch is still called a bad batch
+    with torch.no_grad():
+        model[2].weight[0, 1] = 0.0
+    with pytest.raises(morphc.BypassError, match="check this batch"):
+        bp.step(lambda m: F.mse_loss(m(x), y))

@@ -56,11 +56,16 @@ class CycleRunner:
             zero_grads(params)
             _put_back(buffers, backup)
             self._count_step(value)
-            self._event("skip", reason=f"{exc}; the optimizer step was skipped, weights untouched")
+            cause = _broken_weight(self._user_model)
+            advice = (f"; the weight {cause!r} is itself not finite, so every step will be "
+                      "skipped: restore a checkpoint and lower the learning rate (in float16, "
+                      "raise the optimizer's eps)" if cause else "; check this batch")
+            self._event("skip", reason=f"{exc}; the optimizer step was skipped, weights "
+                        f"untouched{advice}")
             if self.config.on_failure is OnFailure.RAISE:
                 raise BypassError(f"{exc} at step {self.step_count}: the optimizer step was "
-                                  "skipped and the weights are untouched; check this batch, "
-                                  "or pass on_failure='rollback' to skip such steps") from None
+                                  f"skipped and the weights are untouched{advice}, or pass "
+                                  "on_failure='rollback' to skip such steps") from None
             return loss.detach()
         except BaseException:     # the closure raised, or has no autograd: nothing moved
             _put_back(buffers, backup)
@@ -406,6 +411,16 @@ class CycleRunner:
             fields["residual"] = cycle.ext.constraint_residual()
         self.log.add(kind, step=self.step_count, phase=self.phase, cycle=self.cycle,
                      loss=self._last_loss, **fields)
+
+
+def _broken_weight(model: nn.Module) -> str | None:
+    """The first parameter holding NaN/Inf: a loss that is non-finite because of it is not a
+    bad batch, and skipping steps cannot mend it."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                return name
+    return None
 
 
 def _put_back(buffers: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
