@@ -26,10 +26,12 @@ from morphc.runtime.steps import (
     Closure,
     NonFinite,
     backward_checked,
+    broken_weight,
     check_finite,
     clip,
     grad_norm,
     loss_of,
+    put_back,
     zero_grads,
 )
 from morphc.runtime.wrapping import all_reduce_mean, all_reduce_sum
@@ -54,9 +56,9 @@ class CycleRunner:
             norm = grad_norm(params) if self.trigger.needs_grad_norm else check_finite(params)
         except NonFinite as exc:
             zero_grads(params)
-            _put_back(buffers, backup)
+            put_back(buffers, backup)
             self._count_step(value)
-            cause = _broken_weight(self._user_model)
+            cause = broken_weight(self._user_model)
             advice = (f"; the weight {cause!r} is itself not finite, so every step will be "
                       "skipped: restore a checkpoint and lower the learning rate (in float16, "
                       "raise the optimizer's eps)" if cause else "; check this batch")
@@ -68,7 +70,7 @@ class CycleRunner:
                                   "on_failure='rollback' to skip such steps") from None
             return loss.detach()
         except BaseException:     # the closure raised, or has no autograd: nothing moved
-            _put_back(buffers, backup)
+            put_back(buffers, backup)
             raise
         clip(params, self.config.max_grad_norm)
         self.optimizer.step()
@@ -266,7 +268,7 @@ class CycleRunner:
         loss, value = loss_of(closure, self.model, self._reduce())      # belong to s = 0
         backward_checked(loss, value)
         if joint:                                       # after backward: autograd saved them
-            _put_back(buffers, kept)
+            put_back(buffers, kept)
         params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
             cycle.group.params
         check_finite(params)
@@ -411,20 +413,3 @@ class CycleRunner:
             fields["residual"] = cycle.ext.constraint_residual()
         self.log.add(kind, step=self.step_count, phase=self.phase, cycle=self.cycle,
                      loss=self._last_loss, **fields)
-
-
-def _broken_weight(model: nn.Module) -> str | None:
-    """The first parameter holding NaN/Inf: a loss that is non-finite because of it is not a
-    bad batch, and skipping steps cannot mend it."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
-                return name
-    return None
-
-
-def _put_back(buffers: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
-    """Buffers (BatchNorm statistics) as they were before a step's forward."""
-    if buffers:
-        with torch.no_grad():
-            torch._foreach_copy_(buffers, backup)

@@ -135,3 +135,20 @@ def clip(params: list[nn.Parameter], max_norm: float | None) -> None:
 def zero_grads(params: Iterable[nn.Parameter]) -> None:
     for param in params:
         param.grad = None
+
+
+def broken_weight(model: nn.Module) -> str | None:
+    """The first parameter holding NaN/Inf: a loss that is non-finite because of it is not a
+    bad batch, and skipping steps cannot mend it."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                return name
+    return None
+
+
+def put_back(buffers: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+    """Buffers (BatchNorm statistics) as they were before a step's forward."""
+    if buffers:
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, backup)
