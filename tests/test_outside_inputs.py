@@ -564,3 +564,41 @@ def test_a_non_finite_weight_is_named_instead_of_blaming_the_batch():
         model[2].weight[0, 1] = 0.0
     with pytest.raises(morphc.BypassError, match="check this batch"):
         bp.step(lambda m: F.mse_loss(m(x), y))
+
+
+class _DropoutNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5),
+                                 nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_an_exported_extension_follows_eval_and_train_like_the_model():
+    model, x = _DropoutNorm(), torch.randn(16, 6)
+    ext = morphc.extend(model, (x,), sites="all", frontend="export")     # captured in train
+    assert ext.traced.frontend == "export" and ext.traced.training
+    model.eval()
+    ext.eval()
+    with torch.no_grad():
+        assert torch.equal(ext(x), model(x)), "eval: no dropout, running statistics"
+        assert torch.equal(ext(x[:5]), model(x[:5])), "and other batch sizes"
+    ext.train()
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train_out = ext(x)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert torch.equal(train_out, model(x)), "train: the same dropout masks"
+    train_extension(ext, (x,))
+    ext.set_homotopy(0.0)
+    ext.eval()
+    model.eval()
+    with torch.no_grad():
+        extended = ext(x)
+    assert morphc.contract(ext) is model
+    with torch.no_grad():
+        assert max_rel(model(x), extended) < 1e-5

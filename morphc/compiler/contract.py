@@ -123,7 +123,10 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
                 f"(> {tolerance:g}); the weights were restored. "
                 + _deviation_advice(ext, next(iter(params.values())).dtype))
 
-    reference = deterministic_forward(ext, inputs, kwargs=kwargs) if verify else None
+    # the graph the fold rewrites, not ext(...): in the other mode an exported extension runs
+    # a second graph, whose dropout and BatchNorm differ from this one's
+    reference = deterministic_forward(ext.graph_module, inputs, guard=ext, kwargs=kwargs) \
+        if verify else None
     write_weights(params, new_values, verify=check if verify else None)
     ext.mark_contracted(ContractionReport(list(new_values), measured[0] if measured else None,
                                           snap_change, residual), folded.graph_module)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +100,8 @@ class ExtendedModel(nn.Module):
                 "this extended model was contracted: its branches now live in the user's weights; "
                 "call the model that morphc.contract returned"
             )
+        if self.traced.frontend == "export" and self.training != self.traced.training:
+            return self.shape_graphs.call_in_mode(self, args, kwargs)   # dropout/BN baked in
         try:
             return self.traced.call(self.graph_module, args, kwargs)
         except ShapeError as error:   # refused before any computation: try a graph that fits
@@ -140,13 +141,10 @@ class ExtendedModel(nn.Module):
         return max(values, default=0.0)
 
     def train(self, mode: bool = True):
+        """Also for an exported graph, which bakes dropout and BatchNorm in the mode it was
+        captured in: a call in the other mode runs a graph exported in that mode, with the same
+        branches (:meth:`ShapeGraphs.call_in_mode`)."""
         if self.traced.frontend == "export":
-            if mode != self.traced.training:
-                captured = "train" if self.traced.training else "eval"
-                warnings.warn(
-                    f"this model was captured by torch.export in {captured} "
-                    "mode; its graph keeps that mode's behaviour (dropout, BatchNorm). Call "
-                    "model.train() or model.eval() before morphc.extend to choose.", stacklevel=2)
             for module in [self, *self.branches.values(),
                            *(gm for _, gm in self.shape_graphs.graphs)]:
                 module.training = mode

@@ -104,6 +104,7 @@ class ShapeGraphs:
         self.graphs: list[tuple[TracedModel, fx.GraphModule]] = []
         self.retraces: list[Retrace] = []
         self.refused: dict[str, str] = {}
+        self.mode_graphs: dict[bool, tuple[TracedModel, fx.GraphModule]] = {}
 
     def call(self, ext, args: tuple, kwargs: dict, error: ShapeError):
         """Run ``ext``'s branches on a shape its first graph refused (``error``)."""
@@ -113,6 +114,28 @@ class ShapeGraphs:
             except ShapeError:
                 continue
         traced, gm = self._add(ext, args, kwargs, error)
+        return traced.call(gm, args, kwargs)
+
+    def call_in_mode(self, ext, args: tuple, kwargs: dict):
+        """Run ``ext`` in the mode it is in now when its exported graph was traced in the other
+        one: an exported graph bakes dropout and BatchNorm in the mode it was traced in. The
+        model is exported once more in this mode, at the example inputs and with the first
+        graph's dynamic shapes, and the same branches are inserted (sound with contraction
+        for the reason every extra graph is)."""
+        entry = self.mode_graphs.get(ext.training)
+        if entry is None:
+            primary = ext.traced
+            try:
+                entry = _branched_graph(ext, primary.example_inputs, primary.example_kwargs,
+                                        ext.training)
+            except MorphcError as exc:
+                mode = "train" if ext.training else "eval"
+                raise ShapeError(f"this extension was exported in the other mode and the model "
+                                 f"could not be exported again in {mode} mode ({exc}); extend "
+                                 f"the model in the mode you will call it in") from exc
+            entry[1].train(ext.training)
+            self.mode_graphs[ext.training] = entry
+        traced, gm = entry
         return traced.call(gm, args, kwargs)
 
     def _add(self, ext, args: tuple, kwargs: dict, error: ShapeError):
@@ -133,20 +156,10 @@ class ShapeGraphs:
                              "dynamic with dynamic_shapes=... or raise max_retraces)") from None
         started = time.perf_counter()
         try:
-            with _TrainingAs(ext.model, primary.training):
-                traced = trace(ext.model, args, frontend="export", kwargs=kwargs,
-                               dynamic_shapes=primary.dynamic_shapes)
-            analysed = Pipeline(traced.graph_module)
-            sites = matching_sites(ext.sites, analysed.run(find_sites).analysis,
-                                   traced.graph_module)
-            if isinstance(sites, str):
-                raise ShapeError(sites)
-            pipeline = analysed.fork()
-            pipeline.run(insert_extension, sites, ext.branches)
+            traced, gm = _branched_graph(ext, args, kwargs, primary.training)
         except MorphcError as exc:
             self.refused[what] = f"(tracing the model again at this shape failed: {exc})"
             raise ShapeError(f"{error} {self.refused[what]}") from exc
-        gm = pipeline.graph_module
         gm.train(ext.training)
         self.graphs.append((traced, gm))
         record = Retrace(what, time.perf_counter() - started, traced.cached,
@@ -161,5 +174,20 @@ class ShapeGraphs:
 
     def apply(self, fn) -> None:
         """``.to()`` / ``.double()`` on the extra graphs too (they share the user's tensors)."""
-        for _, gm in self.graphs:
+        for _, gm in [*self.graphs, *self.mode_graphs.values()]:
             gm._apply(fn)
+
+
+def _branched_graph(ext, args: tuple, kwargs: dict, training: bool):
+    """The user's model exported again (in ``training`` mode, at these inputs) with ``ext``'s
+    own branch modules inserted at the matching sites; raises a MorphcError when it cannot be."""
+    with _TrainingAs(ext.model, training):
+        traced = trace(ext.model, args, frontend="export", kwargs=kwargs,
+                       dynamic_shapes=ext.traced.dynamic_shapes)
+    analysed = Pipeline(traced.graph_module)
+    sites = matching_sites(ext.sites, analysed.run(find_sites).analysis, traced.graph_module)
+    if isinstance(sites, str):
+        raise ShapeError(sites)
+    pipeline = analysed.fork()
+    pipeline.run(insert_extension, sites, ext.branches)
+    return traced, pipeline.graph_module

@@ -161,15 +161,13 @@ def function_change(before: nn.Module, after: nn.Module, inputs: tuple) -> dict[
     change = {}
     modes = (before.training, after.training)
     try:
-        with warnings.catch_warnings():   # probing both modes is intended, also for export graphs
-            warnings.filterwarnings("ignore", message="this model was captured by torch.export")
-            for mode in ("eval", "train"):
-                outputs = []
-                for module in (before, after):
-                    module.train(mode == "train")
-                    outputs.append(deterministic_forward(
-                        module, tuple(inputs), kwargs=getattr(inputs, "kwargs", None)))
-                change[mode] = relative_deviation(*outputs)
+        for mode in ("eval", "train"):
+            outputs = []
+            for module in (before, after):
+                module.train(mode == "train")
+                outputs.append(deterministic_forward(
+                    module, tuple(inputs), kwargs=getattr(inputs, "kwargs", None)))
+            change[mode] = relative_deviation(*outputs)
     finally:
         before.train(modes[0])
         after.train(modes[1])
