@@ -143,7 +143,7 @@ class Plateau(Trigger):
     """
 
     needs_grad_norm = False
-    spike_spread = 3.0   # noise leaves two windows' spreads alike: F(99, 99) > 9 has p ≈ 1e-20
+    spike_spread = 3.0   # noise leaves two windows' spreads alike: F(99, 99) > 9 has p ≈ 5e-24
 
     def __init__(self, window: int = 100, threshold: float = 1e-3, confidence: float = 2.0,
                  floor: float = -math.inf) -> None:
