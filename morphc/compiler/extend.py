@@ -11,6 +11,7 @@ from torch import nn
 from morphc.compiler.escape import Probe, escape_scores, rank_sites
 from morphc.compiler.extended import ExtendedModel, ExtensionConfig
 from morphc.errors import SiteError, TraceError
+from morphc.families import get_family
 from morphc.ir.branch import BypassBranch
 from morphc.ir.sites import Site, SiteSpec, select_sites
 from morphc.ir.trace import TracedModel, trace
@@ -21,16 +22,19 @@ from morphc.passes.insert_extension import insert_extension
 Width = int | float
 
 
+def check_width(width: Width, where: str = "width") -> None:
+    """An int unit count or a float fraction in (0, 1] of the site's output size."""
+    if isinstance(width, bool) or not isinstance(width, int | float) or \
+            not math.isfinite(width) or width <= 0 or isinstance(width, float) and width > 1:
+        raise SiteError(f"{where} must be a positive int (units) or a float fraction in (0, 1] "
+                        f"of the site's output size, got {width!r}")
+
+
 def resolve_width(site: Site, width: Width) -> int:
     """An int is a unit count; a float in (0, 1] a fraction of the site's output size. Convs
     round up to a multiple of ``groups`` so the branch can be grouped like the site."""
-    if isinstance(width, bool) or not isinstance(width, int | float) or \
-            not math.isfinite(width) or width <= 0:
-        raise SiteError(f"width must be a positive int or a fraction in (0, 1], got {width!r}")
+    check_width(width)
     if isinstance(width, float):
-        if width > 1:
-            raise SiteError(f"a fractional width must be in (0, 1], got {width}; "
-                            "pass an int for a unit count")
         units = max(1, round(width * site.out_features))
     else:
         units = width
@@ -40,22 +44,33 @@ def resolve_width(site: Site, width: Width) -> int:
 OVERRIDE_KEYS = ("width", "activation")
 
 
-def check_overrides(overrides: Mapping[str, Mapping] | None, table) -> None:
-    """Every override names a site of ``table`` (by name or weight name) and sets only
-    ``width`` / ``activation``: a typo would otherwise be ignored in silence."""
+def check_override_settings(overrides: Mapping[str, Mapping] | None) -> None:
+    """Each override sets only a valid ``width`` and a known ``activation``: a typo would
+    otherwise be ignored in silence (checkable before the model is traced)."""
     if overrides is None:
         return
     if not isinstance(overrides, Mapping):
         raise SiteError(f"overrides must map a site name to {{'width': ..., 'activation': ...}}"
                         f", got {type(overrides).__name__}")
-    known = {n for site in table.values() for n in (site.name, site.weight_name) if n}
     for name, values in overrides.items():
-        if name not in known:
-            raise SiteError(f"overrides names {name!r}, which is no site of this model; sites: "
-                            f"{[site.name for site in table.values()]}")
         if not isinstance(values, Mapping) or set(values) - set(OVERRIDE_KEYS):
             raise SiteError(f"overrides[{name!r}] must be a mapping with keys among "
                             f"{list(OVERRIDE_KEYS)}, got {values!r}")
+        if "width" in values:
+            check_width(values["width"], f"overrides[{name!r}]['width']")
+        if "activation" in values:
+            get_family(values["activation"])
+
+
+def check_overrides(overrides: Mapping[str, Mapping] | None, table) -> None:
+    """:func:`check_override_settings`, and every override names a site of ``table`` (by name
+    or weight name)."""
+    check_override_settings(overrides)
+    known = {n for site in table.values() for n in (site.name, site.weight_name) if n}
+    for name in overrides or {}:
+        if name not in known:
+            raise SiteError(f"overrides names {name!r}, which is no site of this model; sites: "
+                            f"{[site.name for site in table.values()]}")
 
 
 def _option(overrides: Mapping[str, Mapping] | None, site: Site, key: str, default):

@@ -22,15 +22,14 @@ True
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from morphc.compiler.extend import OVERRIDE_KEYS
-from morphc.errors import BypassError, MorphcError, SiteError, TraceError
+from morphc.compiler.extend import check_override_settings, check_width
+from morphc.errors import BypassError, MorphcError, TraceError
 from morphc.families import get_family
 from morphc.ir.sites import select_sites, site_patterns
 from morphc.ir.trace import _as_tuple, run_example, trace
@@ -49,13 +48,6 @@ from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
 STATE_VERSION = 3
 
 
-def _check_width(width, where: str) -> None:
-    if isinstance(width, bool) or not isinstance(width, int | float) or \
-            not math.isfinite(width) or width <= 0 or isinstance(width, float) and width > 1:
-        raise SiteError(f"{where} must be a positive int (units) or a float fraction in (0, 1] "
-                        f"of the site's output size, got {width!r}")
-
-
 def one_exclude_pattern(options: dict) -> dict:
     """``exclude="fc1"`` is one pattern, as in ``extend``; the config would take the string as
     an iterable of patterns, one per character."""
@@ -67,24 +59,12 @@ def one_exclude_pattern(options: dict) -> dict:
 def check_branch_settings(cfg: BypassConfig) -> None:
     """Refuse a width, activation or override that every cycle's extension would refuse, at
     construction: found only when the first cycle starts, it would end Bypass for the run."""
-    _check_width(cfg.width, "width")
+    check_width(cfg.width)
     get_family(cfg.activation)
     if not callable(cfg.sites) and cfg.sites not in ("all", "auto"):
         site_patterns(cfg.sites)
     site_patterns(cfg.exclude, "exclude")
-    if cfg.overrides is None:
-        return
-    if not isinstance(cfg.overrides, Mapping):
-        raise SiteError(f"overrides must map a site name to {{'width': ..., 'activation': ...}}, "
-                        f"got {type(cfg.overrides).__name__}")
-    for name, values in cfg.overrides.items():
-        if not isinstance(values, Mapping) or set(values) - set(OVERRIDE_KEYS):
-            raise SiteError(f"overrides[{name!r}] must be a mapping with keys among "
-                            f"{list(OVERRIDE_KEYS)}, got {values!r}")
-        if "width" in values:
-            _check_width(values["width"], f"overrides[{name!r}]['width']")
-        if "activation" in values:
-            get_family(values["activation"])
+    check_override_settings(cfg.overrides)
 
 
 class Bypass(CycleRunner):
