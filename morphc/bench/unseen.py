@@ -256,10 +256,97 @@ def gaussian_nll(seed: int) -> Case:
     return Case(model, _adam(1e-2), (x, y), _gaussian_nll, 2000)
 
 
+# -- a second batch, added after the table above was published: classic plateaus of other kinds --
+def deep_sigmoid(seed: int) -> Case:
+    """Concentric circles by a 2-(8×6)-1 sigmoid net, momentum SGD: vanishing gradients."""
+    from sklearn.datasets import make_circles
+    a, b = make_circles(400, noise=0.05, factor=0.5, random_state=seed)
+    a_test, b_test = make_circles(400, noise=0.05, factor=0.5, random_state=seed + 99)
+
+    def layers():
+        hidden = [m for _ in range(5) for m in (nn.Linear(8, 8), nn.Sigmoid())]
+        return [nn.Linear(2, 8), nn.Sigmoid(), *hidden, nn.Linear(8, 1)]
+
+    def as_xy(u, v):
+        return torch.tensor(u, dtype=torch.float32), torch.tensor(v, dtype=torch.float32)[:, None]
+
+    return Case(_model(seed, layers), _sgd(0.5), as_xy(a, b), F.binary_cross_entropy_with_logits,
+                3000, test=as_xy(a_test, b_test))
+
+
+def relu_regression(seed: int) -> Case:
+    """|x|·sin 3x by a 1-8-8-8-1 ReLU net, momentum SGD: units die and stay dead."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(256, 1, generator=g) * 4 - 2
+    x_test = torch.linspace(-2, 2, 200)[:, None]
+
+    def target(v):
+        return v.abs() * torch.sin(3 * v)
+
+    model = _model(seed, lambda: [nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                  nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)])
+    return Case(model, _sgd(0.02), (x, target(x)), F.mse_loss, 3000,
+                test=(x_test, target(x_test)))
+
+
+class _Elman(nn.Module):
+    """A tanh RNN unrolled over a fixed length: one Linear cell used at every time step."""
+
+    def __init__(self, length: int = 8, hidden: int = 8) -> None:
+        super().__init__()
+        self.length = length
+        self.inp, self.rec, self.out = nn.Linear(1, hidden), nn.Linear(hidden, hidden), \
+            nn.Linear(hidden, 1)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(seq[:, 0]))
+        for t in range(1, self.length):
+            h = torch.tanh(self.inp(seq[:, t]) + self.rec(h))
+        return self.out(h)
+
+
+def rnn_first_bit(seed: int) -> Case:
+    """Recall the sign of the first of 8 noisy inputs: a long-range plateau, Adam."""
+    g = torch.Generator().manual_seed(seed)
+
+    def sample(n):
+        seq = torch.randn(n, 8, 1, generator=g)
+        return seq, (seq[:, 0] > 0).float()
+
+    train, test = sample(256), sample(256)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _Elman()
+    return Case(model, _adam(3e-3), train, F.binary_cross_entropy_with_logits, 1500, test=test)
+
+
+def tanh_bottleneck(seed: int) -> Case:
+    """A 10-2-10 tanh autoencoder of points on a curved 2-D sheet, momentum SGD."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(300, 2, generator=g) * 2 - 1
+    lift = torch.randn(3, 10, generator=g)
+    x = torch.cat([u, u[:, :1] * u[:, 1:]], 1) @ lift
+    model = _model(seed, lambda: [nn.Linear(10, 2), nn.Tanh(), nn.Linear(2, 10)])
+    return Case(model, _sgd(0.05), (x, x), F.mse_loss, 3000)
+
+
+def circles_onecycle(seed: int) -> Case:
+    """Concentric circles, 2-6-1 ReLU, AdamW under OneCycleLR, minibatches of 32."""
+    from sklearn.datasets import make_circles
+    a, b = make_circles(500, noise=0.1, factor=0.4, random_state=seed)
+    x, y = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)[:, None]
+    train, test = _split(x, y, seed)
+    model = _model(seed, lambda: [nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 1)])
+    return Case(model, lambda params: torch.optim.AdamW(params, lr=1e-3), train,
+                F.binary_cross_entropy_with_logits, 1500, test=test, batch=32,
+                schedule=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, 1500))
+
+
 PROBLEMS: dict[str, Callable[[int], Case]] = {f.__name__: f for f in (
     xor_tanh, xor_adam, parity3, encoder_838, spiral, cancer_minibatch, digits_cosine,
     digits_cnn_dropout, teacher_relu, wine, sine_deep, step_schedule, moons, linear_autoencoder,
-    count_transformer, gaussian_nll)}
+    count_transformer, gaussian_nll, deep_sigmoid, relu_regression, rnn_first_bit,
+    tanh_bottleneck, circles_onecycle)}
 
 
 @dataclass
