@@ -1,0 +1,72 @@
+"""Probes of the public API with models an outside user brings (dtypes, layouts, structures,
+parametrizations, modules morphc cannot handle, the extended model's own lifecycle): each keeps
+the invariants (E1, C1 into the user's own Parameters) or fails at once, typed, leaving the
+user's model as it was."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import morphc
+from tests.helpers import max_rel, train_extension
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def _fold(model, args, ext):
+    """Train ``ext`` off B = 0, contract at s = 0; returns (extended output, folded output)."""
+    params = dict(model.named_parameters())
+    train_extension(ext, args)
+    ext.set_homotopy(0.0)
+    with torch.no_grad():
+        extended = ext(*args)
+    assert morphc.contract(ext) is model
+    assert all(p is params[n] for n, p in model.named_parameters())
+    with torch.no_grad():
+        return extended, model(*args)
+
+
+class _Remembers(nn.Module):
+    """Keeps its last hidden state on itself, as many research models do for logging."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.last = None
+
+    def forward(self, x):
+        self.last = torch.tanh(self.a(x))
+        return self.b(self.last)
+
+
+def _pruned():
+    model = _mlp()
+    prune.l1_unstructured(model[0], "weight", 0.5)     # a pre-hook sets model[0].weight
+    return model
+
+
+@pytest.mark.parametrize("make, attribute", [(_Remembers, lambda m: m.last),
+                                             (_pruned, lambda m: m[0].weight)])
+def test_tracing_leaves_no_proxy_on_the_users_modules(make, attribute):
+    """symbolic_trace runs the forward on proxies: an attribute the forward (or a pruning hook)
+    sets stayed a torch.fx Proxy on the user's module, so ``torch.save(model)`` and any read of
+    it failed until the next eager call."""
+    model, x = make(), torch.randn(4, 8)
+    with torch.no_grad():
+        expected = model(x)
+        before = attribute(model).clone()
+    ext = morphc.extend(model, (x,), sites="all", width=4)
+    assert type(attribute(model)) is torch.Tensor and torch.equal(attribute(model), before)
+    assert not any(k.startswith("_tensor_constant") for k in vars(model))
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        assert torch.equal(ext(x), expected)
+    extended, folded = _fold(model, (x,), ext)
+    assert max_rel(folded, extended) < 1e-6
