@@ -70,3 +70,15 @@ def test_tracing_leaves_no_proxy_on_the_users_modules(make, attribute):
         assert torch.equal(ext(x), expected)
     extended, folded = _fold(model, (x,), ext)
     assert max_rel(folded, extended) < 1e-6
+
+
+@pytest.mark.parametrize("convert", ["ext.double()", "ext.to(float64)"])
+def test_contract_after_converting_the_model_to_float64(convert):
+    """Contraction verifies on the example inputs, which stayed float32 when the model was
+    converted after extend: it raised torch's dtype RuntimeError and could not contract."""
+    model, x = _mlp(), torch.randn(4, 8)
+    ext = morphc.extend(model, (x,), sites="all", width=4)
+    ext.double() if convert == "ext.double()" else ext.to(torch.float64)
+    assert {p.dtype for p in [*ext.parameters(), *model.parameters()]} == {torch.float64}
+    extended, folded = _fold(model, (x.double(),), ext)
+    assert max_rel(folded, extended) < 1e-12

@@ -78,6 +78,26 @@ class ExtendedModel(nn.Module):
         if limit is None:
             limit = 0 if traced.dynamic_shapes is not None else DEFAULT_RETRACES
         self.shape_graphs = ShapeGraphs(limit)
+        weight = self.graph_module.get_parameter(sites[0].weight_name) if sites else homotopy
+        self._extended_as = (weight.dtype, weight.device)
+
+    def example_call(self) -> tuple[tuple, dict]:
+        """The example inputs (args, kwargs), converted as the model was since extend: after
+        ``ext.double()`` / ``model.to(device)`` the traced examples would no longer fit it. A
+        floating tensor of the site weights' old dtype takes their new one; a tensor on their old
+        device moves to the new one."""
+        dtype, device = self._extended_as
+        weight = self.graph_module.get_parameter(self.sites[0].weight_name) if self.sites \
+            else self._homotopy
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point() and t.dtype == dtype:
+                t = t.to(weight.dtype)
+            return t.to(weight.device) if t.device == device else t
+
+        return torch.utils._pytree.tree_map_only(
+            torch.Tensor, convert, (tuple(self.traced.example_inputs),
+                                    dict(self.traced.example_kwargs)))
 
     @property
     def retraces(self) -> list[Retrace]:
