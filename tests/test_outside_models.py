@@ -82,3 +82,34 @@ def test_contract_after_converting_the_model_to_float64(convert):
     assert {p.dtype for p in [*ext.parameters(), *model.parameters()]} == {torch.float64}
     extended, folded = _fold(model, (x.double(),), ext)
     assert max_rel(folded, extended) < 1e-12
+
+
+@pytest.mark.parametrize("frontend", ["symbolic_trace", "export"])
+def test_an_extended_model_pickles_or_says_why_not(frontend):
+    """``torch.save(ext)`` failed on the branches' compiled family (sympy-made closures) and on
+    the trace's WeakKeyDictionary; an exported graph cannot pickle at all (torch's own
+    limitation), which is now a typed error naming what works. A deep copy works either way
+    and folds into the copy of the user's model, never into the original."""
+    model, x = _mlp(), torch.randn(4, 8)
+    ext = morphc.extend(model, (x,), sites="all", width=4, frontend=frontend)
+    train_extension(ext, (x,))
+    with torch.no_grad():
+        expected = ext(x)
+    buffer = io.BytesIO()
+    if frontend == "export":
+        with pytest.raises(morphc.FormatError, match="state_dict"):
+            torch.save(ext, buffer)
+        loaded = morphc.extend(_mlp(), (x,), sites="all", width=4, frontend=frontend)
+        loaded.load_state_dict(ext.state_dict())
+    else:
+        torch.save(ext, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    twin = __import__("copy").deepcopy(ext)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    for other in (loaded, twin):
+        with torch.no_grad():
+            assert torch.equal(other(x), expected)
+        extended, folded = _fold(other.model, (x,), other)
+        assert max_rel(folded, extended) < 1e-6
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
 from dataclasses import dataclass, field
 
@@ -9,8 +10,9 @@ import torch
 from torch import fx, nn
 
 from morphc.compiler.shape_graphs import DEFAULT_RETRACES, Retrace, ShapeGraphs
-from morphc.errors import ContractionError, ShapeError
+from morphc.errors import ContractionError, FormatError, ShapeError
 from morphc.ir.sites import Site, SiteTable
+from morphc.ir.tags import restore_tags, tags_by_name
 from morphc.ir.trace import TracedModel
 from morphc.passes.infra import Pipeline
 
@@ -98,6 +100,35 @@ class ExtendedModel(nn.Module):
         return torch.utils._pytree.tree_map_only(
             torch.Tensor, convert, (tuple(self.traced.example_inputs),
                                     dict(self.traced.example_kwargs)))
+
+    def __reduce_ex__(self, protocol):
+        """``torch.save(ext)`` / pickle. torch.export's graph modules do not pickle (closures in
+        their hooks): refuse that clearly, naming what does work."""
+        if self.traced.frontend == "export":
+            raise FormatError(
+                "an extended model traced by torch.export cannot be pickled (torch.save(ext)): "
+                "torch's exported modules do not pickle. Save ext.state_dict() (and your "
+                "model's), then morphc.extend the model again with the same settings and "
+                "ext.load_state_dict(...)")
+        return super().__reduce_ex__(protocol)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_node_tags": tags_by_name(self.graph_module)}
+
+    def __setstate__(self, state: dict) -> None:
+        """A pickled GraphModule comes back without node meta: its tags (which nodes are a
+        site, a branch, its add) are what the fold needs to find."""
+        tags = state.pop("_node_tags", {})
+        super().__setstate__(state)
+        restore_tags(self.graph_module, tags)
+
+    def __deepcopy__(self, memo):
+        """The usual deep copy (also of the user's model, so a copy never folds into the
+        original), spelled out because :meth:`__reduce_ex__` refuses exported graphs."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @property
     def retraces(self) -> list[Retrace]:

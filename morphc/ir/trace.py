@@ -70,6 +70,14 @@ class TracedModel:
     _signatures: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary,
                                                    repr=False, compare=False)
 
+    def __getstate__(self) -> dict:
+        """Pickle (``torch.save`` of an extended model) without the per-module signature cache,
+        a WeakKeyDictionary pickle cannot take; it refills on the first call."""
+        return {**self.__dict__, "_signatures": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _signatures=weakref.WeakKeyDictionary())
+
     def check_call(self, args: tuple, kwargs: dict) -> dict:
         """Refuse, with a ``ShapeError``, inputs the graph cannot take; returns the kwargs with
         non-tensor example kwargs (e.g. ``use_cache=False``, baked into an exported graph)
