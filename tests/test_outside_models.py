@@ -113,3 +113,22 @@ def test_an_extended_model_pickles_or_says_why_not(frontend):
         extended, folded = _fold(other.model, (x,), other)
         assert max_rel(folded, extended) < 1e-6
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("padding", "mode", "dim"), [
+    ("same", "circular", 1), ("same", "reflect", 2), ("same", "replicate", 2),
+    ("valid", "circular", 2)])
+def test_a_conv_padded_same_in_a_mode_other_than_zeros(padding, mode, dim):
+    """``nn.Conv*d(padding="same", padding_mode="circular")``: the branch passed the string
+    "same" to F.pad, so extend failed with a TypeError. An even kernel with a dilation makes
+    "same" pad asymmetrically, as nn.ConvNd does."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(4, 6, (4,) * dim, padding=padding, padding_mode=mode,
+                               dilation=(2,) * dim), nn.Tanh(), conv(6, 2, 1))
+    x = torch.randn(2, 4, *(11,) * dim)
+    ext = morphc.extend(model, (x,), sites="all", width=3)
+    with torch.no_grad():
+        assert torch.equal(ext(x), model(x))
+    extended, folded = _fold(model, (x,), ext)
+    assert max_rel(folded, extended) < 1e-6
