@@ -132,3 +132,101 @@ def test_a_conv_padded_same_in_a_mode_other_than_zeros(padding, mode, dim):
         assert torch.equal(ext(x), model(x))
     extended, folded = _fold(model, (x,), ext)
     assert max_rel(folded, extended) < 1e-6
+
+
+class _DictToNamedTuple(nn.Module):
+    """Inputs as a dict, output as a namedtuple, Linear on (batch, seq, features)."""
+
+    Out = __import__("collections").namedtuple("Out", "y h")
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 3)
+
+    def forward(self, inputs):
+        h = torch.tanh(self.a(inputs["x"])) * inputs["mask"]
+        return self.Out(self.b(h), h)
+
+
+class _TiedHead(nn.Module):
+    """An output projection tied to the embedding, which is not a site (it is also a lookup)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.h = nn.Embedding(10, 8), nn.Linear(8, 8)
+        self.out = nn.Linear(8, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.h(self.emb(ids))))
+
+
+def _channels_last():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(8, 4, 3, groups=4)).to(memory_format=torch.channels_last)
+
+
+def _weight_norm():
+    model = _mlp()
+    nn.utils.parametrizations.weight_norm(model[0])
+    return model
+
+
+_CASES = {   # name: (model, example inputs, a call at another shape or None, C1 tolerance)
+    "float64": (lambda: _mlp(torch.float64), (torch.randn(4, 8, dtype=torch.float64),), None,
+                1e-12),
+    "channels_last": (_channels_last,
+                      (torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last),),
+                      (torch.randn(3, 3, 6, 6),), 1e-6),
+    "unbatched": (_mlp, (torch.randn(8),), (torch.randn(5, 8),), 1e-6),
+    "dict-in-namedtuple-out": (_DictToNamedTuple,
+                               ({"x": torch.randn(2, 5, 8), "mask": torch.rand(2, 5, 1)},),
+                               None, 1e-6),
+    "tied-embedding": (_TiedHead, (torch.randint(0, 10, (3, 4)),), None, 1e-6),
+    "weight_norm-parametrization": (_weight_norm, (torch.randn(4, 8),), None, 1e-6),
+}
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_models_an_outside_user_brings_keep_e1_and_c1(case):
+    make, args, other, tolerance = _CASES[case]
+    model = make()
+    with torch.no_grad():
+        expected = model(*args)
+    ext = morphc.extend(model, args, sites="all", width=4)
+    with torch.no_grad():
+        got = ext(*args)
+        assert type(got) is type(expected)
+        assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(got),
+                                                     torch.utils._pytree.tree_leaves(expected),
+                                                     strict=True))
+        if other is not None:
+            assert torch.equal(ext(*other), model(*other))
+    extended, folded = _fold(model, args, ext)
+    assert max_rel(folded, extended) < tolerance
+
+
+def test_a_bfloat16_model_folds_within_its_rounding_with_branches_in_bfloat16():
+    model, x = _mlp(torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    ext = morphc.extend(model, (x,), sites="all", width=4)
+    assert {p.dtype for p in ext.extension_parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(ext(x), model(x))
+    extended, folded = _fold(model, (x,), ext)
+    assert 0 < max_rel(folded, extended) < 2e-2
+
+
+@pytest.mark.parametrize("make, sites, error", [
+    (lambda: torch.jit.script(_mlp()), "all", morphc.TraceError),
+    (lambda: nn.Sequential(nn.LSTM(8, 8, batch_first=True)), ["0"], morphc.SiteError),
+])
+def test_what_morphc_cannot_extend_is_refused_typed_and_leaves_the_model_alone(make, sites,
+                                                                              error):
+    model, x = make(), torch.randn(4, 3, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error):
+        morphc.extend(model, (x,), sites=sites)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
