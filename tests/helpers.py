@@ -7,18 +7,25 @@ import morphc.compiler.deviation
 
 
 def train_extension(ext, inputs, steps=5, lr=1e-2, seed=0):
-    """A few Adam steps on a random regression target, so every branch moves off B = 0."""
+    """A few Adam steps on a random regression target, so every branch moves off B = 0.
+    Outputs may be any pytree (dict, namedtuple, tuple with None): every floating leaf counts."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        out = ext(*inputs)
-    target = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        outs = _floating_leaves(ext(*inputs))
+    targets = [torch.randn(out.shape, generator=gen, dtype=out.dtype) for out in outs]
     opt = torch.optim.Adam(ext.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(ext(*inputs), target)
+        loss = sum(torch.nn.functional.mse_loss(out, target)
+                   for out, target in zip(_floating_leaves(ext(*inputs)), targets, strict=True))
         loss.backward()
         opt.step()
     return ext
+
+
+def _floating_leaves(output):
+    return [t for t in torch.utils._pytree.tree_leaves(output)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def max_rel(a, b):

@@ -49,9 +49,9 @@ def float64_deviation(ext: ExtendedModel) -> float | None:
     model apart from a wrong fold. None when it cannot be measured."""
     try:
         work = copy.deepcopy(ext).double()
-        inputs = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
-                       else t for t in work.traced.example_inputs)
-        kwargs = getattr(work.traced, "example_kwargs", None) or {}
+        inputs, kwargs = torch.utils._pytree.tree_map_only(
+            torch.Tensor, lambda t: t.double() if t.is_floating_point() else t,
+            work.example_call())
         reference = deterministic_forward(work, inputs, kwargs=kwargs)
         folded = work.pipeline.fork()
         new_values = folded.run(fold_extension, work.sites, work.branches).analysis
@@ -94,7 +94,7 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
         raise ContractionError("this extended model was already contracted")
     check_owner(ext)
     check_device(ext)
-    inputs, kwargs = ext.traced.example_inputs, ext.traced.example_kwargs
+    inputs, kwargs = ext.example_call()
     residual = ext.constraint_residual()
     snap_change = None
     if residual != 0.0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
 from dataclasses import dataclass, field
 
@@ -9,8 +10,9 @@ import torch
 from torch import fx, nn
 
 from morphc.compiler.shape_graphs import DEFAULT_RETRACES, Retrace, ShapeGraphs
-from morphc.errors import ContractionError, ShapeError
+from morphc.errors import ContractionError, FormatError, ShapeError
 from morphc.ir.sites import Site, SiteTable
+from morphc.ir.tags import restore_tags, tags_by_name
 from morphc.ir.trace import TracedModel
 from morphc.passes.infra import Pipeline
 
@@ -78,6 +80,55 @@ class ExtendedModel(nn.Module):
         if limit is None:
             limit = 0 if traced.dynamic_shapes is not None else DEFAULT_RETRACES
         self.shape_graphs = ShapeGraphs(limit)
+        weight = self.graph_module.get_parameter(sites[0].weight_name) if sites else homotopy
+        self._extended_as = (weight.dtype, weight.device)
+
+    def example_call(self) -> tuple[tuple, dict]:
+        """The example inputs (args, kwargs), converted as the model was since extend: after
+        ``ext.double()`` / ``model.to(device)`` the traced examples would no longer fit it. A
+        floating tensor of the site weights' old dtype takes their new one; a tensor on their old
+        device moves to the new one."""
+        dtype, device = self._extended_as
+        weight = self.graph_module.get_parameter(self.sites[0].weight_name) if self.sites \
+            else self._homotopy
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point() and t.dtype == dtype:
+                t = t.to(weight.dtype)
+            return t.to(weight.device) if t.device == device else t
+
+        return torch.utils._pytree.tree_map_only(
+            torch.Tensor, convert, (tuple(self.traced.example_inputs),
+                                    dict(self.traced.example_kwargs)))
+
+    def __reduce_ex__(self, protocol):
+        """``torch.save(ext)`` / pickle. torch.export's graph modules do not pickle (closures in
+        their hooks): refuse that clearly, naming what does work."""
+        if self.traced.frontend == "export":
+            raise FormatError(
+                "an extended model traced by torch.export cannot be pickled (torch.save(ext)): "
+                "torch's exported modules do not pickle. Save ext.state_dict() (and your "
+                "model's), then morphc.extend the model again with the same settings and "
+                "ext.load_state_dict(...)")
+        return super().__reduce_ex__(protocol)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_node_tags": tags_by_name(self.graph_module)}
+
+    def __setstate__(self, state: dict) -> None:
+        """A pickled GraphModule comes back without node meta: its tags (which nodes are a
+        site, a branch, its add) are what the fold needs to find."""
+        tags = state.pop("_node_tags", {})
+        super().__setstate__(state)
+        restore_tags(self.graph_module, tags)
+
+    def __deepcopy__(self, memo):
+        """The usual deep copy (also of the user's model, so a copy never folds into the
+        original), spelled out because :meth:`__reduce_ex__` refuses exported graphs."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @property
     def retraces(self) -> list[Retrace]:

@@ -56,6 +56,17 @@ class BypassBranch(nn.Module):
         self.register_buffer("homotopy", homotopy, persistent=False)
         self._unit_shape = (-1, *self.strategy.unit_shape(width, conv))   # α's view for ρ
 
+    def __getstate__(self) -> dict:
+        """Pickle without the compiled family (closures made from sympy, which pickle cannot
+        take); it is compiled again, from the registered family, on load."""
+        state = dict(self.__dict__)
+        state.pop("compiled", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.compiled = get_family(self.family_name).compile(zero_offset=self.zero_offset)
+
     # -- the forward the graph calls ------------------------------------------------------------
     def unit_shape(self) -> tuple[int, ...]:
         """Shape under which per-unit α broadcasts against the pre-activation ``A x + a``."""

@@ -181,10 +181,16 @@ class ConvTranspose(Conv):
 
 
 def _reversed_padding(conv: ConvConfig) -> tuple[int, ...]:
-    """``F.pad`` order for a conv's symmetric padding (last dim first), as ``nn.ConvNd`` does."""
+    """``F.pad`` order (last dim first) for a conv's padding, as ``nn.ConvNd`` computes it for a
+    ``padding_mode`` other than zeros: ``"same"`` pads ``dilation·(k − 1)`` in all, the odd one
+    on the right; ``"valid"`` pads nothing."""
     out: list[int] = []
-    for p in reversed(conv.padding):
-        out += [p, p]
+    for i in reversed(range(conv.dim)):
+        if conv.padding == "same":
+            total = conv.dilation[i] * (conv.kernel_size[i] - 1)
+            out += [total // 2, total - total // 2]
+        else:
+            out += [0, 0] if conv.padding == "valid" else [conv.padding[i]] * 2
     return tuple(out)
 
 

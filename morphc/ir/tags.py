@@ -54,6 +54,19 @@ def tag_of(node: fx.Node) -> NodeTag | None:
     return node.meta.get(NODE_TAG)
 
 
+def tags_by_name(gm: fx.GraphModule) -> dict[str, NodeTag]:
+    """Every tag of ``gm``, by node name: what a pickled GraphModule loses (it is rebuilt from
+    its generated code, with the same node names and no ``meta``)."""
+    return {node.name: found for node in gm.graph.nodes if (found := tag_of(node)) is not None}
+
+
+def restore_tags(gm: fx.GraphModule, tags: dict[str, NodeTag]) -> None:
+    """Put back what :func:`tags_by_name` saved."""
+    for node in gm.graph.nodes:
+        if node.name in tags:
+            node.meta[NODE_TAG] = tags[node.name]
+
+
 def role_of(node: fx.Node) -> Role | None:
     found = tag_of(node)
     return None if found is None else found.role

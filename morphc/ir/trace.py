@@ -70,6 +70,14 @@ class TracedModel:
     _signatures: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary,
                                                    repr=False, compare=False)
 
+    def __getstate__(self) -> dict:
+        """Pickle (``torch.save`` of an extended model) without the per-module signature cache,
+        a WeakKeyDictionary pickle cannot take; it refills on the first call."""
+        return {**self.__dict__, "_signatures": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _signatures=weakref.WeakKeyDictionary())
+
     def check_call(self, args: tuple, kwargs: dict) -> dict:
         """Refuse, with a ``ShapeError``, inputs the graph cannot take; returns the kwargs with
         non-tensor example kwargs (e.g. ``use_cache=False``, baked into an exported graph)
@@ -181,6 +189,28 @@ def no_side_effects(module: nn.Module) -> Iterator[None]:
                         buf.copy_(saved[name])
 
 
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Undo what a symbolic trace writes on the user's modules: a forward (or a pruning hook)
+    that sets ``self.x = ...`` leaves a torch.fx Proxy there, and the tracer parks constants as
+    ``_tensor_constant*`` on the root. Each module's attributes, parameters, buffers and
+    children are put back as they were (the same objects)."""
+    saved = [(m, dict(vars(m)), *(dict(getattr(m, d)) for d in _SLOTS)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, *slots in saved:
+            for name in set(vars(module)) - set(attributes):
+                del vars(module)[name]
+            vars(module).update(attributes)
+            for slot, values in zip(_SLOTS, slots, strict=True):
+                getattr(module, slot).clear()
+                getattr(module, slot).update(values)
+
+
+_SLOTS = ("_parameters", "_buffers", "_modules")
+
+
 class ExampleInputs(tuple):
     """Positional example inputs that carry the keyword ones (``kwargs``) and torch.export's
     ``dynamic_shapes`` along, so code that hands example inputs on — model-space moves, each of
@@ -260,9 +290,10 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.Gra
     if _has_forward_hooks(model):   # symbolic_trace reads model.forward: it would drop them
         raise TraceError("forward hooks on the model itself, which symbolic_trace drops")
     tracer = _SiteAwareTracer()
-    graph = tracer.trace(model)
-    notes = follow_mode(graph, model, lambda: _SiteAwareTracer().trace(model))
-    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    with attributes_kept(model):
+        graph = tracer.trace(model)
+        notes = follow_mode(graph, model, lambda: _SiteAwareTracer().trace(model))
+        gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     with no_side_effects(gm), torch.no_grad():
         ShapeProp(gm).propagate(*inputs)  # also proves the graph runs on these inputs
     return gm, notes
