@@ -143,21 +143,17 @@ class CycleRunner:
     # -- a cycle -------------------------------------------------------------------------------
     def _start_cycle(self, closure: Closure) -> None:
         """trigger → extend: snapshot, trace (once), choose sites, extend, join the optimizer."""
+        if not self._judge_replays(closure):
+            return
         snapshot = Snapshot.take(self._user_model, self.optimizer)
         try:
             self._trace()
             sites, scores = self._choose_sites(closure)
             ext = self._extend(sites)
         except Exception as exc:
-            reason = f"extension failed: {type(exc).__name__}: {exc}"
-            self._disabled = reason
-            self._event("failure", reason=reason)
-            if self.config.on_failure is OnFailure.RAISE:
-                raise BypassError(f"morphc could not extend the model ({exc}); nothing was "
-                                  "changed. Choose other sites=, or pass "
-                                  "on_failure='rollback' to train on without Bypass.") from exc
-            self._warn(f"morphc.Bypass could not extend the model and trains on without it: "
-                       f"{reason}")
+            self._give_up(f"extension failed: {type(exc).__name__}: {exc}",
+                          f"morphc could not extend the model ({exc}); nothing was changed. "
+                          "Choose other sites=", exc)
             return
         if scores is not None:
             ext.config.escape_scores, ext.config.selection = scores, "auto"
@@ -168,6 +164,38 @@ class CycleRunner:
                             pace=pace() if callable(pace) else 0.0)
         self._module = None
         self._event("extend", sites=ext.config.sites, widths=ext.config.widths, scores=scores)
+
+    def _give_up(self, reason: str, advice: str, exc: BaseException | None = None) -> None:
+        """No cycle for the rest of the run: recorded, warned once, or raised as a BypassError
+        with ``on_failure="raise"``. Called before anything changed."""
+        self._disabled = reason
+        self._event("failure", reason=reason)
+        if self.config.on_failure is OnFailure.RAISE:
+            raise BypassError(f"{advice}, or pass on_failure='rollback' to train on without "
+                              "Bypass.") from exc
+        self._warn(f"morphc.Bypass trains on without cycles: {reason}. {advice}.")
+
+    def _judge_replays(self, closure: Closure) -> bool:
+        """Whether the acceptance test can compare models on the same data: it calls
+        ``eval_closure`` (else the closure) again on the model before and after a cycle. A
+        closure that draws the next batch (or a random augmentation) on each call gives two
+        values on one model, and cycles would be kept or rolled back by the batches drawn.
+        Two calls on the model as it is decide, before anything changes."""
+        probe = self.config.eval_closure or closure
+        if self.config.accept == Accept.ALWAYS:
+            return True
+        first, second = (self._loss_without_trace(probe, self._user_model) for _ in range(2))
+        if first == second or math.isclose(first, second, rel_tol=1e-5) or \
+                math.isnan(first) and math.isnan(second):
+            return True
+        which = "eval_closure" if self.config.eval_closure else "the closure"
+        self._give_up(f"{which} gave two different losses on the same model ({first:.6g}, "
+                      f"{second:.6g}): it draws new data on each call, so models before and "
+                      "after a cycle cannot be compared on the same data",
+                      "Pass eval_closure= a closure over fixed data (a held-out batch), or build "
+                      "the closure over the step's batch: for x, y in loader: "
+                      "bp.step(lambda m: loss_fn(m(x), y))")
+        return False
 
     def _trace(self) -> None:
         """Trace once per run (and trace() caches per model): a cycle never re-exports."""
