@@ -6,6 +6,7 @@ algorithm: train → trigger → extend → (joint) bypass → return → contra
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -266,19 +267,33 @@ class CycleRunner:
                            f"{cycle.phase_step}: {type(exc).__name__}: {exc}", exc)
             return self._train_step(closure)
         except BaseException:            # KeyboardInterrupt: leave the user whole, then stop
-            self._rollback("interrupted")
+            self._rollback("interrupted", raises=False)
             raise
         self._count_step(value)
         was_free = cycle.phase is Phase.BYPASS
         cycle.advance()
-        if was_free and cycle.phase is Phase.RETURN:
-            cycle.loss_free = value
-            if self._free_phase_found_nothing(cycle, closure):
-                return loss.detach()
-            self._event("return", mode=self.config.return_mode, steps=cycle.return_len)
-        if cycle.return_done:
-            self._close_cycle(closure)
+        with self._whole_on_error(cycle):
+            if was_free and cycle.phase is Phase.RETURN:
+                cycle.loss_free = value
+                if self._free_phase_found_nothing(cycle, closure):
+                    return loss.detach()
+                self._event("return", mode=self.config.return_mode, steps=cycle.return_len)
+            if cycle.return_done:
+                self._close_cycle(closure)
         return loss.detach()
+
+    @contextlib.contextmanager
+    def _whole_on_error(self, cycle: Cycle):
+        """While a cycle is judged, an error or interrupt from the probe (a bug, StopIteration,
+        Ctrl-C) would leave it half closed — an unjudged fold in the user's weights, a spent
+        extension as ``bp.model``: roll back, then let the error go on as it was."""
+        try:
+            yield
+        except BaseException as exc:
+            if self._cycle is cycle:
+                self._rollback(f"interrupted while the cycle was judged: {type(exc).__name__}: "
+                               f"{exc}", raises=False)
+            raise
 
     def _extended_step(self, cycle: Cycle, closure: Closure):
         ext, cfg = cycle.ext, self.config
@@ -342,7 +357,7 @@ class CycleRunner:
                        f"and s = 0) vs {before:.4g} before the cycle; the return was skipped",
                        measures={"loss_before": before, "loss_free": losses[0],
                                  "loss_after": None, "survival": None, "snap_change": None},
-                       backoff=True)
+                       raises=False)
         return True
 
     def _close_cycle(self, closure: Closure | None, finishing: bool = False) -> None:
@@ -374,7 +389,7 @@ class CycleRunner:
             self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
                            f"before (needed < {before - cycle.required_gain(before):.4g})",
                            measures=self._measures(cycle, before, after, snap),
-                           backoff=True)
+                           raises=False)
             return
         self._unpaid, self._quiet_until = back_off(
             self.config, self.trigger, step=self.step_count, misses=self._unpaid,
@@ -421,14 +436,15 @@ class CycleRunner:
         self.trigger.reset()
 
     def _rollback(self, reason: str, exc: BaseException | None = None, *,
-                  measures: dict | None = None, backoff: bool = False) -> None:
-        """Restore the pre-extension state bit for bit; then carry on or raise."""
+                  measures: dict | None = None, raises: bool = True) -> None:
+        """Restore the pre-extension state bit for bit; then carry on, or raise a BypassError
+        with on_failure="raise" (``raises=False``: a verdict, or an error that goes on as is)."""
         snapshot, step = self._cycle.snapshot, self.step_count
         self._detach()
         snapshot.restore(self._user_model, self.optimizer)
         self.failures += 1
         self._event("rollback", reason=reason, **(measures or {}))
-        if self.config.on_failure is OnFailure.RAISE and not backoff:
+        if self.config.on_failure is OnFailure.RAISE and raises:
             raise BypassError(f"{reason}. The model, its buffers and the optimizer state were "
                               f"restored to their values before this cycle's extension; "
                               f"training can continue from step {step}, or pass "

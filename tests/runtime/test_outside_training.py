@@ -102,3 +102,36 @@ def test_dropout_and_batchnorm_in_a_closure_over_one_batch_are_not_taken_for_new
     for _ in range(12):
         bp.step(lambda m: F.mse_loss(m(x), y))
     assert _events(bp, "extend") and not _events(bp, "failure")
+
+
+# -- an error or an interrupt while a cycle is judged ----------------------------------------
+@pytest.mark.parametrize("call", [3, 6, 7], ids=["free-phase-end", "after", "before"])
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("on_failure", ["rollback", "raise"])
+def test_an_error_while_a_cycle_is_judged_leaves_the_user_whole(call, error, on_failure):
+    """eval_closure raising (a bug, StopIteration, Ctrl-C) after the fold was written left the
+    cycle half closed: the user's weights held an unjudged fold and ``bp.model`` a spent
+    extension. Now the pre-cycle state comes back bit for bit and the error propagates as it
+    was (an interrupt stays an interrupt, also with on_failure='raise')."""
+    model, x, y = _task()
+    calls = [0]
+
+    def judge(m):       # calls 1-2: the cycle's start; 3-5: the free phase's end; 6-7: its close
+        calls[0] += 1
+        if calls[0] == call:
+            raise error("raised by the judge")
+        return F.mse_loss(m(x), y)
+
+    bp = _bypass(model, eval_closure=judge, on_failure=on_failure)
+    for _ in range(3):
+        bp.step(lambda m: F.mse_loss(m(x), y))
+    assert bp.phase == "bypass"
+    whole = _whole(model, bp.optimizer)
+    with pytest.raises(error, match="raised by the judge"):
+        for _ in range(8):
+            bp.step(lambda m: F.mse_loss(m(x), y))
+    assert bp.phase == "train" and bp.model is model
+    assert _same(_whole(model, bp.optimizer), whole)
+    assert len(bp.optimizer.param_groups) == 1
+    bp.step(lambda m: F.mse_loss(m(x), y))                 # training goes on
+    assert bp.finish() is model
