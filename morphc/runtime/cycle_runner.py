@@ -32,6 +32,7 @@ from morphc.runtime.steps import (
     clip,
     grad_norm,
     loss_of,
+    no_backward_yet,
     put_back,
     zero_grads,
 )
@@ -53,6 +54,8 @@ class CycleRunner:
         try:
             loss, value = (self._capture_inputs(closure) if self.example_inputs is None else
                            loss_of(closure, self.model, self._reduce()))
+            if self.step_count == 0:            # a closure that runs backward does so at once
+                no_backward_yet(params)
             backward_checked(loss, value)
             norm = grad_norm(params) if self.trigger.needs_grad_norm else check_finite(params)
         except NonFinite as exc:
@@ -303,17 +306,23 @@ class CycleRunner:
         self.optimizer.zero_grad(set_to_none=True)
         cycle.group.zero_grad()
         joint = cycle.phase is Phase.BYPASS and cfg.free_phase is FreePhase.JOINT
+        params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
+            cycle.group.params
+        first = not cycle.saw_extension_grad
         if joint:
             ext.set_homotopy(0.0)                       # the model a fold would keep ...
-            backward_checked(*loss_of(closure, self.model, self._reduce()))
+            loss, value = loss_of(closure, self.model, self._reduce())
+            if first:
+                no_backward_yet(params)
+            backward_checked(loss, value)
             ext.set_homotopy(1.0)                       # ... and the free one, whose forward
             buffers, kept = self._back_up_buffers()     # must not move BN statistics: they
         loss, value = loss_of(closure, self.model, self._reduce())      # belong to s = 0
+        if first and not joint:
+            no_backward_yet(params)
         backward_checked(loss, value)
         if joint:                                       # after backward: autograd saved them
             put_back(buffers, kept)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
-            cycle.group.params
         check_finite(params)
         if not cycle.saw_extension_grad:
             if all(p.grad is None for p in cycle.group.params):

@@ -135,3 +135,51 @@ def test_an_error_while_a_cycle_is_judged_leaves_the_user_whole(call, error, on_
     assert len(bp.optimizer.param_groups) == 1
     bp.step(lambda m: F.mse_loss(m(x), y))                 # training goes on
     assert bp.finish() is model
+
+
+# -- closures written for optimizer.step(closure) or returning more than the loss ------------
+def _calls_backward(x, y, retain):
+    def closure(m):            # the optimizer.step(closure) convention: backward inside
+        loss = F.mse_loss(m(x), y)
+        loss.backward(retain_graph=retain)
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("retain", [False, True], ids=["backward", "retain_graph"])
+def test_a_closure_that_calls_backward_itself_is_a_typed_error_at_the_first_step(retain):
+    """bp.step does the backward. A closure written for optimizer.step(closure) calls it too:
+    torch's own 'backward through the graph a second time' came out untyped, and with
+    retain_graph=True every plain step silently trained on doubled gradients."""
+    model, x, y = _task()
+    bp = _bypass(model, lambda p: torch.optim.SGD(p, lr=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(morphc.BypassError, match="backward"):
+        bp.step(_calls_backward(x, y, retain))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_closure_that_starts_calling_backward_mid_cycle_is_rolled_back_typed():
+    model, x, y = _task()
+    bp = _bypass(model)
+    for _ in range(3):
+        bp.step(lambda m: F.mse_loss(m(x), y))
+    whole = _whole(model, bp.optimizer)
+    with pytest.raises(morphc.BypassError, match="backward"):
+        bp.step(_calls_backward(x, y, True))
+    assert bp.phase == "train" and _same(_whole(model, bp.optimizer), whole)
+
+
+@pytest.mark.parametrize("result, says", [
+    (lambda loss, out: (loss, out), "tuple"),
+    (lambda loss, out: loss.item(), "float"),
+    (lambda loss, out: {"loss": loss}, "dict"),
+    (lambda loss, out: (out - 1).pow(2), "shape"),
+])
+def test_a_closure_returning_more_or_less_than_a_scalar_loss_says_what_to_return(result, says):
+    model, x, y = _task()
+    bp = _bypass(model)
+    with pytest.raises(morphc.BypassError, match=says) as info:
+        bp.step(lambda m: (lambda out: result(F.mse_loss(out, y), out))(m(x)))
+    message = str(info.value)
+    assert "return" in message and "tensor([[" not in message, "no tensor dump, what to do"
