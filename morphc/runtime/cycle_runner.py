@@ -266,8 +266,14 @@ class CycleRunner:
             self._rollback("an error in the cycle")
             raise
         except Exception as exc:
-            self._rollback(f"the extended model failed at {cycle.phase} step "
-                           f"{cycle.phase_step}: {type(exc).__name__}: {exc}", exc)
+            reason = (f"the extended model failed at {cycle.phase} step {cycle.phase_step}: "
+                      f"{type(exc).__name__}: {exc}")
+            self._rollback(reason, exc)
+            self._miss()            # the same closure / optimizer fails the next cycle too
+            self._warn(f"morphc.Bypass rolled a cycle back, {reason}. During a cycle the "
+                       "closure's module is the extended model (morphc.ExtendedModel): call it, "
+                       "and read layers or weights from your own model (the Parameters are the "
+                       "same objects); the optimizer must take the extension's parameters")
             return self._train_step(closure)
         except BaseException:            # KeyboardInterrupt: leave the user whole, then stop
             self._rollback("interrupted", raises=False)
@@ -341,6 +347,12 @@ class CycleRunner:
             cycle.shrink_towards_c(lr)
         return loss, value
 
+    def _miss(self, before: float = math.nan, after: float = math.nan) -> None:
+        """A cycle that did not pay: the trigger backs off (:func:`back_off`)."""
+        self._unpaid, self._quiet_until = back_off(
+            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
+            quiet=self._quiet_until, paid=False, before=before, after=after)
+
     def _free_phase_found_nothing(self, cycle: Cycle, closure: Closure) -> bool:
         """At the end of the free phase: the extended model (s = 1 and s = 0) and the model from
         before the cycle on the same data; when the free phase found nothing, roll back now
@@ -359,9 +371,7 @@ class CycleRunner:
         free = min((v for v in losses if math.isfinite(v)), default=math.nan)
         if cycle.found_something(before, free, self.trigger):
             return False
-        self._unpaid, self._quiet_until = back_off(
-            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
-            quiet=self._quiet_until, paid=False, before=before, after=free)
+        self._miss(before, free)
         self._rollback(f"the free phase found nothing: loss {free:.4g} (the better of s = 1 "
                        f"and s = 0) vs {before:.4g} before the cycle; the return was skipped",
                        measures={"loss_before": before, "loss_free": losses[0],
@@ -392,9 +402,7 @@ class CycleRunner:
             return
         before, after = self._evaluate_both(cycle, closure)
         if not cycle.pays(before, after):
-            self._unpaid, self._quiet_until = back_off(
-                self.config, self.trigger, step=self.step_count, misses=self._unpaid,
-                quiet=self._quiet_until, paid=False, before=before, after=after)
+            self._miss(before, after)
             self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
                            f"before (needed < {before - cycle.required_gain(before):.4g})",
                            measures=self._measures(cycle, before, after, snap),

@@ -183,3 +183,24 @@ def test_a_closure_returning_more_or_less_than_a_scalar_loss_says_what_to_return
         bp.step(lambda m: (lambda out: result(F.mse_loss(out, y), out))(m(x)))
     message = str(info.value)
     assert "return" in message and "tensor([[" not in message, "no tensor dump, what to do"
+
+
+# -- a closure or optimizer that works on the user's model but not on the extended one ------
+def test_a_cycle_the_extended_model_cannot_run_warns_and_backs_off():
+    """``m[0].weight`` in a closure (a penalty on one layer) or an optimizer that refuses the
+    extension's parameters (torch.optim.Muon takes 2-D ones only) fail on every cycle: each
+    was rolled back silently and retried at the next trigger, forever. Now the first says what
+    to do and Bypass backs off like after a miss."""
+    model, x, y = _task()
+    bp = _bypass(model, trigger=morphc.Schedule(every=3))
+
+    def penalised(m):
+        return F.mse_loss(m(x), y) + 1e-3 * m[0].weight.pow(2).sum()
+
+    with pytest.warns(RuntimeWarning, match="your own model"):
+        for _ in range(20):
+            bp.step(penalised)
+    rollbacks = _events(bp, "rollback")
+    assert "not subscriptable" in rollbacks[0]["reason"]
+    assert len(rollbacks) == 1, "backed off instead of retrying at every trigger"
+    assert len(bp.optimizer.param_groups) == 1 and bp.phase == "train"
