@@ -182,7 +182,8 @@ class Bypass(CycleRunner):
         flight is snapped onto C, contracted, and kept only if that pays (the same acceptance
         test as every cycle); otherwise it is rolled back."""
         if self._cycle is not None:
-            self._close_cycle(self._last_closure, finishing=True)
+            with self._whole_on_error(self._cycle):
+                self._close_cycle(self._last_closure, finishing=True)
         self._module = None
         return self._user_model
 

@@ -6,6 +6,7 @@ algorithm: train → trigger → extend → (joint) bypass → return → contra
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -31,6 +32,7 @@ from morphc.runtime.steps import (
     clip,
     grad_norm,
     loss_of,
+    no_backward_yet,
     put_back,
     zero_grads,
 )
@@ -52,6 +54,8 @@ class CycleRunner:
         try:
             loss, value = (self._capture_inputs(closure) if self.example_inputs is None else
                            loss_of(closure, self.model, self._reduce()))
+            if self.step_count == 0:            # a closure that runs backward does so at once
+                no_backward_yet(params)
             backward_checked(loss, value)
             norm = grad_norm(params) if self.trigger.needs_grad_norm else check_finite(params)
         except NonFinite as exc:
@@ -143,21 +147,17 @@ class CycleRunner:
     # -- a cycle -------------------------------------------------------------------------------
     def _start_cycle(self, closure: Closure) -> None:
         """trigger → extend: snapshot, trace (once), choose sites, extend, join the optimizer."""
+        if not self._judge_replays(closure):
+            return
         snapshot = Snapshot.take(self._user_model, self.optimizer)
         try:
             self._trace()
             sites, scores = self._choose_sites(closure)
             ext = self._extend(sites)
         except Exception as exc:
-            reason = f"extension failed: {type(exc).__name__}: {exc}"
-            self._disabled = reason
-            self._event("failure", reason=reason)
-            if self.config.on_failure is OnFailure.RAISE:
-                raise BypassError(f"morphc could not extend the model ({exc}); nothing was "
-                                  "changed. Choose other sites=, or pass "
-                                  "on_failure='rollback' to train on without Bypass.") from exc
-            self._warn(f"morphc.Bypass could not extend the model and trains on without it: "
-                       f"{reason}")
+            self._give_up(f"extension failed: {type(exc).__name__}: {exc}",
+                          f"morphc could not extend the model ({exc}); nothing was changed. "
+                          "Choose other sites=", exc)
             return
         if scores is not None:
             ext.config.escape_scores, ext.config.selection = scores, "auto"
@@ -168,6 +168,38 @@ class CycleRunner:
                             pace=pace() if callable(pace) else 0.0)
         self._module = None
         self._event("extend", sites=ext.config.sites, widths=ext.config.widths, scores=scores)
+
+    def _give_up(self, reason: str, advice: str, exc: BaseException | None = None) -> None:
+        """No cycle for the rest of the run: recorded, warned once, or raised as a BypassError
+        with ``on_failure="raise"``. Called before anything changed."""
+        self._disabled = reason
+        self._event("failure", reason=reason)
+        if self.config.on_failure is OnFailure.RAISE:
+            raise BypassError(f"{advice}, or pass on_failure='rollback' to train on without "
+                              "Bypass.") from exc
+        self._warn(f"morphc.Bypass trains on without cycles: {reason}. {advice}.")
+
+    def _judge_replays(self, closure: Closure) -> bool:
+        """Whether the acceptance test can compare models on the same data: it calls
+        ``eval_closure`` (else the closure) again on the model before and after a cycle. A
+        closure that draws the next batch (or a random augmentation) on each call gives two
+        values on one model, and cycles would be kept or rolled back by the batches drawn.
+        Two calls on the model as it is decide, before anything changes."""
+        probe = self.config.eval_closure or closure
+        if self.config.accept == Accept.ALWAYS:
+            return True
+        first, second = (self._loss_without_trace(probe, self._user_model) for _ in range(2))
+        if first == second or math.isclose(first, second, rel_tol=1e-5) or \
+                math.isnan(first) and math.isnan(second):
+            return True
+        which = "eval_closure" if self.config.eval_closure else "the closure"
+        self._give_up(f"{which} gave two different losses on the same model ({first:.6g}, "
+                      f"{second:.6g}): it draws new data on each call, so models before and "
+                      "after a cycle cannot be compared on the same data",
+                      "Pass eval_closure= a closure over fixed data (a held-out batch), or build "
+                      "the closure over the step's batch: for x, y in loader: "
+                      "bp.step(lambda m: loss_fn(m(x), y))")
+        return False
 
     def _trace(self) -> None:
         """Trace once per run (and trace() caches per model): a cycle never re-exports."""
@@ -234,23 +266,43 @@ class CycleRunner:
             self._rollback("an error in the cycle")
             raise
         except Exception as exc:
-            self._rollback(f"the extended model failed at {cycle.phase} step "
-                           f"{cycle.phase_step}: {type(exc).__name__}: {exc}", exc)
+            reason = (f"the extended model failed at {cycle.phase} step {cycle.phase_step}: "
+                      f"{type(exc).__name__}: {exc}")
+            self._rollback(reason, exc)
+            self._miss()            # the same closure / optimizer fails the next cycle too
+            self._warn(f"morphc.Bypass rolled a cycle back, {reason}. During a cycle the "
+                       "closure's module is the extended model (morphc.ExtendedModel): call it, "
+                       "and read layers or weights from your own model (the Parameters are the "
+                       "same objects); the optimizer must take the extension's parameters")
             return self._train_step(closure)
         except BaseException:            # KeyboardInterrupt: leave the user whole, then stop
-            self._rollback("interrupted")
+            self._rollback("interrupted", raises=False)
             raise
         self._count_step(value)
         was_free = cycle.phase is Phase.BYPASS
         cycle.advance()
-        if was_free and cycle.phase is Phase.RETURN:
-            cycle.loss_free = value
-            if self._free_phase_found_nothing(cycle, closure):
-                return loss.detach()
-            self._event("return", mode=self.config.return_mode, steps=cycle.return_len)
-        if cycle.return_done:
-            self._close_cycle(closure)
+        with self._whole_on_error(cycle):
+            if was_free and cycle.phase is Phase.RETURN:
+                cycle.loss_free = value
+                if self._free_phase_found_nothing(cycle, closure):
+                    return loss.detach()
+                self._event("return", mode=self.config.return_mode, steps=cycle.return_len)
+            if cycle.return_done:
+                self._close_cycle(closure)
         return loss.detach()
+
+    @contextlib.contextmanager
+    def _whole_on_error(self, cycle: Cycle):
+        """While a cycle is judged, an error or interrupt from the probe (a bug, StopIteration,
+        Ctrl-C) would leave it half closed — an unjudged fold in the user's weights, a spent
+        extension as ``bp.model``: roll back, then let the error go on as it was."""
+        try:
+            yield
+        except BaseException as exc:
+            if self._cycle is cycle:
+                self._rollback(f"interrupted while the cycle was judged: {type(exc).__name__}: "
+                               f"{exc}", raises=False)
+            raise
 
     def _extended_step(self, cycle: Cycle, closure: Closure):
         ext, cfg = cycle.ext, self.config
@@ -260,17 +312,23 @@ class CycleRunner:
         self.optimizer.zero_grad(set_to_none=True)
         cycle.group.zero_grad()
         joint = cycle.phase is Phase.BYPASS and cfg.free_phase is FreePhase.JOINT
+        params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
+            cycle.group.params
+        first = not cycle.saw_extension_grad
         if joint:
             ext.set_homotopy(0.0)                       # the model a fold would keep ...
-            backward_checked(*loss_of(closure, self.model, self._reduce()))
+            loss, value = loss_of(closure, self.model, self._reduce())
+            if first:
+                no_backward_yet(params)
+            backward_checked(loss, value)
             ext.set_homotopy(1.0)                       # ... and the free one, whose forward
             buffers, kept = self._back_up_buffers()     # must not move BN statistics: they
         loss, value = loss_of(closure, self.model, self._reduce())      # belong to s = 0
+        if first and not joint:
+            no_backward_yet(params)
         backward_checked(loss, value)
         if joint:                                       # after backward: autograd saved them
             put_back(buffers, kept)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
-            cycle.group.params
         check_finite(params)
         if not cycle.saw_extension_grad:
             if all(p.grad is None for p in cycle.group.params):
@@ -288,6 +346,12 @@ class CycleRunner:
         if cycle.phase is Phase.RETURN and cfg.return_mode is ReturnMode.PENALTY:
             cycle.shrink_towards_c(lr)
         return loss, value
+
+    def _miss(self, before: float = math.nan, after: float = math.nan) -> None:
+        """A cycle that did not pay: the trigger backs off (:func:`back_off`)."""
+        self._unpaid, self._quiet_until = back_off(
+            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
+            quiet=self._quiet_until, paid=False, before=before, after=after)
 
     def _free_phase_found_nothing(self, cycle: Cycle, closure: Closure) -> bool:
         """At the end of the free phase: the extended model (s = 1 and s = 0) and the model from
@@ -307,14 +371,12 @@ class CycleRunner:
         free = min((v for v in losses if math.isfinite(v)), default=math.nan)
         if cycle.found_something(before, free, self.trigger):
             return False
-        self._unpaid, self._quiet_until = back_off(
-            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
-            quiet=self._quiet_until, paid=False, before=before, after=free)
+        self._miss(before, free)
         self._rollback(f"the free phase found nothing: loss {free:.4g} (the better of s = 1 "
                        f"and s = 0) vs {before:.4g} before the cycle; the return was skipped",
                        measures={"loss_before": before, "loss_free": losses[0],
                                  "loss_after": None, "survival": None, "snap_change": None},
-                       backoff=True)
+                       raises=False)
         return True
 
     def _close_cycle(self, closure: Closure | None, finishing: bool = False) -> None:
@@ -340,13 +402,11 @@ class CycleRunner:
             return
         before, after = self._evaluate_both(cycle, closure)
         if not cycle.pays(before, after):
-            self._unpaid, self._quiet_until = back_off(
-                self.config, self.trigger, step=self.step_count, misses=self._unpaid,
-                quiet=self._quiet_until, paid=False, before=before, after=after)
+            self._miss(before, after)
             self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
                            f"before (needed < {before - cycle.required_gain(before):.4g})",
                            measures=self._measures(cycle, before, after, snap),
-                           backoff=True)
+                           raises=False)
             return
         self._unpaid, self._quiet_until = back_off(
             self.config, self.trigger, step=self.step_count, misses=self._unpaid,
@@ -393,14 +453,15 @@ class CycleRunner:
         self.trigger.reset()
 
     def _rollback(self, reason: str, exc: BaseException | None = None, *,
-                  measures: dict | None = None, backoff: bool = False) -> None:
-        """Restore the pre-extension state bit for bit; then carry on or raise."""
+                  measures: dict | None = None, raises: bool = True) -> None:
+        """Restore the pre-extension state bit for bit; then carry on, or raise a BypassError
+        with on_failure="raise" (``raises=False``: a verdict, or an error that goes on as is)."""
         snapshot, step = self._cycle.snapshot, self.step_count
         self._detach()
         snapshot.restore(self._user_model, self.optimizer)
         self.failures += 1
         self._event("rollback", reason=reason, **(measures or {}))
-        if self.config.on_failure is OnFailure.RAISE and not backoff:
+        if self.config.on_failure is OnFailure.RAISE and raises:
             raise BypassError(f"{reason}. The model, its buffers and the optimizer state were "
                               f"restored to their values before this cycle's extension; "
                               f"training can continue from step {step}, or pass "

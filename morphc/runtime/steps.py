@@ -34,11 +34,35 @@ def loss_of(closure: Closure, module: nn.Module,
     """``closure(module)`` checked to be a scalar tensor; its value (mean over ranks)."""
     loss = closure(module)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise BypassError(f"the closure must return a scalar loss tensor, got {loss!r}")
+        raise BypassError(f"the closure must return the loss as a scalar tensor, got "
+                          f"{_described(loss)}: return the loss alone, with autograd on (e.g. "
+                          "lambda m: F.cross_entropy(m(x), y)); keep other outputs in a "
+                          "variable outside the closure")
     value = float(loss.detach())
     if reduce is not None:
         value = reduce(value, loss.device)
     return loss, value
+
+
+def _described(value) -> str:
+    """What a closure returned, in a few words (a tensor's shape, not its values)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, tuple | list):
+        return f"a {type(value).__name__} of {len(value)} (" + \
+            ", ".join(_described(v) for v in value[:3]) + ")"
+    return f"a {type(value).__name__}"
+
+
+def no_backward_yet(params: Iterable[nn.Parameter]) -> None:
+    """Raise when the closure ran a backward itself (the ``optimizer.step(closure)`` habit): the
+    caller cleared every gradient before calling it. Bypass's own backward would then fail
+    untyped, or — with ``retain_graph=True`` — step on doubled gradients."""
+    if any(p.grad is not None for p in params):
+        raise BypassError("the closure called backward() itself: bp.step does zero_grad, "
+                          "backward and the optimizer step. Return the loss without calling "
+                          "backward (clip with max_grad_norm=; accumulate micro-batches by "
+                          "returning the mean of their losses)")
 
 
 def backward_checked(loss: torch.Tensor, value: float) -> None:

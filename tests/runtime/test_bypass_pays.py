@@ -81,9 +81,9 @@ def test_a_kept_cycle_that_stays_on_the_plateau_backs_off_too():
     def flat(m):                       # a constant loss: the Plateau fires, pace is 0
         return closure(m) * 0.0 + 1.0
 
-    # per cycle: at the end of the free phase s = 1, s = 0, before (it found something);
-    # at its close: after, then before
-    verdicts = iter([0.5, 0.5, 1.0, 0.999, 1.0, 0.5, 0.5, 1.0, 0.5, 1.0] * 4)
+    # per cycle: at its start the judge twice (it replays), at the end of the free phase s = 1,
+    # s = 0, before (it found something); at its close: after, then before
+    verdicts = iter([1.0, 1.0, 0.5, 0.5, 1.0, 0.999, 1.0, 1.0, 1.0, 0.5, 0.5, 1.0, 0.5, 1.0] * 4)
 
     bp = morphc.Bypass(model, OPTIMIZERS["adam"], trigger=morphc.Plateau(window=2),
                        bypass_steps=2, return_steps=2, verbose=False,
@@ -102,9 +102,9 @@ def test_a_kept_cycle_that_stays_on_the_plateau_backs_off_too():
 
 def test_a_cycle_that_does_not_pay_is_rolled_back_bit_identically_and_backs_off():
     model, closure, _ = cnn_task()
-    # the free phase found something (s = 1: 0.5, s = 0: 0.5, before: 1); after the cycle: 10,
-    # before it: 1 — it did not pay
-    verdicts = iter([0.5, 0.5, 1.0, 10.0, 1.0])
+    # the judge replays (1, 1 at the start of each cycle); the free phase found something
+    # (s = 1: 0.5, s = 0: 0.5, before: 1); after the cycle: 10, before it: 1 — it did not pay
+    verdicts = iter([1.0, 1.0, 0.5, 0.5, 1.0, 10.0, 1.0, 1.0, 1.0])
 
     def judge(m):
         return torch.tensor(next(verdicts))
@@ -132,7 +132,9 @@ def test_rollback_restores_the_optimizer_state_too(found):
     that found nothing (then the return is skipped): either way bit for bit."""
     model, closure, _ = mlp_task()
     free = 0.5 if found else 1.0                  # at the end of the free phase, s = 1 and 0
-    verdicts = iter([free, free, 1.0, 1.0, 1.0])  # ... then before; at the close after, before
+    # at the start, the judge twice (it replays); s = 1, s = 0, then before; at the close
+    # after, then before
+    verdicts = iter([1.0, 1.0, free, free, 1.0, 1.0, 1.0])
     bp = default_bypass(model, eval_closure=lambda m: torch.tensor(next(verdicts)))
     run(bp, closure, 3)
     state, weights = optimizer_state(bp, model), snapshot(model)
