@@ -54,6 +54,31 @@ class ContractionReport:
         return text
 
 
+DtypeDevice = tuple[torch.dtype, torch.device]
+
+
+def converted_like(tree, was: DtypeDevice, now: DtypeDevice):
+    """The tensors of ``tree`` converted as a model was converted from ``was`` to ``now``
+    (``model.double()``, ``model.to(device)``): a floating tensor of the old dtype takes the
+    new one, a tensor on the old device moves; integer inputs (token ids) keep their dtype."""
+    if was == now:
+        return tree
+    (old_dtype, old_device), (dtype, device) = was, now
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype == old_dtype:
+            t = t.to(dtype)
+        return t.to(device) if t.device == old_device else t
+
+    return torch.utils._pytree.tree_map_only(torch.Tensor, convert, tree)
+
+
+def floating_dtype_device(model: nn.Module) -> DtypeDevice | None:
+    """The dtype and device of the model's first floating parameter (None: it has none)."""
+    return next(((p.dtype, p.device) for p in model.parameters() if p.is_floating_point()),
+                None)
+
+
 class ExtendedModel(nn.Module):
     """The extended graph. Calling it computes ``model(x)`` plus every branch.
 
@@ -88,18 +113,11 @@ class ExtendedModel(nn.Module):
         ``ext.double()`` / ``model.to(device)`` the traced examples would no longer fit it. A
         floating tensor of the site weights' old dtype takes their new one; a tensor on their old
         device moves to the new one."""
-        dtype, device = self._extended_as
         weight = self.graph_module.get_parameter(self.sites[0].weight_name) if self.sites \
             else self._homotopy
-
-        def convert(t: torch.Tensor) -> torch.Tensor:
-            if t.is_floating_point() and t.dtype == dtype:
-                t = t.to(weight.dtype)
-            return t.to(weight.device) if t.device == device else t
-
-        return torch.utils._pytree.tree_map_only(
-            torch.Tensor, convert, (tuple(self.traced.example_inputs),
-                                    dict(self.traced.example_kwargs)))
+        return converted_like((tuple(self.traced.example_inputs),
+                               dict(self.traced.example_kwargs)),
+                              self._extended_as, (weight.dtype, weight.device))
 
     def __reduce_ex__(self, protocol):
         """``torch.save(ext)`` / pickle. torch.export's graph modules do not pickle (closures in

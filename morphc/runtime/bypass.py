@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from morphc.compiler.extend import check_override_settings, check_width
+from morphc.compiler.extended import floating_dtype_device
 from morphc.errors import BypassError, MorphcError, TraceError
 from morphc.families import get_family
 from morphc.ir.sites import select_sites, site_patterns
@@ -119,6 +120,8 @@ class Bypass(CycleRunner):
             self._check_example_inputs()
             self._check_site_names()
         self._traced = None
+        self._inputs_as = None if self.example_inputs is None else \
+            floating_dtype_device(self._user_model)   # what the inputs fit (see _trace)
         self._cycle: Cycle | None = None
         self._module: nn.Module | None = None
         self._last_closure: Closure | None = None
@@ -246,6 +249,7 @@ class Bypass(CycleRunner):
         inputs = state["example_inputs"]
         self.example_inputs = None if inputs is None else tuple(inputs)
         self.example_kwargs = dict(state.get("example_kwargs") or {})   # older checkpoints: none
+        self._inputs_as = None if inputs is None else floating_dtype_device(self._user_model)
         if state["extension"] is not None:
             self._trace()
             self._cycle = restore_cycle(state["extension"], model=self._user_model,

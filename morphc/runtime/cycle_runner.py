@@ -16,6 +16,7 @@ from morphc.compiler.contract import contract
 from morphc.compiler.deviation import deterministic
 from morphc.compiler.escape import escape_scores, random_direction_probe, rank_sites
 from morphc.compiler.extend import extend
+from morphc.compiler.extended import converted_like, floating_dtype_device
 from morphc.errors import BypassError, MorphcError, ShapeError
 from morphc.ir.trace import trace
 from morphc.runtime.config import Accept, FreePhase, OnFailure, Phase, ReturnMode
@@ -142,6 +143,7 @@ class CycleRunner:
                                     for a in args)
         self.example_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v
                                for k, v in kwargs.items()}
+        self._inputs_as = floating_dtype_device(self._user_model)
         return result
 
     # -- a cycle -------------------------------------------------------------------------------
@@ -202,7 +204,15 @@ class CycleRunner:
         return False
 
     def _trace(self) -> None:
-        """Trace once per run (and trace() caches per model): a cycle never re-exports."""
+        """Trace once per run (and trace() caches per model): a cycle never re-exports —
+        unless the model was converted (``model.double()``, ``.to(device)``) since its inputs
+        were recorded; they are converted the same way and the model traced again."""
+        now = floating_dtype_device(self._user_model)
+        if self._inputs_as is not None and now is not None and now != self._inputs_as:
+            self.example_inputs, self.example_kwargs = converted_like(
+                (tuple(self.example_inputs), dict(self.example_kwargs or {})),
+                self._inputs_as, now)
+            self._inputs_as, self._traced = now, None
         if self._traced is None:
             self._traced = trace(self._user_model, self.example_inputs,
                                  kwargs=self.example_kwargs or None,

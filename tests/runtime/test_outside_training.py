@@ -204,3 +204,23 @@ def test_a_cycle_the_extended_model_cannot_run_warns_and_backs_off():
     assert "not subscriptable" in rollbacks[0]["reason"]
     assert len(rollbacks) == 1, "backed off instead of retrying at every trigger"
     assert len(bp.optimizer.param_groups) == 1 and bp.phase == "train"
+
+
+# -- the model converted after Bypass recorded its inputs -------------------------------------
+@pytest.mark.parametrize("convert", ["double", "float64_inputs_only"])
+def test_a_model_converted_after_the_first_step_still_gets_its_cycles(convert):
+    """The inputs recorded at the first step trace the model at the first cycle; after
+    ``model.double()`` they no longer fit it, and Bypass used to give up on every cycle."""
+    model, x, y = _task()
+    bp = _bypass(model, lambda p: torch.optim.SGD(p, lr=1e-2))
+    bp.step(lambda m: F.mse_loss(m(x), y))
+    if convert == "double":
+        model.double()
+        x, y = x.double(), y.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(12):
+            bp.step(lambda m: F.mse_loss(m(x), y))
+    bp.finish()
+    assert _events(bp, "extend") and not _events(bp, "failure"), bp.history
+    assert all(p.dtype == x.dtype for p in model.parameters())
