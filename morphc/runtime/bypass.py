@@ -42,6 +42,7 @@ from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import make_optimizer
+from morphc.runtime.shadow import Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
@@ -84,7 +85,8 @@ class Bypass(CycleRunner):
     ``free_phase``, ``return_mode``), acceptance (``accept``, ``eval_closure``), sites (``sites``,
     ``width``, ``activation``, ``exclude``, ``overrides``, ``top_k``, ``probe``), the extension's
     optimizer group (``extension_options``, ``extension_lr_scale``), budget (``max_cycles``,
-    ``total_steps``), failures (``on_failure``), wrapping (``compile``, ``ddp``, ``wrap``).
+    ``total_steps``), failures (``on_failure``), plain training beside each cycle (``shadow``),
+    wrapping (``compile``, ``ddp``, ``wrap``).
     """
 
     def __init__(self, model: nn.Module, optimizer, trigger: Trigger | None = None,
@@ -257,6 +259,9 @@ class Bypass(CycleRunner):
                                         traced=self._traced, optimizer=self.optimizer,
                                         config=self.config)
         self.optimizer.load_state_dict(state["optimizer"])
+        shadow = (state["extension"] or {}).get("shadow")
+        if shadow is not None and self._cycle is not None:   # after the optimizer: it copies it
+            self._cycle.shadow = Shadow.from_state(shadow, self._user_model, self.optimizer)
         self.trigger.load_state_dict(state["trigger"])
         self.log.events[:] = list(state["history"])
         self.step_count, self.cycle = int(state["step"]), int(state["cycle"])

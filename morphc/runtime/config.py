@@ -78,6 +78,7 @@ class BypassConfig:
     total_steps: int | None = None
     on_failure: OnFailure | str = OnFailure.ROLLBACK
     max_grad_norm: float | None = None
+    shadow: bool = True               # plain training beside each cycle (runtime/shadow.py)
     compile: bool = False
     compile_backend: Any = "inductor"
     compile_options: Mapping | None = None

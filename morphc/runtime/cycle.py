@@ -26,6 +26,7 @@ import torch
 from morphc.compiler.extended import ExtendedModel
 from morphc.runtime.config import BypassConfig, Phase, ReturnMode
 from morphc.runtime.optimizer_group import ExtensionGroup
+from morphc.runtime.shadow import Shadow
 from morphc.runtime.snapshot import Snapshot
 
 
@@ -35,6 +36,7 @@ class Cycle:
     def __init__(self, ext: ExtendedModel, snapshot: Snapshot, group: ExtensionGroup,
                  config: BypassConfig, *, started_at: int, pace: float = 0.0) -> None:
         self.ext, self.snapshot, self.group, self.config = ext, snapshot, group, config
+        self.shadow: Shadow | None = None   # plain training beside the cycle, if kept
         self.started_at, self.pace = started_at, pace   # pace: plain's relative gain per step
         self.phase, self.phase_step = Phase.BYPASS, 0
         self.return_from, self.return_len = 1.0, config.return_steps
@@ -92,12 +94,20 @@ class Cycle:
         steps = self.config.cycle_steps
         return abs(loss_before) * max(self.pace, 0.0) * steps
 
-    def pays(self, loss_before: float, loss_after: float) -> bool:
+    def needed(self, loss_before: float, loss_plain: float | None = None) -> float:
+        """The loss a cycle must beat: the model from before it, less what plain training would
+        have gained at its recent pace — or, when plain training ran beside the cycle
+        (``loss_plain``, :mod:`~morphc.runtime.shadow`), where it is now, if that is lower."""
+        needed = loss_before - self.required_gain(loss_before)
+        return needed if loss_plain is None else min(needed, loss_plain)
+
+    def pays(self, loss_before: float, loss_after: float,
+             loss_plain: float | None = None) -> bool:
         if not math.isfinite(loss_after):
             return False
         if self.config.accept == "always":
             return True
-        return loss_after < loss_before - self.required_gain(loss_before)
+        return loss_after < self.needed(loss_before, loss_plain)
 
     def found_something(self, loss_before: float, loss_free: float, trigger) -> bool:
         """Did the free phase find anything for the return to keep? ``loss_free`` (the better of

@@ -23,6 +23,7 @@ from morphc.runtime.config import Accept, FreePhase, OnFailure, Phase, ReturnMod
 from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.lookahead import lookahead_scores
 from morphc.runtime.optimizer_group import ExtensionGroup
+from morphc.runtime.shadow import Shadow
 from morphc.runtime.snapshot import Snapshot
 from morphc.runtime.steps import (
     Closure,
@@ -152,6 +153,7 @@ class CycleRunner:
         if not self._judge_replays(closure):
             return
         snapshot = Snapshot.take(self._user_model, self.optimizer)
+        shadow = Shadow(self._user_model, self.optimizer) if self._keeps_shadow() else None
         try:
             self._trace()
             sites, scores = self._choose_sites(closure)
@@ -168,8 +170,16 @@ class CycleRunner:
         pace = getattr(self.trigger, "pace", None)
         self._cycle = Cycle(ext, snapshot, group, self.config, started_at=self.step_count,
                             pace=pace() if callable(pace) else 0.0)
+        self._cycle.shadow = shadow
         self._module = None
         self._event("extend", sites=ext.config.sites, widths=ext.config.widths, scores=scores)
+
+    def _keeps_shadow(self) -> bool:
+        """Plain training beside the cycle (:mod:`~morphc.runtime.shadow`) whenever a verdict
+        can hand it over: not with ``accept="always"`` (no verdict), not across processes (the
+        copy would train without the all-reduce)."""
+        return self.config.shadow and self.config.accept != Accept.ALWAYS and \
+            not self.distributed
 
     def _give_up(self, reason: str, advice: str, exc: BaseException | None = None) -> None:
         """No cycle for the rest of the run: recorded, warned once, or raised as a BypassError
@@ -260,7 +270,7 @@ class CycleRunner:
         """One step of the extended model; any fault rolls the cycle back."""
         cycle = self._cycle
         try:
-            loss, value = self._extended_step(cycle, closure)
+            loss, value = self._steps_beside_shadow(cycle, closure)
         except NonFinite as exc:
             self._last_loss = exc.value
             self._lr_scale *= 0.5            # the extension's steps were too long: next cycle
@@ -313,6 +323,21 @@ class CycleRunner:
                 self._rollback(f"interrupted while the cycle was judged: {type(exc).__name__}: "
                                f"{exc}", raises=False)
             raise
+
+    def _steps_beside_shadow(self, cycle: Cycle, closure: Closure):
+        """The shadow's plain step, then the extended one. The shadow draws from the global RNG
+        (dropout) exactly as plain training would; the extended step draws from a fork of it, so
+        a handed-over shadow leaves the RNG where plain training would have it too."""
+        shadow = cycle.shadow
+        if shadow is not None and not shadow.follows(self.optimizer):
+            shadow = cycle.shadow = None             # a param group added mid-cycle
+        if shadow is None:
+            return self._extended_step(cycle, closure)
+        shadow.step(closure, self.optimizer, self.config.max_grad_norm)
+        devices = sorted({p.device.index for p in self._user_model.parameters()
+                          if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            return self._extended_step(cycle, closure)
 
     def _extended_step(self, cycle: Cycle, closure: Closure):
         ext, cfg = cycle.ext, self.config
@@ -385,8 +410,9 @@ class CycleRunner:
         self._rollback(f"the free phase found nothing: loss {free:.4g} (the better of s = 1 "
                        f"and s = 0) vs {before:.4g} before the cycle; the return was skipped",
                        measures={"loss_before": before, "loss_free": losses[0],
-                                 "loss_after": None, "survival": None, "snap_change": None},
-                       raises=False)
+                                 "loss_after": None, "survival": None, "snap_change": None,
+                                 "loss_plain": self._shadow_loss(cycle, probe)},
+                       raises=False, verdict=True)
         return True
 
     def _close_cycle(self, closure: Closure | None, finishing: bool = False) -> None:
@@ -411,12 +437,15 @@ class CycleRunner:
                            f"max_snap_change={limit:g}; use more return_steps")
             return
         before, after = self._evaluate_both(cycle, closure)
-        if not cycle.pays(before, after):
+        plain = self._shadow_loss(cycle, self.config.eval_closure or closure)
+        if not cycle.pays(before, after, plain):
             self._miss(before, after)
             self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
-                           f"before (needed < {before - cycle.required_gain(before):.4g})",
-                           measures=self._measures(cycle, before, after, snap),
-                           raises=False)
+                           f"before (needed < {cycle.needed(before, plain):.4g}"
+                           + ("" if plain is None else f"; plain training: {plain:.4g}") + ")",
+                           measures={**self._measures(cycle, before, after, snap),
+                                     "loss_plain": plain},
+                           raises=False, verdict=True)
             return
         self._unpaid, self._quiet_until = back_off(
             self.config, self.trigger, step=self.step_count, misses=self._unpaid,
@@ -424,7 +453,7 @@ class CycleRunner:
         self._detach()
         self.cycle += 1
         self._event("contract", residual=residual, deviation=ext.contraction_report.deviation,
-                    sites=ext.config.sites, finishing=finishing,
+                    sites=ext.config.sites, finishing=finishing, loss_plain=plain,
                     **self._measures(cycle, before, after, snap))
 
     def _measures(self, cycle: Cycle, before: float, after: float, snap) -> dict:
@@ -439,6 +468,12 @@ class CycleRunner:
             return math.nan, math.nan
         after = self._loss_without_trace(probe, self._user_model)
         return self._loss_before_cycle(cycle, probe), after
+
+    def _shadow_loss(self, cycle: Cycle, probe: Closure | None) -> float | None:
+        """``probe`` on the shadow: where plain training would be now (None: no shadow)."""
+        if cycle.shadow is None or probe is None:
+            return None
+        return self._loss_without_trace(probe, cycle.shadow.model)
 
     def _loss_before_cycle(self, cycle: Cycle, probe: Closure) -> float:
         """``probe`` on the user's model with the weights from before the extension."""
@@ -463,14 +498,22 @@ class CycleRunner:
         self.trigger.reset()
 
     def _rollback(self, reason: str, exc: BaseException | None = None, *,
-                  measures: dict | None = None, raises: bool = True) -> None:
-        """Restore the pre-extension state bit for bit; then carry on, or raise a BypassError
-        with on_failure="raise" (``raises=False``: a verdict, or an error that goes on as is)."""
-        snapshot, step = self._cycle.snapshot, self.step_count
+                  measures: dict | None = None, raises: bool = True,
+                  verdict: bool = False) -> None:
+        """Restore the pre-extension state bit for bit — or, after a ``verdict`` on a cycle with
+        a shadow, hand over the shadow: plain training's state now, so the cycle's steps are not
+        lost. Then carry on, or raise a BypassError with on_failure="raise" (``raises=False``:
+        a verdict, or an error that goes on as is)."""
+        cycle, step = self._cycle, self.step_count
         self._detach()
-        snapshot.restore(self._user_model, self.optimizer)
+        to_plain = verdict and cycle.shadow is not None
+        if to_plain:
+            cycle.shadow.hand_over(self._user_model, self.optimizer)
+        else:
+            cycle.snapshot.restore(self._user_model, self.optimizer)
         self.failures += 1
-        self._event("rollback", reason=reason, **(measures or {}))
+        self._event("rollback", reason=reason, to="plain" if to_plain else "before",
+                    **(measures or {}))
         if self.config.on_failure is OnFailure.RAISE and raises:
             raise BypassError(f"{reason}. The model, its buffers and the optimizer state were "
                               f"restored to their values before this cycle's extension; "

@@ -25,7 +25,8 @@ def extension_state(cycle: Cycle | None) -> dict | None:
             "homotopy": cycle.ext.homotopy, "cycle": cycle.state_dict(),
             "params": {n: p.detach().clone() for n, p in named.items()},
             "optimizer": cycle.group.state_dict({p: n for n, p in named.items()}),
-            "snapshot": cycle.snapshot.state_dict()}
+            "snapshot": cycle.snapshot.state_dict(),
+            "shadow": None if cycle.shadow is None else cycle.shadow.state_dict()}
 
 
 def restore_cycle(state: dict, *, model: nn.Module, example_inputs, traced,

@@ -287,19 +287,25 @@ def test_finish_rolls_back_a_cycle_that_does_not_pay():
     assert "did not pay" in events(bp, "rollback")[0]["reason"]
 
 
-def test_finish_after_resume_without_a_closure_rolls_back():
+@pytest.mark.parametrize("shadow", [False, True], ids=["to_before", "to_plain"])
+def test_finish_after_resume_without_a_closure_rolls_back(shadow):
+    """No data to judge the cycle: it is not kept. The user gets the model from before it, or —
+    when plain training ran beside the cycle (checkpointed with it) — plain training's state."""
     model, closure, _ = mlp_task()
-    bp = cycle_bypass(model, OPTIMIZERS["adam"], bypass_steps=50, accept="if_better")
+    kw = dict(bypass_steps=50, accept="if_better", shadow=shadow)
+    bp = cycle_bypass(model, OPTIMIZERS["adam"], **kw)
     run(bp, closure, 6)
     state = bp.state_dict()
     fresh, _, _ = mlp_task()
-    resumed = cycle_bypass(fresh, OPTIMIZERS["adam"], bypass_steps=50, accept="if_better")
+    resumed = cycle_bypass(fresh, OPTIMIZERS["adam"], **kw)
     resumed.load_state_dict(state)
     assert resumed.finish() is fresh and resumed.phase == "train"
-    restored = state["extension"]["snapshot"]["params"]
+    restored = state["extension"]["shadow"]["model"] if shadow else \
+        state["extension"]["snapshot"]["params"]
     for name, param in fresh.named_parameters():
-        assert torch.equal(param, restored[name]), "no data to judge the cycle: rolled back"
-    assert events(resumed, "rollback")
+        assert torch.equal(param, restored[name]), "no data to judge the cycle: not kept"
+    rollback, = events(resumed, "rollback")
+    assert rollback["to"] == ("plain" if shadow else "before")
 
 
 # -- nothing lost -----------------------------------------------------------------------------

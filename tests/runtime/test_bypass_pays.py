@@ -86,7 +86,7 @@ def test_a_kept_cycle_that_stays_on_the_plateau_backs_off_too():
     verdicts = iter([1.0, 1.0, 0.5, 0.5, 1.0, 0.999, 1.0, 1.0, 1.0, 0.5, 0.5, 1.0, 0.5, 1.0] * 4)
 
     bp = morphc.Bypass(model, OPTIMIZERS["adam"], trigger=morphc.Plateau(window=2),
-                       bypass_steps=2, return_steps=2, verbose=False,
+                       bypass_steps=2, return_steps=2, verbose=False, shadow=False,
                        eval_closure=lambda m: torch.tensor(next(verdicts)))
     run(bp, flat, 60)
     contracts = events(bp, "contract")
@@ -110,7 +110,8 @@ def test_a_cycle_that_does_not_pay_is_rolled_back_bit_identically_and_backs_off(
         return torch.tensor(next(verdicts))
 
     bp = morphc.Bypass(model, OPTIMIZERS["adam"], trigger=morphc.Schedule(every=1),
-                       bypass_steps=2, return_steps=2, eval_closure=judge, verbose=False)
+                       bypass_steps=2, return_steps=2, eval_closure=judge, verbose=False,
+                       shadow=False)
     run(bp, closure, 1)
     assert bp.phase == "bypass"
     weights = snapshot(model)
@@ -135,7 +136,7 @@ def test_rollback_restores_the_optimizer_state_too(found):
     # at the start, the judge twice (it replays); s = 1, s = 0, then before; at the close
     # after, then before
     verdicts = iter([1.0, 1.0, free, free, 1.0, 1.0, 1.0])
-    bp = default_bypass(model, eval_closure=lambda m: torch.tensor(next(verdicts)))
+    bp = default_bypass(model, eval_closure=lambda m: torch.tensor(next(verdicts)), shadow=False)
     run(bp, closure, 3)
     state, weights = optimizer_state(bp, model), snapshot(model)
     run(bp, closure, 8 if found else 4)
@@ -360,3 +361,71 @@ def test_auto_sites_escape_the_symmetric_saddle():
     assert closed[0]["event"] == "contract", closed[0].get("reason")
     assert closed[0]["loss_after"] < 0.5 * closed[0]["loss_before"]
     assert not zoo.hidden_units_identical(model)
+
+
+# -- plain training beside the cycle ------------------------------------------------------------
+def _dropout_bn_task():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3),
+                          nn.Linear(16, 3))
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 6, generator=gen), torch.randn(32, 3, generator=gen))
+               for _ in range(30)]
+    return model, batches
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam+onecycle"])
+def test_a_run_whose_cycles_never_pay_is_plain_training_bit_for_bit(optimizer):
+    """Every cycle is judged against plain training run beside it and handed its state when it
+    does not beat it, so a run in which no cycle pays ends exactly where plain training ends:
+    weights, BatchNorm statistics, optimizer state and the dropout RNG stream, bit for bit —
+    no step of the cycles is lost."""
+    make = (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)) if optimizer == "sgd" else \
+        (lambda p: torch.optim.Adam(p, lr=1e-2))
+    def schedule(opt):      # it wraps opt.step: the shadow's copy must not step the user's
+        return torch.optim.lr_scheduler.OneCycleLR(opt, 0.02, total_steps=len(batches)) \
+            if "onecycle" in optimizer else None
+
+    model, batches = _dropout_bn_task()
+    opt = make(model.parameters())
+    scheduler, rng = schedule(opt), torch.get_rng_state()
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    expected, expected_rng = snapshot(model), torch.get_rng_state()
+    expected_state = {n: {k: v.clone() for k, v in opt.state[p].items()}
+                      for n, p in model.named_parameters()}
+
+    model, batches = _dropout_bn_task()
+    torch.set_rng_state(rng)
+    bp = morphc.Bypass(model, make, trigger=morphc.Schedule(every=3), bypass_steps=4,
+                       return_steps=4, verbose=False,
+                       eval_closure=lambda m: torch.tensor(1.0))   # no cycle can beat plain
+    scheduler = schedule(bp.optimizer)
+    for x, y in batches:
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+        if scheduler is not None:
+            scheduler.step()
+    bp.finish()
+    rollbacks = events(bp, "rollback")
+    assert rollbacks and all(e["to"] == "plain" for e in rollbacks)
+    assert not events(bp, "contract")
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert same_optimizer_state(optimizer_state(bp, model), expected_state)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+
+
+def test_a_cycle_is_kept_only_when_it_beats_plain_training_beside_it():
+    model, closure, _ = mlp_task()
+    bp = default_bypass(model, trigger=morphc.Plateau(window=3, threshold=10.0),
+                        eval_closure=closure)
+    run(bp, closure, 40)
+    judged = events(bp, "contract") + events(bp, "rollback")
+    assert judged and all(e["loss_plain"] is not None for e in judged if "loss_plain" in e)
+    for event in events(bp, "contract"):
+        assert event["loss_after"] < event["loss_plain"]
+    for event in events(bp, "rollback"):
+        assert event["to"] == "plain"

@@ -1,0 +1,89 @@
+"""Plain training beside a cycle, so that a cycle which does not pay costs the user nothing.
+
+A rollback restores the model from before the cycle, and the steps the cycle took are lost: a run
+that still improves slowly ends behind plain training by a cycle's steps per miss (measured on
+the unseen problems, docs/benchmarks.md). The shadow is a copy of the user's model and optimizer,
+taken when a cycle starts, that takes plain training's step on every batch the cycle sees. A cycle
+that does not beat it hands the user the shadow's state — where plain training would be now, bit
+for bit — instead of the state from before the cycle.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from morphc.runtime.steps import (
+    Closure,
+    NonFinite,
+    backward_checked,
+    check_finite,
+    clip,
+    loss_of,
+    put_back,
+    zero_grads,
+)
+
+
+class Shadow:
+    """The user's model and optimizer, copied at a cycle's start and trained plainly."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        memo: dict = {}
+        self.model = copy.deepcopy(model, memo)       # the optimizer's copy then steps the
+        self.optimizer = copy.deepcopy(optimizer, memo)   # copied parameters (the same memo)
+        self.pairs = [(name, param, memo[id(param)]) for name, param in model.named_parameters()]
+        self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
+
+    def follows(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the shadow can keep taking the user's steps: the same param groups (a group
+        added mid-cycle has no counterpart here)."""
+        return len(optimizer.param_groups) == len(self.optimizer.param_groups)
+
+    def step(self, closure: Closure, optimizer: torch.optim.Optimizer,
+             max_grad_norm: float | None) -> None:
+        """Plain training's step on this batch, as ``Bypass`` takes it outside a cycle: the
+        user's current hyperparameters (a scheduler moves them), a non-finite loss or gradient
+        skipped with the buffers put back."""
+        for group, mine in zip(optimizer.param_groups, self.optimizer.param_groups, strict=True):
+            mine.update((k, v) for k, v in group.items() if k != "params")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.optimizer.zero_grad(set_to_none=True)
+        buffers = list(self.model.buffers())
+        backup = [b.detach().clone() for b in buffers]
+        try:
+            backward_checked(*loss_of(closure, self.model))
+            check_finite(params)
+        except NonFinite:
+            zero_grads(params)
+            put_back(buffers, backup)
+            return
+        clip(params, max_grad_norm)
+        self.optimizer.step()
+
+    def hand_over(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Put the shadow's parameters, buffers and optimizer state into the user's own tensors
+        (the optimizer, hooks and any compiled graph keep pointing at them)."""
+        with torch.no_grad():
+            for _, param, mine in self.pairs:
+                param.copy_(mine)
+                if mine in self.optimizer.state:
+                    optimizer.state[param] = self.optimizer.state.pop(mine)
+                else:
+                    optimizer.state.pop(param, None)
+            for buf, mine in self.buffers:
+                buf.copy_(mine)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    @classmethod
+    def from_state(cls, state: dict, model: nn.Module,
+                   optimizer: torch.optim.Optimizer) -> Shadow:
+        shadow = cls(model, optimizer)
+        shadow.model.load_state_dict(state["model"])
+        shadow.optimizer.load_state_dict(state["optimizer"])
+        return shadow
