@@ -13,7 +13,9 @@ Where it acts, in the Trainer's order per optimizer step (transformers 5.23)::
 
 - micro-batch starts (``on_step_begin``, ``on_substep_end``): the joint free phase alternates s;
 - the training loss: a forward hook on the model reads ``output.loss`` of every training-mode
-  forward (the model must compute its loss, i.e. be given ``labels``);
+  forward (the model must compute its loss, i.e. be given ``labels``); under gradient
+  accumulation transformers passes ``num_items_in_batch`` and each micro-batch's loss is a share
+  of the step's, so the step's loss is their sum;
 - ``optimizer.step()``: the extension's group joins the AcceleratedOptimizer's torch optimizer
   inside the step only, its gradients clipped to ``args.max_grad_norm`` (the Trainer clips
   ``model.parameters()``, which do not include the extension);
@@ -57,14 +59,17 @@ class BypassCallback(transformers.TrainerCallback):
                               "inside step(); use bf16=True or fp32")
         self.bypass.attach(model, optimizer, max_grad_norm=args.max_grad_norm,
                            total_steps=state.max_steps, step=state.global_step)
-        self._loss_hook = model.register_forward_hook(self._capture_loss)
+        self._loss_hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
 
-    def _capture_loss(self, module, args, output) -> None:
+    def _capture_loss(self, module, args, kwargs, output) -> None:
+        """A training forward's ``output.loss``. Given ``num_items_in_batch`` (gradient
+        accumulation in transformers 5), the model divides by the items of the whole
+        accumulated step: that loss is a share of the step's loss."""
         if not (module.training and torch.is_grad_enabled()):
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if loss is not None:
-            self.bypass.record_loss(loss)
+            self.bypass.record_loss(loss, share=kwargs.get("num_items_in_batch") is not None)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.bypass.before_micro_batch()
