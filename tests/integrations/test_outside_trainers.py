@@ -81,3 +81,76 @@ def test_hf_accumulation_records_the_steps_loss_not_a_share_of_it(tmp_path):
     assert contract["loss_before"] == pytest.approx(expected, rel=1e-5)
     expected_after = sum(logged[s] for s in (7, 8, 9)) / 3     # the return phase
     assert contract["loss_after"] == pytest.approx(expected_after, rel=1e-5)
+
+
+def _eval_loss(model, tmp_path, dataset):
+    transformers = pytest.importorskip("transformers")
+    args = _hf_args(tmp_path / "eval", per_device_eval_batch_size=8)
+    return transformers.Trainer(model=model, args=args).evaluate(dataset)["eval_loss"]
+
+
+def test_hf_every_metric_and_best_checkpoint_belong_to_the_same_model(tmp_path):
+    """``eval_strategy="steps"`` with ``save_strategy="best"`` and ``load_best_model_at_end``:
+    the Trainer evaluates, then saves a checkpoint if the metric is a new best — decided after
+    ``on_step_end``. An evaluation inside a cycle measured the extended model while the
+    checkpoint held the weights without the branch, so the "best" checkpoint did not compute its
+    metric. Every checkpoint must reproduce the metric it was chosen for, and the model at the end
+    must be the best one."""
+    transformers = pytest.importorskip("transformers")
+    callback = _hf_callback([2, 7], bypass_steps=3)
+    evals = _Tokens(16, seed=1)
+    args = _hf_args(tmp_path, eval_strategy="steps", eval_steps=3, save_strategy="best",
+                    metric_for_best_model="loss", load_best_model_at_end=True,
+                    per_device_eval_batch_size=8)
+    model = _gpt2()
+    keys = list(model.state_dict())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+                                   eval_dataset=evals, callbacks=[callback])
+    trainer.train()
+    assert _events(callback.history, "extend"), "a cycle started"
+    logged = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"))
+    assert checkpoints
+    for ck in checkpoints:
+        saved = transformers.GPT2LMHeadModel.from_pretrained(str(ck))
+        assert list(saved.state_dict()) == keys
+        step = int(ck.name.split("-")[1])
+        assert _eval_loss(saved, tmp_path, evals) == pytest.approx(logged[step], rel=1e-5), ck
+    assert _eval_loss(model, tmp_path, evals) == pytest.approx(trainer.state.best_metric,
+                                                                rel=1e-5)
+
+
+def test_hf_save_model_mid_cycle_warns_and_saves_the_users_architecture(tmp_path):
+    """``trainer.save_model()`` called from a user's callback inside a cycle: the hooks' branch
+    is not in the weights, so the saved model does not compute the extended function. It must
+    still load into the user's class with the user's keys, and a warning must say how to get the
+    full function (resolve first); resolving then saves a model that computes it."""
+    transformers = pytest.importorskip("transformers")
+    saved: dict[str, object] = {}
+
+    class SaveMidCycle(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6 and bypass.in_cycle:      # return phase, on C
+                with pytest.warns(UserWarning, match=r"callback.bypass.resolve"):
+                    trainer.save_model(str(tmp_path / "mid"))
+                probe = _Tokens(4, seed=2).ids
+                with torch.no_grad():
+                    saved["extended"] = trainer.model(input_ids=probe).logits
+                bypass.resolve("saving the full function")
+                trainer.save_model(str(tmp_path / "resolved"))
+                saved["probe"] = probe
+
+    callback = _hf_callback([2])
+    bypass = callback.bypass
+    model = _gpt2()
+    trainer = transformers.Trainer(model=model, args=_hf_args(tmp_path), train_dataset=_Tokens(),
+                                   callbacks=[callback, SaveMidCycle()])
+    trainer.train()
+    assert "extended" in saved, "the save ran inside a cycle"
+    keys = list(model.state_dict())
+    mid = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "mid"))
+    resolved = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "resolved"))
+    assert list(mid.state_dict()) == keys == list(resolved.state_dict())
+    with torch.no_grad():
+        from_resolved = resolved(input_ids=saved["probe"]).logits
+    assert torch.allclose(from_resolved, saved["extended"], rtol=1e-5, atol=1e-5)
