@@ -17,6 +17,9 @@ Where it acts (Lightning 2.6, automatic optimization)::
 - ``optimizer.step()``: the extension's group joins inside the step, before Lightning's closure
   runs, so Lightning's own gradient clipping (``gradient_clip_val``) covers it too;
 - ``on_train_batch_end`` with ``trainer.global_step`` advanced: the cycle moves;
+- ``on_validation_start`` (inside ``fit``): a cycle in flight is resolved first, so a
+  monitored score and the checkpoint it selects are of the same model (give cycles room:
+  ``val_check_interval`` longer than ``bypass_steps + return_steps``);
 - ``on_save_checkpoint``: a cycle in flight is resolved (folded if on C, else rolled back) and
   the checkpoint's ``state_dict``, ``optimizer_states`` and this callback's state are rewritten
   from the resolved model, so every checkpoint holds the user's keys and groups only.
@@ -73,6 +76,13 @@ class BypassCallback(pl.Callback):
         if trainer.global_step != self._last_step:     # an optimizer step happened
             self._last_step = trainer.global_step
             self.bypass.after_step(trainer.global_step)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        """A validation inside ``fit`` feeds ``ModelCheckpoint(monitor=...)`` and early stopping:
+        resolve a cycle first, so the score and the checkpoint it picks are of one model the user
+        can have (not of the extended model, saved resolved)."""
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.bypass.resolve(f"a validation at step {trainer.global_step}")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if not self.bypass.in_cycle:

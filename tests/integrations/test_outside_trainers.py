@@ -154,3 +154,101 @@ def test_hf_save_model_mid_cycle_warns_and_saves_the_users_architecture(tmp_path
     with torch.no_grad():
         from_resolved = resolved(input_ids=saved["probe"]).logits
     assert torch.allclose(from_resolved, saved["extended"], rtol=1e-5, atol=1e-5)
+
+
+# -- Lightning -----------------------------------------------------------------------------------
+def _lightning_module(optimizers="one", validation=False):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                                     nn.Linear(16, 1))
+            if optimizers == "manual":
+                self.automatic_optimization = False
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.mse_loss(self(x).squeeze(-1), y)
+            if optimizers == "manual":
+                opt = self.optimizers()
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.mse_loss(self(x).squeeze(-1), y))
+
+        def configure_optimizers(self):
+            if optimizers == "two":
+                return [torch.optim.SGD(self.net[0].parameters(), lr=1e-2),
+                        torch.optim.SGD(self.net[2:].parameters(), lr=1e-2)]
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    if not validation:
+        Module.validation_step = None
+        del Module.validation_step
+    torch.manual_seed(0)
+    return Module()
+
+
+def _loader(seed=0, n=128):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.sin(x.sum(-1))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def _pl_trainer(tmp_path, callbacks, **overrides):
+    pl = pytest.importorskip("lightning.pytorch")
+    options = dict(max_steps=16, accelerator="cpu", devices=1, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=str(tmp_path), callbacks=callbacks,
+                   num_sanity_val_steps=0)
+    options.update(overrides)
+    return pl.Trainer(**options)
+
+
+def _pl_callback(at, **overrides):
+    from morphc.integrations.lightning import BypassCallback
+
+    options = dict(bypass_steps=2, return_steps=3, accept="always", width=4,
+                   min_lr_fraction=0.0, verbose=False)
+    options.update(overrides)
+    return BypassCallback(morphc.Schedule(at=at), **options)
+
+
+def test_lightning_monitored_checkpoints_hold_the_model_their_score_measured(tmp_path):
+    """``val_check_interval`` inside a cycle with ``ModelCheckpoint(monitor="val_loss")``: the
+    validation measured the extended model, then the checkpoint resolved the cycle (rolled
+    back in the free phase), so the saved model was not the one its ``val_loss`` scored, and
+    ``best_model_path`` pointed at a model with another score."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callback = _pl_callback([2, 9], bypass_steps=3)
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ck"), monitor="val_loss",
+                                  save_top_k=-1, filename="{step}")
+    trainer = _pl_trainer(tmp_path, [callback, checkpoints], val_check_interval=4)
+    module = _lightning_module(validation=True)
+    keys = list(module.state_dict())
+    trainer.fit(module, _loader(), _loader(seed=1, n=32))
+    assert any("validation" in (e.get("reason") or "") for e in callback.history), \
+        "a validation fell inside a cycle"
+    paths = sorted((tmp_path / "ck").glob("*.ckpt"))
+    assert len(paths) == 4
+    x, y = _loader(seed=1, n=32).dataset.tensors
+    for path in paths:
+        ckpt = torch.load(path, weights_only=False)
+        assert list(ckpt["state_dict"]) == keys
+        fresh = _lightning_module()
+        fresh.load_state_dict(ckpt["state_dict"])
+        with torch.no_grad():
+            val = F.mse_loss(fresh(x).squeeze(-1), y)
+        score = ckpt["callbacks"][checkpoints.state_key]["current_score"]
+        assert float(val) == pytest.approx(float(score), rel=1e-5), path.name
