@@ -34,11 +34,22 @@ except ImportError as exc:   # pragma: no cover - exercised without the extra
     raise ImportError("morphc.integrations.lightning needs lightning: pip install "
                       "'morphc[lightning]'") from exc
 
+import math
+
 import torch
 
 from morphc.errors import BypassError
 from morphc.integrations.core import TrainerBypass
 from morphc.runtime.triggers import Trigger
+
+
+def _budget(trainer) -> int | None:
+    """The run's optimizer steps: ``max_steps``, or with ``max_epochs`` Lightning's estimate, so
+    no cycle starts that the run would end before it could return."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    estimate = trainer.estimated_stepping_batches
+    return int(estimate) if estimate and math.isfinite(estimate) else None
 
 
 class BypassCallback(pl.Callback):
@@ -60,9 +71,13 @@ class BypassCallback(pl.Callback):
                               "GradScaler unscales only the optimizer's groups; use "
                               "'bf16-mixed' or '32-true'")
         if not pl_module.automatic_optimization or len(trainer.optimizers) != 1:
-            raise BypassError("BypassCallback needs automatic optimization with one optimizer")
-        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        self.bypass.attach(pl_module, trainer.optimizers[0], total_steps=max_steps,
+            raise BypassError(
+                "BypassCallback needs automatic_optimization=True and one optimizer (it must see "
+                "each micro-batch and the loss training_step returns). With manual optimization, "
+                "drive morphc.integrations.TrainerBypass from your training_step: attach(self, "
+                "optimizer) once, then before_micro_batch(), record_loss(loss) and, after "
+                "optimizer.step(), after_step(step)")
+        self.bypass.attach(pl_module, trainer.optimizers[0], total_steps=_budget(trainer),
                            step=trainer.global_step)
         self._last_step = trainer.global_step
 

@@ -252,3 +252,24 @@ def test_lightning_monitored_checkpoints_hold_the_model_their_score_measured(tmp
             val = F.mse_loss(fresh(x).squeeze(-1), y)
         score = ckpt["callbacks"][checkpoints.state_key]["current_score"]
         assert float(val) == pytest.approx(float(score), rel=1e-5), path.name
+
+
+def test_lightning_manual_optimization_is_refused_with_what_to_do(tmp_path):
+    """``automatic_optimization=False``: the callback cannot see micro-batches or the loss the
+    user steps on; refused when training starts, and the error names the way out."""
+    callback = _pl_callback([2])
+    trainer = _pl_trainer(tmp_path, [callback], enable_checkpointing=False)
+    with pytest.raises(morphc.BypassError, match=r"automatic_optimization.*TrainerBypass"):
+        trainer.fit(_lightning_module(optimizers="manual"), _loader())
+
+
+def test_lightning_max_epochs_does_not_start_a_cycle_that_cannot_end(tmp_path):
+    """With ``max_epochs`` (no ``max_steps``) the budget is ``estimated_stepping_batches``: a
+    cycle due 3 steps before the end (it needs 6) must not start only to be rolled back."""
+    callback = _pl_callback([5, 13], bypass_steps=3, return_steps=3)
+    trainer = _pl_trainer(tmp_path, [callback], max_steps=-1, max_epochs=1,
+                          enable_checkpointing=False)
+    trainer.fit(_lightning_module(), _loader())
+    assert trainer.global_step == 16
+    assert [(e["event"], e["step"]) for e in callback.history] == [
+        ("extend", 5), ("return", 8), ("contract", 11)]
