@@ -129,6 +129,7 @@ class TrainerBypass:
         self._plain: deque[float] = deque(maxlen=self.window)
         self._cycle_losses: list[float] = []
         self._pending: list[float] = []
+        self._shares: list[bool] = []
         self._handles: list = []
         self._micro = 0
         self._free_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -207,10 +208,14 @@ class TrainerBypass:
             for buffer, value in saved:
                 buffer.copy_(value)
 
-    def record_loss(self, value) -> None:
-        """One micro-batch's training loss (a tensor or a number)."""
+    def record_loss(self, value, *, share: bool = False) -> None:
+        """One micro-batch's training loss (a tensor or a number). ``share=True``: the loss is
+        already this micro-batch's share of the step's loss (normalised over the items of the
+        whole accumulated step, as transformers does with ``num_items_in_batch``), so the step's
+        loss is the sum of the shares, not their mean."""
         self._pending.append(float(value.detach()) if isinstance(value, torch.Tensor)
                              else float(value))
+        self._shares.append(bool(share))
 
     def after_step(self, step: int) -> None:
         """An optimizer step is done (grads consumed, scheduler stepped): drive the cycle."""
@@ -220,8 +225,11 @@ class TrainerBypass:
                               "['loss']) or the training step's output; return the loss there, or "
                               "where you compute it yourself (a Trainer.compute_loss override) "
                               "call callback.bypass.record_loss(loss) once per micro-batch")
-        value = sum(self._pending) / len(self._pending)
+        value = sum(self._pending)
+        if not all(self._shares):
+            value /= len(self._pending)
         self._pending.clear()
+        self._shares.clear()
         self.step_count = int(step)
         if self._cycle is None:
             self._plain_step(value)

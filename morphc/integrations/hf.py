@@ -13,13 +13,20 @@ Where it acts, in the Trainer's order per optimizer step (transformers 5.23)::
 
 - micro-batch starts (``on_step_begin``, ``on_substep_end``): the joint free phase alternates s;
 - the training loss: a forward hook on the model reads ``output.loss`` of every training-mode
-  forward (the model must compute its loss, i.e. be given ``labels``);
+  forward (the model must compute its loss, i.e. be given ``labels``); under gradient
+  accumulation transformers passes ``num_items_in_batch`` and each micro-batch's loss is a share
+  of the step's, so the step's loss is their sum;
 - ``optimizer.step()``: the extension's group joins the AcceleratedOptimizer's torch optimizer
   inside the step only, its gradients clipped to ``args.max_grad_norm`` (the Trainer clips
   ``model.parameters()``, which do not include the extension);
 - ``on_step_end``: gradients are gone and the scheduler has stepped, so the cycle moves here;
-  ``control.should_save`` is already decided, so a cycle in flight is resolved (folded if on C,
-  else rolled back) *before* the checkpoint is written (``on_save`` runs after it).
+  ``control.should_evaluate`` / ``should_save`` are already decided, so a cycle in flight is
+  resolved (folded if on C, else rolled back) *before* the evaluation and the checkpoint
+  (``on_save`` runs after it; ``save_strategy="best"`` decides after the evaluation). Give
+  cycles room: ``eval_steps`` / ``save_steps`` longer than ``bypass_steps + return_steps``.
+- a ``trainer.evaluate()`` / ``predict()`` / ``save_model()`` you call yourself mid-cycle (from a
+  callback) is not seen: it evaluates the extended model, and ``save_model`` saves the weights
+  without the branch (a warning says so; resolve first with ``callback.bypass.resolve(why)``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ try:
 except ImportError as exc:   # pragma: no cover - exercised without the extra
     raise ImportError("morphc.integrations.hf needs transformers: pip install 'morphc[hf]'"
                       ) from exc
+
+import warnings
 
 import torch
 
@@ -43,7 +52,7 @@ class BypassCallback(transformers.TrainerCallback):
 
     def __init__(self, trigger: Trigger | None = None, **options) -> None:
         self.bypass = TrainerBypass(trigger, **options)
-        self._loss_hook = None
+        self._hooks: list = []
 
     @property
     def history(self) -> list[dict]:
@@ -57,14 +66,29 @@ class BypassCallback(transformers.TrainerCallback):
                               "inside step(); use bf16=True or fp32")
         self.bypass.attach(model, optimizer, max_grad_norm=args.max_grad_norm,
                            total_steps=state.max_steps, step=state.global_step)
-        self._loss_hook = model.register_forward_hook(self._capture_loss)
+        self._hooks = [model.register_forward_hook(self._capture_loss, with_kwargs=True),
+                       # torch marks the hook with an attribute: a bound method cannot take it
+                       model.register_state_dict_post_hook(
+                           lambda *args: self._warn_mid_cycle(*args))]
 
-    def _capture_loss(self, module, args, output) -> None:
+    def _warn_mid_cycle(self, module, state_dict, prefix, local_metadata) -> None:
+        """A ``state_dict`` taken inside a cycle (``trainer.save_model()`` from a callback) holds
+        the user's weights without the branch, which the hooks add: say so, and what to do."""
+        if self.bypass.in_cycle:
+            warnings.warn(f"a state_dict taken during a Bypass cycle ({self.bypass.phase} phase) "
+                          "holds your weights without the cycle's extension, so it does not "
+                          "compute what the model computes now; call callback.bypass.resolve("
+                          "'why') first to fold the cycle (or roll it back)", stacklevel=2)
+
+    def _capture_loss(self, module, args, kwargs, output) -> None:
+        """A training forward's ``output.loss``. Given ``num_items_in_batch`` (gradient
+        accumulation in transformers 5), the model divides by the items of the whole
+        accumulated step: that loss is a share of the step's loss."""
         if not (module.training and torch.is_grad_enabled()):
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if loss is not None:
-            self.bypass.record_loss(loss)
+            self.bypass.record_loss(loss, share=kwargs.get("num_items_in_batch") is not None)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.bypass.before_micro_batch()
@@ -74,17 +98,25 @@ class BypassCallback(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bypass.after_step(state.global_step)
-        if control.should_save:
-            self.bypass.resolve(f"a checkpoint at step {state.global_step}")
+        self._resolve_before_eval_or_save(control, f"step {state.global_step}")
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_save:   # save_strategy="epoch" decides here, after on_step_end
-            self.bypass.resolve(f"a checkpoint at the end of epoch {state.epoch:g}")
+        # eval/save_strategy="epoch" decide here, after on_step_end
+        self._resolve_before_eval_or_save(control, f"the end of epoch {state.epoch:g}")
         return control
+
+    def _resolve_before_eval_or_save(self, control, when: str) -> None:
+        """The Trainer evaluates, then saves (``save_strategy="best"`` decides to save only
+        after the evaluation): resolve a cycle before either, so a metric, the checkpoint chosen
+        by it and ``load_best_model_at_end`` all see one model the user can have."""
+        if control.should_save:
+            self.bypass.resolve(f"a checkpoint at {when}")
+        elif control.should_evaluate:
+            self.bypass.resolve(f"an evaluation at {when}")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bypass.finish()
-        if self._loss_hook is not None:
-            self._loss_hook.remove()
-            self._loss_hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []

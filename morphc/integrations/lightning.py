@@ -17,6 +17,9 @@ Where it acts (Lightning 2.6, automatic optimization)::
 - ``optimizer.step()``: the extension's group joins inside the step, before Lightning's closure
   runs, so Lightning's own gradient clipping (``gradient_clip_val``) covers it too;
 - ``on_train_batch_end`` with ``trainer.global_step`` advanced: the cycle moves;
+- ``on_validation_start`` (inside ``fit``): a cycle in flight is resolved first, so a
+  monitored score and the checkpoint it selects are of the same model (give cycles room:
+  ``val_check_interval`` longer than ``bypass_steps + return_steps``);
 - ``on_save_checkpoint``: a cycle in flight is resolved (folded if on C, else rolled back) and
   the checkpoint's ``state_dict``, ``optimizer_states`` and this callback's state are rewritten
   from the resolved model, so every checkpoint holds the user's keys and groups only.
@@ -31,11 +34,22 @@ except ImportError as exc:   # pragma: no cover - exercised without the extra
     raise ImportError("morphc.integrations.lightning needs lightning: pip install "
                       "'morphc[lightning]'") from exc
 
+import math
+
 import torch
 
 from morphc.errors import BypassError
 from morphc.integrations.core import TrainerBypass
 from morphc.runtime.triggers import Trigger
+
+
+def _budget(trainer) -> int | None:
+    """The run's optimizer steps: ``max_steps``, or with ``max_epochs`` Lightning's estimate, so
+    no cycle starts that the run would end before it could return."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    estimate = trainer.estimated_stepping_batches
+    return int(estimate) if estimate and math.isfinite(estimate) else None
 
 
 class BypassCallback(pl.Callback):
@@ -57,9 +71,13 @@ class BypassCallback(pl.Callback):
                               "GradScaler unscales only the optimizer's groups; use "
                               "'bf16-mixed' or '32-true'")
         if not pl_module.automatic_optimization or len(trainer.optimizers) != 1:
-            raise BypassError("BypassCallback needs automatic optimization with one optimizer")
-        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        self.bypass.attach(pl_module, trainer.optimizers[0], total_steps=max_steps,
+            raise BypassError(
+                "BypassCallback needs automatic_optimization=True and one optimizer (it must see "
+                "each micro-batch and the loss training_step returns). With manual optimization, "
+                "drive morphc.integrations.TrainerBypass from your training_step: attach(self, "
+                "optimizer) once, then before_micro_batch(), record_loss(loss) and, after "
+                "optimizer.step(), after_step(step)")
+        self.bypass.attach(pl_module, trainer.optimizers[0], total_steps=_budget(trainer),
                            step=trainer.global_step)
         self._last_step = trainer.global_step
 
@@ -73,6 +91,13 @@ class BypassCallback(pl.Callback):
         if trainer.global_step != self._last_step:     # an optimizer step happened
             self._last_step = trainer.global_step
             self.bypass.after_step(trainer.global_step)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        """A validation inside ``fit`` feeds ``ModelCheckpoint(monitor=...)`` and early stopping:
+        resolve a cycle first, so the score and the checkpoint it picks are of one model the user
+        can have (not of the extended model, saved resolved)."""
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.bypass.resolve(f"a validation at step {trainer.global_step}")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if not self.bypass.in_cycle:
