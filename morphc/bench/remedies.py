@@ -32,8 +32,9 @@ class RemedyStepper:
     The same trigger (``morphc.Plateau`` with the bench's window), the same cycle length
     (``2·phase_steps``), no cycle that cannot end in the budget, the same accept-or-roll-back
     rule on the same evaluation data (the contracted/perturbed model must beat the model from
-    before the cycle by more than plain training's recent pace would have made), the same
-    bit-identical rollback (``morphc``'s ``Snapshot``) and the same back-off. ``remedy`` is
+    before the cycle by more than plain training's recent pace would have made, and plain
+    training run beside the cycle), the same hand-over of that plain training's state when it
+    does not (``morphc``'s ``Shadow``) and the same back-off. ``remedy`` is
     ``"noise"`` (weights += noise of norm ``0.02·‖θ‖``) or ``"restart"`` (a warm restart:
     optimizer state cleared, learning rate raised ``3×`` and cosine-annealed back over the
     cycle).
@@ -43,9 +44,10 @@ class RemedyStepper:
                  remedy: str, eval_closure: Closure | None = None, radius: float = 0.02,
                  kick: float = 3.0) -> None:
         import morphc
+        from morphc.runtime.shadow import Shadow
         from morphc.runtime.snapshot import Snapshot
 
-        self._snapshot_type = Snapshot
+        self._snapshot_type, self._shadow_type = Snapshot, Shadow
         self._model, self.remedy, self.radius, self.kick = model, remedy, radius, kick
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = problem.make_optimizer(self.params)
@@ -69,10 +71,12 @@ class RemedyStepper:
             scale = 1.0 + (self.kick - 1.0) * 0.5 * (1.0 + math.cos(math.pi * t))
             for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = lr * scale
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = closure(self._model)
-        loss.backward()
-        self.optimizer.step()
+        if cycle is not None:          # plain training's step first, on the global RNG
+            cycle["shadow"].step(closure, None, None)
+            with torch.random.fork_rng(devices=[]):
+                loss = self._plain_step(closure)
+        else:
+            loss = self._plain_step(closure)
         self.step_count += 1
         value = loss.item()
         if cycle is not None:
@@ -85,9 +89,17 @@ class RemedyStepper:
             self._open()
         return loss.detach()
 
+    def _plain_step(self, closure: Closure) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = closure(self._model)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
     def _open(self) -> None:
         self.cycle = {"done": 0, "at": self.step_count, "pace": self.trigger.pace(),
-                      "snapshot": self._snapshot_type.take(self._model, self.optimizer)}
+                      "snapshot": self._snapshot_type.take(self._model, self.optimizer),
+                      "shadow": self._shadow_type(self._model, self.optimizer)}
         self.history.append({"event": "extend", "step": self.step_count})
         if self.remedy == "noise":
             with torch.no_grad():
@@ -96,14 +108,15 @@ class RemedyStepper:
         else:
             self.optimizer.state.clear()
 
-    def _loss(self, closure: Closure) -> float:
-        was = self._model.training
-        self._model.eval()
+    def _loss(self, closure: Closure, model: nn.Module | None = None) -> float:
+        model = self._model if model is None else model
+        was = model.training
+        model.eval()
         try:
             with torch.no_grad():
-                return float((self.eval_closure or closure)(self._model))
+                return float((self.eval_closure or closure)(model))
         finally:
-            self._model.train(was)
+            model.train(was)
 
     def _close(self, closure: Closure) -> None:
         cycle, self.cycle = self.cycle, None
@@ -116,14 +129,16 @@ class RemedyStepper:
             before = self._loss(closure)
         finally:
             snapshot.put_back(self._model, current)
+        plain = self._loss(closure, cycle["shadow"].model)
         required = abs(before) * cycle["pace"] * self.cycle_steps
-        paid = math.isfinite(after) and after < before - required
-        event = {"step": self.step_count, "loss_before": before, "loss_after": after}
+        paid = math.isfinite(after) and after < min(before - required, plain)
+        event = {"step": self.step_count, "loss_before": before, "loss_after": after,
+                 "loss_plain": plain}
         if paid:
             self.unpaid = 0
             self.history.append({"event": "contract", **event})
         else:
-            snapshot.restore(self._model, self.optimizer)
+            cycle["shadow"].hand_over(self._model, self.optimizer)
             self.unpaid += 1
             self.quiet_until = self.step_count + self.cycle_steps * 2 ** self.unpaid
             self.history.append({"event": "rollback", **event})

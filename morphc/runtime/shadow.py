@@ -42,12 +42,14 @@ class Shadow:
         added mid-cycle has no counterpart here)."""
         return len(optimizer.param_groups) == len(self.optimizer.param_groups)
 
-    def step(self, closure: Closure, optimizer: torch.optim.Optimizer,
+    def step(self, closure: Closure, optimizer: torch.optim.Optimizer | None,
              max_grad_norm: float | None) -> None:
         """Plain training's step on this batch, as ``Bypass`` takes it outside a cycle: the
-        user's current hyperparameters (a scheduler moves them), a non-finite loss or gradient
-        skipped with the buffers put back."""
-        for group, mine in zip(optimizer.param_groups, self.optimizer.param_groups, strict=True):
+        user's current hyperparameters, read from ``optimizer`` (a scheduler moves them; None:
+        keep those of the copy), a non-finite loss or gradient skipped with the buffers put
+        back."""
+        for group, mine in zip(optimizer.param_groups if optimizer is not None else (),
+                               self.optimizer.param_groups, strict=False):
             mine.update((k, v) for k, v in group.items() if k != "params")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.optimizer.zero_grad(set_to_none=True)
