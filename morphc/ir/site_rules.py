@@ -83,6 +83,23 @@ _BATCHED_3D = ("{op} against the 3-D parameter {name} {shape}: G separate linear
 _BATCHED_OTHER = ("{op} against the parameter {name} {shape} through {how}: only a 2-D weight "
                   "broadcast over the batch (W.expand(G, -1, -1), W.unsqueeze(0).expand(...)) "
                   "with beta = alpha = 1 is read as a site")
+_EXPERTS = ("{op} against the expert weights {name} {shape} (mixture of experts): each token "
+            "is routed at run time to its own experts' slices, and one bypass branch is one map "
+            "for every token, so it folds into no single slice; the router, attention and shared "
+            "experts are sites")
+# a per-token weight taken out of a stack of expert weights: W[ids], W[e], W.transpose(-2, -1)
+_EXPERT_GATHERS = {aten.index.Tensor, aten.select.int, aten.index_select.default,
+                   aten.transpose.int, aten.permute.default, aten.contiguous.default,
+                   aten.expand.default, aten.unsqueeze.default}
+
+
+def is_grouped_mm(target) -> bool:
+    """``aten._grouped_mm``, ``F.grouped_mm``, transformers' ``grouped_mm_fallback``: one matmul
+    per group of rows, each against its own slice of a 3-D weight (how MoE experts run)."""
+    name = target.name() if hasattr(target, "name") else getattr(target, "__name__", "")
+    return "grouped_mm" in str(name)
+
+
 # operators whose parameter operands are linear-operator weights that cannot be sites
 EXCLUDED_TARGETS: dict[object, str] = {
     aten.lstm.input: _RNN, aten.gru.input: _RNN, aten.rnn_tanh.input: _RNN,
@@ -152,7 +169,17 @@ def _shape(node) -> tuple[int, ...] | None:
         shape = node.meta["val"].shape
     if shape is None:
         return None
-    return tuple(int(d) if not isinstance(d, torch.SymInt) else -1 for d in shape)
+    return tuple(_size(d) for d in shape)
+
+
+def _size(d) -> int:
+    """A dimension at the example inputs: torch.export marks every size it lets vary symbolic
+    (sequence length too, not only the batch), and its hint is the example's size; -1 only when
+    it has none (a data-dependent size)."""
+    if not isinstance(d, torch.SymInt):
+        return int(d)
+    hint = d.node.hint
+    return int(hint) if hint is not None else -1
 
 
 @dataclass

@@ -22,6 +22,8 @@ from morphc.ir.site_rules import (
     _BATCHED_3D,
     _BATCHED_OTHER,
     _BROADCASTS,
+    _EXPERT_GATHERS,
+    _EXPERTS,
     BATCHED_TARGETS,
     EINSUM_TARGETS,
     EXCLUDED_MODULES,
@@ -37,6 +39,7 @@ from morphc.ir.site_rules import (
     _param_node,
     _Ref,
     _resolve,
+    is_grouped_mm,
     resolve_broadcast,
 )
 from morphc.ir.sites import ConvConfig
@@ -205,6 +208,8 @@ def _record_batched(gm, node, uses: Uses) -> None:
         ref, how = resolve_broadcast(gm, operand)
         if ref is None or not unit:
             root = _broadcast_source(gm, operand)
+            if root is None and _record_experts(gm, label, operand, uses):
+                continue
             if root is not None:
                 name, tensor = root
                 text = _BATCHED_3D if tensor.dim() == 3 and how == "directly" else _BATCHED_OTHER
@@ -230,7 +235,32 @@ def _broadcast_source(gm, operand):
     return _param_node(gm, operand)
 
 
+def _expert_source(gm, operand):
+    """The stack of expert weights (a parameter of 3 or more dimensions) that ``operand`` is a
+    slice or view of, if any (``W[ids]``, ``W[e]``, ``W.transpose(-2, -1)``)."""
+    while isinstance(operand, fx.Node) and operand.target in _EXPERT_GATHERS:
+        operand = operand.args[0]
+    root = _param_node(gm, operand)
+    return root if root is not None and root[1].dim() >= 3 else None
+
+
+def _record_experts(gm, op: str, operand, uses: Uses) -> bool:
+    """A matmul against per-token slices of stacked expert weights (mixture of experts) is an
+    explained exclusion, not a silent gap in the site table."""
+    root = _expert_source(gm, operand)
+    if root is None:
+        return False
+    name, tensor = root
+    uses.note(name, tensor)
+    uses.exclusions.setdefault(name, _EXPERTS.format(op=op, name=name, shape=tuple(tensor.shape)))
+    return True
+
+
 def record_function_call(gm, node, uses: Uses) -> None:
+    if is_grouped_mm(node.target):
+        for leaf in flatten([*node.args, *node.kwargs.values()]):
+            _record_experts(gm, str(node.target), leaf, uses)
+        return
     rule = FUNCTION_RULES.get(node.target)
     if rule is not None:
         _record_rule(gm, node, rule, uses)
