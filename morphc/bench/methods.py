@@ -63,8 +63,8 @@ class BypassStepper:
             config.setdefault("eval_closure", full_train_loss(problem, data))
         if variant in ("linear", "growth"):   # one model trained: no joint s = 0 pass
             config["free_phase"] = "plain"
-        if variant == "growth":
-            config.update(bypass_steps=steps + 1, max_cycles=1)
+        if variant == "growth":       # its one cycle never ends: nothing to hand over
+            config.update(bypass_steps=steps + 1, max_cycles=1, shadow=False)
         else:
             config.setdefault("total_steps", steps)   # no cycle that cannot end in the budget
         self.variant, self.steps, self.step_count = variant, steps, 0
