@@ -153,7 +153,7 @@ class CycleRunner:
         if not self._judge_replays(closure):
             return
         snapshot = Snapshot.take(self._user_model, self.optimizer)
-        shadow = Shadow(self._user_model, self.optimizer) if self._keeps_shadow() else None
+        shadow = self._take_shadow() if self._keeps_shadow() else None
         try:
             self._trace()
             sites, scores = self._choose_sites(closure)
@@ -180,6 +180,18 @@ class CycleRunner:
         copy would train without the all-reduce)."""
         return self.config.shadow and self.config.accept != Accept.ALWAYS and \
             not self.distributed
+
+    def _take_shadow(self) -> Shadow | None:
+        """The copy, or None when the model or optimizer cannot be deep-copied (a handle or a
+        lock among its attributes): then a miss restores the state from before the cycle."""
+        try:
+            return Shadow(self._user_model, self.optimizer)
+        except Exception as exc:
+            self.config.shadow = False               # it would fail the same way next time
+            self._warn(f"morphc.Bypass could not copy the model and optimizer to train plainly "
+                       f"beside its cycles ({type(exc).__name__}: {exc}); a cycle that does not "
+                       "pay restores the state from before it instead (its steps are lost)")
+            return None
 
     def _give_up(self, reason: str, advice: str, exc: BaseException | None = None) -> None:
         """No cycle for the rest of the run: recorded, warned once, or raised as a BypassError

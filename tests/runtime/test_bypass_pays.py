@@ -429,3 +429,27 @@ def test_a_cycle_is_kept_only_when_it_beats_plain_training_beside_it():
         assert event["loss_after"] < event["loss_plain"]
     for event in events(bp, "rollback"):
         assert event["to"] == "plain"
+
+
+class _Uncopyable(nn.Module):
+    """A model holding something deepcopy refuses (as a file handle or a lock would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.lock = __import__("threading").Lock()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_model_that_cannot_be_copied_runs_its_cycles_without_the_plain_copy():
+    torch.manual_seed(0)
+    model = _Uncopyable()
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    bp = default_bypass(model, eval_closure=lambda m: F.mse_loss(m(x), y))
+    with pytest.warns(RuntimeWarning, match="could not copy"):
+        run(bp, lambda m: F.mse_loss(m(x), y), 12)
+    bp.finish()
+    judged = events(bp, "contract") + events(bp, "rollback")
+    assert judged and all(e.get("to", "before") == "before" for e in events(bp, "rollback"))
