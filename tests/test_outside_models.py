@@ -230,3 +230,18 @@ def test_what_morphc_cannot_extend_is_refused_typed_and_leaves_the_model_alone(m
     with pytest.raises(error):
         morphc.extend(model, (x,), sites=sites)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_converting_the_model_but_not_its_extension_is_a_typed_error_that_says_what_to_do():
+    """``model.double()`` after ``extend`` leaves the branches in float32; torch's error named two
+    tensors. It names the conversion now, and converting ``ext`` itself works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    ext = morphc.extend(model, (x,), sites="all")
+    model.double()
+    with pytest.raises(morphc.TraceError, match=r"converted after morphc.extend.*ext\.double"):
+        ext(x.double())
+    ext.double()
+    with torch.no_grad():
+        assert torch.equal(ext(x.double()), model(x.double()))

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from morphc.compiler.shape_graphs import DEFAULT_RETRACES, Retrace, ShapeGraphs
-from morphc.errors import ContractionError, FormatError, ShapeError
+from morphc.errors import ContractionError, FormatError, ShapeError, TraceError
 from morphc.ir.sites import Site, SiteTable
 from morphc.ir.tags import restore_tags, tags_by_name
 from morphc.ir.trace import TracedModel
@@ -175,6 +175,26 @@ class ExtendedModel(nn.Module):
             return self.traced.call(self.graph_module, args, kwargs)
         except ShapeError as error:   # refused before any computation: try a graph that fits
             return self.shape_graphs.call(self, args, kwargs, error)
+        except RuntimeError as error:
+            apart = self._converted_apart()
+            if apart is not None:
+                raise TraceError(apart) from error
+            raise
+
+    def _converted_apart(self) -> str | None:
+        """Why the call failed, when the user's model was converted without its extension
+        (``model.double()`` / ``model.to(device)`` after ``extend``): the branches kept the
+        old dtype or device, and torch's error would only name two mismatched tensors."""
+        if not self.sites or not self.branches:
+            return None
+        weight = self.graph_module.get_parameter(self.sites[0].weight_name)
+        branch = next(iter(self.branches.values())).A
+        if (weight.dtype, weight.device) == (branch.dtype, branch.device):
+            return None
+        return (f"the model's weights are {weight.dtype} on {weight.device} but its extension's "
+                f"are {branch.dtype} on {branch.device}: the model was converted after "
+                "morphc.extend. Convert the extended model instead (ext.double(), ext.to(...)), "
+                "which converts both, or extend the converted model again")
 
     def extension_parameters(self):
         """The new parameters only (A, a, B, α of every branch)."""
