@@ -21,6 +21,7 @@ from morphc.integrations.core import TrainerBypass
 from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.sites import module_sites
 from morphc.runtime.cycle import Cycle
+from tests.helpers import tiny_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -225,15 +226,6 @@ def fold_outputs(monkeypatch):
 
 
 # -- Hugging Face Trainer ------------------------------------------------------------------------
-def _gpt2():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg)
-
-
 class _Tokens(torch.utils.data.Dataset):
     def __init__(self, n=64, length=12, vocab=40):
         self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
@@ -270,7 +262,7 @@ def test_hf_trainer_cycles_with_accumulation_and_checkpoints(tmp_path, fold_outp
     from morphc.integrations.hf import BypassCallback
 
     records, probe = fold_outputs
-    model = _gpt2()
+    model = tiny_gpt2()
     probe["kwargs"] = {"input_ids": _Tokens().ids[:4]}
     keys, params = list(model.state_dict()), list(model.parameters())
     callback = BypassCallback(morphc.Schedule(at=[2, 11]), bypass_steps=2, return_steps=3,
@@ -305,7 +297,7 @@ def test_hf_trainer_cycles_with_accumulation_and_checkpoints(tmp_path, fold_outp
     # it resumes in a fresh Trainer, with the callback
     resumed = BypassCallback(morphc.Schedule(at=[2, 11]), bypass_steps=2, return_steps=3,
                              accept="always", width=4, min_lr_fraction=0.0, verbose=False)
-    again = transformers.Trainer(model=_gpt2(), args=_hf_args(tmp_path / "r"),
+    again = transformers.Trainer(model=tiny_gpt2(), args=_hf_args(tmp_path / "r"),
                                  train_dataset=_Tokens(), callbacks=[resumed])
     again.train(resume_from_checkpoint=str(ck))
     assert again.state.global_step == 16
@@ -336,7 +328,7 @@ def test_hf_cycle_that_does_not_pay_is_rolled_back_bit_identically(tmp_path, nev
 
     if bf16 and _bf16_ok():
         pytest.skip(_bf16_ok())
-    model = _gpt2()
+    model = tiny_gpt2()
     before, after = _Recorder({3}), _Recorder({8})
     callback = BypassCallback(morphc.Schedule(at=[3]), bypass_steps=2, return_steps=3, width=4,
                               min_lr_fraction=0.0, verbose=False)
@@ -369,7 +361,7 @@ def test_hf_bf16_autocast(tmp_path, fold_outputs):
     if reason:
         pytest.skip(reason)
     records, probe = fold_outputs
-    model = _gpt2()
+    model = tiny_gpt2()
     probe["kwargs"] = {"input_ids": _Tokens().ids[:4]}
     callback = BypassCallback(morphc.Schedule(at=[2]), bypass_steps=2, return_steps=3,
                               accept="always", width=4, min_lr_fraction=0.0, verbose=False)

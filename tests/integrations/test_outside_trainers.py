@@ -16,17 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
+from tests.helpers import tiny_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _gpt2():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg)
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -72,7 +64,7 @@ def test_hf_accumulation_records_the_steps_loss_not_a_share_of_it(tmp_path):
     transformers = pytest.importorskip("transformers")
     callback = _hf_callback([4])
     args = _hf_args(tmp_path, gradient_accumulation_steps=4, max_steps=10, logging_steps=1)
-    trainer = transformers.Trainer(model=_gpt2(), args=args, train_dataset=_Tokens(),
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=_Tokens(),
                                    callbacks=[callback])
     trainer.train()
     logged = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
@@ -102,7 +94,7 @@ def test_hf_every_metric_and_best_checkpoint_belong_to_the_same_model(tmp_path):
     args = _hf_args(tmp_path, eval_strategy="steps", eval_steps=3, save_strategy="best",
                     metric_for_best_model="loss", load_best_model_at_end=True,
                     per_device_eval_batch_size=8)
-    model = _gpt2()
+    model = tiny_gpt2()
     keys = list(model.state_dict())
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
                                    eval_dataset=evals, callbacks=[callback])
@@ -142,7 +134,7 @@ def test_hf_save_model_mid_cycle_warns_and_saves_the_users_architecture(tmp_path
 
     callback = _hf_callback([2])
     bypass = callback.bypass
-    model = _gpt2()
+    model = tiny_gpt2()
     trainer = transformers.Trainer(model=model, args=_hf_args(tmp_path), train_dataset=_Tokens(),
                                    callbacks=[callback, SaveMidCycle()])
     trainer.train()
