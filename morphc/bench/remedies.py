@@ -73,7 +73,7 @@ class RemedyStepper:
                 group["lr"] = lr * scale
         if cycle is not None:          # plain training's step first, on the global RNG
             cycle["shadow"].step(closure, None, None)
-            with torch.random.fork_rng(devices=[]):
+            with cycle["shadow"].rng_apart():
                 loss = self._plain_step(closure)
         else:
             loss = self._plain_step(closure)

@@ -35,7 +35,8 @@ def relative_deviation(reference, other) -> float:
     return worst
 
 
-def _cuda_devices(module: nn.Module, inputs) -> list[int]:
+def cuda_devices(module: nn.Module, inputs=()) -> list[int]:
+    """The CUDA devices ``module`` and ``inputs`` live on: whose RNGs a fork must cover."""
     tensors = [*module.parameters(), *module.buffers(),
                *(t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))]
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
@@ -46,7 +47,7 @@ def deterministic(guard: nn.Module, inputs=()) -> Iterator[None]:
     """no_grad, the RNG fixed (dropout draws the same masks in two runs being compared) and
     restored afterwards — on the devices involved only, no global RNG is ever reseeded — and the
     buffers of ``guard`` (BatchNorm statistics) restored."""
-    devices = _cuda_devices(guard, inputs)
+    devices = cuda_devices(guard, inputs)
     with no_side_effects(guard), torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.default_generator.manual_seed(0)
         for index in devices:

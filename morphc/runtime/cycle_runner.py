@@ -346,9 +346,7 @@ class CycleRunner:
         if shadow is None:
             return self._extended_step(cycle, closure)
         shadow.step(closure, self.optimizer, self.config.max_grad_norm)
-        devices = sorted({p.device.index for p in self._user_model.parameters()
-                          if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices):
+        with shadow.rng_apart():
             return self._extended_step(cycle, closure)
 
     def _extended_step(self, cycle: Cycle, closure: Closure):
@@ -424,7 +422,7 @@ class CycleRunner:
                        measures={"loss_before": before, "loss_free": losses[0],
                                  "loss_after": None, "survival": None, "snap_change": None,
                                  "loss_plain": self._shadow_loss(cycle, probe)},
-                       raises=False, verdict=True)
+                       verdict=True)
         return True
 
     def _close_cycle(self, closure: Closure | None, finishing: bool = False) -> None:
@@ -457,7 +455,7 @@ class CycleRunner:
                            + ("" if plain is None else f"; plain training: {plain:.4g}") + ")",
                            measures={**self._measures(cycle, before, after, snap),
                                      "loss_plain": plain},
-                           raises=False, verdict=True)
+                           verdict=True)
             return
         self._unpaid, self._quiet_until = back_off(
             self.config, self.trigger, step=self.step_count, misses=self._unpaid,
@@ -514,8 +512,8 @@ class CycleRunner:
                   verdict: bool = False) -> None:
         """Restore the pre-extension state bit for bit — or, after a ``verdict`` on a cycle with
         a shadow, hand over the shadow: plain training's state now, so the cycle's steps are not
-        lost. Then carry on, or raise a BypassError with on_failure="raise" (``raises=False``:
-        a verdict, or an error that goes on as is)."""
+        lost. Then carry on, or raise a BypassError with on_failure="raise" (never after a
+        verdict; ``raises=False``: an error that goes on as is)."""
         cycle, step = self._cycle, self.step_count
         self._detach()
         to_plain = verdict and cycle.shadow is not None
@@ -526,7 +524,7 @@ class CycleRunner:
         self.failures += 1
         self._event("rollback", reason=reason, to="plain" if to_plain else "before",
                     **(measures or {}))
-        if self.config.on_failure is OnFailure.RAISE and raises:
+        if self.config.on_failure is OnFailure.RAISE and raises and not verdict:
             raise BypassError(f"{reason}. The model, its buffers and the optimizer state were "
                               f"restored to their values before this cycle's extension; "
                               f"training can continue from step {step}, or pass "

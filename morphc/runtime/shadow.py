@@ -10,11 +10,13 @@ for bit — instead of the state from before the cycle.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch import nn
 
+from morphc.compiler.deviation import cuda_devices
 from morphc.runtime.steps import (
     Closure,
     NonFinite,
@@ -34,8 +36,12 @@ class Shadow:
         memo: dict = {}
         self.model = copy.deepcopy(model, memo)       # the optimizer's copy then steps the
         self.optimizer = copy.deepcopy(optimizer, memo)   # copied parameters (the same memo)
-        self.pairs = [(name, param, memo[id(param)]) for name, param in model.named_parameters()]
+        self.pairs = [(param, memo[id(param)]) for param in model.parameters()]
         self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
+        # made once: the shadow steps on every step of a cycle
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.backup = [mine.detach().clone() for _, mine in self.buffers]
+        self.devices = cuda_devices(model)
 
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the shadow can keep taking the user's steps: the same param groups (a group
@@ -51,25 +57,31 @@ class Shadow:
         for group, mine in zip(optimizer.param_groups if optimizer is not None else (),
                                self.optimizer.param_groups, strict=False):
             mine.update((k, v) for k, v in group.items() if k != "params")
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.optimizer.zero_grad(set_to_none=True)
-        buffers = list(self.model.buffers())
-        backup = [b.detach().clone() for b in buffers]
+        buffers = [mine for _, mine in self.buffers]
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.backup, buffers)
         try:
             backward_checked(*loss_of(closure, self.model))
-            check_finite(params)
+            check_finite(self.params)
         except NonFinite:
-            zero_grads(params)
-            put_back(buffers, backup)
+            zero_grads(self.params)
+            put_back(buffers, self.backup)
             return
-        clip(params, max_grad_norm)
+        clip(self.params, max_grad_norm)
         self.optimizer.step()
+
+    def rng_apart(self) -> contextlib.AbstractContextManager:
+        """A fork of the global RNGs (CPU and the model's CUDA devices) for the step beside
+        the shadow's: the shadow draws from them exactly as plain training would."""
+        return torch.random.fork_rng(devices=self.devices)
 
     def hand_over(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Put the shadow's parameters, buffers and optimizer state into the user's own tensors
         (the optimizer, hooks and any compiled graph keep pointing at them)."""
         with torch.no_grad():
-            for _, param, mine in self.pairs:
+            for param, mine in self.pairs:
                 param.copy_(mine)
                 if mine in self.optimizer.state:
                     optimizer.state[param] = self.optimizer.state.pop(mine)
