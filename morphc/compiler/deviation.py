@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from morphc.ir.trace import no_side_effects
+from morphc.ir.untouched import no_side_effects
 
 
 def relative_deviation(reference, other) -> float:

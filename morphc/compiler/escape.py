@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from morphc.errors import SiteError
-from morphc.ir.trace import no_side_effects
+from morphc.ir.untouched import no_side_effects
 
 Probe = Callable[[nn.Module], torch.Tensor]
 

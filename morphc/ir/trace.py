@@ -15,11 +15,9 @@ the same model again (a Bypass cycle, a sweep over widths) does not re-export.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import time
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +38,7 @@ from morphc.ir.shapes import (
     input_labels,
     specialisation_reasons,
 )
+from morphc.ir.untouched import attributes_kept, no_side_effects
 
 FRONTENDS = ("auto", "symbolic_trace", "export")
 
@@ -172,43 +171,6 @@ class _SiteAwareTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return super().is_leaf_module(m, module_qualified_name) and not any(m.children()) \
             and not _has_forward_hooks(m)
-
-
-@contextlib.contextmanager
-def no_side_effects(module: nn.Module) -> Iterator[None]:
-    """Run probe forwards without leaving a trace: buffers (BatchNorm statistics) and the RNG
-    state are restored afterwards."""
-    saved = {name: buf.detach().clone() for name, buf in module.named_buffers()}
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, buf in module.named_buffers():
-                    if name in saved:
-                        buf.copy_(saved[name])
-
-
-@contextlib.contextmanager
-def attributes_kept(model: nn.Module) -> Iterator[None]:
-    """Undo what a symbolic trace writes on the user's modules: a forward (or a pruning hook)
-    that sets ``self.x = ...`` leaves a torch.fx Proxy there, and the tracer parks constants as
-    ``_tensor_constant*`` on the root. Each module's attributes, parameters, buffers and
-    children are put back as they were (the same objects)."""
-    saved = [(m, dict(vars(m)), *(dict(getattr(m, d)) for d in _SLOTS)) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for module, attributes, *slots in saved:
-            for name in set(vars(module)) - set(attributes):
-                del vars(module)[name]
-            vars(module).update(attributes)
-            for slot, values in zip(_SLOTS, slots, strict=True):
-                getattr(module, slot).clear()
-                getattr(module, slot).update(values)
-
-
-_SLOTS = ("_parameters", "_buffers", "_modules")
 
 
 class ExampleInputs(tuple):
@@ -503,5 +465,4 @@ def _hook_notes(model: nn.Module) -> list[str]:
             "side effects (logging, storing activations) do not happen on the extended model"]
 
 
-__all__ = ["FRONTENDS", "ExampleInputs", "ShapeError", "TracedModel", "no_side_effects",
-           "trace"]
+__all__ = ["FRONTENDS", "ExampleInputs", "ShapeError", "TracedModel", "trace"]

@@ -38,7 +38,8 @@ from morphc.ir.branch import BypassBranch
 from morphc.ir.ops import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 from morphc.ir.sites import ConvConfig
 from morphc.ir.tags import DEEP_PREFIX, FRONTEND
-from morphc.ir.trace import ExampleInputs, TracedModel, no_side_effects, trace
+from morphc.ir.trace import ExampleInputs, TracedModel, trace
+from morphc.ir.untouched import no_side_effects
 from morphc.passes.find_grown_branches import GrownBranch, find_grown_branches
 from morphc.passes.infra import Pipeline, fresh_name
 from morphc.passes.insert_residual_block import insert_residual_block

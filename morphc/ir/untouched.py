@@ -1,0 +1,50 @@
+"""Running the user's model without leaving a trace on it.
+
+Probing a model — a shape-propagating forward, a trace, an escape score — must leave it as it
+was: BatchNorm statistics, the RNG stream, and whatever a traced forward writes on its modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def no_side_effects(module: nn.Module) -> Iterator[None]:
+    """Run probe forwards without leaving a trace: buffers (BatchNorm statistics) and the RNG
+    state are restored afterwards."""
+    saved = {name: buf.detach().clone() for name, buf in module.named_buffers()}
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, buf in module.named_buffers():
+                    if name in saved:
+                        buf.copy_(saved[name])
+
+
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Undo what a symbolic trace writes on the user's modules: a forward (or a pruning hook)
+    that sets ``self.x = ...`` leaves a torch.fx Proxy there, and the tracer parks constants as
+    ``_tensor_constant*`` on the root. Each module's attributes, parameters, buffers and
+    children are put back as they were (the same objects)."""
+    saved = [(m, dict(vars(m)), *(dict(getattr(m, d)) for d in _SLOTS)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, *slots in saved:
+            for name in set(vars(module)) - set(attributes):
+                del vars(module)[name]
+            vars(module).update(attributes)
+            for slot, values in zip(_SLOTS, slots, strict=True):
+                getattr(module, slot).clear()
+                getattr(module, slot).update(values)
+
+
+_SLOTS = ("_parameters", "_buffers", "_modules")
