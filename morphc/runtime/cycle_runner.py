@@ -7,20 +7,16 @@ algorithm: train → trigger → extend → (joint) bypass → return → contra
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
-from torch import nn
 
-from morphc.compiler.contract import contract
-from morphc.compiler.deviation import deterministic
 from morphc.compiler.escape import escape_scores, random_direction_probe, rank_sites
 from morphc.compiler.extend import extend
 from morphc.compiler.extended import converted_like, floating_dtype_device
 from morphc.errors import BypassError, MorphcError, ShapeError
 from morphc.ir.trace import trace
 from morphc.runtime.config import Accept, FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, back_off, may_start
+from morphc.runtime.cycle import Cycle, may_start
 from morphc.runtime.lookahead import lookahead_scores
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.shadow import Shadow
@@ -38,11 +34,13 @@ from morphc.runtime.steps import (
     put_back,
     zero_grads,
 )
+from morphc.runtime.verdicts import Verdicts
 from morphc.runtime.wrapping import all_reduce_mean, all_reduce_sum
 
 
-class CycleRunner:
-    """Mixin of :class:`~morphc.Bypass` holding its step and cycle logic."""
+class CycleRunner(Verdicts):
+    """Mixin of :class:`~morphc.Bypass` holding its step and cycle logic (the verdicts on a
+    cycle: :class:`~morphc.runtime.verdicts.Verdicts`)."""
 
     # -- plain training ------------------------------------------------------------------------
     def _reduce(self):
@@ -202,28 +200,6 @@ class CycleRunner:
             raise BypassError(f"{advice}, or pass on_failure='rollback' to train on without "
                               "Bypass.") from exc
         self._warn(f"morphc.Bypass trains on without cycles: {reason}. {advice}.")
-
-    def _judge_replays(self, closure: Closure) -> bool:
-        """Whether the acceptance test can compare models on the same data: it calls
-        ``eval_closure`` (else the closure) again on the model before and after a cycle. A
-        closure that draws the next batch (or a random augmentation) on each call gives two
-        values on one model, and cycles would be kept or rolled back by the batches drawn.
-        Two calls on the model as it is decide, before anything changes."""
-        probe = self.config.eval_closure or closure
-        if self.config.accept == Accept.ALWAYS:
-            return True
-        first, second = (self._loss_without_trace(probe, self._user_model) for _ in range(2))
-        if first == second or math.isclose(first, second, rel_tol=1e-5) or \
-                math.isnan(first) and math.isnan(second):
-            return True
-        which = "eval_closure" if self.config.eval_closure else "the closure"
-        self._give_up(f"{which} gave two different losses on the same model ({first:.6g}, "
-                      f"{second:.6g}): it draws new data on each call, so models before and "
-                      "after a cycle cannot be compared on the same data",
-                      "Pass eval_closure= a closure over fixed data (a held-out batch), or build "
-                      "the closure over the step's batch: for x, y in loader: "
-                      "bp.step(lambda m: loss_fn(m(x), y))")
-        return False
 
     def _trace(self) -> None:
         """Trace once per run (and trace() caches per model): a cycle never re-exports —
@@ -391,115 +367,6 @@ class CycleRunner:
         if cycle.phase is Phase.RETURN and cfg.return_mode is ReturnMode.PENALTY:
             cycle.shrink_towards_c(lr)
         return loss, value
-
-    def _miss(self, before: float = math.nan, after: float = math.nan) -> None:
-        """A cycle that did not pay: the trigger backs off (:func:`back_off`)."""
-        self._unpaid, self._quiet_until = back_off(
-            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
-            quiet=self._quiet_until, paid=False, before=before, after=after)
-
-    def _free_phase_found_nothing(self, cycle: Cycle, closure: Closure) -> bool:
-        """At the end of the free phase: the extended model (s = 1 and s = 0) and the model from
-        before the cycle on the same data; when the free phase found nothing, roll back now
-        (:meth:`Cycle.found_something`) instead of running the return phase to learn it."""
-        probe, ext = self.config.eval_closure or closure, cycle.ext
-        if probe is None or self.config.accept == Accept.ALWAYS:
-            return False
-        homotopy, losses = ext.homotopy, []
-        try:
-            for s in (1.0, 0.0):
-                ext.set_homotopy(s)
-                losses.append(self._loss_without_trace(probe, ext))
-        finally:
-            ext.set_homotopy(homotopy)
-        before = self._loss_before_cycle(cycle, probe)
-        free = min((v for v in losses if math.isfinite(v)), default=math.nan)
-        if cycle.found_something(before, free, self.trigger):
-            return False
-        self._miss(before, free)
-        self._rollback(f"the free phase found nothing: loss {free:.4g} (the better of s = 1 "
-                       f"and s = 0) vs {before:.4g} before the cycle; the return was skipped",
-                       measures={"loss_before": before, "loss_free": losses[0],
-                                 "loss_after": None, "survival": None, "snap_change": None,
-                                 "loss_plain": self._shadow_loss(cycle, probe)},
-                       verdict=True)
-        return True
-
-    def _close_cycle(self, closure: Closure | None, finishing: bool = False) -> None:
-        """return → contract → accept or roll back. ``finishing``: a cycle cut short by
-        ``finish()`` snaps onto C (measured) instead of training further."""
-        cycle = self._cycle
-        ext = cycle.ext
-        residual = ext.constraint_residual()
-        # anneal and project end exactly on C: a residual there is a bug, rolled back, never
-        # folded; a penalty return, a zero-step return or finish() snap onto C, measured.
-        force = finishing or cycle.return_len == 0 or \
-            self.config.return_mode is ReturnMode.PENALTY
-        try:
-            contract(ext, force=force)
-        except MorphcError as exc:
-            self._rollback(f"contraction failed: {exc}", exc)
-            return
-        snap = ext.contraction_report.snap_change
-        limit = self.config.max_snap_change
-        if limit is not None and snap is not None and not snap <= limit:
-            self._rollback(f"the snap onto C changed the output by {snap:.3g} > "
-                           f"max_snap_change={limit:g}; use more return_steps")
-            return
-        before, after = self._evaluate_both(cycle, closure)
-        plain = self._shadow_loss(cycle, self.config.eval_closure or closure)
-        if not cycle.pays(before, after, plain):
-            self._miss(before, after)
-            self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
-                           f"before (needed < {cycle.needed(before, plain):.4g}"
-                           + ("" if plain is None else f"; plain training: {plain:.4g}") + ")",
-                           measures={**self._measures(cycle, before, after, snap),
-                                     "loss_plain": plain},
-                           verdict=True)
-            return
-        self._unpaid, self._quiet_until = back_off(
-            self.config, self.trigger, step=self.step_count, misses=self._unpaid,
-            quiet=self._quiet_until, paid=True, before=before, after=after)
-        self._detach()
-        self.cycle += 1
-        self._event("contract", residual=residual, deviation=ext.contraction_report.deviation,
-                    sites=ext.config.sites, finishing=finishing, loss_plain=plain,
-                    **self._measures(cycle, before, after, snap))
-
-    def _measures(self, cycle: Cycle, before: float, after: float, snap) -> dict:
-        return {"loss_before": before, "loss_free": cycle.loss_free, "loss_after": after,
-                "survival": cycle.survival(before, after), "snap_change": snap}
-
-    def _evaluate_both(self, cycle: Cycle, closure: Closure | None) -> tuple[float, float]:
-        """The contracted model and the model from before the cycle, on the same data:
-        ``eval_closure`` if given, else the closure of the last step."""
-        probe = self.config.eval_closure or closure
-        if probe is None:
-            return math.nan, math.nan
-        after = self._loss_without_trace(probe, self._user_model)
-        return self._loss_before_cycle(cycle, probe), after
-
-    def _shadow_loss(self, cycle: Cycle, probe: Closure | None) -> float | None:
-        """``probe`` on the shadow: where plain training would be now (None: no shadow)."""
-        if cycle.shadow is None or probe is None:
-            return None
-        return self._loss_without_trace(probe, cycle.shadow.model)
-
-    def _loss_before_cycle(self, cycle: Cycle, probe: Closure) -> float:
-        """``probe`` on the user's model with the weights from before the extension."""
-        model = self._user_model
-        current = cycle.snapshot.swap_params(model)
-        try:
-            return self._loss_without_trace(probe, model)
-        finally:
-            cycle.snapshot.put_back(model, current)
-
-    def _loss_without_trace(self, probe: Closure, model: nn.Module, reduce: bool = True) -> float:
-        with deterministic(model):
-            value = float(probe(model))
-        if self.distributed and reduce:
-            value = all_reduce_mean(value, next(model.parameters()).device)
-        return value
 
     def _detach(self) -> None:
         """Drop the extension: its param group and state leave the optimizer."""
