@@ -42,3 +42,17 @@ def tiny_gpt2():
                                   bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Random token ids that are their own labels: a language-model batch for the trainers."""
+
+    def __init__(self, n=64, length=12, vocab=40, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

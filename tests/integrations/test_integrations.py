@@ -21,7 +21,7 @@ from morphc.integrations.core import TrainerBypass
 from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.sites import module_sites
 from morphc.runtime.cycle import Cycle
-from tests.helpers import tiny_gpt2
+from tests.helpers import TokenData, tiny_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -226,17 +226,6 @@ def fold_outputs(monkeypatch):
 
 
 # -- Hugging Face Trainer ------------------------------------------------------------------------
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=64, length=12, vocab=40):
-        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _hf_args(out, **overrides):
     transformers = pytest.importorskip("transformers")
     options = dict(output_dir=str(out), max_steps=16, per_device_train_batch_size=4,
@@ -263,12 +252,12 @@ def test_hf_trainer_cycles_with_accumulation_and_checkpoints(tmp_path, fold_outp
 
     records, probe = fold_outputs
     model = tiny_gpt2()
-    probe["kwargs"] = {"input_ids": _Tokens().ids[:4]}
+    probe["kwargs"] = {"input_ids": TokenData().ids[:4]}
     keys, params = list(model.state_dict()), list(model.parameters())
     callback = BypassCallback(morphc.Schedule(at=[2, 11]), bypass_steps=2, return_steps=3,
                               accept="always", width=4, min_lr_fraction=0.0, verbose=False)
     args = _hf_args(tmp_path)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(),
                                    callbacks=[callback])
     trainer.train()
     history = callback.history
@@ -298,7 +287,7 @@ def test_hf_trainer_cycles_with_accumulation_and_checkpoints(tmp_path, fold_outp
     resumed = BypassCallback(morphc.Schedule(at=[2, 11]), bypass_steps=2, return_steps=3,
                              accept="always", width=4, min_lr_fraction=0.0, verbose=False)
     again = transformers.Trainer(model=tiny_gpt2(), args=_hf_args(tmp_path / "r"),
-                                 train_dataset=_Tokens(), callbacks=[resumed])
+                                 train_dataset=TokenData(), callbacks=[resumed])
     again.train(resume_from_checkpoint=str(ck))
     assert again.state.global_step == 16
 
@@ -334,7 +323,7 @@ def test_hf_cycle_that_does_not_pay_is_rolled_back_bit_identically(tmp_path, nev
                               min_lr_fraction=0.0, verbose=False)
     trainer = transformers.Trainer(
         model=model, args=_hf_args(tmp_path, max_steps=10, save_strategy="no", bf16=bf16),
-        train_dataset=_Tokens(), callbacks=[before.callback, callback, after.callback])
+        train_dataset=TokenData(), callbacks=[before.callback, callback, after.callback])
     trainer.train()
     assert [(e["event"], e["step"]) for e in callback.bypass.history] == [
         ("extend", 3), ("return", 5), ("rollback", 8)]
@@ -362,14 +351,14 @@ def test_hf_bf16_autocast(tmp_path, fold_outputs):
         pytest.skip(reason)
     records, probe = fold_outputs
     model = tiny_gpt2()
-    probe["kwargs"] = {"input_ids": _Tokens().ids[:4]}
+    probe["kwargs"] = {"input_ids": TokenData().ids[:4]}
     callback = BypassCallback(morphc.Schedule(at=[2]), bypass_steps=2, return_steps=3,
                               accept="always", width=4, min_lr_fraction=0.0, verbose=False)
     try:
         args = _hf_args(tmp_path, bf16=True, max_steps=8, save_strategy="no")
     except (ValueError, ImportError) as exc:
         pytest.skip(f"this transformers/CPU does not run bf16: {exc}")
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(),
                                    callbacks=[callback])
     trainer.train()
     assert "forward" in model.__dict__        # accelerate's autocast wrapper, left in place

@@ -16,21 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
-from tests.helpers import tiny_gpt2
+from tests.helpers import TokenData, tiny_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=64, length=12, vocab=40, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (n, length), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def _hf_args(out, **overrides):
@@ -42,13 +30,16 @@ def _hf_args(out, **overrides):
     return transformers.TrainingArguments(**options)
 
 
+def _callback_options(overrides):
+    """The settings both trainers' callbacks take here: short cycles, every cycle kept."""
+    return {**dict(bypass_steps=2, return_steps=3, accept="always", width=4,
+                   min_lr_fraction=0.0, verbose=False), **overrides}
+
+
 def _hf_callback(at, **overrides):
     from morphc.integrations.hf import BypassCallback
 
-    options = dict(bypass_steps=2, return_steps=3, accept="always", width=4,
-                   min_lr_fraction=0.0, verbose=False)
-    options.update(overrides)
-    return BypassCallback(morphc.Schedule(at=at), **options)
+    return BypassCallback(morphc.Schedule(at=at), **_callback_options(overrides))
 
 
 def _events(history, kind):
@@ -64,7 +55,7 @@ def test_hf_accumulation_records_the_steps_loss_not_a_share_of_it(tmp_path):
     transformers = pytest.importorskip("transformers")
     callback = _hf_callback([4])
     args = _hf_args(tmp_path, gradient_accumulation_steps=4, max_steps=10, logging_steps=1)
-    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=_Tokens(),
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenData(),
                                    callbacks=[callback])
     trainer.train()
     logged = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
@@ -90,13 +81,13 @@ def test_hf_every_metric_and_best_checkpoint_belong_to_the_same_model(tmp_path):
     must be the best one."""
     transformers = pytest.importorskip("transformers")
     callback = _hf_callback([2, 7], bypass_steps=3)
-    evals = _Tokens(16, seed=1)
+    evals = TokenData(16, seed=1)
     args = _hf_args(tmp_path, eval_strategy="steps", eval_steps=3, save_strategy="best",
                     metric_for_best_model="loss", load_best_model_at_end=True,
                     per_device_eval_batch_size=8)
     model = tiny_gpt2()
     keys = list(model.state_dict())
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(),
                                    eval_dataset=evals, callbacks=[callback])
     trainer.train()
     assert _events(callback.history, "extend"), "a cycle started"
@@ -125,7 +116,7 @@ def test_hf_save_model_mid_cycle_warns_and_saves_the_users_architecture(tmp_path
             if state.global_step == 6 and bypass.in_cycle:      # return phase, on C
                 with pytest.warns(UserWarning, match=r"callback.bypass.resolve"):
                     trainer.save_model(str(tmp_path / "mid"))
-                probe = _Tokens(4, seed=2).ids
+                probe = TokenData(4, seed=2).ids
                 with torch.no_grad():
                     saved["extended"] = trainer.model(input_ids=probe).logits
                 bypass.resolve("saving the full function")
@@ -135,7 +126,7 @@ def test_hf_save_model_mid_cycle_warns_and_saves_the_users_architecture(tmp_path
     callback = _hf_callback([2])
     bypass = callback.bypass
     model = tiny_gpt2()
-    trainer = transformers.Trainer(model=model, args=_hf_args(tmp_path), train_dataset=_Tokens(),
+    trainer = transformers.Trainer(model=model, args=_hf_args(tmp_path), train_dataset=TokenData(),
                                    callbacks=[callback, SaveMidCycle()])
     trainer.train()
     assert "extended" in saved, "the save ran inside a cycle"
@@ -210,10 +201,7 @@ def _pl_trainer(tmp_path, callbacks, **overrides):
 def _pl_callback(at, **overrides):
     from morphc.integrations.lightning import BypassCallback
 
-    options = dict(bypass_steps=2, return_steps=3, accept="always", width=4,
-                   min_lr_fraction=0.0, verbose=False)
-    options.update(overrides)
-    return BypassCallback(morphc.Schedule(at=at), **options)
+    return BypassCallback(morphc.Schedule(at=at), **_callback_options(overrides))
 
 
 def test_lightning_monitored_checkpoints_hold_the_model_their_score_measured(tmp_path):

@@ -20,12 +20,17 @@ OPTIMIZERS = {
 }
 
 
-def mlp_task(seed=0):
+def mlp_data(seed=0):
+    """A small tanh/ReLU regression: (model, x, y)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
                           nn.Linear(16, 2))
     gen = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(64, 4, generator=gen), torch.randn(64, 2, generator=gen)
+    return model, torch.randn(64, 4, generator=gen), torch.randn(64, 2, generator=gen)
+
+
+def mlp_task(seed=0):
+    model, x, y = mlp_data(seed)
     return model, lambda m: F.mse_loss(m(x), y), (x,)
 
 

@@ -12,15 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
-
-
-def _task(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
-                          nn.Linear(16, 2))
-    gen = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(64, 4, generator=gen), torch.randn(64, 2, generator=gen)
-    return model, x, y
+from tests.runtime.test_bypass import mlp_data as _task
 
 
 def _bypass(model, optimizer=None, **kw):
