@@ -141,8 +141,10 @@ def _flatten(node, unit: int, ndim: int, start: int, end: int) -> tuple[str, int
     return None
 
 
-def _is_branch(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), BypassBranch)
+def _is_branch(gm: fx.GraphModule, node) -> bool:
+    """``node`` may be any argument (a constant, the output's tuple or dict), not only a node."""
+    return isinstance(node, fx.Node) and node.op == "call_module" and \
+        isinstance(gm.get_submodule(node.target), BypassBranch)
 
 
 def _is_add_of(node: fx.Node, a: fx.Node, b: fx.Node) -> bool:

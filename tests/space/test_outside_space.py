@@ -1,0 +1,165 @@
+"""Model space probed from outside: moves, save/load and search on models the repository does
+not ship (tuple/dict outputs, tied weights, mixed dtypes, parameter-free graphs, odd arguments)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from morphc.passes.widen_layer import widenable_pairs
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+import morphc
+from morphc.errors import SiteError
+from morphc.space.moves import Widen, private_copy
+
+TOLERANCE = 1e-6     # the space's own eval-mode tolerance (ModelSpace.tolerance)
+
+
+def outputs(module: nn.Module, inputs: tuple) -> torch.Tensor:
+    module.eval()
+    with torch.no_grad():
+        return torch.cat([t.flatten() for t in tree_leaves(module(*inputs))])
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# -- models a user might bring ------------------------------------------------------------------
+class TupleAndDict(nn.Module):
+    """Returns a tuple holding a dict: the last sites feed the output node directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 2), nn.Linear(5, 3)
+        self.d, self.e = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.a(x))
+        logits = torch.softmax(self.e(F.silu(self.d(x))), -1)      # a site read with a constant
+        return self.b(h), {"aux": self.c(h), "p": logits}
+
+
+class Flattened(nn.Module):
+    """A site whose only user is ``flatten(1)`` (two arguments, one a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x))).flatten(1)
+
+
+class Tied(nn.Module):
+    """An embedding front whose weight is also the output projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.h = nn.Embedding(10, 6), nn.Linear(6, 6)
+        self.out = nn.Linear(6, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.h(self.emb(tokens))))
+
+
+class TiedHidden(nn.Module):
+    """Two hidden layers sharing one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class MixedPrecision(nn.Module):
+    """A float64 front and a float32 back: activations of both dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5).double()
+        self.b = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x.double())).float())
+
+
+class ParameterFree(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) * 2
+
+
+class SplitCat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        p, q = torch.tanh(self.a(x)).split(4, dim=-1)
+        return self.b(torch.cat([q, p], -1))
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3)), (torch.randn(8, 5),)
+
+
+# -- Widen ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_cls", [TupleAndDict, Flattened])
+def test_widen_and_search_handle_sites_read_with_constants_or_containers(model_cls):
+    """A site read by the output node (a tuple/dict) or by ``flatten(1)``/``softmax(x, -1)``
+    must not crash the widening analysis: those pairs are listed, others refused typed."""
+    model, inputs = model_cls().double(), (torch.randn(8, 4, dtype=torch.float64),)
+    gm = private_copy(model, inputs)
+    pairs = widenable_pairs(gm)
+    assert pairs, "the hidden layers between two sites are widenable"
+    for first, second in pairs:
+        wide = Widen(first, second=second)(gm, inputs)
+        assert relative_change(outputs(model, inputs), outputs(wide, inputs)) <= TOLERANCE
+    last = [n.target for n in gm.graph.nodes if n.op == "call_module"][-1]
+    with pytest.raises(SiteError):
+        Widen(last)(gm, inputs)
+    space = morphc.ModelSpace(model, inputs)
+    assert space.neighbors(), "the search has moves to try"
+
+
+def test_hill_climb_runs_on_a_model_returning_a_tuple_with_a_dict():
+    model, inputs = TupleAndDict().double(), (torch.randn(8, 4, dtype=torch.float64),)
+    target = torch.randn(8, 2, dtype=torch.float64)
+
+    def loss(module):
+        return F.mse_loss(module(*inputs)[0], target)
+
+    def train(module, steps):
+        opt = torch.optim.SGD(module.parameters(), lr=0.05)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss(module).backward()
+            opt.step()
+
+    space = morphc.ModelSpace(model, inputs)
+    result = space.search(train, lambda m: -float(loss(m)), budget=12,
+                          strategy=morphc.HillClimb(neighbors=2, child_steps=3, warmup_steps=3))
+    assert space.graph.number_of_nodes() > 1
+    assert result.steps == 12
+
+
+# -- Deepen -----------------------------------------------------------------------------------
+
+
+# -- compositions -------------------------------------------------------------------------------
+
+
+# -- save / load --------------------------------------------------------------------------------
+
+
