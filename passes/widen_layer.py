@@ -251,12 +251,28 @@ def _check_ends(gm: fx.GraphModule, chain: _Chain) -> None:
         if getattr(module, "groups", 1) != 1:
             raise SiteError(f"{name} is a grouped conv (groups={module.groups}); widening "
                             "grouped/depthwise convs is not supported: widen another layer")
+    _check_untied(gm, [chain.first.target, *(n.target for n in chain.norms),
+                       chain.second.target])
     if isinstance(second, nn.modules.conv._ConvNd) and (chain.block != 1 or chain.unit != 1):
         raise SiteError(f"{chain.second.target} is a conv but the widened units do not reach it "
                         "as channels")
     if isinstance(second, nn.Linear) and chain.unit != chain.ndim - 1:
         raise SiteError(f"the widened units do not reach {chain.second.target} on its last "
                         "(feature) dimension")
+
+
+def _check_untied(gm: fx.GraphModule, targets: list[str]) -> None:
+    """Widening replaces these modules by resized copies: a parameter they share with another
+    module would be silently untied (and the other module cannot be resized alike)."""
+    owners: dict[int, list[str]] = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for target in targets:
+        for name, param in gm.get_submodule(target).named_parameters(prefix=target):
+            others = [owner for owner in owners[id(param)] if owner != name]
+            if others:
+                raise SiteError(f"{name} is tied to {', '.join(others)} (a shared weight); "
+                                "widening would untie it: widen another layer")
 
 
 def _site_node(gm: fx.GraphModule, target: str) -> fx.Node:

@@ -3,6 +3,8 @@ not ship (tuple/dict outputs, tied weights, mixed dtypes, parameter-free graphs,
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,6 +156,20 @@ def test_hill_climb_runs_on_a_model_returning_a_tuple_with_a_dict():
     assert result.steps == 12
 
 
+@pytest.mark.parametrize("model_cls, first", [(Tied, "h"), (TiedHidden, "a")])
+def test_widen_refuses_to_untie_a_shared_weight_and_does_not_offer_it(model_cls, first):
+    """Widening a module whose weight is shared would replace it by an untied copy: the space
+    would silently gain parameters and the tie would be gone after one training step."""
+    model = model_cls()
+    inputs = (torch.randint(0, 10, (3, 5)),) if model_cls is Tied else (torch.randn(4, 5),)
+    gm = private_copy(model, inputs)
+    before = copy.deepcopy(gm.state_dict())
+    with pytest.raises(SiteError, match="tied|shared"):
+        Widen(first)(gm, inputs)
+    assert first not in [f for f, _ in widenable_pairs(gm)]
+    assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
+
+
 # -- Deepen -----------------------------------------------------------------------------------
 
 
@@ -161,5 +177,11 @@ def test_hill_climb_runs_on_a_model_returning_a_tuple_with_a_dict():
 
 
 # -- save / load --------------------------------------------------------------------------------
+def _ties(module: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that are one tensor."""
+    groups: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return sorted(names for names in groups.values() if len(names) > 1)
 
 
