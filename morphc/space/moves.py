@@ -281,6 +281,7 @@ class Widen(Move):
 
     def apply_to(self, module, inputs):
         gm = _need_graph(module, "Widen")
+        self._check_arguments()
         try:
             site = gm.get_submodule(self.first)
         except AttributeError:
@@ -293,6 +294,20 @@ class Widen(Move):
         generator = torch.Generator().manual_seed(self.seed)
         return Pipeline(gm).run(widen_layer, self.first, new, second=self.second,
                                 noise=self.noise, generator=generator).graph_module
+
+    def _check_arguments(self) -> None:
+        """Refuse what would crash mid-pass or quietly break the function (a NaN noise makes
+        every split λ NaN)."""
+        if self.to is not None and (type(self.to) is not int or self.to < 1):
+            raise MoveError(f"Widen: to must be a positive int (units), got {self.to!r}")
+        if not (_is_real(self.factor) and math.isfinite(self.factor) and self.factor > 0):
+            raise MoveError(f"Widen: factor must be a finite number > 0, got {self.factor!r}")
+        if not (_is_real(self.noise) and math.isfinite(self.noise) and self.noise >= 0):
+            raise MoveError(f"Widen: noise must be a finite number ≥ 0, got {self.noise!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # -- grown branches and their removal ----------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import morphc
-from morphc.errors import SiteError
+from morphc.errors import MoveError, SiteError
 from morphc.space.moves import Widen, private_copy
 
 TOLERANCE = 1e-6     # the space's own eval-mode tolerance (ModelSpace.tolerance)
@@ -168,6 +168,18 @@ def test_widen_refuses_to_untie_a_shared_weight_and_does_not_offer_it(model_cls,
         Widen(first)(gm, inputs)
     assert first not in [f for f, _ in widenable_pairs(gm)]
     assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
+
+
+@pytest.mark.parametrize("arguments", [dict(to=7.5), dict(factor=float("nan")),
+                                       dict(factor=float("inf")), dict(factor=-2.0),
+                                       dict(to=10, noise=float("nan")),
+                                       dict(to=10, noise=float("inf")), dict(to=10, noise=-0.1)])
+def test_widen_refuses_bad_sizes_and_noise_typed(arguments):
+    """A NaN noise used to return a model that outputs NaN; a NaN/inf factor or a fractional
+    ``to`` raised a bare ValueError/OverflowError/TypeError."""
+    model, inputs = _mlp()
+    with pytest.raises(MoveError, match="Widen"):
+        Widen("0", **arguments)(model, inputs)
 
 
 # -- Deepen -----------------------------------------------------------------------------------
