@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from morphc.compiler.contract import contract
 from morphc.compiler.extend import extend
@@ -225,21 +225,31 @@ class Deepen(Move):
 
     def apply_to(self, module, inputs):
         gm = _need_graph(module, "Deepen")
+        if self.width is not None and (type(self.width) is not int or self.width < 1):
+            raise MoveError(f"Deepen: width must be a positive int or None (as many units as "
+                            f"channels), got {self.width!r}")
+        if self.kind not in ("auto", "linear", "conv"):
+            raise MoveError(f"Deepen: kind must be 'auto', 'linear' or 'conv', got {self.kind!r}")
         points = deepen_points(gm)
         at = self.at if self.at is not None else (points[-1] if points else None)
         node = next((n for n in gm.graph.nodes if n.name == at), None)
         if node is None or "tensor_meta" not in node.meta:
             raise SiteError(f"cannot deepen at {at!r}: no such tensor node; activation "
                             f"tensors: {points}")
+        meta = node.meta["tensor_meta"]
+        if not isinstance(meta, TensorMetadata) or not meta.dtype.is_floating_point:
+            what = meta.dtype if isinstance(meta, TensorMetadata) else type(meta).__name__
+            raise SiteError(f"cannot deepen at {at!r}: a residual block needs one "
+                            f"floating-point tensor, {at} is {what}; activation tensors: "
+                            f"{points}")
         kind, dim = _layout(gm, node, self.kind)
-        shape = node.meta["tensor_meta"].shape
-        channels = int(shape[-1] if kind == "linear" else shape[1])
+        channels = int(meta.shape[-1] if kind == "linear" else meta.shape[1])
         conv = ConvConfig(dim, (3,) * dim, (1,) * dim, (1,) * dim, (1,) * dim, 1) \
             if kind == "conv" else None
-        ref = next(gm.parameters(), torch.empty(0))
+        device = next(gm.parameters(), torch.empty(0)).device
         block = BypassBranch(kind, channels, channels, self.width or channels, self.activation,
-                             with_bias=True, homotopy=torch.ones((), device=ref.device),
-                             conv=conv, dtype=ref.dtype, device=ref.device,
+                             with_bias=True, homotopy=torch.ones((), device=device),
+                             conv=conv, dtype=meta.dtype, device=device,
                              generator=torch.Generator().manual_seed(self.seed))
         target = fresh_name(gm, DEEP_PREFIX, "block")
         return Pipeline(gm).run(insert_residual_block, node.name, block, target).graph_module

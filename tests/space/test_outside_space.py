@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 import morphc
 from morphc.errors import MoveError, SiteError
-from morphc.space.moves import Widen, private_copy
+from morphc.space.moves import Deepen, Widen, deepen_points, private_copy
 
 TOLERANCE = 1e-6     # the space's own eval-mode tolerance (ModelSpace.tolerance)
 
@@ -183,6 +183,34 @@ def test_widen_refuses_bad_sizes_and_noise_typed(arguments):
 
 
 # -- Deepen -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("model, inputs, at", [
+    (MixedPrecision(), (torch.randn(3, 4),), "float_1"),
+    (MixedPrecision(), (torch.randn(3, 4),), "relu"),
+    (ParameterFree(), (torch.randn(3, 4, dtype=torch.float64),), "relu"),
+])
+def test_deepen_builds_its_block_in_the_dtype_of_the_tensor_it_reads(model, inputs, at):
+    deep = Deepen(at=at)(model, inputs)
+    block = next(m for m in deep.modules() if isinstance(m, morphc.ir.branch.BypassBranch))
+    node = next(n for n in deep.graph.nodes if n.name == at)
+    assert block.A.dtype == node.meta["tensor_meta"].dtype
+    assert torch.equal(outputs(deep, inputs), outputs(model, inputs))
+
+
+@pytest.mark.parametrize("model, inputs, at", [
+    (Tied(), (torch.randint(0, 10, (3, 5)),), "tokens"),       # integer token ids
+    (SplitCat(), (torch.randn(3, 4),), "split"),                # a tuple of tensors
+])
+def test_deepen_refuses_a_node_that_is_not_one_floating_tensor(model, inputs, at):
+    with pytest.raises(SiteError, match="floating|tensor"):
+        Deepen(at=at)(model, inputs)
+
+
+@pytest.mark.parametrize("arguments", [dict(width=-3), dict(width=2.5), dict(width=0),
+                                       dict(width=True), dict(kind="bogus")])
+def test_deepen_refuses_bad_width_and_kind_typed(arguments):
+    model, inputs = _mlp()
+    with pytest.raises(MoveError, match="Deepen"):
+        Deepen(at=deepen_points(private_copy(model, inputs))[-1], **arguments)(model, inputs)
 
 
 # -- compositions -------------------------------------------------------------------------------
