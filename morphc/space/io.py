@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import operator
 from pathlib import Path
 
@@ -243,6 +244,10 @@ def _tensor_from_json(target: str, spec, state: dict | None, budget: list[int]) 
     shape = [_typed(d, int, f"{where}.shape") for d in _typed(spec["shape"], list, where)]
     if any(d < 0 for d in shape):
         raise FormatError(f"{where}: negative dimension in {shape}")
+    if any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+        # before torch sees the shape: it overflows on sizes past int64 (an untyped error)
+        raise FormatError(f"{where}: shape {shape} needs more than {MAX_ELEMENTS} elements "
+                          "(or has a dimension that large)")
     dtype = _dtype(spec["dtype"], f"{where}.dtype")
     parameter = _typed(spec["parameter"], bool, f"{where}.parameter")
     requires_grad = _typed(spec["requires_grad"], bool, f"{where}.requires_grad")

@@ -4,6 +4,7 @@ not ship (tuple/dict outputs, tied weights, mixed dtypes, parameter-free graphs,
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import morphc
-from morphc.errors import MoveError, SiteError
+from morphc.errors import FormatError, MoveError, SiteError
 from morphc.space.moves import Deepen, Widen, deepen_points, private_copy
 
 TOLERANCE = 1e-6     # the space's own eval-mode tolerance (ModelSpace.tolerance)
@@ -223,5 +224,27 @@ def _ties(module: nn.Module) -> list[list[str]]:
     for name, param in module.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     return sorted(names for names in groups.values() if len(names) > 1)
+
+
+@pytest.mark.parametrize("shape", [[2 ** 62, 2 ** 62], [10 ** 30], [0, 10 ** 30]])
+def test_load_refuses_absurd_tensor_sizes_typed(shape, tmp_path):
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return F.linear(x, self.w)
+
+    gm = private_copy(Functional(), (torch.randn(2, 4),))
+    paths = morphc.save(gm, tmp_path / "m")
+    doc = json.loads(paths["json"].read_text())
+    doc["tensors"]["w"]["shape"] = shape
+    paths["json"].write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match="elements|dimension"):      # against the weights file
+        morphc.load(tmp_path / "m", check_digest=False)
+    del doc["digest"]
+    with pytest.raises(FormatError, match="elements|dimension"):      # no file: the size cap
+        morphc.space.io.graph_from_json(doc)
 
 
