@@ -7,6 +7,7 @@ An architecture is stored as three files sharing a prefix:
   an allow-list of ``torch.nn`` modules plus morphc's ``BypassBranch``), the graph's own tensors,
   the frozen parameters, and the SHA-256 digests of the architecture and of the weights file;
 - ``<prefix>.pt``: the ``state_dict``, loaded with ``torch.load(..., weights_only=True)``;
+  parameters saved as one storage (tied weights) are tied again;
 - ``<prefix>.py``: ``gm.code``, for humans only: :func:`load` never reads it.
 
 Loading validates the whole document before building anything (:func:`validate` is the schema):
@@ -390,4 +391,21 @@ def load(prefix, *, check_digest: bool = True) -> fx.GraphModule:
         gm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise FormatError(f"the weights do not fit the architecture: {exc}") from exc
+    _tie_shared(gm, state)
     return gm
+
+
+def _tie_shared(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
+    """Tie again the parameters that were one tensor when saved (an embedding used as the output
+    projection): ``torch.save`` keeps them as one storage, ``load_state_dict`` would copy them
+    into separate parameters. Same values either way; tied, training keeps them equal."""
+    first: dict[tuple, nn.Parameter] = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        saved = state[name]
+        key = (saved.untyped_storage().data_ptr(), saved.storage_offset(), tuple(saved.shape),
+               saved.stride(), saved.dtype)
+        if key not in first:
+            first[key] = param
+        elif first[key] is not param:
+            owner, _, leaf = name.rpartition(".")
+            setattr(gm.get_submodule(owner), leaf, first[key])

@@ -226,6 +226,20 @@ def _ties(module: nn.Module) -> list[list[str]]:
     return sorted(names for names in groups.values() if len(names) > 1)
 
 
+@pytest.mark.parametrize("model_cls", [Tied, TiedHidden])
+def test_save_load_keeps_tied_weights_tied(model_cls, tmp_path):
+    """A loaded tied model must be the same parameterisation: same parameter names, and a step
+    on the shared tensor moves every module that uses it."""
+    model = model_cls()
+    inputs = (torch.randint(0, 10, (3, 5)),) if model_cls is Tied else (torch.randn(4, 5),)
+    gm = private_copy(model, inputs)
+    morphc.save(gm, tmp_path / "m")
+    back = morphc.load(tmp_path / "m")
+    assert [n for n, _ in back.named_parameters()] == [n for n, _ in gm.named_parameters()]
+    assert _ties(back) == _ties(gm) != []
+    assert torch.equal(outputs(back, inputs), outputs(gm, inputs))
+
+
 @pytest.mark.parametrize("shape", [[2 ** 62, 2 ** 62], [10 ** 30], [0, 10 ** 30]])
 def test_load_refuses_absurd_tensor_sizes_typed(shape, tmp_path):
     class Functional(nn.Module):
