@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import morphc
-from morphc.errors import FormatError, MoveError, SiteError
-from morphc.space.moves import Deepen, Widen, deepen_points, private_copy
+from morphc.errors import FormatError, MorphcError, MoveError, SiteError
+from morphc.space.moves import Contract, Deepen, Extend, Widen, deepen_points, private_copy
 
 TOLERANCE = 1e-6     # the space's own eval-mode tolerance (ModelSpace.tolerance)
 
@@ -215,6 +215,25 @@ def test_deepen_refuses_bad_width_and_kind_typed(arguments):
 
 
 # -- compositions -------------------------------------------------------------------------------
+def test_widen_deepen_extend_contract_compose_on_a_user_cnn():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn = nn.Conv1d(3, 5, 3, padding=2, dilation=2), nn.BatchNorm1d(5)
+            self.b, self.fc = nn.Conv1d(5, 4, 3, stride=2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = F.leaky_relu(self.bn(self.a(x)), 0.2)
+            return self.fc(F.silu(self.b(h)).mean(-1))
+
+    model, inputs = Net().double().eval(), (torch.randn(4, 3, 11, dtype=torch.float64),)
+    reference = outputs(model, inputs)
+    step = Widen("a", to=9)(model, inputs)
+    step = Deepen(at=deepen_points(step)[0])(step, inputs)
+    extended = Extend(sites="all", width=3)(step, inputs)
+    extended.set_homotopy(0.0)
+    back = Contract()(extended, inputs)
+    assert relative_change(reference, outputs(back, inputs)) <= TOLERANCE
 
 
 # -- save / load --------------------------------------------------------------------------------
@@ -262,3 +281,41 @@ def test_load_refuses_absurd_tensor_sizes_typed(shape, tmp_path):
         morphc.space.io.graph_from_json(doc)
 
 
+def test_refused_moves_are_typed_and_leave_the_users_model_bit_for_bit():
+    """Every refusal above is a MorphcError; the user's own module never changes."""
+    model, inputs = TupleAndDict(), (torch.randn(8, 4),)
+    before = copy.deepcopy(model)
+    for move in (Widen("b"), Widen("a", noise=float("nan")), Deepen(at="softmax", width=-1),
+                 Contract()):
+        with pytest.raises(MorphcError):
+            move(model, inputs)
+    assert same_state(model, before)
+
+
+class GroupedConvT(nn.Module):
+    """Depthwise, dilated, strided and transposed convs with GroupNorm and LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gn = nn.Conv2d(3, 6, 3, padding=1), nn.GroupNorm(2, 6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6)
+        self.up, self.ln = nn.ConvTranspose2d(6, 2, 2, stride=2), nn.LayerNorm([2, 8, 8])
+
+    def forward(self, x):
+        return self.ln(self.up(F.hardswish(self.dw(F.leaky_relu(self.gn(self.a(x)), 0.1)))))
+
+
+@pytest.mark.parametrize("model, inputs", [
+    (nn.Sequential(nn.Linear(5, 7), nn.Softplus(beta=2.0, threshold=5.0), nn.Linear(7, 3)).double(),
+     (torch.randn(4, 5, dtype=torch.float64),)),
+    (nn.Sequential(nn.Linear(5, 7), nn.LeakyReLU(0.3), nn.Linear(7, 7), nn.Hardswish(),
+                   nn.Linear(7, 3)), (torch.randn(4, 5),)),
+    (GroupedConvT(), (torch.randn(2, 3, 4, 4),)),
+    (TupleAndDict().double(), (torch.randn(4, 4, dtype=torch.float64),)),
+])
+def test_user_models_round_trip_through_save_and_load(model, inputs, tmp_path):
+    gm = private_copy(model, inputs)
+    morphc.save(gm, tmp_path / "m")
+    back = morphc.load(tmp_path / "m")
+    assert [n for n, _ in back.named_parameters()] == [n for n, _ in gm.named_parameters()]
+    assert torch.equal(outputs(back, inputs), outputs(model, inputs))
