@@ -262,27 +262,25 @@ class CycleRunner(Verdicts):
         except NonFinite as exc:
             self._last_loss = exc.value
             self._lr_scale *= 0.5            # the extension's steps were too long: next cycle
-            self._rollback(f"{exc} at {cycle.phase} step {cycle.phase_step}; the next cycle's "
-                           f"extension lr is halved (scale {self._lr_scale:g})")
-            return self._train_step(closure)
+            return self._fault(cycle, closure, f"{exc} at {cycle.phase} step {cycle.phase_step}"
+                               f"; the next cycle's extension lr is halved (scale "
+                               f"{self._lr_scale:g})")
         except ShapeError as exc:        # a batch the traced graph cannot take: train on
-            self._rollback(f"the extended graph refused this batch: {exc}")
             self._warn(f"morphc.Bypass rolled a cycle back, the extended graph refused a batch: "
                        f"{exc}")
-            return self._train_step(closure)
+            return self._fault(cycle, closure, f"the extended graph refused this batch: {exc}")
         except MorphcError:
             self._rollback("an error in the cycle")
             raise
         except Exception as exc:
             reason = (f"the extended model failed at {cycle.phase} step {cycle.phase_step}: "
                       f"{type(exc).__name__}: {exc}")
-            self._rollback(reason, exc)
             self._miss()            # the same closure / optimizer fails the next cycle too
             self._warn(f"morphc.Bypass rolled a cycle back, {reason}. During a cycle the "
                        "closure's module is the extended model (morphc.ExtendedModel): call it, "
                        "and read layers or weights from your own model (the Parameters are the "
                        "same objects); the optimizer must take the extension's parameters")
-            return self._train_step(closure)
+            return self._fault(cycle, closure, reason, exc)
         except BaseException:            # KeyboardInterrupt: leave the user whole, then stop
             self._rollback("interrupted", raises=False)
             raise
@@ -298,6 +296,20 @@ class CycleRunner(Verdicts):
             if cycle.return_done:
                 self._close_cycle(closure)
         return loss.detach()
+
+    def _fault(self, cycle: Cycle, closure: Closure, reason: str,
+               exc: BaseException | None = None) -> torch.Tensor:
+        """A cycle step failed: roll the cycle back. When the plain-training copy already took
+        this batch's step (:meth:`_steps_beside_shadow`), hand its state over — the user is where
+        plain training is, and the cycle's steps are not lost; otherwise restore the state from
+        before the cycle (or raise, with ``on_failure="raise"``) and train the batch plainly."""
+        plain = cycle.plain_loss
+        if plain is None or self.config.on_failure is OnFailure.RAISE:
+            self._rollback(reason, exc)
+            return self._train_step(closure)
+        self._rollback(reason, exc, to_plain=True)
+        self._count_step(float(plain))
+        return plain
 
     @contextlib.contextmanager
     def _whole_on_error(self, cycle: Cycle):
@@ -316,12 +328,12 @@ class CycleRunner(Verdicts):
         """The shadow's plain step, then the extended one. The shadow draws from the global RNG
         (dropout) exactly as plain training would; the extended step draws from a fork of it, so
         a handed-over shadow leaves the RNG where plain training would have it too."""
-        shadow = cycle.shadow
+        shadow, cycle.plain_loss = cycle.shadow, None
         if shadow is not None and not shadow.follows(self.optimizer):
             shadow = cycle.shadow = None             # a param group added mid-cycle
         if shadow is None:
             return self._extended_step(cycle, closure)
-        shadow.step(closure, self.optimizer, self.config.max_grad_norm)
+        cycle.plain_loss = shadow.step(closure, self.optimizer, self.config.max_grad_norm)
         with shadow.rng_apart():
             return self._extended_step(cycle, closure)
 
@@ -376,14 +388,15 @@ class CycleRunner(Verdicts):
 
     def _rollback(self, reason: str, exc: BaseException | None = None, *,
                   measures: dict | None = None, raises: bool = True,
-                  verdict: bool = False) -> None:
+                  verdict: bool = False, to_plain: bool = False) -> None:
         """Restore the pre-extension state bit for bit — or, after a ``verdict`` on a cycle with
-        a shadow, hand over the shadow: plain training's state now, so the cycle's steps are not
-        lost. Then carry on, or raise a BypassError with on_failure="raise" (never after a
-        verdict; ``raises=False``: an error that goes on as is)."""
+        a shadow (or ``to_plain``: a failed step the shadow took), hand over the shadow: plain
+        training's state now, so the cycle's steps are not lost. Then carry on, or raise a
+        BypassError with on_failure="raise" (never after a verdict or a hand-over;
+        ``raises=False``: an error that goes on as is)."""
         cycle, step = self._cycle, self.step_count
         self._detach()
-        to_plain = verdict and cycle.shadow is not None
+        to_plain = (verdict or to_plain) and cycle.shadow is not None
         if to_plain:
             cycle.shadow.hand_over(self._user_model, self.optimizer)
         else:
@@ -391,7 +404,8 @@ class CycleRunner(Verdicts):
         self.failures += 1
         self._event("rollback", reason=reason, to="plain" if to_plain else "before",
                     **(measures or {}))
-        if self.config.on_failure is OnFailure.RAISE and raises and not verdict:
+        if self.config.on_failure is OnFailure.RAISE and raises and not to_plain and \
+                not verdict:
             raise BypassError(f"{reason}. The model, its buffers and the optimizer state were "
                               f"restored to their values before this cycle's extension; "
                               f"training can continue from step {step}, or pass "

@@ -49,11 +49,11 @@ class Shadow:
         return len(optimizer.param_groups) == len(self.optimizer.param_groups)
 
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | None,
-             max_grad_norm: float | None) -> None:
+             max_grad_norm: float | None) -> torch.Tensor:
         """Plain training's step on this batch, as ``Bypass`` takes it outside a cycle: the
         user's current hyperparameters, read from ``optimizer`` (a scheduler moves them; None:
         keep those of the copy), a non-finite loss or gradient skipped with the buffers put
-        back."""
+        back. Returns the loss (detached)."""
         for group, mine in zip(optimizer.param_groups if optimizer is not None else (),
                                self.optimizer.param_groups, strict=False):
             mine.update((k, v) for k, v in group.items() if k != "params")
@@ -62,15 +62,17 @@ class Shadow:
         if buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self.backup, buffers)
+        loss, value = loss_of(closure, self.model)
         try:
-            backward_checked(*loss_of(closure, self.model))
+            backward_checked(loss, value)
             check_finite(self.params)
         except NonFinite:
             zero_grads(self.params)
             put_back(buffers, self.backup)
-            return
+            return loss.detach()
         clip(self.params, max_grad_norm)
         self.optimizer.step()
+        return loss.detach()
 
     def rng_apart(self) -> contextlib.AbstractContextManager:
         """A fork of the global RNGs (CPU and the model's CUDA devices) for the step beside

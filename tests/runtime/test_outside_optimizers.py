@@ -1,0 +1,126 @@
+"""Probes of Bypass with the optimizers, schedules and precision set-ups an outside user brings.
+
+The promise under test: a run whose cycles never pay ends where plain training ends — weights,
+buffers and optimizer state bit for bit — whatever the optimizer, the schedule, or the way a cycle
+fails; and what cannot work says so at once, with a typed error that says what to do."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import morphc
+
+O, S = torch.optim, torch.optim.lr_scheduler
+
+OPTIMIZERS = {
+    "sgd_nesterov_decay": lambda p: O.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
+                                          weight_decay=1e-2),
+    "sgd_dampening_fused": lambda p: O.SGD(p, lr=0.05, momentum=0.9, dampening=0.5, fused=True),
+    "adam_amsgrad": lambda p: O.Adam(p, lr=1e-2, amsgrad=True),
+    "adamw_fused": lambda p: O.AdamW(p, lr=1e-2, fused=True),
+    "adam_for_loop": lambda p: O.Adam(p, lr=1e-2, foreach=False),
+    "rmsprop_centered": lambda p: O.RMSprop(p, lr=1e-3, centered=True, momentum=0.9),
+    "adagrad": lambda p: O.Adagrad(p, lr=1e-2),
+    "adadelta": lambda p: O.Adadelta(p),
+    "adamax": lambda p: O.Adamax(p, lr=1e-2),
+    "nadam": lambda p: O.NAdam(p, lr=1e-2, decoupled_weight_decay=True, weight_decay=1e-2),
+    "radam": lambda p: O.RAdam(p, lr=1e-2),
+    "asgd": lambda p: O.ASGD(p, lr=1e-2, t0=3),
+    "rprop": lambda p: O.Rprop(p, lr=1e-2),
+}
+
+
+def _task(seed=0, steps=14):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [(torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen))
+               for _ in range(steps)]
+    return model, batches
+
+
+def _bypass(model, optimizer, **kw):
+    """Cycles every 3 steps, none of which can pay (the eval closure is a constant)."""
+    options = dict(trigger=morphc.Schedule(every=3), bypass_steps=3, return_steps=3,
+                   verbose=False, eval_closure=lambda m: torch.tensor(1.0))
+    options.update(kw)
+    return morphc.Bypass(model, optimizer, **options)
+
+
+def _whole(model, optimizer):
+    """Every parameter, buffer and optimizer state entry, cloned, by name."""
+    state = {n: {k: v.clone() if torch.is_tensor(v) else v
+                 for k, v in optimizer.state[p].items()}
+             for n, p in model.named_parameters() if p in optimizer.state}
+    return {k: v.clone() for k, v in model.state_dict().items()}, state
+
+
+def _assert_same(got, expected):
+    (weights, state), (weights_x, state_x) = got, expected
+    assert weights.keys() == weights_x.keys() and state.keys() == state_x.keys()
+    for k in weights:
+        assert torch.equal(weights[k], weights_x[k]), f"weight {k}"
+    for n in state:
+        assert state[n].keys() == state_x[n].keys(), n
+        for k, v in state[n].items():
+            assert torch.equal(v, state_x[n][k]) if torch.is_tensor(v) else v == state_x[n][k], \
+                f"optimizer state {n}.{k}"
+
+
+def _events(bp, kind):
+    return [e for e in bp.history if e["event"] == kind]
+
+
+def _plain(make, batches, model, before_step=None):
+    """Plain training, as the user writes it without Bypass."""
+    opt = make(model.parameters())
+    for i, (x, y) in enumerate(batches):
+        if before_step is not None:
+            before_step(i, model, opt)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    return _whole(model, opt)
+
+
+# -- cycles that fail -----------------------------------------------------------------------------
+def _fails_in_the_extension(kind, bp):
+    """A closure whose extended model breaks on the second step of each cycle's free phase."""
+    def make(x, y):
+        def closure(m):
+            loss = F.mse_loss(m(x), y)
+            if isinstance(m, morphc.ExtendedModel) and bp.phase_step == 1:
+                if kind == "error":
+                    raise RuntimeError("a kernel the extended graph cannot run")
+                return loss * float("inf")
+            return loss
+        return closure
+    return make
+
+
+@pytest.mark.parametrize("kind", ["non_finite", "error"])
+@pytest.mark.parametrize("name", ["adam_amsgrad", "asgd", "rprop"])
+def test_a_cycle_that_fails_hands_over_plain_training_bit_for_bit(name, kind):
+    """A cycle whose extended model diverges (or raises) mid-cycle is rolled back — and the
+    copy beside it has already taken plain training's step on that batch, so the user gets
+    plain training's state, not the state from before the cycle with its steps lost."""
+    model, batches = _task()
+    expected = _plain(OPTIMIZERS[name], batches, model)
+    model, batches = _task()
+    bp = _bypass(model, OPTIMIZERS[name])
+    closure = _fails_in_the_extension(kind, bp)
+    losses = []
+    with pytest.warns(RuntimeWarning) if kind == "error" else _no_warning():
+        for x, y in batches:
+            losses.append(bp.step(closure(x, y)))
+    bp.finish()
+    rollbacks = _events(bp, "rollback")
+    assert rollbacks and all(e["to"] == "plain" for e in rollbacks)
+    assert all(torch.isfinite(loss) for loss in losses)
+    _assert_same(_whole(model, bp.optimizer), expected)
+
+
+def _no_warning():
+    import contextlib
+    return contextlib.nullcontext()
