@@ -124,3 +124,42 @@ def test_a_cycle_that_fails_hands_over_plain_training_bit_for_bit(name, kind):
 def _no_warning():
     import contextlib
     return contextlib.nullcontext()
+
+
+# -- the user changes what trains mid-cycle ------------------------------------------------------
+def _unfreeze_at(step, add_group):
+    """Gradual unfreezing, as fine-tuning code does it: the last layer starts frozen and joins
+    at ``step`` — already in the optimizer, or as a param group added then."""
+    def before_step(i, model, opt):
+        if i == step:
+            model[2].requires_grad_(True)
+            if add_group:
+                opt.add_param_group({"params": list(model[2].parameters()), "lr": 3e-3})
+    return before_step
+
+
+@pytest.mark.parametrize("add_group", [False, True], ids=["requires_grad", "add_param_group"])
+def test_unfreezing_mid_cycle_is_followed_by_plain_training_beside_it(add_group):
+    """The copy beside a cycle is plain training only if it trains what the user's model trains:
+    a layer unfrozen mid-cycle (and its param group, when one is added) must train there too, so
+    a cycle that does not pay still hands over plain training's state, bit for bit."""
+    before_step = _unfreeze_at(5, add_group)
+
+    def fresh():
+        model, batches = _task()
+        model[2].requires_grad_(False)
+        opt = O.Adam(model[0].parameters() if add_group else model.parameters(), lr=1e-2)
+        return model, batches, opt
+
+    model, batches, opt = fresh()
+    expected = _plain(lambda p: opt, batches, model, before_step)
+    model, batches, opt = fresh()
+    bp = _bypass(model, opt)
+    for i, (x, y) in enumerate(batches):
+        before_step(i, model, opt)
+        assert i != 5 or bp.phase == "bypass", "the layer is unfrozen mid-cycle"
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    bp.finish()
+    rollbacks = _events(bp, "rollback")
+    assert rollbacks and all(e["to"] == "plain" for e in rollbacks)
+    _assert_same(_whole(model, bp.optimizer), expected)
