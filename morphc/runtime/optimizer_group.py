@@ -87,7 +87,7 @@ def make_optimizer(model: nn.Module, optimizer) -> torch.optim.Optimizer:
             raise BypassError(f"the optimizer does not hold the model's parameters {missing[:5]}"
                               "; build it over model.parameters() or pass a factory "
                               "lambda params: torch.optim.Adam(params, ...)")
-        return _steps_without_closure(optimizer)
+        return _drivable(optimizer)
     if not callable(optimizer):
         raise BypassError("optimizer must be a torch.optim.Optimizer or a factory "
                           f"params -> Optimizer, got {type(optimizer).__name__}")
@@ -95,12 +95,19 @@ def make_optimizer(model: nn.Module, optimizer) -> torch.optim.Optimizer:
     if not isinstance(built, torch.optim.Optimizer):
         raise BypassError(f"the optimizer factory returned {type(built).__name__}, not a "
                           "torch.optim.Optimizer")
-    return _steps_without_closure(built)
+    return _drivable(built)
 
 
-def _steps_without_closure(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Bypass computes the loss and gradients once, then calls ``optimizer.step()``: an
-    optimizer whose step must re-evaluate the loss itself (LBFGS) cannot be driven that way."""
+def _drivable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Refuse, before anything runs, an optimizer no cycle could step. Bypass computes the loss
+    and gradients once, then calls ``optimizer.step()``: one whose step must re-evaluate the
+    loss itself (LBFGS) cannot be driven that way. The extension's parameters join the user's
+    optimizer and their gradients are dense, which SparseAdam refuses."""
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise BypassError("SparseAdam steps sparse gradients only, and the parameters a Bypass "
+                          "cycle adds to the optimizer get dense ones: use an optimizer that "
+                          "takes both, SGD or Adagrad (e.g. lambda params: "
+                          "torch.optim.Adagrad(params, lr=...)), for nn.Embedding(sparse=True)")
     closure = inspect.signature(optimizer.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
         raise BypassError(f"{type(optimizer).__name__}.step needs a closure that re-evaluates "

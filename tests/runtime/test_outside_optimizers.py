@@ -163,3 +163,35 @@ def test_unfreezing_mid_cycle_is_followed_by_plain_training_beside_it(add_group)
     rollbacks = _events(bp, "rollback")
     assert rollbacks and all(e["to"] == "plain" for e in rollbacks)
     _assert_same(_whole(model, bp.optimizer), expected)
+
+
+# -- optimizers Bypass cannot drive: refused at once ----------------------------------------------
+class _Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, sparse=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, index):
+        return self.head(torch.tanh(self.embed(index))).squeeze(-1)
+
+
+@pytest.mark.parametrize("given", ["factory", "optimizer"])
+def test_sparse_adam_is_refused_at_construction(given):
+    """SparseAdam steps only sparse gradients, and a cycle's extension parameters are dense: every
+    cycle would fail at its first step (with advice about the closure that does not apply). A
+    typed error at construction says which optimizers take both kinds."""
+    torch.manual_seed(0)
+    model = _Bag()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = (lambda p: O.SparseAdam(list(model.embed.parameters()))) if given == "factory" \
+        else O.SparseAdam(list(model.parameters()))
+    with pytest.raises(morphc.BypassError, match="SparseAdam.*dense.*(SGD|Adagrad)"):
+        morphc.Bypass(model, optimizer, verbose=False)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_lbfgs_is_refused_at_construction():
+    model, _ = _task()
+    with pytest.raises(morphc.BypassError, match="LBFGS.*closure"):
+        morphc.Bypass(model, lambda p: O.LBFGS(p), verbose=False)
