@@ -41,7 +41,7 @@ from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
-from morphc.runtime.optimizer_group import make_optimizer
+from morphc.runtime.optimizer_group import make_optimizer, training_group
 from morphc.runtime.shadow import Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
@@ -128,7 +128,7 @@ class Bypass(CycleRunner):
         self._module: nn.Module | None = None
         self._last_closure: Closure | None = None
         self._last_loss: float | None = None
-        self._peak_lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0

@@ -18,7 +18,7 @@ from morphc.ir.trace import trace
 from morphc.runtime.config import Accept, FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, may_start
 from morphc.runtime.lookahead import lookahead_scores
-from morphc.runtime.optimizer_group import ExtensionGroup
+from morphc.runtime.optimizer_group import ExtensionGroup, training_group
 from morphc.runtime.shadow import Shadow
 from morphc.runtime.snapshot import Snapshot
 from morphc.runtime.steps import (
@@ -101,8 +101,9 @@ class CycleRunner(Verdicts):
         return buffers, backup
 
     def _observe_lr(self) -> float:
-        """Group 0's lr now; the peak seen so far is what the extension trains at."""
-        lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        """The training group's lr now (group 0's, unless that is held at lr 0 or frozen:
+        :func:`training_group`); the peak seen so far is what the extension trains at."""
+        lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._peak_lr = max(self._peak_lr, lr)
         return lr
 

@@ -26,7 +26,7 @@ class ExtensionGroup:
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                  options: Mapping) -> None:
-        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        group = {k: v for k, v in training_group(optimizer).items() if k != "params"}
         if "weight_decay" in group:
             group["weight_decay"] = 0.0   # decay is no path to C: the return phase is
         group.update(options)
@@ -75,6 +75,16 @@ class ExtensionGroup:
     def load_state_dict(self, state: dict, params: Mapping[str, nn.Parameter]) -> None:
         self.group.update(state["group"])
         self.state = {params[n]: clone_state(s) for n, s in state["state"].items()}
+
+
+def training_group(optimizer: torch.optim.Optimizer) -> dict:
+    """The param group whose lr (and other settings) the extension follows: group 0, unless it
+    does not train — lr 0 or only frozen parameters, as a held backbone in fine-tuning — then the
+    first group that does (at lr 0 the branches would never leave B = 0)."""
+    for group in optimizer.param_groups:
+        if float(group.get("lr", 0.0)) > 0 and any(p.requires_grad for p in group["params"]):
+            return group
+    return optimizer.param_groups[0]
 
 
 def make_optimizer(model: nn.Module, optimizer) -> torch.optim.Optimizer:

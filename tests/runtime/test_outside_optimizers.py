@@ -195,3 +195,20 @@ def test_lbfgs_is_refused_at_construction():
     model, _ = _task()
     with pytest.raises(morphc.BypassError, match="LBFGS.*closure"):
         morphc.Bypass(model, lambda p: O.LBFGS(p), verbose=False)
+
+
+# -- the extension's learning rate ----------------------------------------------------------------
+def test_the_extension_trains_when_group_0_is_held_at_lr_0():
+    """Fine-tuning code often holds a backbone still with ``lr=0`` in group 0 and trains a head in
+    group 1. The extension follows the peak lr of the first group that trains, not 0 (at lr 0 its
+    branches never leave B = 0 and every cycle is wasted)."""
+    model, batches = _task()
+    opt = O.Adam([{"params": model[0].parameters(), "lr": 0.0},
+                  {"params": model[2].parameters(), "lr": 1e-2}])
+    bp = _bypass(model, opt, accept="always", trigger=morphc.Schedule(at=[2]))
+    for x, y in batches[:4]:
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    assert bp.phase == "bypass" and bp.phase_step == 2
+    assert bp.extension_group.group["lr"] == pytest.approx(1e-2)
+    assert any(bool(b.B.abs().max() > 0) for b in bp.extended.branches.values())
+    bp.finish()
