@@ -4,6 +4,8 @@ The promise under test: a run whose cycles never pay ends where plain training e
 buffers and optimizer state bit for bit — whatever the optimizer, the schedule, or the way a cycle
 fails; and what cannot work says so at once, with a typed error that says what to do."""
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,3 +214,90 @@ def test_the_extension_trains_when_group_0_is_held_at_lr_0():
     assert bp.extension_group.group["lr"] == pytest.approx(1e-2)
     assert any(bool(b.B.abs().max() > 0) for b in bp.extended.branches.values())
     bp.finish()
+
+
+# -- the guarantee, optimizer by optimizer, schedule by schedule ---------------------------------
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_run_whose_cycles_never_pay_is_plain_training_with_every_optimizer(name):
+    """Per-step sizes (Rprop), averaged iterates (ASGD), max second moments (AMSGrad), fused and
+    for-loop kernels: the state handed over is plain training's, entry for entry."""
+    model, batches = _task()
+    expected = _plain(OPTIMIZERS[name], batches, model)
+    model, batches = _task()
+    bp = _bypass(model, OPTIMIZERS[name])
+    for x, y in batches:
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    bp.finish()
+    assert _events(bp, "rollback") and all(e["to"] == "plain" for e in _events(bp, "rollback"))
+    _assert_same(_whole(model, bp.optimizer), expected)
+
+
+SCHEDULES = {
+    "cyclic_momentum": (lambda p: O.SGD(p, lr=0.01, momentum=0.9),
+                        lambda o: S.CyclicLR(o, 0.001, 0.05, step_size_up=4)),
+    "cyclic_betas": (lambda p: O.Adam(p, lr=0.01),
+                     lambda o: S.CyclicLR(o, 0.001, 0.01, step_size_up=4)),
+    "warm_up_then_decay": (lambda p: O.AdamW(p, lr=0.01), lambda o: S.SequentialLR(
+        o, [S.LinearLR(o, 0.1, total_iters=4), S.ExponentialLR(o, 0.95)], milestones=[4])),
+    "two_groups_lambda": (
+        lambda p: (lambda ps: O.Adam([{"params": ps[:2]}, {"params": ps[2:], "lr": 1e-3}],
+                                     lr=1e-2))(list(p)),
+        lambda o: S.LambdaLR(o, [lambda i: 1 / (1 + i), lambda i: 0.9 ** i])),
+}
+
+
+@pytest.mark.parametrize("reload", [False, True], ids=["stepped", "state_dicts_reloaded"])
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedules_stepped_by_the_user_reach_the_copy_beside_each_cycle(name, reload):
+    """A scheduler the user steps between ``bp.step`` calls (cycling momentum or betas too, one
+    lambda per group, its and the optimizer's state_dict round-tripped mid-cycle) sees only the
+    user's groups, and plain training beside the cycle takes its hyperparameters: bit for bit."""
+    make, schedule = SCHEDULES[name]
+    model, batches = _task()
+    opt = make(model.parameters())
+    scheduler = schedule(opt)
+
+    def plain_step(i, model, opt):
+        if i:
+            scheduler.step()
+    expected = _plain(lambda p: opt, batches, model, plain_step)
+    model, batches = _task()
+    opt = make(model.parameters())
+    scheduler = schedule(opt)
+    bp = _bypass(model, opt, min_lr_fraction=0.0)
+    for x, y in batches:
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+        scheduler.step()
+        if reload:
+            buffer = io.BytesIO()
+            torch.save((scheduler.state_dict(), opt.state_dict()), buffer)
+            buffer.seek(0)
+            scheduler_state, opt_state = torch.load(buffer, weights_only=False)
+            scheduler.load_state_dict(scheduler_state)
+            opt.load_state_dict(opt_state)
+    bp.finish()
+    assert _events(bp, "rollback") and all(e["to"] == "plain" for e in _events(bp, "rollback"))
+    _assert_same(_whole(model, bp.optimizer), expected)
+
+
+@pytest.mark.parametrize("name", ["adam_amsgrad", "asgd", "rprop", "adagrad"])
+def test_resuming_mid_cycle_with_a_fresh_optimizer_is_still_plain_training(name):
+    """``bp.state_dict()`` taken mid-cycle and loaded into a fresh Bypass over a fresh model and
+    optimizer carries the copy beside the cycle along: the hand-over is still plain training's."""
+    model, batches = _task()
+    expected = _plain(OPTIMIZERS[name], batches, model)
+    model, batches = _task()
+    bp = _bypass(model, OPTIMIZERS[name])
+    for i, (x, y) in enumerate(batches):
+        if i == 5:
+            assert bp.phase == "bypass"
+            buffer = io.BytesIO()
+            torch.save(bp.state_dict(), buffer)
+            buffer.seek(0)
+            model, _ = _task(seed=1)
+            bp = _bypass(model, OPTIMIZERS[name])
+            bp.load_state_dict(torch.load(buffer, weights_only=True))
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    bp.finish()
+    assert all(e["to"] == "plain" for e in _events(bp, "rollback"))
+    _assert_same(_whole(model, bp.optimizer), expected)
