@@ -58,6 +58,16 @@ def one_exclude_pattern(options: dict) -> dict:
     return options
 
 
+def no_scaler(options: dict) -> None:
+    """A GradScaler passed as a setting: say why it cannot work and what does, instead of only
+    listing the settings that exist."""
+    if any(isinstance(v, torch.amp.GradScaler) for v in options.values()):
+        raise BypassError("Bypass cannot use a GradScaler: bp.step runs the backward and the "
+                          "optimizer step itself, so nothing scales the loss or unscales the "
+                          "gradients. Train in bfloat16 (torch.autocast(..., dtype=torch."
+                          "bfloat16) inside the closure, no scaler needed) or in float32")
+
+
 def check_branch_settings(cfg: BypassConfig) -> None:
     """Refuse a width, activation or override that every cycle's extension would refuse, at
     construction: found only when the first cycle starts, it would end Bypass for the run."""
@@ -98,6 +108,7 @@ class Bypass(CycleRunner):
         if not any(p.requires_grad for p in model.parameters()):
             raise BypassError(f"{type(model).__name__} has no trainable parameter (none, or all "
                               "requires_grad=False): there is nothing for Bypass to train")
+        no_scaler(options)
         try:
             self.config = BypassConfig(**one_exclude_pattern(options))
         except TypeError as exc:

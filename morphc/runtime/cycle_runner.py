@@ -298,20 +298,6 @@ class CycleRunner(Verdicts):
                 self._close_cycle(closure)
         return loss.detach()
 
-    def _fault(self, cycle: Cycle, closure: Closure, reason: str,
-               exc: BaseException | None = None) -> torch.Tensor:
-        """A cycle step failed: roll the cycle back. When the plain-training copy already took
-        this batch's step (:meth:`_steps_beside_shadow`), hand its state over — the user is where
-        plain training is, and the cycle's steps are not lost; otherwise restore the state from
-        before the cycle (or raise, with ``on_failure="raise"``) and train the batch plainly."""
-        plain = cycle.plain_loss
-        if plain is None or self.config.on_failure is OnFailure.RAISE:
-            self._rollback(reason, exc)
-            return self._train_step(closure)
-        self._rollback(reason, exc, to_plain=True)
-        self._count_step(float(plain))
-        return plain
-
     @contextlib.contextmanager
     def _whole_on_error(self, cycle: Cycle):
         """While a cycle is judged, an error or interrupt from the probe (a bug, StopIteration,

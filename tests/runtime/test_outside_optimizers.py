@@ -301,3 +301,28 @@ def test_resuming_mid_cycle_with_a_fresh_optimizer_is_still_plain_training(name)
     bp.finish()
     assert all(e["to"] == "plain" for e in _events(bp, "rollback"))
     _assert_same(_whole(model, bp.optimizer), expected)
+
+
+# -- mixed precision ------------------------------------------------------------------------------
+@pytest.mark.parametrize("keyword", ["scaler", "grad_scaler"])
+def test_a_grad_scaler_is_refused_with_what_to_do_instead(keyword):
+    """bp.step runs the backward and the optimizer step itself, so a GradScaler has nowhere to
+    scale or unscale: the error says so and names what works (bfloat16 autocast, no scaler)."""
+    model, _ = _task()
+    with pytest.raises(morphc.BypassError, match="GradScaler.*bfloat16"):
+        morphc.Bypass(model, lambda p: O.Adam(p), **{keyword: torch.amp.GradScaler("cpu")})
+
+
+def test_bfloat16_autocast_in_the_closure_runs_whole_cycles():
+    model, batches = _task()
+    bp = _bypass(model, lambda p: O.Adam(p, lr=1e-2), accept="always", eval_closure=None)
+
+    def closure(x, y):
+        def loss(m):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return F.mse_loss(m(x).float(), y)
+        return loss
+    for x, y in batches:
+        bp.step(closure(x, y))
+    assert bp.finish() is model
+    assert _events(bp, "contract") and not _events(bp, "rollback")
