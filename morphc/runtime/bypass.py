@@ -41,7 +41,7 @@ from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
-from morphc.runtime.optimizer_group import make_optimizer
+from morphc.runtime.optimizer_group import make_optimizer, training_group
 from morphc.runtime.shadow import Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
@@ -56,6 +56,16 @@ def one_exclude_pattern(options: dict) -> dict:
     if isinstance(options.get("exclude"), str):
         return {**options, "exclude": (options["exclude"],)}
     return options
+
+
+def no_scaler(options: dict) -> None:
+    """A GradScaler passed as a setting: say why it cannot work and what does, instead of only
+    listing the settings that exist."""
+    if any(isinstance(v, torch.amp.GradScaler) for v in options.values()):
+        raise BypassError("Bypass cannot use a GradScaler: bp.step runs the backward and the "
+                          "optimizer step itself, so nothing scales the loss or unscales the "
+                          "gradients. Train in bfloat16 (torch.autocast(..., dtype=torch."
+                          "bfloat16) inside the closure, no scaler needed) or in float32")
 
 
 def check_branch_settings(cfg: BypassConfig) -> None:
@@ -98,6 +108,7 @@ class Bypass(CycleRunner):
         if not any(p.requires_grad for p in model.parameters()):
             raise BypassError(f"{type(model).__name__} has no trainable parameter (none, or all "
                               "requires_grad=False): there is nothing for Bypass to train")
+        no_scaler(options)
         try:
             self.config = BypassConfig(**one_exclude_pattern(options))
         except TypeError as exc:
@@ -128,7 +139,7 @@ class Bypass(CycleRunner):
         self._module: nn.Module | None = None
         self._last_closure: Closure | None = None
         self._last_loss: float | None = None
-        self._peak_lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0

@@ -37,6 +37,7 @@ class Cycle:
                  config: BypassConfig, *, started_at: int, pace: float = 0.0) -> None:
         self.ext, self.snapshot, self.group, self.config = ext, snapshot, group, config
         self.shadow: Shadow | None = None   # plain training beside the cycle, if kept
+        self.plain_loss: torch.Tensor | None = None   # its loss on this step's batch, once taken
         self.started_at, self.pace = started_at, pace   # pace: plain's relative gain per step
         self.phase, self.phase_step = Phase.BYPASS, 0
         self.return_from, self.return_len = 1.0, config.return_steps

@@ -18,7 +18,7 @@ from morphc.ir.trace import trace
 from morphc.runtime.config import Accept, FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, may_start
 from morphc.runtime.lookahead import lookahead_scores
-from morphc.runtime.optimizer_group import ExtensionGroup
+from morphc.runtime.optimizer_group import ExtensionGroup, training_group
 from morphc.runtime.shadow import Shadow
 from morphc.runtime.snapshot import Snapshot
 from morphc.runtime.steps import (
@@ -101,8 +101,9 @@ class CycleRunner(Verdicts):
         return buffers, backup
 
     def _observe_lr(self) -> float:
-        """Group 0's lr now; the peak seen so far is what the extension trains at."""
-        lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        """The training group's lr now (group 0's, unless that is held at lr 0 or frozen:
+        :func:`training_group`); the peak seen so far is what the extension trains at."""
+        lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._peak_lr = max(self._peak_lr, lr)
         return lr
 
@@ -262,27 +263,25 @@ class CycleRunner(Verdicts):
         except NonFinite as exc:
             self._last_loss = exc.value
             self._lr_scale *= 0.5            # the extension's steps were too long: next cycle
-            self._rollback(f"{exc} at {cycle.phase} step {cycle.phase_step}; the next cycle's "
-                           f"extension lr is halved (scale {self._lr_scale:g})")
-            return self._train_step(closure)
+            return self._fault(cycle, closure, f"{exc} at {cycle.phase} step {cycle.phase_step}"
+                               f"; the next cycle's extension lr is halved (scale "
+                               f"{self._lr_scale:g})")
         except ShapeError as exc:        # a batch the traced graph cannot take: train on
-            self._rollback(f"the extended graph refused this batch: {exc}")
             self._warn(f"morphc.Bypass rolled a cycle back, the extended graph refused a batch: "
                        f"{exc}")
-            return self._train_step(closure)
+            return self._fault(cycle, closure, f"the extended graph refused this batch: {exc}")
         except MorphcError:
             self._rollback("an error in the cycle")
             raise
         except Exception as exc:
             reason = (f"the extended model failed at {cycle.phase} step {cycle.phase_step}: "
                       f"{type(exc).__name__}: {exc}")
-            self._rollback(reason, exc)
             self._miss()            # the same closure / optimizer fails the next cycle too
             self._warn(f"morphc.Bypass rolled a cycle back, {reason}. During a cycle the "
                        "closure's module is the extended model (morphc.ExtendedModel): call it, "
                        "and read layers or weights from your own model (the Parameters are the "
                        "same objects); the optimizer must take the extension's parameters")
-            return self._train_step(closure)
+            return self._fault(cycle, closure, reason, exc)
         except BaseException:            # KeyboardInterrupt: leave the user whole, then stop
             self._rollback("interrupted", raises=False)
             raise
@@ -316,12 +315,12 @@ class CycleRunner(Verdicts):
         """The shadow's plain step, then the extended one. The shadow draws from the global RNG
         (dropout) exactly as plain training would; the extended step draws from a fork of it, so
         a handed-over shadow leaves the RNG where plain training would have it too."""
-        shadow = cycle.shadow
+        shadow, cycle.plain_loss = cycle.shadow, None
         if shadow is not None and not shadow.follows(self.optimizer):
             shadow = cycle.shadow = None             # a param group added mid-cycle
         if shadow is None:
             return self._extended_step(cycle, closure)
-        shadow.step(closure, self.optimizer, self.config.max_grad_norm)
+        cycle.plain_loss = shadow.step(closure, self.optimizer, self.config.max_grad_norm)
         with shadow.rng_apart():
             return self._extended_step(cycle, closure)
 
@@ -376,14 +375,15 @@ class CycleRunner(Verdicts):
 
     def _rollback(self, reason: str, exc: BaseException | None = None, *,
                   measures: dict | None = None, raises: bool = True,
-                  verdict: bool = False) -> None:
+                  verdict: bool = False, to_plain: bool = False) -> None:
         """Restore the pre-extension state bit for bit — or, after a ``verdict`` on a cycle with
-        a shadow, hand over the shadow: plain training's state now, so the cycle's steps are not
-        lost. Then carry on, or raise a BypassError with on_failure="raise" (never after a
-        verdict; ``raises=False``: an error that goes on as is)."""
+        a shadow (or ``to_plain``: a failed step the shadow took), hand over the shadow: plain
+        training's state now, so the cycle's steps are not lost. Then carry on, or raise a
+        BypassError with on_failure="raise" (never after a verdict or a hand-over;
+        ``raises=False``: an error that goes on as is)."""
         cycle, step = self._cycle, self.step_count
         self._detach()
-        to_plain = verdict and cycle.shadow is not None
+        to_plain = (verdict or to_plain) and cycle.shadow is not None
         if to_plain:
             cycle.shadow.hand_over(self._user_model, self.optimizer)
         else:
@@ -391,7 +391,8 @@ class CycleRunner(Verdicts):
         self.failures += 1
         self._event("rollback", reason=reason, to="plain" if to_plain else "before",
                     **(measures or {}))
-        if self.config.on_failure is OnFailure.RAISE and raises and not verdict:
+        if self.config.on_failure is OnFailure.RAISE and raises and not to_plain and \
+                not verdict:
             raise BypassError(f"{reason}. The model, its buffers and the optimizer state were "
                               f"restored to their values before this cycle's extension; "
                               f"training can continue from step {step}, or pass "

@@ -26,7 +26,7 @@ class ExtensionGroup:
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                  options: Mapping) -> None:
-        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        group = {k: v for k, v in training_group(optimizer).items() if k != "params"}
         if "weight_decay" in group:
             group["weight_decay"] = 0.0   # decay is no path to C: the return phase is
         group.update(options)
@@ -77,6 +77,16 @@ class ExtensionGroup:
         self.state = {params[n]: clone_state(s) for n, s in state["state"].items()}
 
 
+def training_group(optimizer: torch.optim.Optimizer) -> dict:
+    """The param group whose lr (and other settings) the extension follows: group 0, unless it
+    does not train — lr 0 or only frozen parameters, as a held backbone in fine-tuning — then the
+    first group that does (at lr 0 the branches would never leave B = 0)."""
+    for group in optimizer.param_groups:
+        if float(group.get("lr", 0.0)) > 0 and any(p.requires_grad for p in group["params"]):
+            return group
+    return optimizer.param_groups[0]
+
+
 def make_optimizer(model: nn.Module, optimizer) -> torch.optim.Optimizer:
     """Accept a ready optimizer (it must hold the model's trainable parameters; frozen ones
     may be left out, as fine-tuning code does) or build one."""
@@ -87,7 +97,7 @@ def make_optimizer(model: nn.Module, optimizer) -> torch.optim.Optimizer:
             raise BypassError(f"the optimizer does not hold the model's parameters {missing[:5]}"
                               "; build it over model.parameters() or pass a factory "
                               "lambda params: torch.optim.Adam(params, ...)")
-        return _steps_without_closure(optimizer)
+        return _drivable(optimizer)
     if not callable(optimizer):
         raise BypassError("optimizer must be a torch.optim.Optimizer or a factory "
                           f"params -> Optimizer, got {type(optimizer).__name__}")
@@ -95,12 +105,19 @@ def make_optimizer(model: nn.Module, optimizer) -> torch.optim.Optimizer:
     if not isinstance(built, torch.optim.Optimizer):
         raise BypassError(f"the optimizer factory returned {type(built).__name__}, not a "
                           "torch.optim.Optimizer")
-    return _steps_without_closure(built)
+    return _drivable(built)
 
 
-def _steps_without_closure(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Bypass computes the loss and gradients once, then calls ``optimizer.step()``: an
-    optimizer whose step must re-evaluate the loss itself (LBFGS) cannot be driven that way."""
+def _drivable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Refuse, before anything runs, an optimizer no cycle could step. Bypass computes the loss
+    and gradients once, then calls ``optimizer.step()``: one whose step must re-evaluate the
+    loss itself (LBFGS) cannot be driven that way. The extension's parameters join the user's
+    optimizer and their gradients are dense, which SparseAdam refuses."""
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise BypassError("SparseAdam steps sparse gradients only, and the parameters a Bypass "
+                          "cycle adds to the optimizer get dense ones: use an optimizer that "
+                          "takes both, SGD or Adagrad (e.g. lambda params: "
+                          "torch.optim.Adagrad(params, lr=...)), for nn.Embedding(sparse=True)")
     closure = inspect.signature(optimizer.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
         raise BypassError(f"{type(optimizer).__name__}.step needs a closure that re-evaluates "

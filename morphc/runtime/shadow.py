@@ -44,33 +44,49 @@ class Shadow:
         self.devices = cuda_devices(model)
 
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether the shadow can keep taking the user's steps: the same param groups (a group
-        added mid-cycle has no counterpart here)."""
-        return len(optimizer.param_groups) == len(self.optimizer.param_groups)
+        """Whether the shadow can keep taking the user's steps: the same param groups. A group
+        the user added mid-cycle (unfreezing a layer) joins here too, over the copies of its
+        parameters; one holding a tensor outside the model has no counterpart."""
+        added = optimizer.param_groups[len(self.optimizer.param_groups):]
+        if not added:
+            return len(optimizer.param_groups) == len(self.optimizer.param_groups)
+        copies = dict(self.pairs)
+        if any(p not in copies for g in added for p in g["params"]):
+            return False
+        for group in added:
+            self.optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                            "params": [copies[p] for p in group["params"]]})
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return True
 
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | None,
-             max_grad_norm: float | None) -> None:
+             max_grad_norm: float | None) -> torch.Tensor:
         """Plain training's step on this batch, as ``Bypass`` takes it outside a cycle: the
         user's current hyperparameters, read from ``optimizer`` (a scheduler moves them; None:
         keep those of the copy), a non-finite loss or gradient skipped with the buffers put
-        back."""
+        back. Returns the loss (detached)."""
         for group, mine in zip(optimizer.param_groups if optimizer is not None else (),
                                self.optimizer.param_groups, strict=False):
             mine.update((k, v) for k, v in group.items() if k != "params")
+        for param, mine in self.pairs:      # a layer the user froze or unfroze mid-cycle
+            if mine.requires_grad != param.requires_grad:
+                mine.requires_grad_(param.requires_grad)
         self.optimizer.zero_grad(set_to_none=True)
         buffers = [mine for _, mine in self.buffers]
         if buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self.backup, buffers)
+        loss, value = loss_of(closure, self.model)
         try:
-            backward_checked(*loss_of(closure, self.model))
+            backward_checked(loss, value)
             check_finite(self.params)
         except NonFinite:
             zero_grads(self.params)
             put_back(buffers, self.backup)
-            return
+            return loss.detach()
         clip(self.params, max_grad_norm)
         self.optimizer.step()
+        return loss.detach()
 
     def rng_apart(self) -> contextlib.AbstractContextManager:
         """A fork of the global RNGs (CPU and the model's CUDA devices) for the step beside

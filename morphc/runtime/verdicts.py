@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from morphc.compiler.contract import contract
 from morphc.compiler.deviation import deterministic
 from morphc.errors import MorphcError
-from morphc.runtime.config import Accept, ReturnMode
+from morphc.runtime.config import Accept, OnFailure, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off
 from morphc.runtime.steps import Closure
 from morphc.runtime.wrapping import all_reduce_mean
@@ -80,6 +81,20 @@ class Verdicts:
                                  "loss_plain": self._shadow_loss(cycle, probe)},
                        verdict=True)
         return True
+
+    def _fault(self, cycle: Cycle, closure: Closure, reason: str,
+               exc: BaseException | None = None) -> torch.Tensor:
+        """A cycle step failed: roll the cycle back. When the plain-training copy already took
+        this batch's step (:meth:`_steps_beside_shadow`), hand its state over — the user is where
+        plain training is, and the cycle's steps are not lost; otherwise restore the state from
+        before the cycle (or raise, with ``on_failure="raise"``) and train the batch plainly."""
+        plain = cycle.plain_loss
+        if plain is None or self.config.on_failure is OnFailure.RAISE:
+            self._rollback(reason, exc)
+            return self._train_step(closure)
+        self._rollback(reason, exc, to_plain=True)
+        self._count_step(float(plain))
+        return plain
 
     def _close_cycle(self, closure: Closure | None, finishing: bool = False) -> None:
         """return → contract → accept or roll back. ``finishing``: a cycle cut short by

@@ -195,11 +195,18 @@ def test_inf_batch_during_a_cycle_rolls_back_and_never_corrupts():
 
 
 def test_nan_gradient_with_a_finite_loss_on_the_last_return_step_is_not_folded():
+    """The cycle is rolled back, never folded; plain training beside it skipped that batch too
+    (its gradient is NaN as well), so the user gets plain training's 10 steps."""
+    model, closure, (x,) = mlp_task()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    for _ in range(10):
+        opt.zero_grad()
+        closure(model).backward()
+        opt.step()
+    weights = snapshot(model)
     model, closure, (x,) = mlp_task()
     bp = default_bypass(model)
-    run(bp, closure, 3)
-    weights = snapshot(model)
-    run(bp, closure, 7)
+    run(bp, closure, 10)
     assert bp.phase == "return" and bp.phase_step == 3
 
     def finite_loss_nan_grad(m):
@@ -209,6 +216,7 @@ def test_nan_gradient_with_a_finite_loss_on_the_last_return_step_is_not_folded()
     loss = bp.step(finite_loss_nan_grad)
     assert torch.isfinite(loss)
     assert not events(bp, "contract") and "gradient" in events(bp, "rollback")[0]["reason"]
+    assert events(bp, "rollback")[0]["to"] == "plain"
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
