@@ -68,6 +68,7 @@ _NOT_HERE = {"probe": "sites='auto' needs a probe closure", "example_inputs": "n
              "ddp_options": "the trainer wraps the model", "wrap": "the trainer wraps the model",
              "distributed": "single-process only", "top_k": "sites='auto' is not available",
              "max_grad_norm": "the trainer's own clipping setting is used",
+             "max_bypass_steps": "cycles have a fixed length (bypass_steps) inside a trainer",
              "total_steps": "taken from the trainer", "penalty": "return_mode='penalty' is not "
              "available"}
 

@@ -9,6 +9,8 @@ Why the default cycle looks the way it does (measured; docs/benchmarks.md):
   non-linear part, so the model at s = 0 (the one a fold keeps) ends *worse* than before the
   cycle, and no return schedule recovers it. Training ``L(s=1) + L(s=0)`` on every free step keeps
   the foldable model good while the s = 1 term still opens the escape directions.
+- **A free phase that still gains goes on** (up to ``max_bypass_steps``): kept cycles were cut
+  while still gaining; only those that gain pay for the longer cycle.
 - **Project, then train in the linear space.** s = 0 at once (the branch is linear, residual 0),
   then ordinary training of the user's weights and the now-linear branch before the exact fold:
   the paper's train → opt₁ → projection → opt₂ → train. Annealed returns measured worse.
@@ -42,6 +44,8 @@ class Cycle:
         self.phase, self.phase_step = Phase.BYPASS, 0
         self.return_from, self.return_len = 1.0, config.return_steps
         self.loss_free: float | None = None
+        self.free_len = config.bypass_steps      # grows while the free phase still gains
+        self.free_marks: list[float] = []        # its loss every `free_window` steps
         self.saw_extension_grad = False
         if config.bypass_steps == 0:
             self.enter_return(config.return_steps)
@@ -65,8 +69,18 @@ class Cycle:
     def advance(self) -> None:
         """After a completed step: bypass → return when the free phase is over."""
         self.phase_step += 1
-        if self.phase is Phase.BYPASS and self.phase_step >= self.config.bypass_steps:
+        if self.phase is Phase.BYPASS and self.phase_step >= self.free_len:
             self.enter_return(self.config.return_steps)
+
+    @property
+    def free_window(self) -> int:
+        """How often a free phase that may grow is measured, and by how much it grows."""
+        return max(1, self.config.bypass_steps // 2)
+
+    @property
+    def steps(self) -> int:
+        """The cycle's length as it stands (the free phase may have grown)."""
+        return self.free_len + self.return_len
 
     @property
     def return_done(self) -> bool:
@@ -92,8 +106,7 @@ class Cycle:
     # -- acceptance -----------------------------------------------------------------------------
     def required_gain(self, loss_before: float) -> float:
         """What plain training would have gained over this cycle's steps at its recent pace."""
-        steps = self.config.cycle_steps
-        return abs(loss_before) * max(self.pace, 0.0) * steps
+        return abs(loss_before) * max(self.pace, 0.0) * self.steps
 
     def needed(self, loss_before: float, loss_plain: float | None = None) -> float:
         """The loss a cycle must beat: the model from before it, less what plain training would
@@ -122,7 +135,7 @@ class Cycle:
             return False
         escaped = getattr(trigger, "escaped", None)
         if callable(escaped):
-            return bool(escaped(loss_before, loss_free, self.config.bypass_steps))
+            return bool(escaped(loss_before, loss_free, self.free_len))
         return loss_free < loss_before
 
     def survival(self, loss_before: float, loss_after: float) -> float | None:
@@ -136,6 +149,7 @@ class Cycle:
         return {"phase": str(self.phase), "phase_step": self.phase_step,
                 "return_from": self.return_from, "return_len": self.return_len,
                 "started_at": self.started_at, "pace": self.pace, "loss_free": self.loss_free,
+                "free_len": self.free_len, "free_marks": list(self.free_marks),
                 "saw_extension_grad": self.saw_extension_grad}
 
     def load_state_dict(self, state: dict) -> None:
@@ -143,6 +157,8 @@ class Cycle:
         self.return_from, self.return_len = float(state["return_from"]), int(state["return_len"])
         self.started_at, self.pace = int(state["started_at"]), float(state["pace"])
         self.loss_free = state["loss_free"]
+        self.free_len = int(state.get("free_len", self.config.bypass_steps))
+        self.free_marks = [float(v) for v in state.get("free_marks", [])]
         self.saw_extension_grad = bool(state["saw_extension_grad"])
 
 

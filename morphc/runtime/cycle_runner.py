@@ -287,13 +287,17 @@ class CycleRunner(Verdicts):
             raise
         self._count_step(value)
         was_free = cycle.phase is Phase.BYPASS
+        with self._whole_on_error(cycle):
+            if was_free:
+                self._free_phase_grows(cycle, closure)
         cycle.advance()
         with self._whole_on_error(cycle):
             if was_free and cycle.phase is Phase.RETURN:
                 cycle.loss_free = value
                 if self._free_phase_found_nothing(cycle, closure):
                     return loss.detach()
-                self._event("return", mode=self.config.return_mode, steps=cycle.return_len)
+                self._event("return", mode=self.config.return_mode, steps=cycle.return_len,
+                            free_steps=cycle.free_len)
             if cycle.return_done:
                 self._close_cycle(closure)
         return loss.detach()

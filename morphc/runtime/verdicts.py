@@ -55,13 +55,9 @@ class Verdicts:
             self.config, self.trigger, step=self.step_count, misses=self._unpaid,
             quiet=self._quiet_until, paid=False, before=before, after=after)
 
-    def _free_phase_found_nothing(self, cycle: Cycle, closure: Closure) -> bool:
-        """At the end of the free phase: the extended model (s = 1 and s = 0) and the model from
-        before the cycle on the same data; when the free phase found nothing, roll back now
-        (:meth:`Cycle.found_something`) instead of running the return phase to learn it."""
-        probe, ext = self.config.eval_closure or closure, cycle.ext
-        if probe is None or self.config.accept == Accept.ALWAYS:
-            return False
+    def _free_losses(self, cycle: Cycle, probe: Closure) -> list[float]:
+        """The extended model's loss on ``probe`` at s = 1 and at s = 0."""
+        ext = cycle.ext
         homotopy, losses = ext.homotopy, []
         try:
             for s in (1.0, 0.0):
@@ -69,6 +65,39 @@ class Verdicts:
                 losses.append(self._loss_without_trace(probe, ext))
         finally:
             ext.set_homotopy(homotopy)
+        return losses
+
+    def _free_phase_grows(self, cycle: Cycle, closure: Closure) -> None:
+        """After a free step: every ``free_window`` steps, measure the free phase (the better of
+        s = 1 and s = 0 on the evaluation data); when it is due to end but still leaving the
+        plateau by the trigger's own measure over the last window, let it go on for another
+        window — up to ``max_bypass_steps`` and never past the run's budget."""
+        cfg = self.config
+        cap, done, window = cfg.free_steps_cap, cycle.phase_step + 1, cycle.free_window
+        probe = cfg.eval_closure or closure
+        escaped = getattr(self.trigger, "escaped", None)
+        if cap <= cfg.bypass_steps or not callable(escaped) or probe is None or \
+                cfg.accept == Accept.ALWAYS or done % window:
+            return
+        free = min((v for v in self._free_losses(cycle, probe) if math.isfinite(v)),
+                   default=math.nan)
+        cycle.free_marks.append(free)
+        if done < cycle.free_len or len(cycle.free_marks) < 2 or cycle.free_len + window > cap:
+            return
+        if cfg.total_steps is not None and \
+                self.step_count + window + cycle.return_len > cfg.total_steps:
+            return
+        if math.isfinite(free) and escaped(cycle.free_marks[-2], free, window):
+            cycle.free_len += window
+
+    def _free_phase_found_nothing(self, cycle: Cycle, closure: Closure) -> bool:
+        """At the end of the free phase: the extended model (s = 1 and s = 0) and the model from
+        before the cycle on the same data; when the free phase found nothing, roll back now
+        (:meth:`Cycle.found_something`) instead of running the return phase to learn it."""
+        probe = self.config.eval_closure or closure
+        if probe is None or self.config.accept == Accept.ALWAYS:
+            return False
+        losses = self._free_losses(cycle, probe)
         before = self._loss_before_cycle(cycle, probe)
         free = min((v for v in losses if math.isfinite(v)), default=math.nan)
         if cycle.found_something(before, free, self.trigger):

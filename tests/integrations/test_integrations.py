@@ -141,6 +141,8 @@ def test_joint_free_micro_batches_leave_batchnorm_statistics_to_s0():
 def test_trainer_bypass_refuses_what_needs_its_own_loop():
     with pytest.raises(morphc.BypassError, match="not available inside a trainer"):
         TrainerBypass(eval_closure=lambda m: 0)
+    with pytest.raises(morphc.BypassError, match="fixed length"):
+        TrainerBypass(max_bypass_steps=400)
     with pytest.raises(morphc.BypassError, match="penalty"):
         TrainerBypass(return_mode="penalty")
     bp = TrainerBypass(sites="nothing_like_this")
