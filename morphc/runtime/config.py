@@ -10,12 +10,6 @@ from typing import Any
 
 from morphc.errors import BypassError
 
-# A free phase still leaving the plateau when it is due to end goes on, up to this many times
-# its planned length (docs/benchmarks.md: 4 × 100 steps doubled the final-loss gains on the
-# bench's stagnation problems and rescued two more XOR inits; it costs wall-clock only where
-# the free phase keeps gaining).
-FREE_GROWTH = 4
-
 
 class Phase(enum.StrEnum):
     TRAIN = "train"      # plain training of the user's model; the trigger watches
@@ -57,7 +51,7 @@ class BypassConfig:
     """The settings of :class:`~morphc.Bypass` (its keyword arguments); see its docstring."""
 
     bypass_steps: int = 100
-    max_bypass_steps: int | None = None   # grows while it still gains; None: 4 × bypass_steps
+    max_bypass_steps: int | None = None   # grow while it still gains, to this; None: fixed
     return_steps: int = 100
     return_mode: ReturnMode | str = ReturnMode.PROJECT
     free_phase: FreePhase | str = FreePhase.JOINT
@@ -109,9 +103,8 @@ class BypassConfig:
                 not isinstance(self.max_bypass_steps, int) or
                 self.max_bypass_steps < self.bypass_steps):
             raise BypassError(f"max_bypass_steps must be an int >= bypass_steps "
-                              f"({self.bypass_steps}) or None (4 × bypass_steps), got "
-                              f"{self.max_bypass_steps!r}; pass max_bypass_steps=bypass_steps "
-                              "for a free phase of fixed length")
+                              f"({self.bypass_steps}) or None (a free phase of fixed length), got "
+                              f"{self.max_bypass_steps!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or
                                        not isinstance(self.top_k, int) or self.top_k < 1):
             raise BypassError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
@@ -132,7 +125,7 @@ class BypassConfig:
     def free_steps_cap(self) -> int:
         """The longest a free phase may grow (it grows only while it still gains)."""
         return self.max_bypass_steps if self.max_bypass_steps is not None else \
-            FREE_GROWTH * self.bypass_steps
+            self.bypass_steps
 
     @property
     def cycle_steps(self) -> int:
