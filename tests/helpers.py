@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 import morphc
 import morphc.compiler.deviation
@@ -56,3 +57,15 @@ class TokenData(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class SparseBag(nn.Module):
+    """A sparse embedding bag with a linear head: gradients Bypass must handle sparse."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, sparse=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, index):
+        return self.head(torch.tanh(self.embed(index))).squeeze(-1)

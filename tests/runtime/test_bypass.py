@@ -11,6 +11,7 @@ from torch import nn
 
 import morphc
 from morphc import zoo
+from tests.helpers import SparseBag
 
 OPTIMIZERS = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
@@ -613,16 +614,7 @@ def test_sparse_embedding_gradients_train_and_cycle():
     finiteness check reads their values, and a whole cycle runs."""
     gen = torch.Generator().manual_seed(0)
 
-    class Bag(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(20, 8, sparse=True)
-            self.head = nn.Linear(8, 1)
-
-        def forward(self, index):
-            return self.head(torch.tanh(self.embed(index))).squeeze(-1)
-
-    model = Bag()
+    model = SparseBag()
     index, target = torch.randint(0, 20, (32,), generator=gen), torch.randn(32, generator=gen)
     bp = morphc.Bypass(model, lambda p: torch.optim.SGD(p, lr=0.1), trigger=morphc.Schedule(
         every=3), bypass_steps=2, return_steps=2, accept="always", verbose=False)

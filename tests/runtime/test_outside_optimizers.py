@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
+from tests.helpers import SparseBag
 
 O, S = torch.optim, torch.optim.lr_scheduler
 
@@ -168,23 +169,13 @@ def test_unfreezing_mid_cycle_is_followed_by_plain_training_beside_it(add_group)
 
 
 # -- optimizers Bypass cannot drive: refused at once ----------------------------------------------
-class _Bag(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 8, sparse=True)
-        self.head = nn.Linear(8, 1)
-
-    def forward(self, index):
-        return self.head(torch.tanh(self.embed(index))).squeeze(-1)
-
-
 @pytest.mark.parametrize("given", ["factory", "optimizer"])
 def test_sparse_adam_is_refused_at_construction(given):
     """SparseAdam steps only sparse gradients, and a cycle's extension parameters are dense: every
     cycle would fail at its first step (with advice about the closure that does not apply). A
     typed error at construction says which optimizers take both kinds."""
     torch.manual_seed(0)
-    model = _Bag()
+    model = SparseBag()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = (lambda p: O.SparseAdam(list(model.embed.parameters()))) if given == "factory" \
         else O.SparseAdam(list(model.parameters()))
