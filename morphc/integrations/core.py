@@ -19,8 +19,9 @@ How the pieces sit inside a trainer:
   out. So the trainer's scheduler never sees a group it did not create (torch 2.13's LambdaLR
   zips its per-group lists strictly and would crash on one), and every ``optimizer.state_dict()``
   a checkpoint writes holds the user's groups only. The group's lr is ``extension_lr_scale`` ×
-  the lr the scheduler gave group 0 for this step, so the extension follows the trainer's
-  warm-up and decay; a cycle whose loss went non-finite halves that scale for the next cycles.
+  the lr the scheduler gave group 0 for this step (or the first group that trains, when group 0
+  is held at lr 0), so the extension follows the trainer's warm-up and decay; a cycle whose
+  loss went non-finite halves that scale for the next cycles.
 - **Free phase.** ``free_phase="joint"`` (default) alternates s = 1 / s = 0 from one micro-batch
   to the next: with gradient accumulation 2 every optimizer step trains ``L(s=1) + L(s=0)`` as
   Bypass's joint step does (on two half-batches); without accumulation, alternate steps do. As
@@ -54,7 +55,7 @@ from morphc.runtime.bypass import check_branch_settings, one_exclude_pattern
 from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.events import EventLog
-from morphc.runtime.optimizer_group import ExtensionGroup
+from morphc.runtime.optimizer_group import ExtensionGroup, training_group
 from morphc.runtime.snapshot import Snapshot
 from morphc.runtime.steps import clip
 from morphc.runtime.triggers import Plateau, Trigger
@@ -156,7 +157,7 @@ class TrainerBypass:
             raise SiteError(f"{type(model).__name__} has no site a trainer integration can "
                             f"extend: {self._table.explain()}")
         self._chosen = select_sites(self._table, self.config.sites, self.config.exclude, frozen)
-        self._peak_lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step)]
 
@@ -245,7 +246,7 @@ class TrainerBypass:
             return
         group, cfg = cycle.group, self.config
         if "lr" not in cfg.extension_options:
-            group.group["lr"] = self._lr_scale * float(optimizer.param_groups[0]["lr"])
+            group.group["lr"] = self._lr_scale * float(training_group(optimizer)["lr"])
         clip(group.params, self.max_grad_norm)
         group.attach()
 
@@ -259,7 +260,7 @@ class TrainerBypass:
     def _plain_step(self, value: float) -> None:
         if math.isfinite(value):
             self._plain.append(value)
-        lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._peak_lr = max(self._peak_lr, lr)
         fired = self.trigger.update(value, step=self.step_count, grad_norm=None)
         if fired and self._disabled is None and self._plain and may_start(

@@ -482,3 +482,28 @@ def test_lightning_cycle_that_does_not_pay_is_rolled_back_bit_identically(tmp_pa
     assert [(e["event"], e["step"]) for e in callback.bypass.history] == [
         ("extend", 3), ("return", 5), ("rollback", 8)]
     assert _same(states[3], states[8])
+
+
+def test_the_extension_follows_the_group_that_trains_when_group_0_is_held_at_lr_0():
+    """A fine-tuning optimizer whose group 0 (a held backbone) has lr 0: at its lr the branches
+    would never leave B = 0; they follow the first group that trains instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                           {"params": model[2].parameters(), "lr": 0.05}])
+    tb = TrainerBypass(morphc.Schedule(at=[2]), bypass_steps=3, return_steps=2, verbose=False)
+    tb.attach(model, opt)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    lrs = []
+    for step in range(1, 5):
+        tb.before_micro_batch()
+        loss = F.mse_loss(model(x), y)
+        tb.record_loss(loss)
+        loss.backward()
+        opt.step()
+        if tb.in_cycle:
+            lrs.append(tb._cycle.group.group["lr"])
+        opt.zero_grad()
+        tb.after_step(step)
+    tb.finish()
+    assert lrs and all(lr == pytest.approx(0.05) for lr in lrs)
