@@ -141,6 +141,7 @@ class Bypass(CycleRunner):
         self._last_loss: float | None = None
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
+        self._probation: tuple[Shadow, int] | None = None   # plain training after a kept cycle
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0
 
@@ -189,9 +190,11 @@ class Bypass(CycleRunner):
                 f"bp.step expects a closure `module -> loss` (e.g. lambda m: F.mse_loss(m(x), "
                 f"y)), got {type(closure).__name__}: Bypass calls it on the module to train now")
         self._last_closure = closure
-        if self._cycle is None:
-            return self._train_step(closure)
-        return self._cycle_step(closure)
+        if self._cycle is not None:
+            return self._cycle_step(closure)
+        if self._probation is not None:
+            return self._step_on_probation(closure)
+        return self._train_step(closure)
 
     def finish(self) -> nn.Module:
         """The user's own model object, in its own architecture. Never trains: a cycle still in
@@ -200,6 +203,8 @@ class Bypass(CycleRunner):
         if self._cycle is not None:
             with self._whole_on_error(self._cycle):
                 self._close_cycle(self._last_closure, finishing=True)
+        if self._probation is not None:
+            self._end_probation(self._last_closure)
         self._module = None
         return self._user_model
 
@@ -250,7 +255,9 @@ class Bypass(CycleRunner):
                 "optimizer": self.optimizer.state_dict(),
                 "example_inputs": None if self.example_inputs is None else
                 list(self.example_inputs), "example_kwargs": dict(self.example_kwargs),
-                "extension": extension_state(self._cycle)}
+                "extension": extension_state(self._cycle),
+                "probation": None if self._probation is None else
+                {"until": self._probation[1], "shadow": self._probation[0].state_dict()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`, on a fresh ``Bypass`` over a model of the same
@@ -273,6 +280,10 @@ class Bypass(CycleRunner):
         shadow = (state["extension"] or {}).get("shadow")
         if shadow is not None and self._cycle is not None:   # after the optimizer: it copies it
             self._cycle.shadow = Shadow.from_state(shadow, self._user_model, self.optimizer)
+        probation = state.get("probation")                  # older checkpoints: none
+        self._probation = None if probation is None else (
+            Shadow.from_state(probation["shadow"], self._user_model, self.optimizer),
+            int(probation["until"]))
         self.trigger.load_state_dict(state["trigger"])
         self.log.events[:] = list(state["history"])
         self.step_count, self.cycle = int(state["step"]), int(state["cycle"])
@@ -289,7 +300,7 @@ class Bypass(CycleRunner):
             found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise BypassError(f"not a Bypass checkpoint of version {STATE_VERSION} (got "
                               f"{found!r}); pass what bp.state_dict() returned")
-        missing = sorted(set(self.state_dict()) - set(state) - {"example_kwargs"})
+        missing = sorted(set(self.state_dict()) - set(state) - {"example_kwargs", "probation"})
         if missing:
             raise BypassError(f"the Bypass checkpoint lacks {missing}; pass what "
                               "bp.state_dict() returned")

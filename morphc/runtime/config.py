@@ -80,6 +80,7 @@ class BypassConfig:
     on_failure: OnFailure | str = OnFailure.ROLLBACK
     max_grad_norm: float | None = None
     shadow: bool = True               # plain training beside each cycle (runtime/shadow.py)
+    probation_steps: int | None = None   # ... and after a kept one; None: 2 × cycle_steps
     compile: bool = False
     compile_backend: Any = "inductor"
     compile_options: Mapping | None = None
@@ -105,6 +106,11 @@ class BypassConfig:
             raise BypassError(f"max_bypass_steps must be an int >= bypass_steps "
                               f"({self.bypass_steps}) or None (a free phase of fixed length), got "
                               f"{self.max_bypass_steps!r}")
+        if self.probation_steps is not None and (
+                isinstance(self.probation_steps, bool) or
+                not isinstance(self.probation_steps, int) or self.probation_steps < 0):
+            raise BypassError(f"probation_steps must be an int >= 0 (0: none) or None (twice "
+                              f"the cycle's length), got {self.probation_steps!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or
                                        not isinstance(self.top_k, int) or self.top_k < 1):
             raise BypassError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
@@ -126,6 +132,12 @@ class BypassConfig:
         """The longest a free phase may grow (it grows only while it still gains)."""
         return self.max_bypass_steps if self.max_bypass_steps is not None else \
             self.bypass_steps
+
+    @property
+    def probation_len(self) -> int:
+        """How long plain training goes on beside the run after a kept cycle."""
+        return self.probation_steps if self.probation_steps is not None else \
+            2 * self.cycle_steps
 
     @property
     def cycle_steps(self) -> int:

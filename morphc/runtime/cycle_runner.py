@@ -114,7 +114,7 @@ class CycleRunner(Verdicts):
     def _trigger_fires(self, value: float, norm: float, lr: float) -> bool:
         """Ask the trigger every step; act on it only when a cycle may start now."""
         fired = self.trigger.update(value, step=self.step_count, grad_norm=norm)
-        if not fired or self._disabled is not None:
+        if not fired or self._disabled is not None or self._probation is not None:
             return False
         return may_start(self.config, step=self.step_count, cycles=self.cycle,
                          quiet_until=self._quiet_until, lr=lr, peak_lr=self._peak_lr)

@@ -162,9 +162,53 @@ class Verdicts:
             quiet=self._quiet_until, paid=True, before=before, after=after)
         self._detach()
         self.cycle += 1
+        if not finishing:
+            self._start_probation(cycle)
         self._event("contract", residual=residual, deviation=ext.contraction_report.deviation,
                     sites=ext.config.sites, finishing=finishing, loss_plain=plain,
                     **self._measures(cycle, before, after, snap))
+
+    # -- probation: plain training goes on beside a kept cycle's run for a while --------------
+    def _start_probation(self, cycle: Cycle) -> None:
+        """A kept cycle beat plain training at its end; but plain training may have been about
+        to leave a plateau the cycle left for a worse basin (XOR, parity: a cycle kept at the
+        0.125 minimum while plain training went on to solve it). So the shadow goes on for
+        ``probation_steps``; no cycle starts meanwhile; then the better of the two runs is kept."""
+        length = self.config.probation_len
+        if cycle.shadow is not None and length > 0:
+            self._probation = (cycle.shadow, self.step_count + length)
+
+    def _step_on_probation(self, closure: Closure) -> torch.Tensor:
+        """The shadow's plain step, then the user's (its RNG draws from a fork, as in a
+        cycle); at the end of the probation, the verdict."""
+        shadow, until = self._probation
+        if not shadow.follows(self.optimizer):     # a param group it cannot mirror: keep ours
+            self._probation = None
+            return self._train_step(closure)
+        shadow.step(closure, self.optimizer, self.config.max_grad_norm)
+        with shadow.rng_apart():
+            loss = self._train_step(closure)
+        if self.step_count >= until:
+            self._end_probation(closure)
+        return loss
+
+    def _end_probation(self, closure: Closure | None) -> None:
+        """Keep the cycle's run unless plain training beside it is now better on the same data
+        (``eval_closure``, else the last batch); then hand plain training's state over: the run
+        is where it would be had the cycle never happened."""
+        shadow, _ = self._probation
+        self._probation = None
+        probe = self.config.eval_closure or closure
+        if probe is None:
+            return
+        mine = self._loss_without_trace(probe, self._user_model)
+        plain = self._loss_without_trace(probe, shadow.model)
+        to_plain = math.isfinite(plain) and (plain < mine or not math.isfinite(mine))
+        if to_plain:
+            shadow.hand_over(self._user_model, self.optimizer)
+            self.trigger.reset()
+        self._event("probation", loss_after=mine, loss_plain=plain,
+                    to="plain" if to_plain else "cycle")
 
     def _measures(self, cycle: Cycle, before: float, after: float, snap) -> dict:
         return {"loss_before": before, "loss_free": cycle.loss_free, "loss_after": after,
