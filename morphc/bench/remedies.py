@@ -34,7 +34,9 @@ class RemedyStepper:
     rule on the same evaluation data (the contracted/perturbed model must beat the model from
     before the cycle by more than plain training's recent pace would have made, and plain
     training run beside the cycle), the same hand-over of that plain training's state when it
-    does not (``morphc``'s ``Shadow``) and the same back-off. ``remedy`` is
+    does not (``morphc``'s ``Shadow``), the same probation after a kept cycle (that plain
+    training goes on beside the run for twice the cycle's length, no cycle starts, then the
+    better run is kept) and the same back-off. ``remedy`` is
     ``"noise"`` (weights += noise of norm ``0.02·‖θ‖``) or ``"restart"`` (a warm restart:
     optimizer state cleared, learning rate raised ``3×`` and cosine-annealed back over the
     cycle).
@@ -58,6 +60,7 @@ class RemedyStepper:
         self.generator = torch.Generator().manual_seed(seed + 30_000)
         self.step_count, self.unpaid, self.quiet_until = 0, 0, 0
         self.cycle: dict | None = None
+        self.probation: tuple | None = None      # (plain training's copy, the step it ends)
         self.history: list[dict] = []
 
     @property
@@ -71,9 +74,11 @@ class RemedyStepper:
             scale = 1.0 + (self.kick - 1.0) * 0.5 * (1.0 + math.cos(math.pi * t))
             for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = lr * scale
-        if cycle is not None:          # plain training's step first, on the global RNG
-            cycle["shadow"].step(closure, None, None)
-            with cycle["shadow"].rng_apart():
+        beside = cycle["shadow"] if cycle is not None else \
+            self.probation[0] if self.probation is not None else None
+        if beside is not None:         # plain training's step first, on the global RNG
+            beside.step(closure, None, None)
+            with beside.rng_apart():
                 loss = self._plain_step(closure)
         else:
             loss = self._plain_step(closure)
@@ -83,6 +88,10 @@ class RemedyStepper:
             cycle["done"] += 1
             if cycle["done"] >= self.cycle_steps:
                 self._close(closure)
+        elif self.probation is not None:
+            self.trigger.update(value, step=self.step_count)
+            if self.step_count >= self.probation[1]:
+                self._end_probation(closure)
         elif self.trigger.update(value, step=self.step_count) \
                 and self.step_count >= self.quiet_until \
                 and self.step_count + self.cycle_steps <= self.total:
@@ -137,6 +146,7 @@ class RemedyStepper:
         if paid:
             self.unpaid = 0
             self.history.append({"event": "contract", **event})
+            self.probation = (cycle["shadow"], self.step_count + 2 * self.cycle_steps)
         else:
             cycle["shadow"].hand_over(self._model, self.optimizer)
             self.unpaid += 1
@@ -144,10 +154,21 @@ class RemedyStepper:
             self.history.append({"event": "rollback", **event})
         self.trigger.reset()
 
+    def _end_probation(self, closure: Closure) -> None:
+        """Keep this run unless plain training beside it is now better: then hand it over."""
+        shadow, self.probation = self.probation[0], None
+        mine, plain = self._loss(closure), self._loss(closure, shadow.model)
+        if math.isfinite(plain) and (plain < mine or not math.isfinite(mine)):
+            shadow.hand_over(self._model, self.optimizer)
+            self.trigger.reset()
+
     def finish(self) -> nn.Module:
-        """Like ``Bypass.finish()``: never trains; a cycle in flight is kept only if it pays."""
+        """Like ``Bypass.finish()``: never trains; a cycle in flight is kept only if it pays,
+        a probation in flight is judged."""
         if self.cycle is not None and self.eval_closure is not None:
             self._close(self.eval_closure)
+        if self.probation is not None and self.eval_closure is not None:
+            self._end_probation(self.eval_closure)
         return self._model
 
     @property
