@@ -185,9 +185,13 @@ class Verdicts:
         if not shadow.follows(self.optimizer):     # a param group it cannot mirror: keep ours
             self._probation = None
             return self._train_step(closure)
-        shadow.step(closure, self.optimizer, self.config.max_grad_norm)
-        with shadow.rng_apart():
-            loss = self._train_step(closure)
+        try:
+            shadow.step(closure, self.optimizer, self.config.max_grad_norm)
+            with shadow.rng_apart():
+                loss = self._train_step(closure)
+        except BaseException:         # the copy may have moved where the run did not: it is
+            self._probation = None    # never handed over then; the user's run is kept
+            raise
         if self.step_count >= until:
             self._end_probation(closure)
         return loss

@@ -134,3 +134,20 @@ def test_probation_steps_must_be_a_count(steps):
     model, _ = _dropout_bn_task()
     with pytest.raises(morphc.BypassError, match="probation_steps"):
         _bypass(model, {}, plain_wins=True, probation_steps=steps)
+
+
+def test_a_closure_that_raises_on_probation_ends_it_with_the_users_run_kept():
+    model, batches = _dropout_bn_task()
+    bp = _bypass(model, {}, plain_wins=True)
+    _train(bp, batches[:15])
+    assert bp._probation is not None
+    weights = snapshot(model)
+
+    def broken(m):
+        raise ZeroDivisionError("a bug in the user's closure")
+    with pytest.raises(ZeroDivisionError):
+        bp.step(broken)
+    assert bp._probation is None, "a copy a step ahead of the run is never handed over"
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    _train(bp, batches[15:STEPS])
+    assert not events(bp, "probation")
