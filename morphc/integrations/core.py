@@ -53,7 +53,7 @@ from morphc.integrations.sites import module_sites
 from morphc.ir.sites import select_sites
 from morphc.runtime.bypass import check_branch_settings, one_exclude_pattern
 from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, back_off, may_start
+from morphc.runtime.cycle import Cycle, back_off, may_start, steady_steps_needed
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import ExtensionGroup, training_group
 from morphc.runtime.snapshot import Snapshot
@@ -137,6 +137,7 @@ class TrainerBypass:
         self._free_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.step_count, self.cycle, self.failures = 0, 0, 0
         self._unpaid, self._quiet_until, self._peak_lr = 0, 0, 0.0
+        self._lr_seen, self._lr_changed_at = 0.0, 0
         self._lr_scale = float(self.config.extension_lr_scale)
         self._disabled: str | None = None
 
@@ -158,6 +159,7 @@ class TrainerBypass:
                             f"extend: {self._table.explain()}")
         self._chosen = select_sites(self._table, self.config.sites, self.config.exclude, frozen)
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
+        self._lr_seen, self._lr_changed_at = self._peak_lr, self.step_count
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step)]
 
@@ -262,10 +264,15 @@ class TrainerBypass:
             self._plain.append(value)
         lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._peak_lr = max(self._peak_lr, lr)
+        if lr != self._lr_seen:
+            self._lr_seen, self._lr_changed_at = lr, self.step_count
+        steady = self.step_count - self._lr_changed_at >= \
+            steady_steps_needed(self.config, self.trigger)
         fired = self.trigger.update(value, step=self.step_count, grad_norm=None)
         if fired and self._disabled is None and self._plain and may_start(
                 self.config, step=self.step_count, cycles=self.cycle,
-                quiet_until=self._quiet_until, lr=lr, peak_lr=self._peak_lr):
+                quiet_until=self._quiet_until, lr=lr, peak_lr=self._peak_lr,
+                lr_steady=steady):
             self._start_cycle()
 
     def _start_cycle(self) -> None:
@@ -395,6 +402,7 @@ class TrainerBypass:
         return {"trigger": self.trigger.state_dict(), "cycle": self.cycle,
                 "failures": self.failures, "unpaid": self._unpaid,
                 "quiet_until": self._quiet_until, "peak_lr": self._peak_lr,
+                "lr_seen": self._lr_seen, "lr_changed_at": self._lr_changed_at,
                 "lr_scale": self._lr_scale, "disabled": self._disabled, "plain": list(self._plain),
                 "history": list(self.history)}
 
@@ -403,6 +411,8 @@ class TrainerBypass:
         self.cycle, self.failures = int(state["cycle"]), int(state["failures"])
         self._unpaid, self._quiet_until = int(state["unpaid"]), int(state["quiet_until"])
         self._peak_lr, self._disabled = float(state["peak_lr"]), state["disabled"]
+        self._lr_seen = float(state.get("lr_seen", self._peak_lr))
+        self._lr_changed_at = int(state.get("lr_changed_at", self.step_count))
         self._lr_scale = float(state.get("lr_scale", self.config.extension_lr_scale))
         self._plain.clear()
         self._plain.extend(float(v) for v in state["plain"])

@@ -140,6 +140,7 @@ class Bypass(CycleRunner):
         self._last_closure: Closure | None = None
         self._last_loss: float | None = None
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
+        self._lr_seen, self._lr_changed_at = self._peak_lr, 0   # how long the lr held still
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
         self._probation: tuple[Shadow, int] | None = None   # plain training after a kept cycle
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
@@ -249,6 +250,7 @@ class Bypass(CycleRunner):
         return {"version": STATE_VERSION, "step": self.step_count, "cycle": self.cycle,
                 "failures": self.failures, "last_loss": self._last_loss,
                 "peak_lr": self._peak_lr, "unpaid": self._unpaid, "lr_scale": self._lr_scale,
+                "lr_seen": self._lr_seen, "lr_changed_at": self._lr_changed_at,
                 "quiet_until": self._quiet_until, "disabled": self._disabled,
                 "trigger": self.trigger.state_dict(), "history": list(self.history),
                 "model": self._user_model.state_dict(),
@@ -289,6 +291,8 @@ class Bypass(CycleRunner):
         self.step_count, self.cycle = int(state["step"]), int(state["cycle"])
         self.failures, self._last_loss = int(state["failures"]), state["last_loss"]
         self._peak_lr, self._unpaid = float(state["peak_lr"]), int(state["unpaid"])
+        self._lr_seen = float(state.get("lr_seen", self._peak_lr))      # older checkpoints
+        self._lr_changed_at = int(state.get("lr_changed_at", state["step"]))
         self._lr_scale = float(state["lr_scale"])
         self._quiet_until, self._disabled = int(state["quiet_until"]), state["disabled"]
         self._module = None
@@ -300,7 +304,8 @@ class Bypass(CycleRunner):
             found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise BypassError(f"not a Bypass checkpoint of version {STATE_VERSION} (got "
                               f"{found!r}); pass what bp.state_dict() returned")
-        missing = sorted(set(self.state_dict()) - set(state) - {"example_kwargs", "probation"})
+        missing = sorted(set(self.state_dict()) - set(state) -
+                         {"example_kwargs", "probation", "lr_seen", "lr_changed_at"})
         if missing:
             raise BypassError(f"the Bypass checkpoint lacks {missing}; pass what "
                               "bp.state_dict() returned")

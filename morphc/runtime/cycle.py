@@ -185,13 +185,23 @@ def back_off(config: BypassConfig, trigger, *, step: int, misses: int, quiet: in
 
 
 def may_start(config: BypassConfig, *, step: int, cycles: int, quiet_until: int, lr: float,
-              peak_lr: float) -> bool:
+              peak_lr: float, lr_steady: bool = False) -> bool:
     """When a fired trigger may start a cycle now (shared by Bypass and the trainer
-    integrations)."""
+    integrations). Below ``min_lr_fraction`` of its peak the lr is in a schedule's tail, where
+    the loss flattens because the lr goes to zero — unless it held still over all the losses the
+    trigger judged (``lr_steady``: a step decay, ``ReduceLROnPlateau``): then the flat loss is
+    the model's own plateau, at that lr."""
     if config.max_cycles is not None and cycles >= config.max_cycles:
         return False
     if step < quiet_until:                           # backing off after cycles that did not pay
         return False
     if config.total_steps is not None and step + config.cycle_steps > config.total_steps:
         return False                                 # it could not end inside the budget
-    return lr >= config.min_lr_fraction * peak_lr    # a schedule's tail is not stagnation
+    return lr >= config.min_lr_fraction * peak_lr or (lr_steady and lr > 0)
+
+
+def steady_steps_needed(config: BypassConfig, trigger) -> int:
+    """How long the lr must hold still for a plateau at a decayed lr to count: the losses the
+    trigger compares (two windows of :class:`~morphc.Plateau`), else one cycle's length."""
+    window = getattr(trigger, "window", None)
+    return 2 * int(window) if isinstance(window, int) and window > 0 else config.cycle_steps

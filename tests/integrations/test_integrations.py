@@ -507,3 +507,28 @@ def test_the_extension_follows_the_group_that_trains_when_group_0_is_held_at_lr_
         tb.after_step(step)
     tb.finish()
     assert lrs and all(lr == pytest.approx(0.05) for lr in lrs)
+
+
+def test_a_trainer_plateau_at_a_decayed_but_steady_lr_starts_a_cycle():
+    """As in Bypass: below half its peak but held still (ReduceLROnPlateau, a step decay), a flat
+    loss is the model's plateau, not a schedule's tail."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tb = TrainerBypass(morphc.Plateau(window=3), bypass_steps=2, return_steps=2,
+                       accept="always", verbose=False)
+    tb.attach(model, opt)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for step in range(1, 20):
+        if step == 2:
+            opt.param_groups[0]["lr"] = 0.025
+        tb.before_micro_batch()
+        loss = F.mse_loss(model(x), y) * 0.0 + 1.0        # flat: the trigger fires when allowed
+        tb.record_loss(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tb.after_step(step)
+    tb.finish()
+    starts = [e["step"] for e in tb.history if e["event"] == "extend"]
+    assert starts and starts[0] >= 2 + 2 * 3

@@ -277,6 +277,31 @@ def test_no_cycle_in_a_decayed_learning_rate_tail():
     assert not events(bp, "extend"), "lr at 1 % of its peak: not stagnation"
 
 
+@pytest.mark.parametrize("decay", ["held", "annealing"])
+def test_a_plateau_at_a_decayed_but_steady_lr_is_stagnation_a_falling_lr_is_not(decay):
+    """ReduceLROnPlateau or a step decay leaves the lr below half its peak but still: a flat
+    loss there is the model's plateau. A cosine-like tail moves the lr every step: the loss
+    flattens because the lr goes to zero, and no cycle starts."""
+    model, closure, _ = mlp_task()
+
+    def flat(m):                       # a constant loss: the Plateau fires whenever allowed
+        return closure(m) * 0.0 + 1.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bp = morphc.Bypass(model, opt, trigger=morphc.Plateau(window=3), bypass_steps=2,
+                       return_steps=2, verbose=False, eval_closure=flat)
+    for step in range(1, 30):
+        if step == 2:
+            opt.param_groups[0]["lr"] = 0.025          # below half the peak ...
+        elif decay == "annealing" and step > 2:
+            opt.param_groups[0]["lr"] *= 0.99          # ... and still falling, or held
+        bp.step(flat)
+    starts = [e["step"] for e in events(bp, "extend")]
+    if decay == "held":
+        assert starts and starts[0] >= 2 + 2 * 3, "after the trigger's two windows at one lr"
+    else:
+        assert not starts
+
+
 def test_no_cycle_that_cannot_end_inside_the_budget():
     model, closure, _ = mlp_task()
     bp = default_bypass(model, trigger=morphc.Schedule(every=2), total_steps=10)
