@@ -46,7 +46,13 @@ class Shadow:
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the shadow can keep taking the user's steps: the same param groups. A group
         the user added mid-cycle (unfreezing a layer) joins here too, over the copies of its
-        parameters; one holding a tensor outside the model has no counterpart."""
+        parameters; one holding a tensor outside the model has no counterpart. A model the user
+        converted (``model.double()``, ``.to(device)``) has none either: the copy's tensors are
+        of the old dtype and device, it would fail the user's batch and could not be handed
+        over."""
+        if any(param.dtype != mine.dtype or param.device != mine.device
+               for param, mine in self.pairs):
+            return False
         added = optimizer.param_groups[len(self.optimizer.param_groups):]
         if not added:
             return len(optimizer.param_groups) == len(self.optimizer.param_groups)

@@ -1,0 +1,43 @@
+"""Probation and the growing free phase probed from the outside: what a user does around a
+kept cycle (converts the model, trains with on_failure="raise") and settings the tests of the
+features did not try (an odd bypass_steps)."""
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from tests.runtime.test_bypass import events, snapshot
+from tests.runtime.test_bypass_pays import _dropout_bn_task
+from tests.runtime.test_probation import _bypass, _train
+
+
+def _on_probation(**kw):
+    """A run 15 steps in: its cycle was kept at step 11 and plain training runs beside it."""
+    model, batches = _dropout_bn_task()
+    bp = _bypass(model, {}, plain_wins=True, **kw)
+    _train(bp, batches[:15])
+    assert bp._probation is not None
+    return bp, model, batches
+
+
+def test_a_model_converted_on_probation_trains_on_and_keeps_the_users_run():
+    """``model.double()`` mid-run is the user's business: the copy beside it, still in float32,
+    cannot take the step, and must not make the user's step fail; it cannot be handed over
+    either (its tensors are of the old dtype)."""
+    bp, model, batches = _on_probation()
+    model.double()
+    bp.optimizer.load_state_dict(bp.optimizer.state_dict())    # casts Adam's state along
+    weights = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x, y in batches[15:]:
+            loss = bp.step(lambda m, x=x, y=y: F.mse_loss(m(x.double()), y.double()))
+            assert loss.dtype == torch.float64
+    bp.finish()
+    assert bp._probation is None
+    assert all(v.dtype == torch.float64 for v in model.state_dict().values()
+               if v.is_floating_point())
+    assert any(not torch.equal(v, weights[k]) for k, v in model.state_dict().items()), \
+        "the user's model trained on"
+    assert not [e for e in events(bp, "probation") if e["to"] == "plain"]
