@@ -190,8 +190,9 @@ class Verdicts:
             with shadow.rng_apart():
                 loss = self._train_step(closure)
         except BaseException:         # the copy may have moved where the run did not: it is
-            self._probation = None    # never handed over then; the user's run is kept
-            raise
+            if not shadow.skipped:    # never handed over then; the user's run is kept. One
+                self._probation = None    # that skipped a non-finite batch (on_failure="raise"
+            raise                     # raises for the run's skip) is still in step: go on
         if self.step_count >= until:
             self._end_probation(closure)
         return loss

@@ -4,9 +4,11 @@ features did not try (an odd bypass_steps)."""
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import morphc
 from tests.runtime.test_bypass import events, snapshot
 from tests.runtime.test_bypass_pays import _dropout_bn_task
 from tests.runtime.test_probation import _bypass, _train
@@ -41,3 +43,17 @@ def test_a_model_converted_on_probation_trains_on_and_keeps_the_users_run():
     assert any(not torch.equal(v, weights[k]) for k, v in model.state_dict().items()), \
         "the user's model trained on"
     assert not [e for e in events(bp, "probation") if e["to"] == "plain"]
+
+
+def test_a_non_finite_batch_raised_on_probation_does_not_end_it():
+    """With on_failure="raise" a non-finite loss is a BypassError whose step was skipped — and
+    plain training beside the run skipped it too: the two are still in step, so the probation
+    goes on and judges the kept cycle as it would have."""
+    bp, model, batches = _on_probation(on_failure="raise")
+    x, y = batches[15]
+    with pytest.raises(morphc.BypassError, match="non-finite"):
+        bp.step(lambda m: F.mse_loss(m(x), y) * float("nan"))
+    assert bp._probation is not None, "the copy did not move: the probation goes on"
+    _train(bp, batches[16:])
+    bp.finish()
+    assert [e["to"] for e in events(bp, "probation")] == ["plain"]
