@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import morphc
 from tests.runtime.test_bypass import events, snapshot
 from tests.runtime.test_bypass_pays import _dropout_bn_task
+from tests.runtime.test_free_phase import bypass, free_steps, run, stalled_regression
 from tests.runtime.test_probation import _bypass, _train
 
 
@@ -57,3 +58,13 @@ def test_a_non_finite_batch_raised_on_probation_does_not_end_it():
     _train(bp, batches[16:])
     bp.finish()
     assert [e["to"] for e in events(bp, "probation")] == ["plain"]
+
+
+def test_a_free_phase_of_odd_length_grows_too(bypass_steps=9):
+    """The free phase is measured every bypass_steps // 2 steps; with an odd bypass_steps no
+    measurement fell on its last step, so it never grew."""
+    model, closure = stalled_regression()
+    bp = bypass(model, bypass_steps=bypass_steps, max_bypass_steps=30, accept="if_better")
+    run(bp, closure, 80)
+    window = bypass_steps // 2
+    assert free_steps(bp) == [bypass_steps + (30 - bypass_steps) // window * window]
