@@ -42,11 +42,18 @@ class Shadow:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.backup = [mine.detach().clone() for _, mine in self.buffers]
         self.devices = cuda_devices(model)
+        self.skipped = False      # the last step found a non-finite loss or gradient: untouched
 
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the shadow can keep taking the user's steps: the same param groups. A group
         the user added mid-cycle (unfreezing a layer) joins here too, over the copies of its
-        parameters; one holding a tensor outside the model has no counterpart."""
+        parameters; one holding a tensor outside the model has no counterpart. A model the user
+        converted (``model.double()``, ``.to(device)``) has none either: the copy's tensors are
+        of the old dtype and device, it would fail the user's batch and could not be handed
+        over."""
+        if any(param.dtype != mine.dtype or param.device != mine.device
+               for param, mine in self.pairs):
+            return False
         added = optimizer.param_groups[len(self.optimizer.param_groups):]
         if not added:
             return len(optimizer.param_groups) == len(self.optimizer.param_groups)
@@ -64,7 +71,8 @@ class Shadow:
         """Plain training's step on this batch, as ``Bypass`` takes it outside a cycle: the
         user's current hyperparameters, read from ``optimizer`` (a scheduler moves them; None:
         keep those of the copy), a non-finite loss or gradient skipped with the buffers put
-        back. Returns the loss (detached)."""
+        back (``skipped``). Returns the loss (detached)."""
+        self.skipped = False
         for group, mine in zip(optimizer.param_groups if optimizer is not None else (),
                                self.optimizer.param_groups, strict=False):
             mine.update((k, v) for k, v in group.items() if k != "params")
@@ -83,6 +91,7 @@ class Shadow:
         except NonFinite:
             zero_grads(self.params)
             put_back(buffers, self.backup)
+            self.skipped = True
             return loss.detach()
         clip(self.params, max_grad_norm)
         self.optimizer.step()

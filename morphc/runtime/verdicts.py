@@ -68,16 +68,18 @@ class Verdicts:
         return losses
 
     def _free_phase_grows(self, cycle: Cycle, closure: Closure) -> None:
-        """After a free step: every ``free_window`` steps, measure the free phase (the better of
-        s = 1 and s = 0 on the evaluation data); when it is due to end but still leaving the
-        plateau by the trigger's own measure over the last window, let it go on for another
-        window — up to ``max_bypass_steps`` and never past the run's budget."""
+        """After a free step: every ``free_window`` steps counted back from the free phase's end
+        (an odd ``bypass_steps`` is no multiple of the window: counted from its start, no
+        measurement fell on its last step and it never grew), measure the free phase (the
+        better of s = 1 and s = 0 on the evaluation data); when it is due to end but still
+        leaving the plateau by the trigger's own measure over the last window, let it go on for
+        another window — up to ``max_bypass_steps`` and never past the run's budget."""
         cfg = self.config
         cap, done, window = cfg.free_steps_cap, cycle.phase_step + 1, cycle.free_window
         probe = cfg.eval_closure or closure
         escaped = getattr(self.trigger, "escaped", None)
         if cap <= cfg.bypass_steps or not callable(escaped) or probe is None or \
-                cfg.accept == Accept.ALWAYS or done % window:
+                cfg.accept == Accept.ALWAYS or (cycle.free_len - done) % window:
             return
         free = min((v for v in self._free_losses(cycle, probe) if math.isfinite(v)),
                    default=math.nan)
@@ -190,8 +192,9 @@ class Verdicts:
             with shadow.rng_apart():
                 loss = self._train_step(closure)
         except BaseException:         # the copy may have moved where the run did not: it is
-            self._probation = None    # never handed over then; the user's run is kept
-            raise
+            if not shadow.skipped:    # never handed over then; the user's run is kept. One
+                self._probation = None    # that skipped a non-finite batch (on_failure="raise"
+            raise                     # raises for the run's skip) is still in step: go on
         if self.step_count >= until:
             self._end_probation(closure)
         return loss
