@@ -186,6 +186,9 @@ class Verdicts:
         shadow, until = self._probation
         if not shadow.follows(self.optimizer):     # a param group it cannot mirror: keep ours
             self._probation = None
+            self._event("probation", loss_after=None, loss_plain=None, to="cycle",
+                        reason="plain training beside the run cannot follow the optimizer's or "
+                               "the model's change (a group, a dtype or a device)")
             return self._train_step(closure)
         try:
             shadow.step(closure, self.optimizer, self.config.max_grad_norm)
@@ -211,9 +214,10 @@ class Verdicts:
         mine = self._loss_without_trace(probe, self._user_model)
         plain = self._loss_without_trace(probe, shadow.model)
         to_plain = math.isfinite(plain) and (plain < mine or not math.isfinite(mine))
-        if to_plain:
+        if to_plain:                  # the kept cycle did not pay in the end: a miss
             shadow.hand_over(self._user_model, self.optimizer)
             self.trigger.reset()
+            self._miss()
         self._event("probation", loss_after=mine, loss_plain=plain,
                     to="plain" if to_plain else "cycle")
 

@@ -44,6 +44,8 @@ def test_a_model_converted_on_probation_trains_on_and_keeps_the_users_run():
     assert any(not torch.equal(v, weights[k]) for k, v in model.state_dict().items()), \
         "the user's model trained on"
     assert not [e for e in events(bp, "probation") if e["to"] == "plain"]
+    dropped = [e for e in events(bp, "probation") if e.get("reason")]
+    assert dropped and dropped[0]["to"] == "cycle", "the dropped probation is in the history"
 
 
 def test_a_non_finite_batch_raised_on_probation_does_not_end_it():

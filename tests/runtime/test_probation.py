@@ -68,6 +68,7 @@ def test_a_kept_cycle_that_plain_training_overtakes_hands_over_plain_training_bi
     verdicts = events(bp, "probation")
     assert [v["to"] for v in verdicts] == ["plain"]
     assert verdicts[0]["step"] == events(bp, "contract")[0]["step"] + 2 * 8
+    assert bp._unpaid == 1, "a kept cycle overturned by its probation is a miss: back off"
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     assert same_optimizer_state(optimizer_state(bp, model), expected_state)
     assert torch.equal(torch.get_rng_state(), expected_rng)
