@@ -156,9 +156,10 @@ class RemedyStepper:
 
     def _end_probation(self, closure: Closure) -> None:
         """Keep this run unless plain training beside it is now better: then hand it over."""
+        from morphc.runtime.shadow import plain_leads
+
         shadow, self.probation = self.probation[0], None
-        mine, plain = self._loss(closure), self._loss(closure, shadow.model)
-        if math.isfinite(plain) and (plain < mine or not math.isfinite(mine)):
+        if plain_leads(self._loss(closure), self._loss(closure, shadow.model)):
             shadow.hand_over(self._model, self.optimizer)
             self.trigger.reset()
 

@@ -53,7 +53,7 @@ from morphc.integrations.sites import module_sites
 from morphc.ir.sites import select_sites
 from morphc.runtime.bypass import check_branch_settings, one_exclude_pattern
 from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, back_off, may_start, steady_steps_needed
+from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import ExtensionGroup, training_group
 from morphc.runtime.snapshot import Snapshot
@@ -266,13 +266,11 @@ class TrainerBypass:
         self._peak_lr = max(self._peak_lr, lr)
         if lr != self._lr_seen:
             self._lr_seen, self._lr_changed_at = lr, self.step_count
-        steady = self.step_count - self._lr_changed_at >= \
-            steady_steps_needed(self.config, self.trigger)
         fired = self.trigger.update(value, step=self.step_count, grad_norm=None)
         if fired and self._disabled is None and self._plain and may_start(
-                self.config, step=self.step_count, cycles=self.cycle,
+                self.config, self.trigger, step=self.step_count, cycles=self.cycle,
                 quiet_until=self._quiet_until, lr=lr, peak_lr=self._peak_lr,
-                lr_steady=steady):
+                lr_changed_at=self._lr_changed_at):
             self._start_cycle()
 
     def _start_cycle(self) -> None:

@@ -47,6 +47,7 @@ class Cycle:
         self.loss_free: float | None = None
         self.free_len = config.bypass_steps      # grows while the free phase still gains
         self.free_marks: list[float] = []        # its loss every `free_window` steps
+        self.free_measured: tuple | None = None  # ((step, probe id), [s = 1, s = 0 losses])
         self.saw_extension_grad = False
         if config.bypass_steps == 0:
             self.enter_return(config.return_steps)
@@ -184,24 +185,21 @@ def back_off(config: BypassConfig, trigger, *, step: int, misses: int, quiet: in
     return misses, quiet_until(config, step=step, misses=misses)
 
 
-def may_start(config: BypassConfig, *, step: int, cycles: int, quiet_until: int, lr: float,
-              peak_lr: float, lr_steady: bool = False) -> bool:
+def may_start(config: BypassConfig, trigger, *, step: int, cycles: int, quiet_until: int,
+              lr: float, peak_lr: float, lr_changed_at: int = 0) -> bool:
     """When a fired trigger may start a cycle now (shared by Bypass and the trainer
     integrations). Below ``min_lr_fraction`` of its peak the lr is in a schedule's tail, where
-    the loss flattens because the lr goes to zero — unless it held still over all the losses the
-    trigger judged (``lr_steady``: a step decay, ``ReduceLROnPlateau``): then the flat loss is
-    the model's own plateau, at that lr."""
+    the loss flattens because the lr goes to zero — unless it held still (since
+    ``lr_changed_at``) over all the losses the trigger judged (a step decay,
+    ``ReduceLROnPlateau``): then the flat loss is the model's own plateau, at that lr."""
     if config.max_cycles is not None and cycles >= config.max_cycles:
         return False
     if step < quiet_until:                           # backing off after cycles that did not pay
         return False
     if config.total_steps is not None and step + config.cycle_steps > config.total_steps:
         return False                                 # it could not end inside the budget
-    return lr >= config.min_lr_fraction * peak_lr or (lr_steady and lr > 0)
-
-
-def steady_steps_needed(config: BypassConfig, trigger) -> int:
-    """How long the lr must hold still for a plateau at a decayed lr to count: the losses the
-    trigger compares (two windows of :class:`~morphc.Plateau`), else one cycle's length."""
-    window = getattr(trigger, "window", None)
-    return 2 * int(window) if isinstance(window, int) and window > 0 else config.cycle_steps
+    if lr >= config.min_lr_fraction * peak_lr:
+        return True
+    window = getattr(trigger, "window", None)    # Plateau compares two windows of losses
+    judged = 2 * int(window) if isinstance(window, int) and window > 0 else config.cycle_steps
+    return lr > 0 and step - lr_changed_at >= judged

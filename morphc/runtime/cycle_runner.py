@@ -16,7 +16,7 @@ from morphc.compiler.extended import converted_like, floating_dtype_device
 from morphc.errors import BypassError, MorphcError, ShapeError
 from morphc.ir.trace import trace
 from morphc.runtime.config import Accept, FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, may_start, steady_steps_needed
+from morphc.runtime.cycle import Cycle, may_start
 from morphc.runtime.lookahead import lookahead_scores
 from morphc.runtime.optimizer_group import ExtensionGroup, training_group
 from morphc.runtime.shadow import Shadow
@@ -118,11 +118,9 @@ class CycleRunner(Verdicts):
         fired = self.trigger.update(value, step=self.step_count, grad_norm=norm)
         if not fired or self._disabled is not None or self._probation is not None:
             return False
-        steady = self.step_count - self._lr_changed_at >= \
-            steady_steps_needed(self.config, self.trigger)
-        return may_start(self.config, step=self.step_count, cycles=self.cycle,
+        return may_start(self.config, self.trigger, step=self.step_count, cycles=self.cycle,
                          quiet_until=self._quiet_until, lr=lr, peak_lr=self._peak_lr,
-                         lr_steady=steady)
+                         lr_changed_at=self._lr_changed_at)
 
     def _capture_inputs(self, closure: Closure):
         """First step: record the model's inputs (for tracing later) from the closure's call."""

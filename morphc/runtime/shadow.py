@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 from torch import nn
@@ -27,6 +28,12 @@ from morphc.runtime.steps import (
     put_back,
     zero_grads,
 )
+
+
+def plain_leads(mine: float, plain: float) -> bool:
+    """Whether plain training beside a run ends up ahead of it (a probation's verdict): a finite
+    loss below the run's, or the run's is not finite."""
+    return math.isfinite(plain) and (plain < mine or not math.isfinite(mine))
 
 
 class Shadow:

@@ -20,6 +20,7 @@ from morphc.compiler.deviation import deterministic
 from morphc.errors import MorphcError
 from morphc.runtime.config import Accept, OnFailure, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off
+from morphc.runtime.shadow import plain_leads
 from morphc.runtime.steps import Closure
 from morphc.runtime.wrapping import all_reduce_mean
 
@@ -56,8 +57,11 @@ class Verdicts:
             quiet=self._quiet_until, paid=False, before=before, after=after)
 
     def _free_losses(self, cycle: Cycle, probe: Closure) -> list[float]:
-        """The extended model's loss on ``probe`` at s = 1 and at s = 0."""
-        ext = cycle.ext
+        """The extended model's loss on ``probe`` at s = 1 and at s = 0 — measured once per
+        step: a growing free phase's last measure is also the found-nothing test's."""
+        ext, key = cycle.ext, (self.step_count, id(probe))
+        if cycle.free_measured is not None and cycle.free_measured[0] == key:
+            return list(cycle.free_measured[1])
         homotopy, losses = ext.homotopy, []
         try:
             for s in (1.0, 0.0):
@@ -65,6 +69,7 @@ class Verdicts:
                 losses.append(self._loss_without_trace(probe, ext))
         finally:
             ext.set_homotopy(homotopy)
+        cycle.free_measured = (key, losses)
         return losses
 
     def _free_phase_grows(self, cycle: Cycle, closure: Closure) -> None:
@@ -213,7 +218,7 @@ class Verdicts:
             return
         mine = self._loss_without_trace(probe, self._user_model)
         plain = self._loss_without_trace(probe, shadow.model)
-        to_plain = math.isfinite(plain) and (plain < mine or not math.isfinite(mine))
+        to_plain = plain_leads(mine, plain)
         if to_plain:                  # the kept cycle did not pay in the end: a miss
             shadow.hand_over(self._user_model, self.optimizer)
             self.trigger.reset()
