@@ -35,7 +35,12 @@ from morphc.compiler.extended import ExtendedModel
 from morphc.compiler.write import write_weights
 from morphc.errors import ContractionError, MoveError, SiteError
 from morphc.ir.branch import BypassBranch
-from morphc.ir.ops import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
+from morphc.ir.ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    in_place,
+)
 from morphc.ir.sites import ConvConfig
 from morphc.ir.tags import DEEP_PREFIX, FRONTEND
 from morphc.ir.trace import ExampleInputs, TracedModel, trace
@@ -242,6 +247,10 @@ class Deepen(Move):
             raise SiteError(f"cannot deepen at {at!r}: a residual block needs one "
                             f"floating-point tensor, {at} is {what}; activation tensors: "
                             f"{points}")
+        unread = _unread(gm, node)
+        if unread is not None:
+            raise SiteError(f"cannot deepen at {at!r}: {unread}, so a block there would not "
+                            f"change what the model computes; activation tensors: {points}")
         kind, dim = _layout(gm, node, self.kind)
         channels = int(meta.shape[-1] if kind == "linear" else meta.shape[1])
         conv = ConvConfig(dim, (3,) * dim, (1,) * dim, (1,) * dim, (1,) * dim, 1) \
@@ -390,7 +399,7 @@ def deepen_points(gm: fx.GraphModule) -> list[str]:
                                                            ACTIVATION_MODULES)) or \
             (node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS) or \
             (node.op == "call_method" and node.target in ACTIVATION_METHODS)
-        if not is_act or "tensor_meta" not in node.meta:
+        if not is_act or "tensor_meta" not in node.meta or _unread(gm, node) is not None:
             continue
         try:
             _layout(gm, node, "auto")
@@ -398,6 +407,20 @@ def deepen_points(gm: fx.GraphModule) -> list[str]:
             continue
         points.append(node.name)
     return points
+
+
+def _unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why a block after ``node`` would not be on the path its value takes (None: it would).
+    An in-place op (``h.relu_()``, ``F.relu(h, inplace=True)``) leaves its result in its input
+    too: a later reader of the input would bypass the block, and a statement-form call (its
+    result unused) would leave the block dead."""
+    if not node.users:
+        return f"nothing reads {node.name} (an in-place op whose result is unused?)"
+    source = node.all_input_nodes[0] if node.all_input_nodes else None
+    if in_place(gm, node) and source is not None and list(source.users) != [node]:
+        return (f"{node.name} works in place on {source.name}, which "
+                f"{', '.join(u.name for u in source.users if u is not node)} also read")
+    return None
 
 
 _DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.dropout, torch.nn.functional.dropout1d,

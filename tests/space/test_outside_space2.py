@@ -1,0 +1,138 @@
+"""Model-space moves probed from outside, second round: activations the op tables did not know
+(Hardswish, SELU, CELU, Softsign, LogSigmoid, Tanhshrink …, their functional, in-place and
+method forms), in-place activations written as statements, and moves called inside
+``torch.inference_mode()``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from morphc.passes.widen_layer import widenable_pairs
+from torch import nn
+
+from morphc.errors import SiteError
+from morphc.space.moves import Deepen, Widen, deepen_points, private_copy
+
+
+def outputs(module: nn.Module, inputs: tuple) -> torch.Tensor:
+    module.eval()
+    with torch.no_grad():
+        return module(*inputs)
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+class Between(nn.Module):
+    """``fc2(act(fc1(x)))`` with ``act`` any callable: a module, a function or a method."""
+
+    def __init__(self, act, module: nn.Module | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.act, self.module = act, module
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.module(h) if self.module is not None else self.act(h))
+
+
+_PER_UNIT = {
+    "Hardswish": (None, nn.Hardswish()), "Hardsigmoid": (None, nn.Hardsigmoid()),
+    "SELU": (None, nn.SELU()), "CELU": (None, nn.CELU(0.7)), "Softsign": (None, nn.Softsign()),
+    "LogSigmoid": (None, nn.LogSigmoid()), "Tanhshrink": (None, nn.Tanhshrink()),
+    "Softshrink": (None, nn.Softshrink(0.3)), "Hardshrink": (None, nn.Hardshrink(0.2)),
+    "Threshold": (None, nn.Threshold(0.1, -1.0)), "Hardswish-inplace": (None, nn.Hardswish(True)),
+    "F.hardswish": (F.hardswish, None), "F.hardsigmoid": (F.hardsigmoid, None),
+    "F.selu": (F.selu, None), "torch.celu": (torch.celu, None), "F.softsign": (F.softsign, None),
+    "F.logsigmoid": (F.logsigmoid, None), "F.tanhshrink": (F.tanhshrink, None),
+    "F.relu_": (F.relu_, None), "F.elu_": (F.elu_, None), "torch.sigmoid_": (torch.sigmoid_, None),
+    "x.sigmoid_()": (lambda h: h.sigmoid_(), None), "x.tanh_()": (lambda h: h.tanh_(), None),
+    "x.relu_()": (lambda h: h.relu_(), None),
+}
+
+
+@pytest.mark.parametrize("name", _PER_UNIT)
+def test_widening_passes_through_every_per_unit_activation_and_deepening_finds_it(name):
+    """These activations are parameter-free and per unit, so copies of a unit stay copies
+    through them; the op tables did not list them, so Widen refused ("mixes units") and
+    Deepen did not offer them."""
+    act, module = _PER_UNIT[name]
+    model = Between(act, module).double()
+    inputs = (torch.randn(8, 5, dtype=torch.float64),)
+    gm = private_copy(model, inputs)
+    assert widenable_pairs(gm) == [("fc1", "fc2")]
+    wide = Widen("fc1", to=11)(model, inputs)
+    assert wide.get_submodule("fc2").in_features == 11
+    assert relative_change(outputs(model, inputs), outputs(wide, inputs)) <= 1e-12
+    (point,) = deepen_points(gm)
+    deep = Deepen(at=point)(model, inputs)
+    assert torch.equal(outputs(deep, inputs), outputs(model, inputs))
+
+
+@pytest.mark.parametrize("act", [nn.RReLU(), nn.GLU()])
+def test_activations_that_are_not_per_unit_copies_still_stop_widening(act):
+    """RReLU draws a slope per element in train mode and GLU halves its input: copies of a
+    unit would stop being copies, so widening through them stays refused."""
+    model = Between(None, act)
+    if isinstance(act, nn.GLU):
+        model.fc2 = nn.Linear(3, 3)
+    inputs = (torch.randn(8, 5),)
+    with pytest.raises(SiteError, match="mixes units"):
+        Widen("fc1", to=12)(model, inputs)
+
+
+class Statement(nn.Module):
+    """An in-place activation written as a statement: its result node has no reader, and
+    ``fc2`` reads ``fc1``'s tensor, which the activation changed in place."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.form = nn.Linear(5, 6), nn.Linear(6, 3), form
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.form == "functional":
+            F.relu(h, inplace=True)
+        else:
+            h.relu_()
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("form", ["functional", "method"])
+def test_deepen_is_not_offered_after_an_in_place_activation_nothing_reads(form):
+    """``F.relu(h, inplace=True)`` as a statement was a deepening point: the block went after a
+    node nothing reads, so it could never change the function (a dead block that trains
+    nothing). Now it is not offered, and asking for it is a SiteError that says why."""
+    model, inputs = Statement(form), (torch.randn(4, 5),)
+    gm = private_copy(model, inputs)
+    (node,) = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert node not in deepen_points(gm)
+    with pytest.raises(SiteError, match="nothing reads"):
+        Deepen(at=node)(model, inputs)
+
+
+class InPlaceShared(nn.Module):
+    """``F.relu(h, inplace=True)`` whose input ``h`` is read again afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        y = F.relu(h, inplace=True)
+        return self.fc2(y) + self.fc3(h)
+
+
+def test_deepen_refuses_an_in_place_activation_whose_input_is_read_elsewhere():
+    """The block would sit on one of the two readers of the same tensor only."""
+    model, inputs = InPlaceShared(), (torch.randn(4, 5),)
+    gm = private_copy(model, inputs)
+    assert "relu" not in deepen_points(gm)
+    with pytest.raises(SiteError, match="in place"):
+        Deepen(at="relu")(model, inputs)
