@@ -133,6 +133,7 @@ def _need_graph(module: nn.Module, move: str) -> fx.GraphModule:
 class Move:
     """Base class: ``move(module, example_inputs) -> new module``; the input stays untouched."""
 
+    @torch.inference_mode(False)   # a move's result is trained: no inference tensors in it
     def __call__(self, module: nn.Module, example_inputs, *, kwargs=None,
                  dynamic_shapes=None) -> nn.Module:
         """Inputs as for ``morphc.extend``: positional ``example_inputs``, keyword ``kwargs``,

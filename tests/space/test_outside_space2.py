@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from morphc.passes.widen_layer import widenable_pairs
 from torch import nn
 
+import morphc
 from morphc.errors import SiteError
 from morphc.space.moves import Deepen, Widen, deepen_points, private_copy
 
@@ -136,3 +137,17 @@ def test_deepen_refuses_an_in_place_activation_whose_input_is_read_elsewhere():
     assert "relu" not in deepen_points(gm)
     with pytest.raises(SiteError, match="in place"):
         Deepen(at="relu")(model, inputs)
+
+
+@pytest.mark.parametrize("make", [lambda: Widen("fc1", to=9), lambda: Deepen(),
+                                  lambda: morphc.space.moves.Grow(sites="all", width=2)])
+def test_moves_made_inside_inference_mode_give_a_model_that_trains(make):
+    """A move (or a ModelSpace) made inside ``torch.inference_mode()`` copied the weights into
+    inference tensors: the new architecture could not take one training step."""
+    model, inputs = Between(torch.tanh), (torch.randn(4, 5),)
+    with torch.inference_mode():
+        moved = make()(model, inputs)
+        space = morphc.ModelSpace(model, inputs)
+    for module in (moved, space.module()):
+        assert not any(t.is_inference() for t in [*module.parameters(), *module.buffers()])
+        module(*inputs).sum().backward()
