@@ -151,3 +151,39 @@ def test_moves_made_inside_inference_mode_give_a_model_that_trains(make):
     for module in (moved, space.module()):
         assert not any(t.is_inference() for t in [*module.parameters(), *module.buffers()])
         module(*inputs).sum().backward()
+
+
+class Resampling(nn.Module):
+    """Parameter-free modules a vision or tabular model uses besides the common activations:
+    padding, pixel shuffles, resampling, LRN, LP pooling, GLU, shrinks and SELU-type units."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pad, self.conv = nn.ReflectionPad2d(1), nn.Conv2d(4, 8, 3)
+        self.act, self.glu = nn.SELU(), nn.GLU(1)
+        self.up, self.shuffle = nn.PixelShuffle(2), nn.ChannelShuffle(1)
+        self.zero, self.circ = nn.ZeroPad2d((1, 0, 1, 0)), nn.CircularPad2d(1)
+        self.lrn, self.lp = nn.LocalResponseNorm(2), nn.LPPool2d(2, 2)
+        self.resize = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.units = nn.Sequential(nn.CELU(0.5), nn.Softsign(), nn.LogSigmoid(),
+                                   nn.Tanhshrink(), nn.Softshrink(0.2), nn.Hardshrink(0.1),
+                                   nn.Threshold(-0.5, 0.0), nn.RReLU(), nn.AlphaDropout(0.1),
+                                   nn.Softmin(1))
+        self.fc = nn.Linear(1, 2)
+
+    def forward(self, x):
+        h = self.glu(self.act(self.conv(self.pad(x))))          # 8 → 4 channels
+        h = self.lp(self.lrn(self.circ(self.zero(self.shuffle(self.up(h))))))
+        return self.fc(self.units(self.resize(h)).mean((1, 2, 3)).unsqueeze(-1))
+
+
+def test_models_with_more_parameter_free_modules_save_and_load(tmp_path):
+    """``morphc.save`` refused any graph with nn.SELU, nn.GLU, a padding or a pixel shuffle:
+    their classes were missing from the allow-list of modules a file may rebuild."""
+    model, inputs = Resampling().eval(), (torch.randn(2, 4, 6, 6),)
+    gm = private_copy(model, inputs)
+    morphc.save(gm, tmp_path / "m")
+    back = morphc.load(tmp_path / "m")
+    assert [type(m) for m in back.modules()][1:] == [type(m) for m in gm.modules()][1:]
+    assert torch.equal(outputs(back, inputs), outputs(model, inputs))
