@@ -59,3 +59,80 @@ def test_contract_inside_inference_mode():
     with torch.no_grad():
         assert max_rel(model(x), extended) < 1e-6
     F.mse_loss(model(x), torch.zeros(4, 3)).backward()      # the user's model still trains
+
+
+class _Teacher(nn.Module):
+    """A frozen-by-context teacher (EMA / target network) next to a trained student."""
+
+    def __init__(self, context):
+        super().__init__()
+        torch.manual_seed(0)
+        self.teacher, self.student, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.context = context
+
+    def forward(self, x):
+        with self.context():
+            target = torch.tanh(self.teacher(x))
+        return self.head(torch.tanh(self.student(x)) + target)
+
+
+class _Autocast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.tanh(self.a(x))
+        return self.b(h.float())
+
+
+_SWITCHES = {
+    "no_grad": lambda: _Teacher(torch.no_grad),
+    "set_grad_enabled": lambda: _Teacher(lambda: torch.set_grad_enabled(False)),
+    "autocast": _Autocast,
+}
+
+
+def _grads(module, model, x):
+    model.zero_grad(set_to_none=True)
+    module(x).square().sum().backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("case", _SWITCHES)
+def test_a_forward_that_switches_grad_mode_or_autocast_keeps_it(case):
+    """symbolic_trace does not record ``with torch.no_grad():`` or ``torch.autocast`` inside a
+    forward: the graph trained the teacher the forward froze (its weights got gradients), and
+    computed the autocast region in float32 (E1 broke). Such a forward now goes to
+    torch.export, which keeps both; the weights inside are listed as exclusions."""
+    model, x = _SWITCHES[case](), torch.randn(4, 8)
+    ext = morphc.extend(model, (x,), sites="all", width=4)
+    assert ext.traced.frontend == "export"
+    with torch.no_grad():
+        assert torch.equal(ext(x), model(x))
+    expected, got = _grads(model, model, x), _grads(ext, model, x)
+    assert {n for n, g in got.items() if g is None} == {n for n, g in expected.items() if g is None}
+    assert all(torch.equal(got[n], g) for n, g in expected.items() if g is not None)
+    inside = "teacher" if case != "autocast" else "a"
+    assert inside not in [s.name for s in ext.sites]
+    assert f"{inside}.weight" in str(morphc.inspect(model, (x,)))
+    extended, folded = _fold(model, (x,), ext)
+    assert max_rel(folded, extended) < 1e-6
+
+
+def test_symbolic_trace_alone_refuses_a_forward_that_switches_grad_mode():
+    model, x = _Teacher(torch.no_grad), torch.randn(4, 8)
+    with pytest.raises(morphc.TraceError, match="no_grad"):
+        morphc.extend(model, (x,), sites="all", frontend="symbolic_trace")
+
+
+def test_inference_mode_inside_a_forward_is_refused_typed():
+    """Neither frontend records ``torch.inference_mode()`` in a forward (torch.export drops it
+    too): the graph trained the teacher. It is a TraceError that names the fix."""
+    model, x = _Teacher(torch.inference_mode), torch.randn(4, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(morphc.TraceError, match=r"inference_mode.*torch.no_grad\(\) there"):
+        morphc.extend(model, (x,), sites="all")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
