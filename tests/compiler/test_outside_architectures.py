@@ -136,3 +136,17 @@ def test_inference_mode_inside_a_forward_is_refused_typed():
     with pytest.raises(morphc.TraceError, match=r"inference_mode.*torch.no_grad\(\) there"):
         morphc.extend(model, (x,), sites="all")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_complex_weights_are_listed_exclusions_not_sites():
+    """A complex Linear was extended with a real-valued family: contract then refused with
+    "the fold itself is wrong: a morphc bug" (the fold cast p, q to float64, dropping the
+    imaginary part). Complex weights are exclusions with their reason now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, dtype=torch.cfloat), nn.Linear(8, 3, dtype=torch.cfloat))
+    x = torch.randn(4, 8, dtype=torch.cfloat)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(morphc.SiteError, match="complex64.*real-valued"):
+        morphc.extend(model, (x,), sites="all")
+    assert "real-valued" in str(morphc.inspect(model, (x,)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
