@@ -15,6 +15,7 @@ the same model again (a Bypass cycle, a sweep over widths) does not re-export.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 import weakref
@@ -410,8 +411,12 @@ def _run_once(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     has_flag = "use_cache" in inspect.signature(model.forward).parameters
     if caches and has_flag and "use_cache" not in kwargs:
         return {**kwargs, "use_cache": False}
+    classes = sorted({type(x).__name__ for x in torch.utils._pytree.tree_leaves(output)
+                      if dataclasses.is_dataclass(x) and not isinstance(x, type)})
     hint = ("pass use_cache=False in kwargs (or set model.config.use_cache = False)" if caches
-            else "return tensors (or register a pytree node for these types)")
+            else "register each output dataclass once, before extending: "
+            + "; ".join(f"torch.utils._pytree.register_dataclass({c})" for c in classes)
+            if classes else "return tensors (or register a pytree node for these types)")
     raise TraceError(f"{type(model).__name__} returns {', '.join(bad)}, which torch.export cannot "
                      f"flatten; {hint}")
 

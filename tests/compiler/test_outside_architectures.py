@@ -4,6 +4,8 @@ own Parameters), or is refused with a typed error that leaves the user's model a
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,3 +152,37 @@ def test_complex_weights_are_listed_exclusions_not_sites():
         morphc.extend(model, (x,), sites="all")
     assert "real-valued" in str(morphc.inspect(model, (x,)))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class _ReturnsDataclass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return _Output(self.b(h), h)
+
+
+def test_a_model_returning_a_dataclass_is_told_the_registration_that_makes_it_work():
+    """The refusal said "register a pytree node"; it now names the one call that works, and
+    after it the model extends and folds (the output stays the user's dataclass)."""
+    model, x = _ReturnsDataclass(), torch.randn(4, 8)
+    with pytest.raises(morphc.TraceError, match=r"register_dataclass\(_Output\)"):
+        morphc.extend(model, (x,), sites="all")
+    torch.utils._pytree.register_dataclass(_Output)
+    try:
+        ext = morphc.extend(model, (x,), sites="all", width=4)
+        with torch.no_grad():
+            got, expected = ext(x), model(x)
+        assert type(got) is _Output
+        assert torch.equal(got.logits, expected.logits) and torch.equal(got.hidden, expected.hidden)
+    finally:
+        torch.utils._pytree._deregister_pytree_node(_Output)
