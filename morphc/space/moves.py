@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -39,6 +40,12 @@ from morphc.ir.ops import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
     ACTIVATION_MODULES,
+    CHANNEL_FUNCTIONS,
+    CHANNEL_MODULES,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    NORMS,
     in_place,
 )
 from morphc.ir.sites import ConvConfig
@@ -281,9 +288,32 @@ def _layout(gm: fx.GraphModule, node: fx.Node, kind: str) -> tuple[str, int]:
             site = gm.get_submodule(producer.target)
             if isinstance(site, SITES):
                 return ("linear", 0) if isinstance(site, nn.Linear) else ("conv", rank - 2)
+        if not _keeps_layout(gm, producer):
+            break       # a transpose, view, … between: the site's layout says nothing here
         producer = producer.all_input_nodes[0]
     raise SiteError(f"cannot tell whether {node.name} (rank {rank}) is (N, C, L) or (N, L, C); "
                     "pass kind='conv' or kind='linear'")
+
+
+_SAME_SHAPE_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
+                   torch.sub, torch.mul, torch.div}
+
+
+def _keeps_layout(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s output has its first input's dimensions in the same order: per-unit
+    ops, norms, pooling, and arithmetic between tensors of the output's shape."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), ELEMENTWISE_MODULES + NORMS
+                          + CHANNEL_MODULES + (nn.LayerNorm, nn.GroupNorm, nn.PReLU))
+    if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target in ELEMENTWISE_FUNCTIONS | CHANNEL_FUNCTIONS:
+        return True
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return node.target in _SAME_SHAPE_OPS and shape is not None and all(
+        getattr(n.meta.get("tensor_meta"), "shape", None) == shape for n in node.all_input_nodes)
 
 
 @dataclass

@@ -187,3 +187,33 @@ def test_models_with_more_parameter_free_modules_save_and_load(tmp_path):
     back = morphc.load(tmp_path / "m")
     assert [type(m) for m in back.modules()][1:] == [type(m) for m in gm.modules()][1:]
     assert torch.equal(outputs(back, inputs), outputs(model, inputs))
+
+
+class Transposed(nn.Module):
+    """A Linear embedding turned channels-first for a Conv1d (TCN / conformer front):
+    ``gelu`` reads an (N, C, L) tensor whose producer site is a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.conv, self.head = nn.Linear(4, 6), nn.Conv1d(6, 6, 3, padding=1), \
+            nn.Linear(6, 2)
+
+    def forward(self, x):                                   # x: (N, L, 4)
+        h = F.gelu(self.emb(x).transpose(1, 2))             # (N, 6, L)
+        return self.head(torch.relu(self.conv(h)).mean(-1))
+
+
+def test_deepen_does_not_read_a_layout_through_a_transpose():
+    """Deepen looked past the transpose to the Linear and built a block over the last axis,
+    which is the sequence here: a Linear(L, L) that mixed time steps and refused every other
+    length. Past a transpose the layout is unknown: the point is not offered, and asking for it
+    says to pass ``kind``; with ``kind="conv"`` the block reads the channels."""
+    model, inputs = Transposed(), (torch.randn(2, 7, 4),)
+    gm = private_copy(model, inputs)
+    assert deepen_points(gm) == ["relu"]
+    with pytest.raises(SiteError, match="kind="):
+        Deepen(at="gelu")(model, inputs)
+    deep = Deepen(at="gelu", kind="conv")(model, inputs)
+    other = torch.randn(3, 9, 4)
+    assert torch.equal(outputs(deep, (other,)), outputs(model, (other,)))
