@@ -273,12 +273,14 @@ class Deepen(Move):
 
 
 def _layout(gm: fx.GraphModule, node: fx.Node, kind: str) -> tuple[str, int]:
-    """``(kind, conv dim)`` of a tensor: rank 2 is features, rank 4/5 channels-first; rank 3 is
-    decided by the nearest site that produced it."""
+    """``(kind, conv dim)`` of a tensor: rank 2 is features; otherwise the nearest site that
+    produced it through layout-keeping ops decides (a Linear: features last, as in a ConvNeXt
+    block's ``(N, H, W, C)``; a conv: channels first); without one, rank 4/5 is channels
+    first and rank 3 is ambiguous."""
     rank = len(node.meta["tensor_meta"].shape)
     if kind == "linear" or (kind == "auto" and rank == 2):
         return "linear", 0
-    if kind == "conv" or (kind == "auto" and rank in (4, 5)):
+    if kind == "conv":
         if rank < 3:
             raise SiteError(f"a conv block needs a (N, C, ...) tensor; {node.name} has rank {rank}")
         return "conv", rank - 2
@@ -291,6 +293,8 @@ def _layout(gm: fx.GraphModule, node: fx.Node, kind: str) -> tuple[str, int]:
         if not _keeps_layout(gm, producer):
             break       # a transpose, view, … between: the site's layout says nothing here
         producer = producer.all_input_nodes[0]
+    if rank in (4, 5):
+        return "conv", rank - 2
     raise SiteError(f"cannot tell whether {node.name} (rank {rank}) is (N, C, L) or (N, L, C); "
                     "pass kind='conv' or kind='linear'")
 
@@ -422,8 +426,8 @@ def _fold_branch(gm: fx.GraphModule, branch: GrownBranch) -> fx.GraphModule:
 
 # -- where moves can go -------------------------------------------------------------------------
 def deepen_points(gm: fx.GraphModule) -> list[str]:
-    """Names of activation nodes with a known shape of rank 2, 4 or 5 (or 3 with a site
-    upstream): where ``Deepen`` can insert a block."""
+    """Names of activation nodes with a known shape whose layout ``_layout`` can tell (rank 2,
+    4 or 5, or 3 with a site upstream): where ``Deepen`` can insert a block."""
     points = []
     for node in gm.graph.nodes:
         is_act = (node.op == "call_module" and isinstance(gm.get_submodule(node.target),

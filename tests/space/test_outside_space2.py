@@ -217,3 +217,32 @@ def test_deepen_does_not_read_a_layout_through_a_transpose():
     deep = Deepen(at="gelu", kind="conv")(model, inputs)
     other = torch.randn(3, 9, 4)
     assert torch.equal(outputs(deep, (other,)), outputs(model, (other,)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block: depthwise conv, then LayerNorm and two Linear layers on (N, H, W, C)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dw = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+        self.norm, self.up, self.down = nn.LayerNorm(4), nn.Linear(4, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.down(F.gelu(self.up(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+def test_deepen_in_a_channels_last_block_acts_on_the_features():
+    """Deepen took every rank-4 tensor as (N, C, H, W): after a ConvNeXt block's Linear it
+    built a 3×3 conv with H as channels, which mixed rows and refused every other height. The
+    Linear that produced the tensor now says the features are last."""
+    model, inputs = ConvNeXtBlock(), (torch.randn(2, 4, 5, 6),)
+    gm = private_copy(model, inputs)
+    assert "gelu" in deepen_points(gm)
+    deep = Deepen(at="gelu")(model, inputs)
+    block = next(m for m in deep.modules() if isinstance(m, morphc.ir.branch.BypassBranch))
+    assert (block.kind, block.in_features) == ("linear", 16)
+    other = (torch.randn(3, 4, 8, 7),)
+    assert torch.equal(outputs(deep, other), outputs(model, other))
