@@ -246,3 +246,49 @@ def test_deepen_in_a_channels_last_block_acts_on_the_features():
     assert (block.kind, block.in_features) == ("linear", 16)
     other = (torch.randn(3, 4, 8, 7),)
     assert torch.equal(outputs(deep, other), outputs(model, other))
+
+
+class LeNet(nn.Module):
+    """The tutorial CNN: its classifier reads ``x.view(x.size(0), -1)`` (or a variant)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
+        self.f1, self.f2, self.form = nn.Linear(16 * 4 * 4, 32), nn.Linear(32, 10), form
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        if self.form == "view-size":
+            x = x.view(x.size(0), -1)
+        elif self.form == "reshape-shape":
+            x = x.reshape(x.shape[0], -1)
+        elif self.form == "view-tuple":
+            x = x.view((x.size(0), -1))
+        else:
+            x = x.view(-1, 16 * 4 * 4)
+        return self.f2(F.relu(self.f1(x)))
+
+
+@pytest.mark.parametrize("form", ["view-size", "reshape-shape", "view-tuple"])
+def test_widen_a_conv_whose_output_a_classifier_views_flat(form):
+    """``x.view(x.size(0), -1)`` before the classifier stopped Widen at the conv before it
+    ("used by 2 nodes": the size read counted as a use). It flattens the units and every dim
+    after them, so it is a flatten: the classifier's columns are split per copied channel."""
+    model = LeNet(form).double()
+    inputs = (torch.randn(3, 1, 28, 28, dtype=torch.float64),)
+    assert ("c2", "f1") in widenable_pairs(private_copy(model, inputs))
+    wide = Widen("c2", to=21)(model, inputs)
+    assert wide.get_submodule("f1").in_features == 21 * 4 * 4
+    assert relative_change(outputs(model, inputs), outputs(wide, inputs)) <= 1e-12
+    other = (torch.randn(5, 1, 28, 28, dtype=torch.float64),)
+    assert relative_change(outputs(model, other), outputs(wide, other)) <= 1e-12
+
+
+def test_a_view_to_constant_sizes_still_stops_widening():
+    """``x.view(-1, 256)`` would not fit the wider tensor: refused, typed, before any change."""
+    model, inputs = LeNet("view-constant"), (torch.randn(3, 1, 28, 28),)
+    assert ("c2", "f1") not in widenable_pairs(private_copy(model, inputs))
+    with pytest.raises(SiteError, match="mixes units"):
+        Widen("c2", to=21)(model, inputs)
