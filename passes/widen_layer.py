@@ -66,6 +66,7 @@ class _Chain:
     first: fx.Node
     second: fx.Node
     norms: list[fx.Node]
+    norm_blocks: dict[fx.Node, int]
     block: int        # features per unit in site2's input (> 1 after flattening a spatial map)
     unit: int         # the units' dimension in site2's input
     ndim: int         # rank of site2's input
@@ -124,6 +125,9 @@ def _step(gm: fx.GraphModule, node: fx.Node, unit: int, ndim: int) -> tuple[str,
         module = gm.get_submodule(node.target)
         if isinstance(module, ELEMENTWISE_MODULES):
             return "pointwise", unit, 1
+        if isinstance(module, nn.PReLU):    # a shared slope, or one per unit on dim 1
+            return ("pointwise", unit, 1) if module.num_parameters == 1 else \
+                ("norm", unit, 1) if unit == 1 else None
         if isinstance(module, CHANNEL_MODULES + NORMS) and unit == 1:
             return ("norm" if isinstance(module, NORMS) else "pointwise"), unit, 1
         if isinstance(module, nn.Flatten):
@@ -226,7 +230,7 @@ def _trace_chain(gm: fx.GraphModule, first: fx.Node) -> _Chain:
     explain why not."""
     module = gm.get_submodule(first.target)
     unit = 1 if isinstance(module, nn.modules.conv._ConvNd) else len(_shape(first)) - 1
-    chain = _Chain(first, first, [], 1, unit, len(_shape(first)))
+    chain = _Chain(first, first, [], {}, 1, unit, len(_shape(first)))
     node = first
     while True:
         chain.ndim = len(_shape(node))
@@ -258,6 +262,7 @@ def _trace_chain(gm: fx.GraphModule, first: fx.Node) -> _Chain:
         chain.block *= factor
         if kind == "norm":
             chain.norms.append(user)
+            chain.norm_blocks[user] = chain.block     # features per unit there (after a flatten)
         node = user
 
 
@@ -353,7 +358,8 @@ def widen_layer(gm: fx.GraphModule, first: str, new_width: int, *, second: str |
     split = split_weights(mapping, noise, generator).to(site1.weight.device)
     _replace(gm, first, widen_out(site1, index, new_width))
     for norm in chain.norms:
-        _replace(gm, norm.target, widen_out(gm.get_submodule(norm.target), index, new_width))
+        _replace(gm, norm.target, widen_out(gm.get_submodule(norm.target), index, new_width,
+                                            chain.norm_blocks[norm]))
     _replace(gm, chain.second.target,
              widen_in(gm.get_submodule(chain.second.target), index, split, chain.block))
     for node in {**chain.split_in, **chain.copy_out}:

@@ -292,3 +292,46 @@ def test_a_view_to_constant_sizes_still_stops_widening():
     assert ("c2", "f1") not in widenable_pairs(private_copy(model, inputs))
     with pytest.raises(SiteError, match="mixes units"):
         Widen("c2", to=21)(model, inputs)
+
+
+def _flat_tail(tail: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), tail, nn.Linear(48, 2)).double()
+    with torch.no_grad():
+        for value in tail.parameters():
+            value.uniform_(0.1, 0.9)
+        if isinstance(tail, nn.BatchNorm1d):
+            tail.running_mean.uniform_(-1, 1)
+            tail.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tail", [lambda: nn.BatchNorm1d(48), lambda: nn.PReLU(48)])
+def test_widen_a_conv_whose_flattened_features_a_norm_reads(tail):
+    """conv → flatten → BatchNorm1d(C·H·W) → Linear was offered by widenable_pairs, and Widen
+    then failed with a bare RuntimeError from ShapeProp: the norm was resized to the new unit
+    count, not to its C'·H·W features. Its features are copied block-wise now."""
+    model, inputs = _flat_tail(tail()), (torch.randn(4, 2, 6, 6, dtype=torch.float64),)
+    assert ("0", "3") in widenable_pairs(private_copy(model, inputs))
+    wide = Widen("0", to=5)(model, inputs)
+    assert wide.get_submodule("3").in_features == 5 * 16
+    assert relative_change(outputs(model, inputs), outputs(wide, inputs)) <= 1e-12
+
+
+@pytest.mark.parametrize(("slopes", "layer"), [(1, "linear"), (6, "linear"), (6, "conv")])
+def test_widen_passes_through_prelu(slopes, layer):
+    """PReLU stopped widening ("mixes units"); its slope is shared (1) or one per unit on
+    dim 1, which the widening copies like a BatchNorm's affine."""
+    torch.manual_seed(0)
+    if layer == "linear":
+        model = nn.Sequential(nn.Linear(4, 6), nn.PReLU(slopes), nn.Linear(6, 2))
+        inputs = (torch.randn(5, 4, dtype=torch.float64),)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.PReLU(slopes), nn.Conv2d(6, 2, 1))
+        inputs = (torch.randn(5, 2, 6, 6, dtype=torch.float64),)
+    model = model.double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.0, 0.5)
+    wide = Widen("0", to=9)(model, inputs)
+    assert wide.get_submodule("1").weight.numel() == (1 if slopes == 1 else 9)
+    assert relative_change(outputs(model, inputs), outputs(wide, inputs)) <= 1e-12
