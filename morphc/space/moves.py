@@ -147,7 +147,14 @@ class Move:
         torch.export's ``dynamic_shapes`` (used when ``module`` must be traced first)."""
         inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
         result = self.apply_to(private_copy(module, inputs), inputs)
-        annotate(result, inputs)
+        try:
+            annotate(result, inputs)
+        except Exception as exc:   # a move that built a graph its own inputs cannot run
+            raise MoveError(
+                f"{self} built an architecture that fails on the example inputs "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}); the model "
+                "you passed is unchanged. This is a morphc bug: please report it with the "
+                "model, and try another move meanwhile") from exc
         return result
 
     def apply_to(self, module: nn.Module, inputs: tuple) -> nn.Module:

@@ -335,3 +335,22 @@ def test_widen_passes_through_prelu(slopes, layer):
     wide = Widen("0", to=9)(model, inputs)
     assert wide.get_submodule("1").weight.numel() == (1 if slopes == 1 else 9)
     assert relative_change(outputs(model, inputs), outputs(wide, inputs)) <= 1e-12
+
+
+def test_a_move_that_builds_a_graph_its_inputs_cannot_run_is_a_move_error(monkeypatch):
+    """The last check of every move runs the new graph on the example inputs; when a pass
+    builds one that does not run (as Widen did after a flatten), the user got torch's bare
+    RuntimeError from ShapeProp, which ModelSpace.apply and the search do not catch."""
+    import morphc.passes.widen_layer as widen_pass
+
+    def too_narrow(module, index, split, block):      # a broken widen_in: columns not widened
+        return module
+
+    monkeypatch.setattr(widen_pass, "widen_in", too_narrow)
+    model, inputs = Between(torch.tanh), (torch.randn(4, 5),)
+    with pytest.raises(morphc.MoveError, match="fails on the example inputs"):
+        Widen("fc1", to=9)(model, inputs)
+    space = morphc.ModelSpace(model, inputs)
+    with pytest.raises(morphc.MoveError):
+        space.apply(Widen("fc1", to=9))
+    assert space.graph.number_of_nodes() == 1
