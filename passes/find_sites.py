@@ -87,6 +87,9 @@ def _build_site(key, uses: Uses, taken: set[str]) -> Site:
         site.excluded = f"weight-norm gain {ref.weight_norm[0]} is also used outside the site"
     if tensor_key in uses.bias:
         site.excluded = f"weight {site.weight_name} is also used as a bias"
+    if not ref.tensor.is_floating_point():
+        site.excluded = (f"weight {site.weight_name} is {ref.tensor.dtype}: activation "
+                         "families and their constraint sets are real-valued")
     if ref.rows is not None and ref.weight_norm is None and \
             any(k[0] == tensor_key and k[1] is None for k in uses.site):
         site.excluded = f"weight {site.weight_name} is used both whole and by row slices"

@@ -66,6 +66,7 @@ class _Chain:
     first: fx.Node
     second: fx.Node
     norms: list[fx.Node]
+    norm_blocks: dict[fx.Node, int]
     block: int        # features per unit in site2's input (> 1 after flattening a spatial map)
     unit: int         # the units' dimension in site2's input
     ndim: int         # rank of site2's input
@@ -86,10 +87,35 @@ def _arg(node: fx.Node, index: int, name: str, default):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def _only_input(node: fx.Node, source: fx.Node) -> bool:
-    """Does ``node`` read ``source`` as its first argument and no other tensor?"""
-    inputs = node.all_input_nodes
+def _only_input(node: fx.Node, source: fx.Node, unit: int) -> bool:
+    """Does ``node`` read ``source`` as its first argument and no other tensor (sizes of
+    ``source``'s leading dims aside, as in ``x.view(x.size(0), -1)``)?"""
+    inputs = [n for n in node.all_input_nodes if not _leading_size(n, source, unit)]
     return bool(node.args) and node.args[0] is source and inputs == [source]
+
+
+def _leading_size(node: fx.Node, source: fx.Node, unit: int) -> bool:
+    """``source.size(d)`` or ``source.shape[d]`` with ``d`` before the unit dim: a size that
+    widening leaves as it is."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+        return node.args[0] is source and isinstance(node.args[1], int) and \
+            0 <= node.args[1] < unit
+    if node.op == "call_function" and node.target is operator.getitem:
+        shape = node.args[0]
+        return isinstance(shape, fx.Node) and shape.op == "call_function" and \
+            shape.target is getattr and shape.args == (source, "shape") and \
+            isinstance(node.args[1], int) and 0 <= node.args[1] < unit
+    return False
+
+
+def _reads_leading_size(user: fx.Node, source: fx.Node, unit: int) -> bool:
+    """A user of ``source`` that only reads leading sizes (``x.size(0)``, ``x.shape``
+    indexed before the unit dim)."""
+    if _leading_size(user, source, unit):
+        return True
+    return user.op == "call_function" and user.target is getattr and \
+        user.args == (source, "shape") and bool(user.users) and \
+        all(_leading_size(u, source, unit) for u in user.users)
 
 
 def _step(gm: fx.GraphModule, node: fx.Node, unit: int, ndim: int) -> tuple[str, int, int] | None:
@@ -99,6 +125,9 @@ def _step(gm: fx.GraphModule, node: fx.Node, unit: int, ndim: int) -> tuple[str,
         module = gm.get_submodule(node.target)
         if isinstance(module, ELEMENTWISE_MODULES):
             return "pointwise", unit, 1
+        if isinstance(module, nn.PReLU):    # a shared slope, or one per unit on dim 1
+            return ("pointwise", unit, 1) if module.num_parameters == 1 else \
+                ("norm", unit, 1) if unit == 1 else None
         if isinstance(module, CHANNEL_MODULES + NORMS) and unit == 1:
             return ("norm" if isinstance(module, NORMS) else "pointwise"), unit, 1
         if isinstance(module, nn.Flatten):
@@ -113,6 +142,9 @@ def _step(gm: fx.GraphModule, node: fx.Node, unit: int, ndim: int) -> tuple[str,
     is_mean = (node.op, node.target) in {("call_method", "mean"), ("call_function", torch.mean)}
     if is_mean:
         return _mean(node, unit, ndim)
+    if (node.op, node.target) in {("call_method", "view"), ("call_method", "reshape"),
+                                  ("call_function", torch.reshape)}:
+        return _view_flatten(node, unit, ndim)
     is_flatten = (node.op, node.target) in {("call_method", "flatten"),
                                            ("call_function", torch.flatten)}
     if is_flatten:
@@ -130,6 +162,19 @@ def _mean(node: fx.Node, unit: int, ndim: int) -> tuple[str, int, int] | None:
         return None
     keep = _arg(node, 2, "keepdim", False)
     return "pointwise", unit if keep else unit - sum(d < unit for d in dims), 1
+
+
+def _view_flatten(node: fx.Node, unit: int, ndim: int) -> tuple[str, int, int] | None:
+    """``x.view(x.size(0), -1)`` (or ``reshape``) that flattens the unit dim and everything
+    after it, with ``-1`` last so it still fits once the units are more."""
+    sizes = list(node.args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
+        sizes = list(sizes[0])
+    before, after = _shape(node.args[0]), _shape(node)
+    if node.kwargs or len(sizes) != unit + 1 or sizes[-1] != -1 or \
+            after != before[:unit] + (math.prod(before[unit:]),):
+        return None
+    return "flatten", unit, math.prod(before[unit + 1:])
 
 
 def _flatten(node, unit: int, ndim: int, start: int, end: int) -> tuple[str, int, int] | None:
@@ -185,7 +230,7 @@ def _trace_chain(gm: fx.GraphModule, first: fx.Node) -> _Chain:
     explain why not."""
     module = gm.get_submodule(first.target)
     unit = 1 if isinstance(module, nn.modules.conv._ConvNd) else len(_shape(first)) - 1
-    chain = _Chain(first, first, [], 1, unit, len(_shape(first)))
+    chain = _Chain(first, first, [], {}, 1, unit, len(_shape(first)))
     node = first
     while True:
         chain.ndim = len(_shape(node))
@@ -203,7 +248,7 @@ def _trace_chain(gm: fx.GraphModule, first: fx.Node) -> _Chain:
                 return chain
             node = user
             continue
-        user = _single_user(node, first)
+        user = _single_user(node, first, chain.unit)
         if user.op == "call_module" and isinstance(gm.get_submodule(user.target), SITES):
             chain.second = user
             return chain
@@ -217,6 +262,7 @@ def _trace_chain(gm: fx.GraphModule, first: fx.Node) -> _Chain:
         chain.block *= factor
         if kind == "norm":
             chain.norms.append(user)
+            chain.norm_blocks[user] = chain.block     # features per unit there (after a flatten)
         node = user
 
 
@@ -229,15 +275,15 @@ def _check_residual(gm: fx.GraphModule, branch: fx.Node, chain: _Chain) -> None:
                         "widened units on its feature/channel axis; widen another layer")
 
 
-def _single_user(node: fx.Node, first: fx.Node) -> fx.Node:
-    users = list(node.users)
+def _single_user(node: fx.Node, first: fx.Node, unit: int) -> fx.Node:
+    users = [u for u in node.users if not _reads_leading_size(u, node, unit)]
     if len(users) != 1:
         raise SiteError(
             f"the output of {node.name} is used by {len(users)} nodes "
             f"({', '.join(u.name for u in users) or 'none'}), e.g. a residual add: widening "
             f"{first.target} would change its shape there; widen another layer "
             "(see widenable_pairs(gm))")
-    if not _only_input(users[0], node):
+    if not _only_input(users[0], node, unit):
         raise SiteError(f"{users[0].format_node()} combines the widened tensor with another "
                         "one (e.g. a residual add): its shapes would no longer match; widen "
                         "another layer (see widenable_pairs(gm))")
@@ -312,7 +358,8 @@ def widen_layer(gm: fx.GraphModule, first: str, new_width: int, *, second: str |
     split = split_weights(mapping, noise, generator).to(site1.weight.device)
     _replace(gm, first, widen_out(site1, index, new_width))
     for norm in chain.norms:
-        _replace(gm, norm.target, widen_out(gm.get_submodule(norm.target), index, new_width))
+        _replace(gm, norm.target, widen_out(gm.get_submodule(norm.target), index, new_width,
+                                            chain.norm_blocks[norm]))
     _replace(gm, chain.second.target,
              widen_in(gm.get_submodule(chain.second.target), index, split, chain.block))
     for node in {**chain.split_in, **chain.copy_out}:

@@ -109,6 +109,7 @@ def _build(model, traced, analysed: Pipeline, table, chosen, width, activation, 
     return ext
 
 
+@torch.inference_mode(False)   # tensors made under inference_mode could never be trained
 def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", width: Width = 8,
            activation: str = "tanh", *, kwargs: Mapping | None = None, dynamic_shapes=None,
            exclude=(), overrides: Mapping[str, Mapping] | None = None,

@@ -15,6 +15,7 @@ the same model again (a Bypass cycle, a sweep over widths) does not re-export.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 import weakref
@@ -162,11 +163,48 @@ def _hooked(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if _has_forward_hooks(m)]
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _modes() -> tuple[bool, ...]:
+    """Grad mode and autocast per device: what ``torch.no_grad()`` / ``torch.autocast`` in a
+    forward switch, and what a symbolically traced graph does not record."""
+    return (torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+            *(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES))
+
+
+class _Unrecordable(TraceError):
+    """A forward no frontend can record faithfully: do not try the next one."""
+
+
 class _SiteAwareTracer(fx.Tracer):
     """Trace *through* torch.nn modules that have children (e.g. ``MultiheadAttention``,
     ``TransformerEncoderLayer``): as opaque leaves they would hide linear sites inside them.
     A module with forward (pre-)hooks is traced through too, so its hooks are in the graph: as
-    a leaf, a branch added after it would bypass a hook that rescales its output or input."""
+    a leaf, a branch added after it would bypass a hook that rescales its output or input.
+
+    Nodes recorded while the forward had switched grad mode or autocast (``with
+    torch.no_grad():``) are listed in ``switched``: the graph would run them in the caller's
+    mode, training what the forward froze or computing in another dtype."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.switched: list[str] = []
+        self.inference: list[str] = []      # nodes made under torch.inference_mode()
+        self._modes = _modes()
+
+    def trace(self, root, concrete_args=None):
+        with torch.enable_grad():
+            self._modes = _modes()
+            return super().trace(root, concrete_args)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if _modes() != self._modes:
+            self.switched.append(node.name)
+        if torch.is_inference_mode_enabled() and not self._modes[0]:
+            self.inference.append(node.name)
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return super().is_leaf_module(m, module_qualified_name) and not any(m.children()) \
@@ -254,6 +292,17 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.Gra
     tracer = _SiteAwareTracer()
     with attributes_kept(model):
         graph = tracer.trace(model)
+        if tracer.inference:
+            raise _Unrecordable(
+                f"the forward of {type(model).__name__} runs "
+                f"{', '.join(tracer.inference[:5])} under torch.inference_mode(), which neither "
+                "torch.fx nor torch.export records (the graph would train what it freezes); "
+                "use torch.no_grad() there instead, which torch.export keeps")
+        if tracer.switched:
+            raise TraceError(
+                f"the forward switches grad mode or autocast (torch.no_grad, torch.autocast, "
+                f"set_grad_enabled) around {', '.join(tracer.switched[:5])}, which "
+                "symbolic_trace does not record")
         notes = follow_mode(graph, model, lambda: _SiteAwareTracer().trace(model))
         gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     with no_side_effects(gm), torch.no_grad():
@@ -362,8 +411,12 @@ def _run_once(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     has_flag = "use_cache" in inspect.signature(model.forward).parameters
     if caches and has_flag and "use_cache" not in kwargs:
         return {**kwargs, "use_cache": False}
+    classes = sorted({type(x).__name__ for x in torch.utils._pytree.tree_leaves(output)
+                      if dataclasses.is_dataclass(x) and not isinstance(x, type)})
     hint = ("pass use_cache=False in kwargs (or set model.config.use_cache = False)" if caches
-            else "return tensors (or register a pytree node for these types)")
+            else "register each output dataclass once, before extending: "
+            + "; ".join(f"torch.utils._pytree.register_dataclass({c})" for c in classes)
+            if classes else "return tensors (or register a pytree node for these types)")
     raise TraceError(f"{type(model).__name__} returns {', '.join(bad)}, which torch.export cannot "
                      f"flatten; {hint}")
 
@@ -431,6 +484,8 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
                                inputs, model.training, dynamic_batch=True,
                                notes=notes + _hook_notes(model) + mode_notes,
                                example_kwargs=dict(traced_kwargs))
+        except _Unrecordable:
+            raise
         except Exception as exc:  # any tracing failure means: try the next frontend
             symbolic_error = exc
             if frontend == "symbolic_trace":

@@ -59,13 +59,21 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor | None) -> None
             target.copy_(value.to(target.dtype))
 
 
-def widen_out(module: nn.Module, index: torch.Tensor, new: int) -> nn.Module:
-    """site1 / BatchNorm: unit j becomes a copy of unit g(j)."""
+def widen_out(module: nn.Module, index: torch.Tensor, new: int, block: int = 1) -> nn.Module:
+    """site1 / BatchNorm / PReLU: unit j becomes a copy of unit g(j); a norm or PReLU after a
+    flatten holds ``block`` features per unit, copied together."""
+    if isinstance(module, (nn.PReLU, *NORMS)):
+        def copied(value: torch.Tensor) -> torch.Tensor:
+            return value.reshape(-1, block)[index].reshape(-1)
+    if isinstance(module, nn.PReLU):     # one slope per feature: copy it like the unit
+        out = nn.PReLU(new * block, dtype=module.weight.dtype, device=module.weight.device)
+        set_tensor(out, "weight", copied(module.weight))
+        return out.train(module.training)
     if isinstance(module, NORMS):
-        out = resized(module, num_features=new)
+        out = resized(module, num_features=new * block)
         for name in ("weight", "bias", "running_mean", "running_var"):
             value = getattr(module, name)
-            set_tensor(out, name, None if value is None else value[index])
+            set_tensor(out, name, None if value is None else copied(value))
         set_tensor(out, "num_batches_tracked", module.num_batches_tracked)
         return out
     key = "out_features" if isinstance(module, nn.Linear) else "out_channels"

@@ -232,6 +232,7 @@ class ModelSpace:
     :class:`~morphc.ir.trace.ExampleInputs`).
     """
 
+    @torch.inference_mode(False)   # the space trains its copies: no inference tensors
     def __init__(self, model: nn.Module, example_inputs, *, kwargs=None, dynamic_shapes=None,
                  tolerance: float = 1e-6, train_tolerance: float = 1e-4) -> None:
         self.example_inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)

@@ -30,6 +30,15 @@ ALLOWED_MODULES = (
     nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    # parameter-free activations, padding, resampling and channel shuffles models use
+    nn.SELU, nn.CELU, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+    nn.Threshold, nn.RReLU, nn.GLU, nn.Softmin, nn.Softmax2d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout, nn.LocalResponseNorm, nn.LPPool1d, nn.LPPool2d, nn.ZeroPad1d,
+    nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+    nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
+    nn.CircularPad3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
 )
 _MODULE_CLASSES = {f"torch.nn.{cls.__name__}": cls for cls in ALLOWED_MODULES}
 _BRANCH_CLASS = "morphc.BypassBranch"
