@@ -395,10 +395,26 @@ def run_example(model: nn.Module, args: tuple, kwargs: dict | None = None):
         with no_side_effects(model), torch.no_grad():
             return model(*args, **(kwargs or {}))
     except Exception as exc:
+        if not args and not kwargs and _needs_inputs(model):
+            raise TraceError(
+                f"{type(model).__name__} takes inputs, and none were given: morphc runs the "
+                "model once to trace it. Pass example inputs of the shape you train with, e.g. "
+                "morphc.extend(model, (torch.randn(8, 784),)) or morphc.inspect(model, "
+                "(x_batch,))") from exc
         raise TraceError(
             f"the model fails on the example inputs {describe_inputs(args, kwargs)}: "
             f"{_first_line(exc)}. Check the inputs' shapes and dtypes (and pass keyword inputs "
             "as kwargs=...)") from exc
+
+
+def _needs_inputs(model: nn.Module) -> bool:
+    """Whether the forward has a parameter without a default (so calling it bare must fail)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                   p.KEYWORD_ONLY) for p in params)
 
 
 def _run_once(model: nn.Module, args: tuple, kwargs: dict) -> dict:

@@ -186,3 +186,14 @@ def test_a_model_returning_a_dataclass_is_told_the_registration_that_makes_it_wo
         assert torch.equal(got.logits, expected.logits) and torch.equal(got.hidden, expected.hidden)
     finally:
         torch.utils._pytree._deregister_pytree_node(_Output)
+
+
+@pytest.mark.parametrize("call", [morphc.extend, morphc.inspect])
+def test_no_example_inputs_says_that_inputs_are_needed(call):
+    """``morphc.extend(model)`` with no inputs said "the model fails on the example inputs"
+    with torch's missing-argument error, as if the user had passed wrong ones."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(morphc.TraceError, match="none were given"):
+        call(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
