@@ -64,7 +64,22 @@ def float64_deviation(ext: ExtendedModel) -> float | None:
         return None
 
 
+def _global_hooks() -> int:
+    """How many hooks ``nn.modules.module.register_module_forward_hook`` (and its pre-hook and
+    full-backward kin) installed: they run on every module, the branches included."""
+    from torch.nn.modules import module
+    return sum(len(getattr(module, name, {})) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
+
+
 def _deviation_advice(ext: ExtendedModel, dtype: torch.dtype) -> str:
+    if _global_hooks():
+        return (f"{_global_hooks()} global module hook(s) are registered "
+                "(torch.nn.modules.module.register_module_forward_hook or kin): they run on "
+                "every module, the branches and the folded graph included, so a hook that "
+                "changes outputs changes the two differently. Remove them around extend and "
+                "contract.")
     if dtype == torch.float64:
         return "In float64 this means the fold itself is wrong: a morphc bug, please report it."
     d64 = float64_deviation(ext)

@@ -197,3 +197,22 @@ def test_no_example_inputs_says_that_inputs_are_needed(call):
     with pytest.raises(morphc.TraceError, match="none were given"):
         call(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_global_module_hook_is_named_when_contraction_is_refused():
+    """A global forward hook that rescales Linear outputs runs in the user's model but not the
+    same way in the extended graph; contract's refusal blamed "a morphc bug"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+    ext = morphc.extend(model, (x,), sites="all", width=2)
+    train_extension(ext, (x,))
+    ext.set_homotopy(0.0)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 2 if isinstance(module, nn.Linear) else None)
+    try:
+        with pytest.raises(morphc.ContractionError, match="global module hook") as info:
+            morphc.contract(ext)
+    finally:
+        handle.remove()
+    assert "morphc bug" not in str(info.value)
