@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from morphc.compiler.deviation import cuda_devices
+from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import (
     Closure,
     NonFinite,
@@ -50,6 +51,7 @@ class Shadow:
         self.backup = [mine.detach().clone() for _, mine in self.buffers]
         self.devices = cuda_devices(model)
         self.skipped = False      # the last step found a non-finite loss or gradient: untouched
+        self.structure = model_structure(model)   # a layer the user replaces later: no follow
 
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the shadow can keep taking the user's steps: the same param groups. A group

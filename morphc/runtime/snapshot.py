@@ -19,8 +19,10 @@ class Snapshot:
     survives a checkpoint; restored into the *same* tensors, so the optimizer and any compiled
     graph keep pointing at them."""
 
-    def __init__(self, params: dict, buffers: dict, opt_state: dict) -> None:
+    def __init__(self, params: dict, buffers: dict, opt_state: dict,
+                 owners: dict | None = None) -> None:
         self.params, self.buffers, self.opt_state = params, buffers, opt_state
+        self.owners = owners    # name -> the tensor saved under it (None: from a checkpoint)
 
     @classmethod
     def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer) -> Snapshot:
@@ -29,18 +31,27 @@ class Snapshot:
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         opt_state = {n: clone_state(optimizer.state[p]) for n, p in named.items()
                      if p in optimizer.state}
-        return cls(params, buffers, opt_state)
+        owners = {**dict(model.named_buffers()), **named}
+        return cls(params, buffers, opt_state, owners)
+
+    def _saved(self, name: str, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is the one saved under ``name``: a submodule the user replaced or
+        added after the snapshot keeps its own values (its name may be an old one)."""
+        return self.owners.get(name) is tensor if self.owners is not None else \
+            name in self.params or name in self.buffers
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         with torch.no_grad():
             for name, param in model.named_parameters():
+                if not self._saved(name, param):
+                    continue
                 param.copy_(self.params[name])
                 if name in self.opt_state:
                     optimizer.state[param] = clone_state(self.opt_state[name])
                 else:
                     optimizer.state.pop(param, None)
             for name, buf in model.named_buffers():
-                if name in self.buffers:
+                if name in self.buffers and self._saved(name, buf):
                     buf.copy_(self.buffers[name])
 
     def swap_params(self, model: nn.Module) -> dict:
@@ -67,3 +78,9 @@ class Snapshot:
     @classmethod
     def from_state(cls, state: dict) -> Snapshot:
         return cls(state["params"], state["buffers"], state["opt_state"])
+
+
+def model_structure(model: nn.Module) -> tuple:
+    """The identity of every submodule and Parameter: it changes when the user replaces or adds a
+    layer, which a traced graph (and an extension built on it) would not follow."""
+    return (*map(id, model.modules()), *map(id, model.parameters()))

@@ -21,6 +21,7 @@ from morphc.errors import MorphcError
 from morphc.runtime.config import Accept, OnFailure, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off
 from morphc.runtime.shadow import plain_leads
+from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import Closure
 from morphc.runtime.wrapping import all_reduce_mean
 
@@ -189,11 +190,12 @@ class Verdicts:
         """The shadow's plain step, then the user's (its RNG draws from a fork, as in a
         cycle); at the end of the probation, the verdict."""
         shadow, until = self._probation
-        if not shadow.follows(self.optimizer):     # a param group it cannot mirror: keep ours
+        if not shadow.follows(self.optimizer) or \
+                model_structure(self._user_model) != shadow.structure:   # keep ours
             self._probation = None
             self._event("probation", loss_after=None, loss_plain=None, to="cycle",
                         reason="plain training beside the run cannot follow the optimizer's or "
-                               "the model's change (a group, a dtype or a device)")
+                               "the model's change (a group, a dtype, a device or a layer)")
             return self._train_step(closure)
         try:
             shadow.step(closure, self.optimizer, self.config.max_grad_norm)

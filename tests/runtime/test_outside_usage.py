@@ -1,0 +1,134 @@
+"""Probes of Bypass in training set-ups users really have that the other outside-in probes did
+not try: a model the user changes mid-run, objectives and optimizers outside the usual mould,
+checkpoints and several runs side by side. Each either ends where plain training ends, bit for bit,
+keeps a cycle on merit, or fails at once with a typed error that says what to do."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import morphc
+from tests.runtime.test_outside_probation import _on_probation
+from tests.runtime.test_probation import _train
+
+
+def _task(seed=0, steps=20):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [(torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen))
+               for _ in range(steps)]
+    return model, batches
+
+
+def _never_pays(**kw):
+    """Cycles every 3 steps, none of which can pay (the eval closure is a constant)."""
+    options = dict(trigger=morphc.Schedule(every=3), bypass_steps=3, return_steps=3,
+                   verbose=False, eval_closure=lambda m: torch.tensor(1.0))
+    options.update(kw)
+    return options
+
+
+def _whole(model, optimizer):
+    """Every parameter, buffer and optimizer state entry, cloned, by name; and the RNG."""
+    state = {n: {k: v.clone() if torch.is_tensor(v) else v
+                 for k, v in optimizer.state[p].items()}
+             for n, p in model.named_parameters() if p in optimizer.state}
+    return ({k: v.clone() for k, v in model.state_dict().items()}, state,
+            torch.get_rng_state())
+
+
+def _assert_same(got, expected):
+    (weights, state, rng), (weights_x, state_x, rng_x) = got, expected
+    assert weights.keys() == weights_x.keys() and state.keys() == state_x.keys()
+    for k in weights:
+        assert torch.equal(weights[k], weights_x[k]), f"weight {k}"
+    for n in state:
+        for k, v in state[n].items():
+            assert torch.equal(v, state_x[n][k]) if torch.is_tensor(v) else v == state_x[n][k], \
+                f"optimizer state {n}.{k}"
+    assert torch.equal(rng, rng_x), "the global RNG is where plain training leaves it"
+
+
+def _events(bp, kind):
+    return [e for e in bp.history if e["event"] == kind]
+
+
+# -- the user changes the model mid-run ---------------------------------------------------------
+def _grow(model, optimizer):
+    """Replace the last layer by a deeper head and train it too, as a user growing a model does
+    (its initial weights drawn from the global RNG)."""
+    head = nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+    model[2] = head
+    optimizer.add_param_group({"params": list(head.parameters())})
+
+
+def _run(batches, model, optimizer, grow_at, bp=None):
+    for i, (x, y) in enumerate(batches):
+        if i == grow_at:
+            _grow(model, optimizer)
+        if bp is not None:
+            bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+            continue
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    if bp is not None:
+        bp.finish()
+    return _whole(model, optimizer)
+
+
+@pytest.mark.parametrize("grow_at", [5, 8, 11], ids=["free_phase", "return_phase", "between"])
+def test_a_layer_the_user_replaces_mid_run_costs_no_plain_training_step(grow_at):
+    """A layer replaced inside a cycle left the extended graph training the old one until the
+    fold failed, then the rollback died on a KeyError; replaced between cycles, the next cycle
+    extended the stale trace and lost its steps. Now the cycle ends at once with plain training's
+    state, the next one extends the new model, and the run is plain training's, bit for bit."""
+    model, batches = _task()
+    expected = _run(batches, model, torch.optim.Adam(model.parameters(), lr=1e-2), grow_at)
+    model, batches = _task()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    bp = morphc.Bypass(model, optimizer, **_never_pays())
+    _assert_same(_run(batches, model, optimizer, grow_at, bp), expected)
+    assert not [e for e in _events(bp, "rollback") if e["to"] != "plain"]
+    later = [e for e in _events(bp, "extend") if e["step"] > grow_at]
+    assert later and all("2.0" in e["sites"] for e in later), "later cycles extend the new head"
+
+
+def test_a_layer_replaced_mid_cycle_without_a_copy_keeps_its_own_weights():
+    """``shadow=False``: the state from before the cycle comes back for the layers that were
+    there, and the layer the user put in keeps the weights the user gave it."""
+    model, batches = _task()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    bp = morphc.Bypass(model, optimizer, **_never_pays(shadow=False))
+    for x, y in batches[:4]:
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    assert bp.phase == "bypass"
+    before = {k: v.clone() for k, v in bp._cycle.snapshot.params.items() if k.startswith("0.")}
+    _grow(model, optimizer)
+    head = {k: v.clone() for k, v in model[2].state_dict().items()}
+    x, y = batches[4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bp.step(lambda m: F.mse_loss(m(x), y))
+    assert bp.phase == "train" and _events(bp, "rollback")[-1]["to"] == "before"
+    assert all(not torch.equal(p, before[f"0.{k}"]) for k, p in model[0].named_parameters()), \
+        "the first layer is back where it was before the cycle, then trained on this batch"
+    assert all(not torch.equal(v, head[k]) for k, v in model[2].state_dict().items()), \
+        "the new head took this batch's plain step from the weights the user gave it"
+    bp.finish()
+
+
+def test_a_layer_replaced_on_probation_ends_it_and_keeps_the_users_run():
+    """The copy beside a kept cycle's run still has the old layer: it is no longer plain
+    training of the user's model, and handing its weights over would put them under a layer
+    they were not trained with. The probation ends and the user's run is kept."""
+    bp, model, batches = _on_probation()
+    model[2] = nn.ReLU()           # no parameter changes: only the layers tell
+    _train(bp, batches[15:])
+    bp.finish()
+    ended = _events(bp, "probation")
+    assert len(ended) == 1 and ended[0]["to"] == "cycle" and ended[0].get("reason")
