@@ -132,3 +132,38 @@ def test_a_layer_replaced_on_probation_ends_it_and_keeps_the_users_run():
     bp.finish()
     ended = _events(bp, "probation")
     assert len(ended) == 1 and ended[0]["to"] == "cycle" and ended[0].get("reason")
+
+
+# -- closures that differentiate inside ---------------------------------------------------------
+def _physics_informed(x):
+    """The residual of u'' = -sin(x) and the boundary values: a closure that calls
+    ``torch.autograd.grad(..., create_graph=True)`` on the module's output, as a PINN or a
+    gradient penalty does."""
+    def closure(m):
+        xx = x.clone().requires_grad_(True)
+        u = m(xx)
+        du, = torch.autograd.grad(u.sum(), xx, create_graph=True)
+        d2u, = torch.autograd.grad(du.sum(), xx, create_graph=True)
+        return (d2u + torch.sin(xx)).pow(2).mean() + m(x[[0, -1]]).pow(2).mean()
+    return closure
+
+
+@pytest.mark.parametrize("judge", ["closure", "eval_closure"])
+def test_a_closure_that_differentiates_inside_is_judged_and_cycles_run(judge):
+    """Cycles are judged by calling the closure again: under no_grad, ``autograd.grad`` inside it
+    raised an untyped RuntimeError from ``bp.step`` at the first plateau, ending a run plain
+    training finishes. Judged with autograd on, the cycle runs and is judged on its merit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    closure = _physics_informed(torch.linspace(0, 3.14159, 32).unsqueeze(1))
+    options = dict(trigger=morphc.Schedule(at=[3]), bypass_steps=3, return_steps=3,
+                   verbose=False)
+    if judge == "eval_closure":
+        options["eval_closure"] = closure
+    bp = morphc.Bypass(model, lambda p: torch.optim.Adam(p, lr=1e-2), **options)
+    for _ in range(12):
+        bp.step(closure)
+    bp.finish()
+    closed = _events(bp, "contract") + _events(bp, "rollback")
+    assert len(closed) == 1 and closed[0]["loss_after"] is not None
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
