@@ -41,7 +41,7 @@ from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
-from morphc.runtime.optimizer_group import make_optimizer, training_group
+from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_group
 from morphc.runtime.shadow import Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
@@ -118,6 +118,7 @@ class Bypass(CycleRunner):
         check_branch_settings(cfg)
         self._user_model = model
         self.optimizer = make_optimizer(model, optimizer)
+        self._sign = loss_sign(self.optimizer)   # judged values are losses to minimise
         self.trigger = trigger if trigger is not None else Plateau()
         if not isinstance(self.trigger, Trigger):
             raise BypassError(f"trigger must be a morphc.Trigger, got {type(trigger).__name__}")

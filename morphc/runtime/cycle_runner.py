@@ -115,7 +115,7 @@ class CycleRunner(Verdicts):
 
     def _trigger_fires(self, value: float, norm: float, lr: float) -> bool:
         """Ask the trigger every step; act on it only when a cycle may start now."""
-        fired = self.trigger.update(value, step=self.step_count, grad_norm=norm)
+        fired = self.trigger.update(self._sign * value, step=self.step_count, grad_norm=norm)
         if not fired or self._disabled is not None or self._probation is not None:
             return False
         return may_start(self.config, self.trigger, step=self.step_count, cycles=self.cycle,
@@ -302,7 +302,7 @@ class CycleRunner(Verdicts):
         cycle.advance()
         with self._whole_on_error(cycle):
             if was_free and cycle.phase is Phase.RETURN:
-                cycle.loss_free = value
+                cycle.loss_free = self._sign * value
                 if self._free_phase_found_nothing(cycle, closure):
                     return loss.detach()
                 self._event("return", mode=self.config.return_mode, steps=cycle.return_len,

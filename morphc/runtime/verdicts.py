@@ -257,12 +257,13 @@ class Verdicts:
             cycle.snapshot.put_back(model, current)
 
     def _loss_without_trace(self, probe: Closure, model: nn.Module, reduce: bool = True) -> float:
-        """``probe(model)`` as a number, leaving the model, its buffers and the RNG as they were.
-        With autograd on, as in a training step: a closure that differentiates inside (a
-        gradient penalty, a physics-informed residual) fails under no_grad."""
+        """``probe(model)`` as a number to minimise (negated for a ``maximize=True`` optimizer),
+        leaving the model, its buffers and the RNG as they were. With autograd on, as in a
+        training step: a closure that differentiates inside (a gradient penalty, a
+        physics-informed residual) fails under no_grad."""
         with deterministic(model), torch.enable_grad():
             loss = probe(model)
-            value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+            value = self._sign * float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         if self.distributed and reduce:
             value = all_reduce_mean(value, next(model.parameters()).device)
         return value

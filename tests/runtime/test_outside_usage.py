@@ -167,3 +167,62 @@ def test_a_closure_that_differentiates_inside_is_judged_and_cycles_run(judge):
     closed = _events(bp, "contract") + _events(bp, "rollback")
     assert len(closed) == 1 and closed[0]["loss_after"] is not None
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# -- an objective to maximise ---------------------------------------------------------------------
+def _rising(steps=120):
+    """A regression trained on ``-mse`` with ``maximize=True``: the objective rises every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=gen), torch.randn(64, 3, generator=gen)
+    return model, lambda m: -F.mse_loss(m(x), y), steps
+
+
+def test_an_objective_maximised_and_still_rising_starts_no_cycle():
+    """With ``maximize=True`` the closure returns what training raises: the trigger took the
+    rising objective for a loss that stopped falling and started cycle after cycle on healthy
+    training — each one's steps lost without a copy beside it. Now it is plain training."""
+    model, closure, steps = _rising()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, maximize=True)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        closure(model).backward()
+        optimizer.step()
+    expected = _whole(model, optimizer)
+    model, closure, steps = _rising()
+    bp = morphc.Bypass(model, lambda p: torch.optim.Adam(p, lr=1e-3, maximize=True),
+                       trigger=morphc.Plateau(window=10), bypass_steps=5, return_steps=5,
+                       shadow=False, verbose=False)
+    for _ in range(steps):
+        bp.step(closure)
+    bp.finish()
+    assert not _events(bp, "extend")
+    _assert_same(_whole(model, bp.optimizer), expected)
+
+
+def test_a_cycle_that_raises_a_maximised_objective_past_plain_training_is_kept():
+    """The verdict reads the objective the right way up: a cycle whose model the eval closure
+    scores above plain training's copy is kept (read as a loss, it was handed plain training)."""
+    model, closure, _ = _rising()
+    penalised = []
+
+    def judge(m):               # plain training's copy scores lower by 10
+        copy = not (m is model or isinstance(m, morphc.ExtendedModel))
+        penalised.append(copy)
+        return closure(m) - (10.0 if copy else 0.0)
+    bp = morphc.Bypass(model, lambda p: torch.optim.Adam(p, lr=1e-2, maximize=True),
+                       trigger=morphc.Schedule(at=[3]), bypass_steps=3, return_steps=3,
+                       eval_closure=judge, probation_steps=0, verbose=False)
+    for _ in range(12):
+        bp.step(closure)
+    bp.finish()
+    assert any(penalised) and len(_events(bp, "contract")) == 1 and not _events(bp, "rollback")
+
+
+def test_param_groups_that_disagree_on_maximize_are_refused():
+    model, _, _ = _rising()
+    mixed = torch.optim.Adam([{"params": model[0].parameters(), "maximize": True},
+                              {"params": model[2].parameters()}], lr=1e-2)
+    with pytest.raises(morphc.BypassError, match="disagree on maximize"):
+        morphc.Bypass(model, mixed)
