@@ -183,9 +183,7 @@ class Bypass(CycleRunner):
 
     def step(self, closure: Closure) -> torch.Tensor:
         """One training step: zero_grad, ``closure(bp.model)``, backward, optimizer step, then
-        whatever morph is due. Returns the closure's loss (detached) — while plain training
-        runs beside a cycle or a probation, its loss on this batch, so a scheduler or an early
-        stop fed it acts as it would without Bypass.
+        whatever morph is due. Returns the closure's loss (detached).
 
         A non-finite loss or gradient never reaches the weights: outside a cycle the step is
         skipped (``on_failure="raise"``: a BypassError), inside one the cycle is rolled back."""
