@@ -226,3 +226,91 @@ def test_param_groups_that_disagree_on_maximize_are_refused():
                               {"params": model[2].parameters()}], lr=1e-2)
     with pytest.raises(morphc.BypassError, match="disagree on maximize"):
         morphc.Bypass(model, mixed)
+
+
+# -- a scheduler fed the loss bp.step returns -----------------------------------------------------
+def _full_batch(steps=40):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=gen), torch.randn(64, 3, generator=gen)
+    return model, [(x, y)] * steps
+
+
+def _on_plateau(optimizer):
+    """Cut the lr whenever the loss fails to fall: the strictest ReduceLROnPlateau."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, threshold=0.0)
+
+
+@pytest.mark.xfail(strict=True, reason="bp.step returns the extended model's loss during a "
+                   "cycle and the run's on probation; returning plain training's instead breaks "
+                   "tests/bench/test_bench_methods.py, which reads the bypass phase's losses "
+                   "from it (reverted in 5fc905e, see the report)")
+def test_reduce_lr_on_plateau_fed_bp_steps_loss_is_plain_trainings_when_no_cycle_pays():
+    """``scheduler.step(bp.step(...))``: the extended model's losses during a cycle cut the lr
+    (0.03 → 3e-9 here) of a run then handed plain training's weights, which never cut it.
+    While plain training runs beside a cycle, bp.step returns its loss: bit for bit, lr too."""
+    model, batches = _full_batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    scheduler = _on_plateau(optimizer)
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        scheduler.step(float(loss))
+    expected, lr = _whole(model, optimizer), optimizer.param_groups[0]["lr"]
+    model, batches = _full_batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    scheduler = _on_plateau(optimizer)
+    bp = morphc.Bypass(model, optimizer, **_never_pays(min_lr_fraction=0.0))
+    for x, y in batches:
+        scheduler.step(bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y)))
+    bp.finish()
+    assert _events(bp, "rollback") and optimizer.param_groups[0]["lr"] == lr
+    _assert_same(_whole(model, optimizer), expected)
+
+
+@pytest.mark.xfail(strict=True, reason="bp.step returns the extended model's loss during a "
+                   "cycle and the run's on probation; returning plain training's instead breaks "
+                   "tests/bench/test_bench_methods.py, which reads the bypass phase's losses "
+                   "from it (reverted in 5fc905e, see the report)")
+def test_reduce_lr_on_plateau_fed_bp_steps_loss_on_probation_is_plain_trainings():
+    """A kept cycle's probation that ends with plain training's state handed over: bp.step
+    returned plain training's loss on every step, the scheduler saw what it sees without
+    Bypass, and the lr is plain training's too."""
+    def train(bypass):
+        model, batches = _full_batch()
+        x, y = batches[0]
+        kept, losses = [], []
+
+        def judge(m):   # the copy loses until the cycle is kept, then the user's run does
+            copy = not (m is model or isinstance(m, morphc.ExtendedModel))
+            return F.mse_loss(m(x), y) + (10.0 if copy != bool(kept) else 0.0)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+        scheduler = _on_plateau(optimizer)
+        bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(at=[3]), bypass_steps=4,
+                           return_steps=4, probation_steps=20, eval_closure=judge,
+                           verbose=False) if bypass else None
+        for x, y in batches:
+            if bypass:
+                loss = bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+                kept[:] = _events(bp, "contract")
+            else:
+                optimizer.zero_grad()
+                loss = F.mse_loss(model(x), y)
+                loss.backward()
+                optimizer.step()
+            scheduler.step(float(loss))
+            losses.append(float(loss))
+        return model, optimizer, bp, losses
+
+    model, optimizer, _, plain = train(bypass=False)
+    expected, lr = _whole(model, optimizer), optimizer.param_groups[0]["lr"]
+    model, optimizer, bp, losses = train(bypass=True)
+    bp.finish()
+    assert losses == plain
+    assert len(_events(bp, "contract")) == 1
+    assert [e["to"] for e in _events(bp, "probation")] == ["plain"]
+    assert optimizer.param_groups[0]["lr"] == lr
+    _assert_same(_whole(model, optimizer), expected)
