@@ -219,7 +219,8 @@ class Verdicts:
         if probe is None:
             return
         mine = self._loss_without_trace(probe, self._user_model)
-        plain = self._loss_without_trace(probe, shadow.model)
+        with shadow.plain_values():
+            plain = self._loss_without_trace(probe, shadow.model)
         to_plain = plain_leads(mine, plain)
         if to_plain:                  # the kept cycle did not pay in the end: a miss
             shadow.hand_over(self._user_model, self.optimizer)
@@ -245,7 +246,8 @@ class Verdicts:
         """``probe`` on the shadow: where plain training would be now (None: no shadow)."""
         if cycle.shadow is None or probe is None:
             return None
-        return self._loss_without_trace(probe, cycle.shadow.model)
+        with cycle.shadow.plain_values():
+            return self._loss_without_trace(probe, cycle.shadow.model)
 
     def _loss_before_cycle(self, cycle: Cycle, probe: Closure) -> float:
         """``probe`` on the user's model with the weights from before the extension."""

@@ -228,6 +228,63 @@ def test_param_groups_that_disagree_on_maximize_are_refused():
         morphc.Bypass(model, mixed)
 
 
+# -- parameters the optimizer trains outside the model ---------------------------------------------
+def _with_temperature():
+    """A classifier whose loss scales the logits by a learnable temperature that lives outside the
+    model, trained by the same optimizer (as metric-learning and calibration losses do)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    temperature = nn.Parameter(torch.tensor(1.0))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+    optimizer = torch.optim.Adam([*model.parameters(), temperature], lr=1e-2)
+    return model, temperature, optimizer, lambda m: F.cross_entropy(m(x) * temperature, y)
+
+
+def _outside_state(temperature, optimizer):
+    return temperature.detach().clone(), {k: v.clone() for k, v in
+                                          optimizer.state[temperature].items()}
+
+
+def test_a_parameter_outside_the_model_follows_plain_training_beside_the_cycle():
+    """The copy beside a cycle copied the model and the optimizer, but the closure reads the
+    user's temperature: plain training's steps moved nothing of it and the hand-over left it
+    where the cycle's run had trained it. Now it takes plain training's values too."""
+    model, temperature, optimizer, closure = _with_temperature()
+    for _ in range(20):
+        optimizer.zero_grad()
+        closure(model).backward()
+        optimizer.step()
+    expected = _whole(model, optimizer), _outside_state(temperature, optimizer)
+    model, temperature, optimizer, closure = _with_temperature()
+    bp = morphc.Bypass(model, optimizer, **_never_pays())
+    for _ in range(20):
+        bp.step(closure)
+    bp.finish()
+    assert _events(bp, "rollback") and all(e["to"] == "plain" for e in _events(bp, "rollback"))
+    _assert_same(_whole(model, optimizer), expected[0])
+    got = _outside_state(temperature, optimizer)
+    assert torch.equal(got[0], expected[1][0]) and got[1].keys() == expected[1][1].keys()
+    assert all(torch.equal(v, expected[1][1][k]) for k, v in got[1].items())
+
+
+def test_a_parameter_outside_the_model_is_restored_by_a_rollback():
+    """``shadow=False``: a cycle that does not pay restores the state from before it — the
+    temperature and its optimizer state too, which the snapshot of the model left out."""
+    model, temperature, optimizer, closure = _with_temperature()
+    bp = morphc.Bypass(model, optimizer, **_never_pays(shadow=False))
+    for _ in range(3):
+        bp.step(closure)
+    assert bp.phase == "bypass"           # extended right after this step's update
+    value, state = _outside_state(temperature, optimizer)
+    while bp.phase != "train":
+        bp.step(closure)
+    assert _events(bp, "rollback")[-1]["to"] == "before"
+    assert torch.equal(temperature.detach(), value)
+    assert all(torch.equal(v, state[k]) for k, v in optimizer.state[temperature].items())
+    bp.finish()
+
+
 # -- a scheduler fed the loss bp.step returns -----------------------------------------------------
 def _full_batch(steps=40):
     torch.manual_seed(0)
