@@ -41,7 +41,7 @@ from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
-from morphc.runtime.optimizer_group import make_optimizer, training_group
+from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_group
 from morphc.runtime.shadow import Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
@@ -118,6 +118,7 @@ class Bypass(CycleRunner):
         check_branch_settings(cfg)
         self._user_model = model
         self.optimizer = make_optimizer(model, optimizer)
+        self._sign = loss_sign(self.optimizer)   # judged values are losses to minimise
         self.trigger = trigger if trigger is not None else Plateau()
         if not isinstance(self.trigger, Trigger):
             raise BypassError(f"trigger must be a morphc.Trigger, got {type(trigger).__name__}")
@@ -132,7 +133,7 @@ class Bypass(CycleRunner):
         if self.example_inputs is not None:
             self._check_example_inputs()
             self._check_site_names()
-        self._traced = None
+        self._traced, self._traced_structure = None, None
         self._inputs_as = None if self.example_inputs is None else \
             floating_dtype_device(self._user_model)   # what the inputs fit (see _trace)
         self._cycle: Cycle | None = None
@@ -201,7 +202,7 @@ class Bypass(CycleRunner):
         """The user's own model object, in its own architecture. Never trains: a cycle still in
         flight is snapped onto C, contracted, and kept only if that pays (the same acceptance
         test as every cycle); otherwise it is rolled back."""
-        if self._cycle is not None:
+        if self._cycle is not None and not self._changed_since(self._cycle):
             with self._whole_on_error(self._cycle):
                 self._close_cycle(self._last_closure, finishing=True)
         if self._probation is not None:
@@ -278,6 +279,7 @@ class Bypass(CycleRunner):
                                         example_inputs=self.example_inputs,
                                         traced=self._traced, optimizer=self.optimizer,
                                         config=self.config)
+            self._cycle.structure = self._traced_structure
         self.optimizer.load_state_dict(state["optimizer"])
         shadow = (state["extension"] or {}).get("shadow")
         if shadow is not None and self._cycle is not None:   # after the optimizer: it copies it

@@ -49,6 +49,7 @@ class Cycle:
         self.free_marks: list[float] = []        # its loss every `free_window` steps
         self.free_measured: tuple | None = None  # ((step, probe id), [s = 1, s = 0 losses])
         self.saw_extension_grad = False
+        self.structure: tuple | None = None   # the user's layers it was built on (the runner's)
         if config.bypass_steps == 0:
             self.enter_return(config.return_steps)
 

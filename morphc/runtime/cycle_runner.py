@@ -20,7 +20,7 @@ from morphc.runtime.cycle import Cycle, may_start
 from morphc.runtime.lookahead import lookahead_scores
 from morphc.runtime.optimizer_group import ExtensionGroup, training_group
 from morphc.runtime.shadow import Shadow
-from morphc.runtime.snapshot import Snapshot
+from morphc.runtime.snapshot import Snapshot, model_structure
 from morphc.runtime.steps import (
     Closure,
     NonFinite,
@@ -115,7 +115,7 @@ class CycleRunner(Verdicts):
 
     def _trigger_fires(self, value: float, norm: float, lr: float) -> bool:
         """Ask the trigger every step; act on it only when a cycle may start now."""
-        fired = self.trigger.update(value, step=self.step_count, grad_norm=norm)
+        fired = self.trigger.update(self._sign * value, step=self.step_count, grad_norm=norm)
         if not fired or self._disabled is not None or self._probation is not None:
             return False
         return may_start(self.config, self.trigger, step=self.step_count, cycles=self.cycle,
@@ -173,6 +173,7 @@ class CycleRunner(Verdicts):
         self._cycle = Cycle(ext, snapshot, group, self.config, started_at=self.step_count,
                             pace=pace() if callable(pace) else 0.0)
         self._cycle.shadow = shadow
+        self._cycle.structure = self._traced_structure
         self._module = None
         self._event("extend", sites=ext.config.sites, widths=ext.config.widths, scores=scores)
 
@@ -208,17 +209,20 @@ class CycleRunner(Verdicts):
     def _trace(self) -> None:
         """Trace once per run (and trace() caches per model): a cycle never re-exports —
         unless the model was converted (``model.double()``, ``.to(device)``) since its inputs
-        were recorded; they are converted the same way and the model traced again."""
+        were recorded (they are converted the same way and the model traced again), or the user
+        replaced or added a layer since the trace (a stale graph would train the old layers)."""
         now = floating_dtype_device(self._user_model)
         if self._inputs_as is not None and now is not None and now != self._inputs_as:
             self.example_inputs, self.example_kwargs = converted_like(
                 (tuple(self.example_inputs), dict(self.example_kwargs or {})),
                 self._inputs_as, now)
             self._inputs_as, self._traced = now, None
-        if self._traced is None:
+        structure = model_structure(self._user_model)
+        if self._traced is None or structure != self._traced_structure:
             self._traced = trace(self._user_model, self.example_inputs,
                                  kwargs=self.example_kwargs or None,
                                  dynamic_shapes=self.config.dynamic_shapes)
+            self._traced_structure = structure
 
     def _choose_sites(self, closure: Closure):
         """Resolve ``sites``. ``"auto"``: rank by a short joint look-ahead per site, scored on
@@ -261,6 +265,8 @@ class CycleRunner(Verdicts):
     def _cycle_step(self, closure: Closure) -> torch.Tensor:
         """One step of the extended model; any fault rolls the cycle back."""
         cycle = self._cycle
+        if self._changed_since(cycle):
+            return self._train_step(closure)
         try:
             loss, value = self._steps_beside_shadow(cycle, closure)
         except NonFinite as exc:
@@ -296,7 +302,7 @@ class CycleRunner(Verdicts):
         cycle.advance()
         with self._whole_on_error(cycle):
             if was_free and cycle.phase is Phase.RETURN:
-                cycle.loss_free = value
+                cycle.loss_free = self._sign * value
                 if self._free_phase_found_nothing(cycle, closure):
                     return loss.detach()
                 self._event("return", mode=self.config.return_mode, steps=cycle.return_len,
@@ -304,6 +310,19 @@ class CycleRunner(Verdicts):
             if cycle.return_done:
                 self._close_cycle(closure)
         return loss.detach()
+
+    def _changed_since(self, cycle: Cycle) -> bool:
+        """The user replaced or added a layer since the cycle began: the extended graph still
+        runs the old layers and can never fold into the new ones. End the cycle — plain
+        training's state from the copy beside it (the layers the user put in keep their own
+        values), else the state from before it — and tell the caller to train plainly."""
+        if cycle.structure is None or model_structure(self._user_model) == cycle.structure:
+            return False
+        self._buffer_modules = None
+        self._rollback("the model changed during the cycle (a layer replaced or added): the "
+                       "extended graph runs the old layers, so the cycle ends here and the next "
+                       "one extends the new model", to_plain=True, raises=False)
+        return True
 
     @contextlib.contextmanager
     def _whole_on_error(self, cycle: Cycle):

@@ -124,3 +124,16 @@ def _drivable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
                           "the loss, and Bypass steps the optimizer once per bp.step after its "
                           "own backward: use a first-order optimizer (SGD, Adam, AdamW, ...)")
     return optimizer
+
+
+def loss_sign(optimizer: torch.optim.Optimizer) -> float:
+    """+1 when the optimizer minimises the closure's value, −1 when it maximises it
+    (``maximize=True``): Bypass judges every cycle by a number to minimise. Groups that disagree
+    leave no such number."""
+    ways = {bool(g.get("maximize", False)) for g in optimizer.param_groups}
+    if len(ways) > 1:
+        raise BypassError("the optimizer's param groups disagree on maximize=: Bypass keeps a "
+                          "cycle when it lowers the closure's value (raises it, with "
+                          "maximize=True for every group), so it cannot judge a mix; return the "
+                          "loss to minimise and drop maximize=")
+    return -1.0 if ways == {True} else 1.0

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from morphc.compiler.deviation import cuda_devices
+from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import (
     Closure,
     NonFinite,
@@ -44,12 +45,20 @@ class Shadow:
         self.model = copy.deepcopy(model, memo)       # the optimizer's copy then steps the
         self.optimizer = copy.deepcopy(optimizer, memo)   # copied parameters (the same memo)
         self.pairs = [(param, memo[id(param)]) for param in model.parameters()]
+        # parameters the optimizer trains outside the model (a loss's temperature or class
+        # weights): the closure reads the user's tensors, so the copy's values are swapped in
+        # around every use of the copy (:meth:`plain_values`)
+        inside = {id(param) for param in model.parameters()}
+        self.outside = [(p, memo[id(p)]) for g in optimizer.param_groups for p in g["params"]
+                        if id(p) not in inside]
+        self.pairs += self.outside
         self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
         # made once: the shadow steps on every step of a cycle
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.backup = [mine.detach().clone() for _, mine in self.buffers]
         self.devices = cuda_devices(model)
         self.skipped = False      # the last step found a non-finite loss or gradient: untouched
+        self.structure = model_structure(model)   # a layer the user replaces later: no follow
 
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the shadow can keep taking the user's steps: the same param groups. A group
@@ -91,18 +100,46 @@ class Shadow:
         if buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self.backup, buffers)
-        loss, value = loss_of(closure, self.model)
-        try:
-            backward_checked(loss, value)
-            check_finite(self.params)
-        except NonFinite:
-            zero_grads(self.params)
-            put_back(buffers, self.backup)
-            self.skipped = True
-            return loss.detach()
+        for param, _ in self.outside:     # the user's last step's: the backward would add
+            param.grad = None
+        with self.plain_values():
+            loss, value = loss_of(closure, self.model)
+            try:
+                backward_checked(loss, value)
+                self._move_grads()
+                check_finite(self.params)
+            except NonFinite:
+                zero_grads(self.params)
+                put_back(buffers, self.backup)
+                self.skipped = True
+                return loss.detach()
         clip(self.params, max_grad_norm)
         self.optimizer.step()
         return loss.detach()
+
+    @contextlib.contextmanager
+    def plain_values(self):
+        """The copy's values in the user's tensors that live outside the model, for as long as
+        the copy runs (its step, its evaluation); the user's values back afterwards."""
+        if not self.outside:
+            yield
+            return
+        with torch.no_grad():
+            kept = [param.detach().clone() for param, _ in self.outside]
+            for param, mine in self.outside:
+                param.copy_(mine)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (param, _), value in zip(self.outside, kept, strict=True):
+                    param.copy_(value)
+
+    def _move_grads(self) -> None:
+        """The gradient the copy's backward left on a user's tensor outside the model belongs
+        to the copy's counterpart, which its optimizer steps."""
+        for param, mine in self.outside:
+            mine.grad, param.grad = param.grad, None
 
     def rng_apart(self) -> contextlib.AbstractContextManager:
         """A fork of the global RNGs (CPU and the model's CUDA devices) for the step beside

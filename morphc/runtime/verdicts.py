@@ -21,6 +21,7 @@ from morphc.errors import MorphcError
 from morphc.runtime.config import Accept, OnFailure, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off
 from morphc.runtime.shadow import plain_leads
+from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import Closure
 from morphc.runtime.wrapping import all_reduce_mean
 
@@ -189,11 +190,12 @@ class Verdicts:
         """The shadow's plain step, then the user's (its RNG draws from a fork, as in a
         cycle); at the end of the probation, the verdict."""
         shadow, until = self._probation
-        if not shadow.follows(self.optimizer):     # a param group it cannot mirror: keep ours
+        if not shadow.follows(self.optimizer) or \
+                model_structure(self._user_model) != shadow.structure:   # keep ours
             self._probation = None
             self._event("probation", loss_after=None, loss_plain=None, to="cycle",
                         reason="plain training beside the run cannot follow the optimizer's or "
-                               "the model's change (a group, a dtype or a device)")
+                               "the model's change (a group, a dtype, a device or a layer)")
             return self._train_step(closure)
         try:
             shadow.step(closure, self.optimizer, self.config.max_grad_norm)
@@ -217,7 +219,8 @@ class Verdicts:
         if probe is None:
             return
         mine = self._loss_without_trace(probe, self._user_model)
-        plain = self._loss_without_trace(probe, shadow.model)
+        with shadow.plain_values():
+            plain = self._loss_without_trace(probe, shadow.model)
         to_plain = plain_leads(mine, plain)
         if to_plain:                  # the kept cycle did not pay in the end: a miss
             shadow.hand_over(self._user_model, self.optimizer)
@@ -243,7 +246,8 @@ class Verdicts:
         """``probe`` on the shadow: where plain training would be now (None: no shadow)."""
         if cycle.shadow is None or probe is None:
             return None
-        return self._loss_without_trace(probe, cycle.shadow.model)
+        with cycle.shadow.plain_values():
+            return self._loss_without_trace(probe, cycle.shadow.model)
 
     def _loss_before_cycle(self, cycle: Cycle, probe: Closure) -> float:
         """``probe`` on the user's model with the weights from before the extension."""
@@ -255,8 +259,13 @@ class Verdicts:
             cycle.snapshot.put_back(model, current)
 
     def _loss_without_trace(self, probe: Closure, model: nn.Module, reduce: bool = True) -> float:
-        with deterministic(model):
-            value = float(probe(model))
+        """``probe(model)`` as a number to minimise (negated for a ``maximize=True`` optimizer),
+        leaving the model, its buffers and the RNG as they were. With autograd on, as in a
+        training step: a closure that differentiates inside (a gradient penalty, a
+        physics-informed residual) fails under no_grad."""
+        with deterministic(model), torch.enable_grad():
+            loss = probe(model)
+            value = self._sign * float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         if self.distributed and reduce:
             value = all_reduce_mean(value, next(model.parameters()).device)
         return value
