@@ -181,9 +181,18 @@ class Bypass(CycleRunner):
         ``failure``) with its step, phase, cycle, loss and measures."""
         return self.log.events
 
+    @property
+    def last_loss(self) -> float | None:
+        """The loss of ``bp.model`` at the last step: the extended model's during a cycle, the
+        kept run's on probation — for logs and plots. ``bp.step`` returns plain training's
+        loss there, for schedulers and early stops."""
+        return self._last_loss
+
     def step(self, closure: Closure) -> torch.Tensor:
         """One training step: zero_grad, ``closure(bp.model)``, backward, optimizer step, then
-        whatever morph is due. Returns the closure's loss (detached).
+        whatever morph is due. Returns the closure's loss (detached) — while plain training
+        runs beside a cycle or a probation, its loss on this batch, so a scheduler or an early
+        stop fed it acts as it would without Bypass.
 
         A non-finite loss or gradient never reaches the weights: outside a cycle the step is
         skipped (``on_failure="raise"``: a BypassError), inside one the cycle is rolled back."""

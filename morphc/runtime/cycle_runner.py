@@ -304,12 +304,20 @@ class CycleRunner(Verdicts):
             if was_free and cycle.phase is Phase.RETURN:
                 cycle.loss_free = self._sign * value
                 if self._free_phase_found_nothing(cycle, closure):
-                    return loss.detach()
+                    return self._reported(cycle, loss)
                 self._event("return", mode=self.config.return_mode, steps=cycle.return_len,
                             free_steps=cycle.free_len)
             if cycle.return_done:
                 self._close_cycle(closure)
-        return loss.detach()
+        return self._reported(cycle, loss)
+
+    @staticmethod
+    def _reported(cycle: Cycle, loss: torch.Tensor) -> torch.Tensor:
+        """What ``bp.step`` returns during a cycle: plain training's loss on the batch when it
+        runs beside the cycle. A scheduler (``ReduceLROnPlateau``) or an early stop fed the
+        extended model's losses acted on a run that may be handed over, and cut the lr of the
+        plain run the user then gets; fed plain training's, they act as without Bypass."""
+        return cycle.plain_loss if cycle.plain_loss is not None else loss.detach()
 
     def _changed_since(self, cycle: Cycle) -> bool:
         """The user replaced or added a layer since the cycle began: the extended graph still

@@ -188,7 +188,8 @@ class Verdicts:
 
     def _step_on_probation(self, closure: Closure) -> torch.Tensor:
         """The shadow's plain step, then the user's (its RNG draws from a fork, as in a
-        cycle); at the end of the probation, the verdict."""
+        cycle); at the end of the probation, the verdict. Returns plain training's loss, as a
+        cycle step does: what the user's scheduler sees is what it sees without Bypass."""
         shadow, until = self._probation
         if not shadow.follows(self.optimizer) or \
                 model_structure(self._user_model) != shadow.structure:   # keep ours
@@ -198,16 +199,16 @@ class Verdicts:
                                "the model's change (a group, a dtype, a device or a layer)")
             return self._train_step(closure)
         try:
-            shadow.step(closure, self.optimizer, self.config.max_grad_norm)
+            plain = shadow.step(closure, self.optimizer, self.config.max_grad_norm)
             with shadow.rng_apart():
-                loss = self._train_step(closure)
+                self._train_step(closure)
         except BaseException:         # the copy may have moved where the run did not: it is
             if not shadow.skipped:    # never handed over then; the user's run is kept. One
                 self._probation = None    # that skipped a non-finite batch (on_failure="raise"
             raise                     # raises for the run's skip) is still in step: go on
         if self.step_count >= until:
             self._end_probation(closure)
-        return loss
+        return plain
 
     def _end_probation(self, closure: Closure | None) -> None:
         """Keep the cycle's run unless plain training beside it is now better on the same data

@@ -299,10 +299,6 @@ def _on_plateau(optimizer):
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, threshold=0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="bp.step returns the extended model's loss during a "
-                   "cycle and the run's on probation; returning plain training's instead breaks "
-                   "tests/bench/test_bench_methods.py, which reads the bypass phase's losses "
-                   "from it (reverted in 5fc905e, see the report)")
 def test_reduce_lr_on_plateau_fed_bp_steps_loss_is_plain_trainings_when_no_cycle_pays():
     """``scheduler.step(bp.step(...))``: the extended model's losses during a cycle cut the lr
     (0.03 → 3e-9 here) of a run then handed plain training's weights, which never cut it.
@@ -328,10 +324,6 @@ def test_reduce_lr_on_plateau_fed_bp_steps_loss_is_plain_trainings_when_no_cycle
     _assert_same(_whole(model, optimizer), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="bp.step returns the extended model's loss during a "
-                   "cycle and the run's on probation; returning plain training's instead breaks "
-                   "tests/bench/test_bench_methods.py, which reads the bypass phase's losses "
-                   "from it (reverted in 5fc905e, see the report)")
 def test_reduce_lr_on_plateau_fed_bp_steps_loss_on_probation_is_plain_trainings():
     """A kept cycle's probation that ends with plain training's state handed over: bp.step
     returned plain training's loss on every step, the scheduler saw what it sees without
@@ -371,3 +363,21 @@ def test_reduce_lr_on_plateau_fed_bp_steps_loss_on_probation_is_plain_trainings(
     assert [e["to"] for e in _events(bp, "probation")] == ["plain"]
     assert optimizer.param_groups[0]["lr"] == lr
     _assert_same(_whole(model, optimizer), expected)
+
+
+def test_last_loss_is_the_runs_own_while_bp_step_returns_plain_trainings():
+    """During a cycle bp.step returns the loss of plain training beside it (for schedulers);
+    ``bp.last_loss`` is the extended model's, which logs and the bench's curves show."""
+    model, batches = _full_batch(steps=12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(at=[3]), bypass_steps=4,
+                       return_steps=4, verbose=False)
+    seen = []
+    for x, y in batches:
+        closure = lambda m, x=x, y=y: F.mse_loss(m(x), y)   # noqa: E731
+        returned = float(bp.step(closure))
+        if bp.phase == "bypass" and bp.phase_step > 1:
+            seen.append((returned, bp.last_loss))
+    bp.finish()
+    assert seen and all(isinstance(own, float) for _, own in seen)
+    assert any(returned != own for returned, own in seen)
