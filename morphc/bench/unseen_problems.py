@@ -3,7 +3,8 @@
 Each takes a seed and returns a :class:`Case` — a textbook network with PyTorch's default init
 drawn from that seed, a stock optimizer (and schedule), the data (shipped with scikit-learn or
 generated) and a step budget. None of them chose a Bypass default; the last five were added
-after the first 16 were published, to test those claims on plateaus of other kinds.
+after the first 16 were published, to test those claims on plateaus of other kinds, and the
+two after them (minibatch spirals, a digits autoencoder) after an outside-in probe found them.
 """
 
 from __future__ import annotations
@@ -331,8 +332,25 @@ def circles_onecycle(seed: int) -> Case:
                 schedule=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, 1500))
 
 
+def spiral_minibatch(seed: int) -> Case:
+    """Two spirals, 2-10-10-2 tanh, Adam, minibatches of 64: plateaus on the way down."""
+    model = _model(seed, lambda: [nn.Linear(2, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(),
+                                  nn.Linear(10, 2)])
+    return Case(model, _adam(1e-2), _spiral(seed), F.cross_entropy, 3000,
+                test=_spiral(seed + 500), batch=64)
+
+
+def digits_autoencoder(seed: int) -> Case:
+    """load_digits through a 64-32-2-32-64 tanh bottleneck, Adam, minibatches of 64."""
+    x = torch.tensor(load_digits().data, dtype=torch.float32) / 16
+    train, test = _split(x, x, seed)
+    model = _model(seed, lambda: [nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 2), nn.Tanh(),
+                                  nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 64)])
+    return Case(model, _adam(1e-3), train, F.mse_loss, 3000, test=test, batch=64)
+
+
 PROBLEMS: dict[str, Callable[[int], Case]] = {f.__name__: f for f in (
     xor_tanh, xor_adam, parity3, encoder_838, spiral, cancer_minibatch, digits_cosine,
     digits_cnn_dropout, teacher_relu, wine, sine_deep, step_schedule, moons, linear_autoencoder,
     count_transformer, gaussian_nll, deep_sigmoid, relu_regression, rnn_first_bit,
-    tanh_bottleneck, circles_onecycle)}
+    tanh_bottleneck, circles_onecycle, spiral_minibatch, digits_autoencoder)}
