@@ -55,7 +55,7 @@ from morphc.runtime.bypass import check_branch_settings, one_exclude_pattern
 from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.events import EventLog
-from morphc.runtime.optimizer_group import ExtensionGroup, training_group
+from morphc.runtime.optimizer_group import ExtensionGroup, loss_sign, training_group
 from morphc.runtime.snapshot import Snapshot
 from morphc.runtime.steps import clip
 from morphc.runtime.triggers import Plateau, Trigger
@@ -129,6 +129,7 @@ class TrainerBypass:
         self.optimizer: torch.optim.Optimizer | None = None
         self._cycle: Cycle | None = None
         self._plain: deque[float] = deque(maxlen=self.window)
+        self._sign = 1.0                  # -1 for a maximize=True optimizer (attach)
         self._cycle_losses: list[float] = []
         self._pending: list[float] = []
         self._shares: list[bool] = []
@@ -158,6 +159,7 @@ class TrainerBypass:
             raise SiteError(f"{type(model).__name__} has no site a trainer integration can "
                             f"extend: {self._table.explain()}")
         self._chosen = select_sites(self._table, self.config.sites, self.config.exclude, frozen)
+        self._sign = loss_sign(self.optimizer)   # recorded values judged as losses to minimise
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, self.step_count
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
@@ -229,7 +231,7 @@ class TrainerBypass:
                               "['loss']) or the training step's output; return the loss there, or "
                               "where you compute it yourself (a Trainer.compute_loss override) "
                               "call callback.bypass.record_loss(loss) once per micro-batch")
-        value = sum(self._pending)
+        value = self._sign * sum(self._pending)
         if not all(self._shares):
             value /= len(self._pending)
         self._pending.clear()

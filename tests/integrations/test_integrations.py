@@ -532,3 +532,33 @@ def test_a_trainer_plateau_at_a_decayed_but_steady_lr_starts_a_cycle():
     tb.finish()
     starts = [e["step"] for e in tb.history if e["event"] == "extend"]
     assert starts and starts[0] >= 2 + 2 * 3
+
+
+def test_a_maximised_objective_still_rising_starts_no_cycle_in_a_trainer():
+    """A trainer whose optimizer has ``maximize=True`` records the objective it raises: read as
+    a loss, a rising objective stalled the trigger and started cycles on healthy training."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=gen), torch.randn(64, 3, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, maximize=True)
+    tb = TrainerBypass(morphc.Plateau(window=10), bypass_steps=5, return_steps=5, verbose=False)
+    tb.attach(model, opt)
+    for step in range(1, 121):
+        tb.before_micro_batch()
+        objective = -F.mse_loss(model(x), y)
+        tb.record_loss(objective)
+        objective.backward()
+        opt.step()
+        opt.zero_grad()
+        tb.after_step(step)
+    assert not any(e["event"] == "extend" for e in tb.history)
+    tb.finish()
+
+
+def test_a_trainer_refuses_param_groups_that_disagree_on_maximize():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam([{"params": model[0].parameters(), "maximize": True},
+                            {"params": model[2].parameters()}], lr=1e-3)
+    with pytest.raises(morphc.BypassError, match="disagree on maximize"):
+        TrainerBypass(verbose=False).attach(model, opt)
