@@ -25,6 +25,30 @@ def train_extension(ext, inputs, steps=5, lr=1e-2, seed=0):
     return ext
 
 
+def fold_trained(model, args, ext):
+    """Train ``ext`` off B = 0, contract at s = 0 into ``model``'s own Parameters; returns
+    (extended output, folded output)."""
+    params = dict(model.named_parameters())
+    train_extension(ext, args)
+    ext.set_homotopy(0.0)
+    with torch.no_grad():
+        extended = ext(*args)
+    assert morphc.contract(ext) is model
+    assert all(p is params[n] for n, p in model.named_parameters())
+    with torch.no_grad():
+        return extended, model(*args)
+
+
+def regression_task(seed=0, steps=20):
+    """A 6-12-3 tanh MLP and ``steps`` random regression minibatches, both from ``seed``."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [(torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen))
+               for _ in range(steps)]
+    return model, batches
+
+
 def _floating_leaves(output):
     return [t for t in torch.utils._pytree.tree_leaves(output)
             if isinstance(t, torch.Tensor) and t.is_floating_point()]

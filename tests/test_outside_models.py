@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import morphc
+from tests.helpers import fold_trained as _fold
 from tests.helpers import max_rel, train_extension
 
 
@@ -19,17 +20,6 @@ def _mlp(dtype=torch.float32):
     return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
 
 
-def _fold(model, args, ext):
-    """Train ``ext`` off B = 0, contract at s = 0; returns (extended output, folded output)."""
-    params = dict(model.named_parameters())
-    train_extension(ext, args)
-    ext.set_homotopy(0.0)
-    with torch.no_grad():
-        extended = ext(*args)
-    assert morphc.contract(ext) is model
-    assert all(p is params[n] for n, p in model.named_parameters())
-    with torch.no_grad():
-        return extended, model(*args)
 
 
 class _Remembers(nn.Module):

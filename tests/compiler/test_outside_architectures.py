@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
+from tests.helpers import fold_trained as _fold
 from tests.helpers import max_rel, train_extension
 
 
@@ -20,17 +21,6 @@ def _mlp():
     return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def _fold(model, args, ext):
-    """Train ``ext`` off B = 0, contract at s = 0; returns (extended output, folded output)."""
-    params = dict(model.named_parameters())
-    train_extension(ext, args)
-    ext.set_homotopy(0.0)
-    with torch.no_grad():
-        extended = ext(*args)
-    assert morphc.contract(ext) is model
-    assert all(p is params[n] for n, p in model.named_parameters())
-    with torch.no_grad():
-        return extended, model(*args)
 
 
 @pytest.mark.parametrize("context", [torch.inference_mode, torch.no_grad])

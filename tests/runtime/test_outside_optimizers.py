@@ -9,10 +9,9 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import morphc
-from tests.helpers import SparseBag
+from tests.helpers import SparseBag, regression_task
 
 O, S = torch.optim, torch.optim.lr_scheduler
 
@@ -35,12 +34,7 @@ OPTIMIZERS = {
 
 
 def _task(seed=0, steps=14):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-    gen = torch.Generator().manual_seed(seed + 1)
-    batches = [(torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen))
-               for _ in range(steps)]
-    return model, batches
+    return regression_task(seed, steps)
 
 
 def _bypass(model, optimizer, **kw):

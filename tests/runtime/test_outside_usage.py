@@ -11,17 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
+from tests.helpers import regression_task
 from tests.runtime.test_outside_probation import _on_probation
 from tests.runtime.test_probation import _train
 
 
 def _task(seed=0, steps=20):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-    gen = torch.Generator().manual_seed(seed + 1)
-    batches = [(torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen))
-               for _ in range(steps)]
-    return model, batches
+    return regression_task(seed, steps)
 
 
 def _never_pays(**kw):
