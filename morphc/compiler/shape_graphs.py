@@ -31,8 +31,9 @@ import torch
 from torch import fx, nn
 
 from morphc.errors import MorphcError, ShapeError
+from morphc.ir.example_inputs import describe_inputs
 from morphc.ir.sites import Site
-from morphc.ir.trace import TracedModel, describe_inputs, trace
+from morphc.ir.trace import TracedModel, trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline
 from morphc.passes.insert_extension import insert_extension

@@ -26,6 +26,13 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from morphc.errors import ShapeError, TraceError
+from morphc.ir.example_inputs import (
+    ExampleInputs,
+    as_tuple,
+    describe_inputs,
+    first_line,
+    run_example,
+)
 from morphc.ir.mode_flags import follow_mode
 from morphc.ir.shapes import (
     DimRange,
@@ -211,61 +218,6 @@ class _SiteAwareTracer(fx.Tracer):
             and not _has_forward_hooks(m)
 
 
-class ExampleInputs(tuple):
-    """Positional example inputs that carry the keyword ones (``kwargs``) and torch.export's
-    ``dynamic_shapes`` along, so code that hands example inputs on — model-space moves, each of
-    which may trace again — keeps the three together. It is a tuple of the positional inputs,
-    so code that needs only those works unchanged.
-
-    >>> inputs = ExampleInputs.of((torch.randn(2, 4),), kwargs={"mask": None})
-    >>> len(inputs), inputs.kwargs
-    (1, {'mask': None})
-    """
-
-    kwargs: dict
-    dynamic_shapes: object
-
-    def __new__(cls, args=(), kwargs=None, dynamic_shapes=None):
-        self = super().__new__(cls, args)
-        self.kwargs, self.dynamic_shapes = dict(kwargs or {}), dynamic_shapes
-        return self
-
-    @classmethod
-    def of(cls, example_inputs, kwargs=None, dynamic_shapes=None) -> ExampleInputs:
-        """``example_inputs`` (a tensor, a tuple or already an ``ExampleInputs``) with
-        ``kwargs`` / ``dynamic_shapes`` added (those given here take precedence)."""
-        if isinstance(example_inputs, ExampleInputs) and kwargs is None and \
-                dynamic_shapes is None:
-            return example_inputs
-        return cls(_as_tuple(example_inputs),
-                   {**getattr(example_inputs, "kwargs", {}), **(kwargs or {})},
-                   dynamic_shapes if dynamic_shapes is not None else
-                   getattr(example_inputs, "dynamic_shapes", None))
-
-    def call(self, module: nn.Module):
-        """``module(*args, **kwargs)`` on these inputs."""
-        return module(*self, **self.kwargs)
-
-
-def _as_tuple(example_inputs) -> tuple:
-    if example_inputs is None:
-        return ()
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list | tuple):
-        return tuple(example_inputs)
-    raise TraceError(
-        f"example_inputs must be a tensor or a tuple of positional inputs, got "
-        f"{type(example_inputs).__name__}; pass e.g. (torch.randn(8, 3, 32, 32),), and keyword "
-        "inputs as kwargs={...}"
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
     """``args`` + ``kwargs`` as positional inputs in the forward's order (for ShapeProp), or
     None when the signature does not allow it (``*args`` / ``**kwargs``)."""
@@ -379,44 +331,6 @@ def _unflattenable(output) -> list[str]:
                    if not isinstance(x, torch.Tensor | int | float | bool | str | type(None))})
 
 
-def describe_inputs(args: tuple, kwargs: dict | None = None) -> str:
-    """``(8, 7) float32, mask=(8, 7) bool``: what a message says about example inputs."""
-    def one(t):
-        return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" \
-            if isinstance(t, torch.Tensor) else type(t).__name__
-    return ", ".join([*map(one, args), *(f"{k}={one(v)}" for k, v in (kwargs or {}).items())])
-
-
-def run_example(model: nn.Module, args: tuple, kwargs: dict | None = None):
-    """Run the model once on example inputs (no grad; buffers and RNG restored) and return its
-    output. A failure is a :class:`TraceError` naming the inputs and the model's own error, so a
-    wrong shape is reported as such — not as a tracing failure later (trace, Bypass, the CLI)."""
-    try:
-        with no_side_effects(model), torch.no_grad():
-            return model(*args, **(kwargs or {}))
-    except Exception as exc:
-        if not args and not kwargs and _needs_inputs(model):
-            raise TraceError(
-                f"{type(model).__name__} takes inputs, and none were given: morphc runs the "
-                "model once to trace it. Pass example inputs of the shape you train with, e.g. "
-                "morphc.extend(model, (torch.randn(8, 784),)) or morphc.inspect(model, "
-                "(x_batch,))") from exc
-        raise TraceError(
-            f"the model fails on the example inputs {describe_inputs(args, kwargs)}: "
-            f"{_first_line(exc)}. Check the inputs' shapes and dtypes (and pass keyword inputs "
-            "as kwargs=...)") from exc
-
-
-def _needs_inputs(model: nn.Module) -> bool:
-    """Whether the forward has a parameter without a default (so calling it bare must fail)."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
-                                                   p.KEYWORD_ONLY) for p in params)
-
-
 def _run_once(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Run the model on the example inputs; returns the kwargs to trace with."""
     output = run_example(model, args, kwargs)
@@ -472,7 +386,7 @@ def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwar
     if isinstance(given, ExampleInputs):
         kwargs = {**given.kwargs, **(kwargs or {})}
         dynamic_shapes = dynamic_shapes if dynamic_shapes is not None else given.dynamic_shapes
-    inputs = _as_tuple(given)
+    inputs = as_tuple(given)
     kwargs = dict(kwargs or {})
     key = _signature(model, inputs, kwargs, dynamic_shapes, frontend) if cache else None
     hit = _CACHE.get(model, {}).get(key) if cache else None
@@ -506,21 +420,21 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
             symbolic_error = exc
             if frontend == "symbolic_trace":
                 raise TraceError(
-                    f"torch.fx.symbolic_trace failed ({_first_line(exc)}); "
+                    f"torch.fx.symbolic_trace failed ({first_line(exc)}); "
                     "use frontend='auto' or 'export'"
                 ) from exc
     try:
         traced = _export(model, inputs, traced_kwargs, dynamic_shapes)
     except Exception as exc:
-        tried = f"symbolic_trace: {_first_line(symbolic_error)}; " if symbolic_error else ""
+        tried = f"symbolic_trace: {first_line(symbolic_error)}; " if symbolic_error else ""
         raise TraceError(
-            f"could not trace {type(model).__name__}: {tried}torch.export: {_first_line(exc)}. "
+            f"could not trace {type(model).__name__}: {tried}torch.export: {first_line(exc)}. "
             "The model runs on the example inputs, so this is its tracing: data-dependent "
             "Python control flow (if/for on tensor values) defeats both frontends — rewrite it "
             "with torch.where / torch.cond; a dynamic_shapes spec torch.export rejects is "
             "reported here too."
         ) from exc
-    traced.reason = (f"symbolic_trace failed ({_first_line(symbolic_error)})"
+    traced.reason = (f"symbolic_trace failed ({first_line(symbolic_error)})"
                      if symbolic_error else
                      "requested" if frontend == "export" else "dynamic_shapes given")
     traced.notes = notes + traced.notes + _hook_notes(model)

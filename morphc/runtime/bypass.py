@@ -32,8 +32,9 @@ from morphc.compiler.extend import check_override_settings, check_width
 from morphc.compiler.extended import floating_dtype_device
 from morphc.errors import BypassError, MorphcError, TraceError
 from morphc.families import get_family
+from morphc.ir.example_inputs import as_tuple, run_example
 from morphc.ir.sites import select_sites, site_patterns
-from morphc.ir.trace import _as_tuple, run_example, trace
+from morphc.ir.trace import trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline
 from morphc.runtime.config import BypassConfig, Phase
@@ -128,7 +129,7 @@ class Bypass(CycleRunner):
         self.distributed = resolve_distributed(cfg.distributed)
         self.log = EventLog(cfg.verbose)
         self.example_inputs = None if cfg.example_inputs is None else \
-            _as_tuple(cfg.example_inputs)
+            as_tuple(cfg.example_inputs)
         self.example_kwargs = dict(cfg.example_kwargs or {})
         if self.example_inputs is not None:
             self._check_example_inputs()

@@ -35,8 +35,8 @@ from morphc.compiler.deviation import deterministic_forward, relative_deviation
 from morphc.compiler.extended import ExtendedModel
 from morphc.errors import MorphcError, TraceError
 from morphc.ir.branch import BypassBranch
+from morphc.ir.example_inputs import ExampleInputs
 from morphc.ir.tags import DEEP_PREFIX, GROWN_PREFIX
-from morphc.ir.trace import ExampleInputs
 from morphc.passes.widen_layer import widenable_pairs
 from morphc.space.moves import (
     Move,
@@ -229,7 +229,7 @@ class ModelSpace:
     Inputs as for ``morphc.extend``: positional ``example_inputs``, keyword ``kwargs``
     (``attention_mask=``, ``use_cache=False``), torch.export's ``dynamic_shapes``; every move and
     every measurement uses all of them (``space.example_inputs`` carries them, see
-    :class:`~morphc.ir.trace.ExampleInputs`).
+    :class:`~morphc.ir.example_inputs.ExampleInputs`).
     """
 
     @torch.inference_mode(False)   # the space trains its copies: no inference tensors

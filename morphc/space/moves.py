@@ -36,6 +36,7 @@ from morphc.compiler.extended import ExtendedModel
 from morphc.compiler.write import write_weights
 from morphc.errors import ContractionError, MoveError, SiteError
 from morphc.ir.branch import BypassBranch
+from morphc.ir.example_inputs import ExampleInputs
 from morphc.ir.ops import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
@@ -50,7 +51,7 @@ from morphc.ir.ops import (
 )
 from morphc.ir.sites import ConvConfig
 from morphc.ir.tags import DEEP_PREFIX, FRONTEND
-from morphc.ir.trace import ExampleInputs, TracedModel, trace
+from morphc.ir.trace import TracedModel, trace
 from morphc.ir.untouched import no_side_effects
 from morphc.passes.find_grown_branches import GrownBranch, find_grown_branches
 from morphc.passes.infra import Pipeline, fresh_name

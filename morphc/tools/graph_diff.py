@@ -18,8 +18,8 @@ from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 
 from morphc.compiler.deviation import deterministic_forward, relative_deviation
+from morphc.ir.example_inputs import as_tuple
 from morphc.ir.tags import role_of, site_of
-from morphc.ir.trace import _as_tuple
 
 
 def target_name(node: fx.Node) -> str:
@@ -144,7 +144,7 @@ def measure_deviation(a, b, example_inputs, kwargs: dict | None = None) -> float
     Both run as :func:`~morphc.compiler.deviation.deterministic_forward`: under ``no_grad`` with
     the same RNG seed; BatchNorm statistics are left as they were. ``0.0`` means identical outputs.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs)
     return relative_deviation(deterministic_forward(a, inputs, kwargs=kwargs),
                               deterministic_forward(b, inputs, kwargs=kwargs))
 
@@ -195,7 +195,7 @@ def diff_models(a: nn.Module, b: nn.Module, example_inputs, *,
     """
     from morphc.compiler.extended import ExtendedModel
 
-    inputs = _as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs)
     graph = diff_graphs(_graph_module_of(a, inputs, b), _graph_module_of(b, inputs, a))
     contracted = [m for m in (a, b) if isinstance(m, ExtendedModel) and m.contracted]
     if reference_outputs is not None:

@@ -126,7 +126,7 @@ def make_inputs(shapes, dtype, loaded: Loaded) -> tuple:
 def check_runs(model, inputs: tuple, label: str, kwargs: dict | None = None) -> None:
     """Run the model once so a shape mismatch is reported as such, not as a trace failure."""
     from morphc.errors import TraceError
-    from morphc.ir.trace import run_example
+    from morphc.ir.example_inputs import run_example
 
     try:
         run_example(model, inputs, kwargs)
