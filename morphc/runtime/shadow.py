@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from morphc.compiler.deviation import cuda_devices
-from morphc.runtime.snapshot import model_structure
+from morphc.runtime.snapshot import model_structure, trained_outside
 from morphc.runtime.steps import (
     Closure,
     NonFinite,
@@ -48,9 +48,7 @@ class Shadow:
         # parameters the optimizer trains outside the model (a loss's temperature or class
         # weights): the closure reads the user's tensors, so the copy's values are swapped in
         # around every use of the copy (:meth:`plain_values`)
-        inside = {id(param) for param in model.parameters()}
-        self.outside = [(p, memo[id(p)]) for g in optimizer.param_groups for p in g["params"]
-                        if id(p) not in inside]
+        self.outside = [(p, memo[id(p)]) for p in trained_outside(model, optimizer)]
         self.pairs += self.outside
         self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
         # made once: the shadow steps on every step of a cycle

@@ -34,11 +34,9 @@ class Snapshot:
                      if p in optimizer.state}
         owners = {**dict(model.named_buffers()), **named}
         snapshot = cls(params, buffers, opt_state, owners)
-        inside = set(map(id, named.values()))
         snapshot.outside = [(p, p.detach().clone(), clone_state(optimizer.state[p])
                              if p in optimizer.state else None)
-                            for g in optimizer.param_groups for p in g["params"]
-                            if id(p) not in inside]
+                            for p in trained_outside(model, optimizer)]
         return snapshot
 
     def _saved(self, name: str, tensor: torch.Tensor) -> bool:
@@ -95,6 +93,13 @@ class Snapshot:
     @classmethod
     def from_state(cls, state: dict) -> Snapshot:
         return cls(state["params"], state["buffers"], state["opt_state"])
+
+
+def trained_outside(model: nn.Module, optimizer: torch.optim.Optimizer) -> list:
+    """The tensors the optimizer trains that are not the model's parameters (a loss's
+    temperature or class weights): a closure reads them, so copies and restores must too."""
+    inside = set(map(id, model.parameters()))
+    return [p for g in optimizer.param_groups for p in g["params"] if id(p) not in inside]
 
 
 def model_structure(model: nn.Module) -> tuple:
