@@ -29,6 +29,8 @@ from morphc.runtime.wrapping import all_reduce_mean
 class Verdicts:
     """The acceptance side of a Bypass cycle."""
 
+    _judge_with_grad = False   # set once the closure turned out to differentiate inside
+
     def _judge_replays(self, closure: Closure) -> bool:
         """Whether the acceptance test can compare models on the same data: it calls
         ``eval_closure`` (else the closure) again on the model before and after a cycle. A
@@ -261,12 +263,25 @@ class Verdicts:
 
     def _loss_without_trace(self, probe: Closure, model: nn.Module, reduce: bool = True) -> float:
         """``probe(model)`` as a number to minimise (negated for a ``maximize=True`` optimizer),
-        leaving the model, its buffers and the RNG as they were. With autograd on, as in a
-        training step: a closure that differentiates inside (a gradient penalty, a
-        physics-informed residual) fails under no_grad."""
-        with deterministic(model), torch.enable_grad():
-            loss = probe(model)
-            value = self._sign * float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        leaving the model, its buffers and the RNG as they were. Under no_grad (an evaluation
+        keeps no graph), unless the closure differentiates inside (a gradient penalty, a
+        physics-informed residual): autograd then says a tensor does not require grad, and from
+        then on this run judges with autograd on, as in a training step."""
+        try:
+            value = _judged(probe, model, self._judge_with_grad)
+        except RuntimeError as exc:
+            if self._judge_with_grad or "require grad" not in str(exc):
+                raise
+            self._judge_with_grad = True
+            value = _judged(probe, model, True)
+        value *= self._sign
         if self.distributed and reduce:
             value = all_reduce_mean(value, next(model.parameters()).device)
         return value
+
+
+def _judged(probe: Closure, model: nn.Module, with_grad: bool) -> float:
+    """``probe(model)`` as a float, deterministically, with autograd on or off."""
+    with deterministic(model), torch.set_grad_enabled(with_grad):
+        loss = probe(model)
+        return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
