@@ -14,13 +14,13 @@ from morphc.compiler.extended import ExtendedModel
 from morphc.errors import MorphcError
 from morphc.passes.find_sites import find_sites
 from morphc.passes.widen_layer import widenable_pairs
+from morphc.space.deepen_points import deepen_points
 from morphc.space.moves import (
     Contract,
     Deepen,
     Grow,
     Move,
     Widen,
-    deepen_points,
     dropout_between,
 )
 
