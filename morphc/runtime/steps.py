@@ -174,8 +174,11 @@ def broken_weight(model: nn.Module) -> str | None:
 def set_aside(params: list[nn.Parameter]) -> list[torch.Tensor | None]:
     """Take the first backward's gradients off ``params`` before a joint step calls the closure
     again: a closure that clears gradients first (``optimizer.zero_grad()``, torch's closure
-    habit, harmless in plain training) would otherwise drop the s = 0 half of the step."""
-    kept = [p.grad for p in params]
+    habit, harmless in plain training) would otherwise drop the s = 0 half of the step. A
+    gradient that is a view (DDP's ``gradient_as_bucket_view``) is copied: the next backward
+    writes into the storage it views."""
+    kept = [None if p.grad is None else p.grad.clone() if p.grad._base is not None else p.grad
+            for p in params]
     for param in params:
         param.grad = None
     return kept

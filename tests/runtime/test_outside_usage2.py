@@ -76,3 +76,20 @@ def test_a_closure_that_zeroes_gradients_scores_sites_as_one_that_does_not():
     expected, got = scores(False), scores(True)
     assert set(expected) == set(got) and len(expected) == 2
     assert all(expected[k] == got[k] for k in expected), (expected, got)
+
+
+def test_the_joint_step_sums_gradients_ddp_keeps_in_bucket_views(tmp_path):
+    # DDP(gradient_as_bucket_view=True) gives every weight a gradient that views a bucket the
+    # next backward writes into: gradients set aside between the joint step's two backwards
+    # (so a closure's zero_grad() cannot drop them) must be copies, or the sum is twice L(s=1)
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        plain = _weights_after_a_cycle("", ddp=True)
+        views = _weights_after_a_cycle("", ddp=True,
+                                       ddp_options={"gradient_as_bucket_view": True})
+    finally:
+        dist.destroy_process_group()
+    for p, v in zip(plain, views, strict=True):
+        assert torch.equal(p, v)
