@@ -37,6 +37,17 @@ def plain_leads(mine: float, plain: float) -> bool:
     return math.isfinite(plain) and (plain < mine or not math.isfinite(mine))
 
 
+def copy_grad_hooks(pairs) -> None:
+    """Register each user tensor's gradient hooks (``param.register_hook``: a pruning mask,
+    per-element clipping) on its copy: deepcopy drops them, and the copy would not train as
+    plain training does — a hand-over would grow pruned weights back."""
+    for param, mine in pairs:
+        present = {id(hook) for hook in (mine._backward_hooks or {}).values()}
+        for hook in (param._backward_hooks or {}).values():
+            if id(hook) not in present:
+                mine.register_hook(hook)
+
+
 class Shadow:
     """The user's model and optimizer, copied at a cycle's start and trained plainly."""
 
@@ -50,6 +61,7 @@ class Shadow:
         # around every use of the copy (:meth:`plain_values`)
         self.outside = [(p, memo[id(p)]) for p in trained_outside(model, optimizer)]
         self.pairs += self.outside
+        copy_grad_hooks(self.pairs)
         self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
         # made once: the shadow steps on every step of a cycle
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -93,3 +93,39 @@ def test_the_joint_step_sums_gradients_ddp_keeps_in_bucket_views(tmp_path):
         dist.destroy_process_group()
     for p, v in zip(plain, views, strict=True):
         assert torch.equal(p, v)
+
+
+def _pruned(seed=0):
+    """A net whose first layer keeps half its weights at zero through a gradient hook (a
+    pruning mask), and its optimizer: plain SGD never moves the masked weights."""
+    model = _net(seed)
+    mask = (torch.arange(24).reshape(8, 3) % 2).float()
+    with torch.no_grad():
+        model[0].weight.mul_(mask)
+    model[0].weight.register_hook(lambda grad: grad * mask)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), mask
+
+
+def test_gradient_hooks_on_the_users_weights_shape_plain_training_beside_a_cycle():
+    # the copy that trains plainly beside each cycle is a deepcopy, and deepcopy drops a
+    # Parameter's tensor hooks: a cycle that did not pay handed over a state trained without
+    # the user's mask (pruned weights grown back), not the state plain training would be in
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g)
+    model, optimizer, mask = _pruned()
+    for _ in range(12):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, optimizer, mask = _pruned()
+    bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(every=3), bypass_steps=3,
+                       return_steps=3, verbose=False, eval_closure=lambda m: torch.tensor(1.0))
+    for _ in range(12):
+        bp.step(lambda m: F.mse_loss(m(x), y))
+    assert bp.finish() is model
+    assert any(e["event"] == "rollback" and e["to"] == "plain" for e in bp.history)
+    assert torch.all(model[0].weight[mask == 0] == 0), "pruned weights grew back"
+    for e, p in zip(expected, model.parameters(), strict=True):
+        assert torch.equal(e, p)
