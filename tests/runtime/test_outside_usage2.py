@@ -129,3 +129,42 @@ def test_gradient_hooks_on_the_users_weights_shape_plain_training_beside_a_cycle
     assert torch.all(model[0].weight[mask == 0] == 0), "pruned weights grew back"
     for e, p in zip(expected, model.parameters(), strict=True):
         assert torch.equal(e, p)
+
+
+def _anchored_run(bypass: bool, steps: int = 12):
+    """An EWC-style penalty toward the starting weights, written over the user's own model
+    (``model.parameters()``, not the closure's module): plain SGD, or Bypass with cycles that
+    never pay (every one handed over to plain training beside it)."""
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    anchor = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g)
+
+    def closure(m):
+        pull = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+        return F.mse_loss(m(x), y) + 0.5 * pull
+
+    if not bypass:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            closure(model).backward()
+            optimizer.step()
+        return model, None
+    bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(every=3), bypass_steps=3,
+                       return_steps=3, verbose=False, eval_closure=lambda m: torch.tensor(1.0))
+    for _ in range(steps):
+        bp.step(closure)
+    assert bp.finish() is model
+    return model, bp
+
+
+def test_a_closure_that_reads_the_users_own_weights_trains_plain_training_beside_a_cycle_too():
+    # the copy trained beside a cycle ran the closure on itself, but the penalty read the
+    # user's weights: the copy trained without it, and a hand-over gave a state plain training
+    # (penalty included) is not in
+    expected, _ = _anchored_run(False)
+    model, bp = _anchored_run(True)
+    assert any(e["event"] == "rollback" and e["to"] == "plain" for e in bp.history)
+    for e, p in zip(expected.parameters(), model.parameters(), strict=True):
+        assert torch.equal(e, p)
