@@ -1,7 +1,7 @@
-"""Probes of Bypass in training set-ups from a second outside-in round (multi-label BCE, Huber
-and L1 losses, GRUs, warmup schedules, class weights, GroupNorm, growing batches): each trains as
-plain training does, bit for bit, where no cycle runs, and a cycle trains what it would have
-trained whatever habits the closure has."""
+"""Probes from a second outside-in round: habits of users' closures and models that a cycle
+must not change the meaning of — a closure that zeroes gradients, a penalty over the user's own
+weights, gradient hooks (a pruning mask), DDP's bucket-view gradients. A joint free step trains
+what it trains without the habit; plain training beside a cycle is plain training, bit for bit."""
 
 import pytest
 import torch
