@@ -4,7 +4,9 @@ Each takes a seed and returns a :class:`Case` — a textbook network with PyTorc
 drawn from that seed, a stock optimizer (and schedule), the data (shipped with scikit-learn or
 generated) and a step budget. None of them chose a Bypass default; the last five were added
 after the first 16 were published, to test those claims on plateaus of other kinds, and the
-two after them (minibatch spirals, a digits autoencoder) after an outside-in probe found them.
+two after them (minibatch spirals, a digits autoencoder) after an outside-in probe found them;
+the last two (a Huber loss under Nesterov SGD, a per-batch warmup-then-decay schedule) come
+from a second outside-in round.
 """
 
 from __future__ import annotations
@@ -349,8 +351,41 @@ def digits_autoencoder(seed: int) -> Case:
     return Case(model, _adam(1e-3), train, F.mse_loss, 3000, test=test, batch=64)
 
 
+# -- a third batch, from a second outside-in round: losses and schedules the others lack --
+def huber_nesterov(seed: int) -> Case:
+    """sin 2x + 0.3 sin 7x by a 1-4-4-1 tanh net, Huber loss, Nesterov SGD, full batch."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    x = torch.rand(256, 1, generator=g) * 6 - 3
+    x_test = torch.linspace(-3, 3, 200)[:, None]
+
+    def target(v):
+        return torch.sin(2 * v) + 0.3 * torch.sin(7 * v)
+
+    model = _model(seed, lambda: [nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                                  nn.Linear(4, 1)])
+    return Case(model, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9,
+                                                      nesterov=True),
+                (x, target(x)), F.huber_loss, 2000, test=(x_test, target(x_test)))
+
+
+def _warmup_then_linear(steps: int, warmup: int):
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min((i + 1) / warmup, max(0.0, (steps - i) / (steps - warmup))))
+
+
+def spiral_warmup(seed: int) -> Case:
+    """Two spirals, 2-8-8-2 tanh, AdamW with weight decay, a per-batch LambdaLR: 200 steps of
+    warmup, then linear decay to 0; minibatches of 32."""
+    model = _model(seed, lambda: [nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                                  nn.Linear(8, 2)])
+    return Case(model, lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-3),
+                _spiral(seed), F.cross_entropy, 2500, test=_spiral(seed + 500), batch=32,
+                schedule=_warmup_then_linear(2500, 200))
+
+
 PROBLEMS: dict[str, Callable[[int], Case]] = {f.__name__: f for f in (
     xor_tanh, xor_adam, parity3, encoder_838, spiral, cancer_minibatch, digits_cosine,
     digits_cnn_dropout, teacher_relu, wine, sine_deep, step_schedule, moons, linear_autoencoder,
     count_transformer, gaussian_nll, deep_sigmoid, relu_regression, rnn_first_bit,
-    tanh_bottleneck, circles_onecycle, spiral_minibatch, digits_autoencoder)}
+    tanh_bottleneck, circles_onecycle, spiral_minibatch, digits_autoencoder,
+    huber_nesterov, spiral_warmup)}

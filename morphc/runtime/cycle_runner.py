@@ -24,6 +24,7 @@ from morphc.runtime.snapshot import Snapshot, model_structure
 from morphc.runtime.steps import (
     Closure,
     NonFinite,
+    add_back,
     backward_checked,
     broken_weight,
     check_finite,
@@ -32,6 +33,7 @@ from morphc.runtime.steps import (
     loss_of,
     no_backward_yet,
     put_back,
+    set_aside,
     zero_grads,
 )
 from morphc.runtime.verdicts import Verdicts
@@ -375,6 +377,7 @@ class CycleRunner(Verdicts):
             if first:
                 no_backward_yet(params)
             backward_checked(loss, value)
+            grads = set_aside(params)                   # safe from a closure's zero_grad()
             ext.set_homotopy(1.0)                       # ... and the free one, whose forward
             buffers, kept = self._back_up_buffers()     # must not move BN statistics: they
         loss, value = loss_of(closure, self.model, self._reduce())      # belong to s = 0
@@ -383,6 +386,7 @@ class CycleRunner(Verdicts):
         backward_checked(loss, value)
         if joint:                                       # after backward: autograd saved them
             put_back(buffers, kept)
+            add_back(params, grads)
         check_finite(params)
         if not cycle.saw_extension_grad:
             if all(p.grad is None for p in cycle.group.params):

@@ -21,7 +21,7 @@ from torch import nn
 
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
-from morphc.runtime.steps import loss_of
+from morphc.runtime.steps import add_back, loss_of, set_aside
 
 Closure = Callable[[nn.Module], torch.Tensor]
 
@@ -57,6 +57,8 @@ def _trial(ext, optimizer, group: ExtensionGroup, closure: Closure,
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         group.zero_grad()
+        params = [p for g in optimizer.param_groups for p in g["params"]] + group.params
+        grads = None
         for s in (0.0, 1.0):
             ext.set_homotopy(s)
             loss, value = loss_of(closure, ext)
@@ -64,8 +66,11 @@ def _trial(ext, optimizer, group: ExtensionGroup, closure: Closure,
                 diverged = True
                 break
             loss.backward()
+            if grads is None:                  # safe from a closure's zero_grad()
+                grads = set_aside(params)
         if diverged:
             break
+        add_back(params, grads)
         group.step()
     if diverged:
         return math.inf

@@ -37,6 +37,17 @@ def plain_leads(mine: float, plain: float) -> bool:
     return math.isfinite(plain) and (plain < mine or not math.isfinite(mine))
 
 
+def copy_grad_hooks(pairs) -> None:
+    """Register each user tensor's gradient hooks (``param.register_hook``: a pruning mask,
+    per-element clipping) on its copy: deepcopy drops them, and the copy would not train as
+    plain training does — a hand-over would grow pruned weights back."""
+    for param, mine in pairs:
+        present = {id(hook) for hook in (mine._backward_hooks or {}).values()}
+        for hook in (param._backward_hooks or {}).values():
+            if id(hook) not in present:
+                mine.register_hook(hook)
+
+
 class Shadow:
     """The user's model and optimizer, copied at a cycle's start and trained plainly."""
 
@@ -45,11 +56,17 @@ class Shadow:
         self.model = copy.deepcopy(model, memo)       # the optimizer's copy then steps the
         self.optimizer = copy.deepcopy(optimizer, memo)   # copied parameters (the same memo)
         self.pairs = [(param, memo[id(param)]) for param in model.parameters()]
+        self.inside = list(self.pairs)
+        # a closure that reads the user's own weights besides calling its module (a penalty
+        # over model.parameters(), EWC): found at the first step, and from then on the copy's
+        # values stand in the user's weights too whenever the copy runs
+        self.reads_user = False
         # parameters the optimizer trains outside the model (a loss's temperature or class
         # weights): the closure reads the user's tensors, so the copy's values are swapped in
         # around every use of the copy (:meth:`plain_values`)
         self.outside = [(p, memo[id(p)]) for p in trained_outside(model, optimizer)]
         self.pairs += self.outside
+        copy_grad_hooks(self.pairs)
         self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
         # made once: the shadow steps on every step of a cycle
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -98,46 +115,85 @@ class Shadow:
         if buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self.backup, buffers)
-        for param, _ in self.outside:     # the user's last step's: the backward would add
-            param.grad = None
+        for param, _ in self.swapped() + self.inside:   # the user's last step's (the user's
+            param.grad = None                           # own step zeroes them before its own)
+        rng = None if self.reads_user else self._rng_state()
+        try:
+            loss = self._loss_and_grads(closure)
+            if not self.reads_user and any(p.grad is not None for p, _ in self.inside):
+                self.reads_user = True      # the closure differentiated the user's weights:
+                zero_grads(self.params)     # again, from the same RNG and buffers, with the
+                zero_grads([p for p, _ in self.inside])   # copy's values in them
+                put_back(buffers, self.backup)
+                self._set_rng_state(rng)
+                loss = self._loss_and_grads(closure)
+        except NonFinite as exc:
+            zero_grads(self.params)
+            put_back(buffers, self.backup)
+            self.skipped = True
+            return exc.loss
+        clip(self.params, max_grad_norm)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _loss_and_grads(self, closure: Closure) -> torch.Tensor:
+        """The closure on the copy, its backward, the gradients on the copy's tensors; raises
+        :class:`NonFinite` (its ``loss``: the detached loss) before anything is stepped."""
         with self.plain_values():
             loss, value = loss_of(closure, self.model)
             try:
                 backward_checked(loss, value)
                 self._move_grads()
                 check_finite(self.params)
-            except NonFinite:
-                zero_grads(self.params)
-                put_back(buffers, self.backup)
-                self.skipped = True
-                return loss.detach()
-        clip(self.params, max_grad_norm)
-        self.optimizer.step()
+            except NonFinite as exc:
+                exc.loss = loss.detach()
+                raise
         return loss.detach()
+
+    def _rng_state(self) -> list[torch.Tensor]:
+        return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self.devices)]
+
+    def _set_rng_state(self, state: list[torch.Tensor]) -> None:
+        torch.set_rng_state(state[0])
+        for device, value in zip(self.devices, state[1:], strict=True):
+            torch.cuda.set_rng_state(value, device)
+
+    def swapped(self) -> list:
+        """The user's tensors the closure reads besides its module, paired with the copy's:
+        those outside the model, and the model's own once the closure turned out to read them."""
+        return self.pairs if self.reads_user else self.outside
 
     @contextlib.contextmanager
     def plain_values(self):
-        """The copy's values in the user's tensors that live outside the model, for as long as
-        the copy runs (its step, its evaluation); the user's values back afterwards."""
-        if not self.outside:
+        """The copy's values in the user's tensors the closure reads besides its module
+        (:meth:`swapped`), for as long as the copy runs (its step, its evaluation); the user's
+        values back afterwards."""
+        swapped = self.swapped()
+        if not swapped:
             yield
             return
         with torch.no_grad():
-            kept = [param.detach().clone() for param, _ in self.outside]
-            for param, mine in self.outside:
+            kept = [param.detach().clone() for param, _ in swapped]
+            for param, mine in swapped:
                 param.copy_(mine)
         try:
             yield
         finally:
             with torch.no_grad():
-                for (param, _), value in zip(self.outside, kept, strict=True):
+                for (param, _), value in zip(swapped, kept, strict=True):
                     param.copy_(value)
 
     def _move_grads(self) -> None:
-        """The gradient the copy's backward left on a user's tensor outside the model belongs
-        to the copy's counterpart, which its optimizer steps."""
-        for param, mine in self.outside:
-            mine.grad, param.grad = param.grad, None
+        """The gradient the copy's backward left on a user's tensor belongs to the copy's
+        counterpart, which its optimizer steps (added to the one its module gave it)."""
+        for param, mine in self.swapped():
+            if param.grad is None:
+                continue
+            if mine.grad is None:
+                mine.grad = param.grad
+            else:
+                mine.grad.add_(param.grad)
+            param.grad = None
 
     def rng_apart(self) -> contextlib.AbstractContextManager:
         """A fork of the global RNGs (CPU and the model's CUDA devices) for the step beside

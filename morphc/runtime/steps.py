@@ -171,6 +171,31 @@ def broken_weight(model: nn.Module) -> str | None:
     return None
 
 
+def set_aside(params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    """Take the first backward's gradients off ``params`` before a joint step calls the closure
+    again: a closure that clears gradients first (``optimizer.zero_grad()``, torch's closure
+    habit, harmless in plain training) would otherwise drop the s = 0 half of the step. A
+    gradient that is a view (DDP's ``gradient_as_bucket_view``) is copied: the next backward
+    writes into the storage it views."""
+    kept = [None if p.grad is None else p.grad.clone() if p.grad._base is not None else p.grad
+            for p in params]
+    for param in params:
+        param.grad = None
+    return kept
+
+
+def add_back(params: list[nn.Parameter], kept: list[torch.Tensor | None]) -> None:
+    """Sum the set-aside gradients with the second backward's, in place into the first (what
+    autograd's accumulation computes: the same bits)."""
+    with torch.no_grad():
+        for param, first in zip(params, kept, strict=True):
+            if first is None:
+                continue
+            if param.grad is not None:
+                first.add_(param.grad)
+            param.grad = first
+
+
 def put_back(buffers: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
     """Buffers (BatchNorm statistics) as they were before a step's forward."""
     if buffers:

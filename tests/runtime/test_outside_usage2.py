@@ -1,0 +1,170 @@
+"""Probes from a second outside-in round: habits of users' closures and models that a cycle
+must not change the meaning of — a closure that zeroes gradients, a penalty over the user's own
+weights, gradient hooks (a pruning mask), DDP's bucket-view gradients. A joint free step trains
+what it trains without the habit; plain training beside a cycle is plain training, bit for bit."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import morphc
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _weights_after_a_cycle(clears: str, **options):
+    """The user's weights and the extension's after 5 plain and 10 joint free steps, with a
+    closure that clears gradients first (``clears``: whose) or not ("")."""
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g)
+    bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(at=[5]), bypass_steps=20,
+                       return_steps=5, verbose=False, **options)
+
+    def closure(m):
+        {"optimizer": optimizer.zero_grad, "model": model.zero_grad, "module": m.zero_grad,
+         "": lambda: None}[clears]()
+        return F.mse_loss(m(x), y)
+
+    for _ in range(15):
+        bp.step(closure)
+    assert bp.extended is not None, "the cycle should still be in its free phase"
+    weights = [p.detach().clone() for p in [*model.parameters(),
+                                            *bp.extended.extension_parameters()]]
+    bp.finish()
+    return weights
+
+
+@pytest.mark.parametrize("clears", ["optimizer", "model", "module"])
+def test_a_closure_that_zeroes_gradients_trains_the_joint_free_phase_as_one_that_does_not(clears):
+    # torch's closure habit (`optimizer.zero_grad(); loss = ...`, minus the backward Bypass
+    # refuses) is harmless in plain training; in the joint free phase the closure runs once per
+    # homotopy between two backwards, and it threw away the s = 0 gradient of every weight:
+    # the free phase trained L(s=1) alone, the foldable model unguarded (weights off by 0.02)
+    expected = _weights_after_a_cycle("")
+    got = _weights_after_a_cycle(clears)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+
+
+def test_a_closure_that_zeroes_gradients_scores_sites_as_one_that_does_not():
+    # sites="auto" runs the same joint steps per candidate site (runtime/lookahead.py)
+    def scores(clears):
+        model = _net()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g)
+        bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(at=[3]), bypass_steps=4,
+                           return_steps=2, sites="auto", lookahead_steps=5, verbose=False)
+
+        def closure(m):
+            if clears:
+                optimizer.zero_grad()
+            return F.mse_loss(m(x), y)
+
+        for _ in range(4):
+            bp.step(closure)
+        bp.finish()
+        (extend,) = [e for e in bp.history if e["event"] == "extend"]
+        return extend["scores"]
+
+    expected, got = scores(False), scores(True)
+    assert set(expected) == set(got) and len(expected) == 2
+    assert all(expected[k] == got[k] for k in expected), (expected, got)
+
+
+def test_the_joint_step_sums_gradients_ddp_keeps_in_bucket_views(tmp_path):
+    # DDP(gradient_as_bucket_view=True) gives every weight a gradient that views a bucket the
+    # next backward writes into: gradients set aside between the joint step's two backwards
+    # (so a closure's zero_grad() cannot drop them) must be copies, or the sum is twice L(s=1)
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        plain = _weights_after_a_cycle("", ddp=True)
+        views = _weights_after_a_cycle("", ddp=True,
+                                       ddp_options={"gradient_as_bucket_view": True})
+    finally:
+        dist.destroy_process_group()
+    for p, v in zip(plain, views, strict=True):
+        assert torch.equal(p, v)
+
+
+def _pruned(seed=0):
+    """A net whose first layer keeps half its weights at zero through a gradient hook (a
+    pruning mask), and its optimizer: plain SGD never moves the masked weights."""
+    model = _net(seed)
+    mask = (torch.arange(24).reshape(8, 3) % 2).float()
+    with torch.no_grad():
+        model[0].weight.mul_(mask)
+    model[0].weight.register_hook(lambda grad: grad * mask)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), mask
+
+
+def test_gradient_hooks_on_the_users_weights_shape_plain_training_beside_a_cycle():
+    # the copy that trains plainly beside each cycle is a deepcopy, and deepcopy drops a
+    # Parameter's tensor hooks: a cycle that did not pay handed over a state trained without
+    # the user's mask (pruned weights grown back), not the state plain training would be in
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g)
+    model, optimizer, mask = _pruned()
+    for _ in range(12):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, optimizer, mask = _pruned()
+    bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(every=3), bypass_steps=3,
+                       return_steps=3, verbose=False, eval_closure=lambda m: torch.tensor(1.0))
+    for _ in range(12):
+        bp.step(lambda m: F.mse_loss(m(x), y))
+    assert bp.finish() is model
+    assert any(e["event"] == "rollback" and e["to"] == "plain" for e in bp.history)
+    assert torch.all(model[0].weight[mask == 0] == 0), "pruned weights grew back"
+    for e, p in zip(expected, model.parameters(), strict=True):
+        assert torch.equal(e, p)
+
+
+def _anchored_run(bypass: bool, steps: int = 12):
+    """An EWC-style penalty toward the starting weights, written over the user's own model
+    (``model.parameters()``, not the closure's module): plain SGD, or Bypass with cycles that
+    never pay (every one handed over to plain training beside it)."""
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    anchor = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g)
+
+    def closure(m):
+        pull = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+        return F.mse_loss(m(x), y) + 0.5 * pull
+
+    if not bypass:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            closure(model).backward()
+            optimizer.step()
+        return model, None
+    bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(every=3), bypass_steps=3,
+                       return_steps=3, verbose=False, eval_closure=lambda m: torch.tensor(1.0))
+    for _ in range(steps):
+        bp.step(closure)
+    assert bp.finish() is model
+    return model, bp
+
+
+def test_a_closure_that_reads_the_users_own_weights_trains_plain_training_beside_a_cycle_too():
+    # the copy trained beside a cycle ran the closure on itself, but the penalty read the
+    # user's weights: the copy trained without it, and a hand-over gave a state plain training
+    # (penalty included) is not in
+    expected, _ = _anchored_run(False)
+    model, bp = _anchored_run(True)
+    assert any(e["event"] == "rollback" and e["to"] == "plain" for e in bp.history)
+    for e, p in zip(expected.parameters(), model.parameters(), strict=True):
+        assert torch.equal(e, p)
