@@ -23,6 +23,7 @@ True
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Mapping
 
 import torch
@@ -46,6 +47,7 @@ from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_g
 from morphc.runtime.shadow import Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
+from morphc.runtime.verdicts import JUDGED_BATCHES
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
 
 STATE_VERSION = 3
@@ -140,6 +142,8 @@ class Bypass(CycleRunner):
         self._cycle: Cycle | None = None
         self._module: nn.Module | None = None
         self._last_closure: Closure | None = None
+        self._recent_closures: deque[Closure] = deque(maxlen=JUDGED_BATCHES)   # verdicts
+        # judge on these when there is no eval_closure (see Verdicts._judged_on)
         self._last_loss: float | None = None
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, 0   # how long the lr held still
@@ -202,6 +206,7 @@ class Bypass(CycleRunner):
                 f"bp.step expects a closure `module -> loss` (e.g. lambda m: F.mse_loss(m(x), "
                 f"y)), got {type(closure).__name__}: Bypass calls it on the module to train now")
         self._last_closure = closure
+        self._recent_closures.append(closure)
         if self._cycle is not None:
             return self._cycle_step(closure)
         if self._probation is not None:

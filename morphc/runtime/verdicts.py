@@ -1,10 +1,11 @@
 """How a cycle is judged: on what data, against what, and what a verdict does.
 
 A cycle is kept only if the contracted model beats, on the same data (``eval_closure``, else the
-step's closure), the model from before it by more than plain training's recent pace — and plain
-training run beside it (:mod:`~morphc.runtime.shadow`). A free phase that found nothing ends the
-cycle early. A verdict against a cycle hands over the plain-training copy (or restores the state
-from before the cycle) and makes the trigger back off. Mixed into
+closures of the last :data:`JUDGED_BATCHES` steps), the model from before it by more than plain
+training's recent pace — and plain training run beside it (:mod:`~morphc.runtime.shadow`). A
+free phase that found nothing ends the cycle early. A verdict against a cycle hands over the
+plain-training copy (or restores the state from before the cycle) and makes the trigger back
+off. Mixed into
 :class:`~morphc.runtime.cycle_runner.CycleRunner`, whose state it reads.
 """
 
@@ -25,11 +26,48 @@ from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import Closure
 from morphc.runtime.wrapping import all_reduce_mean
 
+JUDGED_BATCHES = 8
+"""How many of the last steps' batches a verdict averages over when there is no
+``eval_closure``: on one minibatch — an epoch's last may hold a handful of samples — which of
+two close runs is kept would be decided by that batch's noise."""
+
+
+class RecentBatches:
+    """The mean loss of the last steps' closures: the data verdicts compare models on when the
+    user gave no ``eval_closure``. Closures over one full batch give one value, returned as
+    it is (a verdict on full-batch training is exactly what it was on one closure)."""
+
+    def __init__(self, closures: tuple[Closure, ...]):
+        self.closures = closures
+
+    def __call__(self, model: nn.Module) -> float:
+        values = [_as_float(closure(model)) for closure in self.closures]
+        if all(v == values[0] for v in values):
+            return values[0]
+        return math.fsum(values) / len(values)
+
 
 class Verdicts:
     """The acceptance side of a Bypass cycle."""
 
     _judge_with_grad = False   # set once the closure turned out to differentiate inside
+    _judged_data: RecentBatches | None = None
+
+    def _judged_on(self, closure: Closure | None) -> Closure | None:
+        """What verdicts compare models on: ``eval_closure`` if given, else the closures of
+        the last :data:`JUDGED_BATCHES` steps (``closure``, the current step's, among them)."""
+        if self.config.eval_closure is not None or closure is None:
+            return self.config.eval_closure or closure
+        recent = tuple(self._recent_closures)
+        if not recent or recent[-1] is not closure:
+            recent = (closure,)
+        if len(recent) == 1:
+            return closure
+        cached = self._judged_data
+        if cached is None or len(cached.closures) != len(recent) or \
+                any(a is not b for a, b in zip(cached.closures, recent, strict=True)):
+            self._judged_data = cached = RecentBatches(recent)
+        return cached
 
     def _judge_replays(self, closure: Closure) -> bool:
         """Whether the acceptance test can compare models on the same data: it calls
@@ -84,7 +122,7 @@ class Verdicts:
         another window — up to ``max_bypass_steps`` and never past the run's budget."""
         cfg = self.config
         cap, done, window = cfg.free_steps_cap, cycle.phase_step + 1, cycle.free_window
-        probe = cfg.eval_closure or closure
+        probe = self._judged_on(closure)
         escaped = getattr(self.trigger, "escaped", None)
         if cap <= cfg.bypass_steps or not callable(escaped) or probe is None or \
                 cfg.accept == Accept.ALWAYS or (cycle.free_len - done) % window:
@@ -104,7 +142,7 @@ class Verdicts:
         """At the end of the free phase: the extended model (s = 1 and s = 0) and the model from
         before the cycle on the same data; when the free phase found nothing, roll back now
         (:meth:`Cycle.found_something`) instead of running the return phase to learn it."""
-        probe = self.config.eval_closure or closure
+        probe = self._judged_on(closure)
         if probe is None or self.config.accept == Accept.ALWAYS:
             return False
         losses = self._free_losses(cycle, probe)
@@ -157,7 +195,7 @@ class Verdicts:
                            f"max_snap_change={limit:g}; use more return_steps")
             return
         before, after = self._evaluate_both(cycle, closure)
-        plain = self._shadow_loss(cycle, self.config.eval_closure or closure)
+        plain = self._shadow_loss(cycle, self._judged_on(closure))
         if not cycle.pays(before, after, plain):
             self._miss(before, after)
             self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
@@ -214,11 +252,11 @@ class Verdicts:
 
     def _end_probation(self, closure: Closure | None) -> None:
         """Keep the cycle's run unless plain training beside it is now better on the same data
-        (``eval_closure``, else the last batch); then hand plain training's state over: the run
-        is where it would be had the cycle never happened."""
+        (``eval_closure``, else the last steps' batches); then hand plain training's state over:
+        the run is where it would be had the cycle never happened."""
         shadow, _ = self._probation
         self._probation = None
-        probe = self.config.eval_closure or closure
+        probe = self._judged_on(closure)
         if probe is None:
             return
         mine = self._loss_without_trace(probe, self._user_model)
@@ -238,8 +276,8 @@ class Verdicts:
 
     def _evaluate_both(self, cycle: Cycle, closure: Closure | None) -> tuple[float, float]:
         """The contracted model and the model from before the cycle, on the same data:
-        ``eval_closure`` if given, else the closure of the last step."""
-        probe = self.config.eval_closure or closure
+        ``eval_closure`` if given, else the last steps' closures (:meth:`_judged_on`)."""
+        probe = self._judged_on(closure)
         if probe is None:
             return math.nan, math.nan
         after = self._loss_without_trace(probe, self._user_model)
@@ -283,5 +321,8 @@ class Verdicts:
 def _judged(probe: Closure, model: nn.Module, with_grad: bool) -> float:
     """``probe(model)`` as a float, deterministically, with autograd on or off."""
     with deterministic(model), torch.set_grad_enabled(with_grad):
-        loss = probe(model)
-        return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        return _as_float(probe(model))
+
+
+def _as_float(loss) -> float:
+    return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)

@@ -168,3 +168,41 @@ def test_a_closure_that_reads_the_users_own_weights_trains_plain_training_beside
     assert any(e["event"] == "rollback" and e["to"] == "plain" for e in bp.history)
     for e, p in zip(expected.parameters(), model.parameters(), strict=True):
         assert torch.equal(e, p)
+
+
+def test_without_eval_closure_a_verdict_averages_the_last_steps_batches():
+    # with minibatches and no eval_closure, which of two close runs is kept was decided on the
+    # last batch alone — an epoch's remainder may hold a few samples; now on the mean loss of
+    # the last 8 steps' closures, each on its own batch
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g))
+               for n in [32] * 19 + [3]]                 # the last batch: a remainder of 3
+    bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(at=[4]), bypass_steps=8,
+                       return_steps=8, verbose=False)
+    closures = [lambda m, x=x, y=y: F.mse_loss(m(x), y) for x, y in batches]
+    for closure in closures:
+        bp.step(closure)
+    verdict = next(e for e in bp.history if e["event"] in ("contract", "rollback")
+                   and e.get("loss_after") is not None)
+    assert verdict["step"] == 20
+    with torch.no_grad():
+        if verdict["event"] == "contract":    # the user's model is the judged one
+            expected = sum(float(c(model)) for c in closures[-8:]) / 8
+            assert verdict["loss_after"] == pytest.approx(expected, rel=1e-6)
+            assert verdict["loss_after"] != pytest.approx(float(closures[-1](model)), rel=1e-3)
+        else:                                 # handed over: the user's model is plain's
+            expected = sum(float(c(model)) for c in closures[-8:]) / 8
+            assert verdict["loss_plain"] == pytest.approx(expected, rel=1e-6)
+            assert verdict["loss_plain"] != pytest.approx(float(closures[-1](model)), rel=1e-3)
+
+
+def test_full_batch_verdicts_are_the_closures_own_value():
+    # the same data on every step: the averaged verdict is the one closure's value, bit for bit
+    from morphc.runtime.verdicts import RecentBatches
+    model = _net()
+    x = torch.randn(16, 3)
+    closures = tuple(lambda m: F.mse_loss(m(x), torch.zeros(16, 1)) for _ in range(3))
+    with torch.no_grad():
+        assert RecentBatches(closures)(model) == float(closures[0](model))
