@@ -373,6 +373,9 @@ class TrainerBypass:
         cfg = self.config
         if not cfg.shadow or cfg.accept is Accept.ALWAYS or self._replay is None:
             return None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            return None        # the replay runs the bare model: no all-reduce, ranks diverge
         try:
             return PlainBeside(self.model, self.optimizer)
         except Exception as exc:

@@ -166,6 +166,25 @@ def test_without_a_replay_or_with_shadow_false_a_miss_restores_the_state_before(
     assert [e["to"] for e in rollback] == ["before"]
 
 
+def test_a_replay_that_fails_warns_and_a_miss_restores_the_state_before(never_pays):
+    """A training step that cannot run outside the trainer's loop: one warning saying what
+    happens instead, and the old rollback."""
+    bypass = TrainerBypass(morphc.Schedule(at=[4]), bypass_steps=2, return_steps=2, width=2,
+                           min_lr_fraction=0.0, verbose=False)
+    attach = bypass.attach
+
+    def failing(model, optimizer, replay):
+        def broken(batch):
+            raise RuntimeError("needs the trainer")
+        attach(model, optimizer, replay=broken)
+
+    bypass.attach = failing
+    with pytest.warns(UserWarning, match="could not train plainly beside"):
+        _own_loop(bypass, steps=12)
+    rollback = [e for e in bypass.history if e["event"] == "rollback"]
+    assert [e["to"] for e in rollback] == ["before"] and not bypass.config.shadow
+
+
 # -- Lightning -----------------------------------------------------------------------------------
 def _lightning_run(tmp_path, callbacks):
     pl = pytest.importorskip("lightning.pytorch")
