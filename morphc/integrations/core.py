@@ -31,9 +31,15 @@ How the pieces sit inside a trainer:
   ``loss_after`` the mean over the last ``window`` steps of the return phase. With
   ``return_mode="project"`` those steps run at s = 0, where the extended model computes exactly
   what the folded model will, so ``loss_after`` is the folded model's training loss. ``Cycle.pays``
-  decides (beat plain training's recent pace over the cycle's length); otherwise the model,
-  buffers and optimizer state go back to their values before the extension, bit for bit. The
-  steps the cycle used are not given back: the trainer's step count and LR schedule move on.
+  decides (beat plain training's recent pace over the cycle's length) and, with plain
+  training beside the cycle, beat its mean loss over the same steps too.
+- **Plain training beside the cycle** (``shadow=True``, default;
+  :mod:`~morphc.integrations.plain`): the trainer's step count and LR schedule move on during a
+  cycle, so restoring the state from before it would lose the cycle's steps. Plain training's
+  step is taken on the same micro-batches (replayed by the callback) and a cycle that does not
+  pay — or is resolved off C — hands its state over: where the user would be without morphc.
+  Without it (``shadow=False``, or a model the callback cannot replay) the model, buffers and
+  optimizer state go back to their values before the extension, bit for bit.
 - **Checkpoints.** A checkpoint never holds an extension: the callbacks resolve a cycle in flight
   first (:meth:`~TrainerBypass.resolve`): fold it if it is on C (judged on the return steps it
   had), else roll it back.
@@ -41,7 +47,9 @@ How the pieces sit inside a trainer:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections import deque
 
 import torch
@@ -49,10 +57,11 @@ from torch import nn
 
 from morphc.errors import BypassError, MorphcError, SiteError
 from morphc.integrations.extension import InPlaceExtension
+from morphc.integrations.plain import PlainBeside, Replay
 from morphc.integrations.sites import module_sites
 from morphc.ir.sites import select_sites
 from morphc.runtime.bypass import check_branch_settings, one_exclude_pattern
-from morphc.runtime.config import BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
+from morphc.runtime.config import Accept, BypassConfig, FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off, may_start
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import ExtensionGroup, loss_sign, training_group
@@ -141,15 +150,25 @@ class TrainerBypass:
         self._lr_seen, self._lr_changed_at = 0.0, 0
         self._lr_scale = float(self.config.extension_lr_scale)
         self._disabled: str | None = None
+        self._replay: Replay | None = None       # the callback's: a micro-batch run again
+        self._clip = None                         # the trainer's gradient clipping
+        self._beside: PlainBeside | None = None   # plain training beside the cycle in flight
+        self._inputs: list = []                   # this step's micro-batches, for it
+        self._step_groups: list[dict] = []        # the user's groups' settings for this step
 
     # -- joining and leaving the trainer ---------------------------------------------------------
     def attach(self, model: nn.Module, optimizer, *, max_grad_norm: float | None = None,
-               total_steps: int | None = None, step: int = 0) -> None:
+               total_steps: int | None = None, step: int = 0, replay: Replay | None = None,
+               clip_plain=None) -> None:
         """Start watching: find the sites (errors now, not mid-training) and hook the optimizer.
         ``max_grad_norm``: clip the extension's gradients in the step pre-hook (for trainers
-        that clip ``model.parameters()`` before ``optimizer.step()``, e.g. HF's)."""
+        that clip ``model.parameters()`` before ``optimizer.step()``, e.g. HF's). ``replay``:
+        runs a micro-batch given to :meth:`record_inputs` again and returns ``(loss, share)``,
+        so plain training can step beside a cycle; ``clip_plain()``: the trainer's clipping of
+        the gradients it leaves."""
         self.detach()
         self.model, self.optimizer = model, raw_optimizer(optimizer)
+        self._replay, self._clip = replay, clip_plain
         self.max_grad_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else None
         self.config.total_steps = total_steps if total_steps and total_steps > 0 else None
         self.step_count = int(step)
@@ -192,6 +211,17 @@ class TrainerBypass:
     @property
     def history(self) -> list[dict]:
         return self.log.events
+
+    @property
+    def wants_inputs(self) -> bool:
+        """Whether plain training beside a cycle needs this step's micro-batches."""
+        return self._beside is not None
+
+    def record_inputs(self, inputs) -> None:
+        """A micro-batch about to run (whatever ``replay`` takes), with the RNG state it will
+        draw from, for plain training's step beside the cycle."""
+        if self._beside is not None:
+            self._inputs.append((self._beside.rng_state(), inputs))
 
     def before_micro_batch(self) -> None:
         """A forward/backward is about to run: in a joint free phase, alternate s = 1 / 0."""
@@ -237,10 +267,42 @@ class TrainerBypass:
         self._pending.clear()
         self._shares.clear()
         self.step_count = int(step)
+        inputs, self._inputs = self._inputs, []
         if self._cycle is None:
             self._plain_step(value)
         else:
+            self._step_beside(inputs)
             self._cycle_step(value)
+
+    def _step_beside(self, inputs: list) -> None:
+        """Plain training's step on this step's micro-batches. A replay that fails (a
+        ``training_step`` that needs the trainer's loop) ends plain training beside cycles for
+        the run, with a warning: a miss then restores the state from before the cycle."""
+        beside = self._beside
+        if beside is None:
+            return
+        try:
+            if not inputs:
+                raise BypassError("no micro-batch was recorded for this step")
+            with self._extension_off():
+                beside.step(inputs, self._replay, self._step_groups,
+                            self._clip or (lambda: None))
+        except Exception as exc:
+            self._beside = None
+            self.config.shadow = False
+            warnings.warn(f"morphc could not train plainly beside its cycle ({type(exc).__name__}: "
+                          f"{exc}); a cycle that does not pay restores the state from before it "
+                          "instead (its steps are lost). shadow=False silences this",
+                          stacklevel=2)
+
+    @contextlib.contextmanager
+    def _extension_off(self):
+        ext = self._cycle.ext
+        was, ext.active = ext.active, False
+        try:
+            yield
+        finally:
+            ext.active = was
 
     # -- the optimizer's step hooks: the extension's group joins only inside step() --------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
@@ -248,6 +310,9 @@ class TrainerBypass:
         cycle = self._cycle
         if cycle is None:
             return
+        # the settings the scheduler gave the user's groups for this step, for plain training's
+        self._step_groups = [{k: v for k, v in g.items() if k != "params"}
+                             for g in optimizer.param_groups]
         group, cfg = cycle.group, self.config
         if "lr" not in cfg.extension_options:
             group.group["lr"] = self._lr_scale * float(training_group(optimizer)["lr"])
@@ -293,12 +358,33 @@ class TrainerBypass:
         group = ExtensionGroup(self.optimizer, ext.parameters(), cfg.extension_options)
         pace = getattr(self.trigger, "pace", None)
         self._cycle_losses, self._micro = [], 0
+        self._beside, self._inputs = self._take_beside(snapshot), []
         self._cycle = Cycle(ext, snapshot, group, cfg, started_at=self.step_count,
                             pace=pace() if callable(pace) else 0.0)
         self._cycle.loss_before = sum(self._plain) / len(self._plain)
         self._event("extend", sites=[s.name for s in ext.sites],
                     widths={n: b.width for n, b in ext.branches.items()})
         self._set_return_homotopy()
+
+    def _take_beside(self, snapshot: Snapshot) -> PlainBeside | None:
+        """Plain training beside the cycle whenever a verdict can hand it over and the
+        callback can replay micro-batches (taken before the extension: from the snapshot's
+        values, which are the model's now)."""
+        cfg = self.config
+        if not cfg.shadow or cfg.accept is Accept.ALWAYS or self._replay is None:
+            return None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            return None        # the replay runs the bare model: no all-reduce, ranks diverge
+        try:
+            return PlainBeside(self.model, self.optimizer)
+        except Exception as exc:
+            cfg.shadow = False
+            warnings.warn(f"morphc could not copy the optimizer to train plainly beside its "
+                          f"cycles ({type(exc).__name__}: {exc}); a cycle that does not pay "
+                          "restores the state from before it instead (its steps are lost)",
+                          stacklevel=2)
+            return None
 
     # -- steps of a cycle -------------------------------------------------------------------------
     def _cycle_step(self, value: float) -> None:
@@ -347,15 +433,23 @@ class TrainerBypass:
         before = cycle.loss_before
         recent = self._cycle_losses[-self.window:]
         after = sum(recent) / len(recent)
+        plain = None
+        if self._beside is not None and len(self._beside.losses) >= len(recent):
+            same_steps = self._beside.losses[-len(recent):]
+            plain = sum(same_steps) / len(same_steps)
         measures = {"loss_before": before, "loss_free": cycle.loss_free, "loss_after": after,
-                    "survival": cycle.survival(before, after), "window": len(recent)}
-        if not cycle.pays(before, after):
+                    "loss_plain": plain, "survival": cycle.survival(before, after),
+                    "window": len(recent)}
+        if not (cycle.pays(before, after) and (plain is None or after < plain)):
             self._unpaid, self._quiet_until = back_off(
                 self.config, self.trigger, step=self.step_count, misses=self._unpaid,
                 quiet=self._quiet_until, paid=False, before=before, after=after)
+            needed = before - cycle.required_gain(before)
+            needed = needed if plain is None else min(needed, plain)
             self._rollback(f"the cycle did not pay: mean training loss {after:.4g} over its last "
-                           f"{len(recent)} steps vs {before:.4g} before (needed < "
-                           f"{before - cycle.required_gain(before):.4g})", measures=measures,
+                           f"{len(recent)} steps vs {before:.4g} before"
+                           + ("" if plain is None else f" and {plain:.4g} for plain training "
+                              "beside it") + f" (needed < {needed:.4g})", measures=measures,
                            backoff=True)
             return
         residual = cycle.ext.constraint_residual()
@@ -375,6 +469,7 @@ class TrainerBypass:
     def _end_cycle(self) -> None:
         self._restore_free_buffers()
         cycle, self._cycle = self._cycle, None
+        self._beside, self._inputs = None, []
         if cycle.group.attached:
             cycle.group.detach()
         cycle.ext.remove()
@@ -383,14 +478,19 @@ class TrainerBypass:
 
     def _rollback(self, reason: str, exc: BaseException | None = None, *,
                   measures: dict | None = None, backoff: bool = False) -> None:
-        """Restore the user's weights, buffers and optimizer state from before the extension,
-        bit for bit."""
-        snapshot = self._cycle.snapshot
+        """Hand over plain training's state from beside the cycle (where the user would be
+        now without morphc), or without one restore the user's weights, buffers and optimizer
+        state from before the extension, bit for bit."""
+        snapshot, beside = self._cycle.snapshot, self._beside
         self._end_cycle()
-        snapshot.restore(self.model, self.optimizer)
+        if beside is not None:
+            beside.hand_over(self.optimizer)
+        else:
+            snapshot.restore(self.model, self.optimizer)
         self.failures += 1
-        self._event("rollback", reason=reason, **(measures or {}))
-        if self.config.on_failure is OnFailure.RAISE and not backoff:
+        self._event("rollback", reason=reason, to="plain" if beside is not None else "before",
+                    **(measures or {}))
+        if self.config.on_failure is OnFailure.RAISE and not backoff and beside is None:
             raise BypassError(f"{reason}. The model, its buffers and the optimizer state were "
                               "restored to their values before this cycle's extension.") from exc
 

@@ -16,6 +16,12 @@ Where it acts, in the Trainer's order per optimizer step (transformers 5.23)::
   forward (the model must compute its loss, i.e. be given ``labels``); under gradient
   accumulation transformers passes ``num_items_in_batch`` and each micro-batch's loss is a share
   of the step's, so the step's loss is their sum;
+- plain training beside a cycle: a forward pre-hook keeps each training micro-batch's inputs
+  (and the RNG state it draws from); after the step they run again through the model with
+  plain training's values, the loss read as the Trainer reads it (``.loss``, a share when
+  ``num_items_in_batch`` is passed, else divided by the micro-batches), clipped as the Trainer
+  clips (``args.max_grad_norm`` over ``model.parameters()``). A ``compute_loss`` override or
+  ``compute_loss_func`` is not replayed: pass ``shadow=False`` if your loss is not the model's;
 - ``optimizer.step()``: the extension's group joins the AcceleratedOptimizer's torch optimizer
   inside the step only, its gradients clipped to ``args.max_grad_norm`` (the Trainer clips
   ``model.parameters()``, which do not include the extension);
@@ -53,6 +59,7 @@ class BypassCallback(transformers.TrainerCallback):
     def __init__(self, trigger: Trigger | None = None, **options) -> None:
         self.bypass = TrainerBypass(trigger, **options)
         self._hooks: list = []
+        self._replaying = False
 
     @property
     def history(self) -> list[dict]:
@@ -64,9 +71,15 @@ class BypassCallback(transformers.TrainerCallback):
             raise BypassError("BypassCallback does not support fp16 training: its GradScaler "
                               "unscales only the optimizer's groups, and the extension's joins "
                               "inside step(); use bf16=True or fp32")
+        def clip():
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+
         self.bypass.attach(model, optimizer, max_grad_norm=args.max_grad_norm,
-                           total_steps=state.max_steps, step=state.global_step)
+                           total_steps=state.max_steps, step=state.global_step,
+                           replay=lambda inputs: self._replay(model, inputs), clip_plain=clip)
         self._hooks = [model.register_forward_hook(self._capture_loss, with_kwargs=True),
+                       model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
                        # torch marks the hook with an attribute: a bound method cannot take it
                        model.register_state_dict_post_hook(
                            lambda *args: self._warn_mid_cycle(*args))]
@@ -80,11 +93,30 @@ class BypassCallback(transformers.TrainerCallback):
                           "compute what the model computes now; call callback.bypass.resolve("
                           "'why') first to fold the cycle (or roll it back)", stacklevel=2)
 
+    def _capture_inputs(self, module, args, kwargs) -> None:
+        """A training micro-batch's inputs, kept for plain training's step beside a cycle."""
+        if self.bypass.wants_inputs and not self._replaying and module.training and \
+                torch.is_grad_enabled():
+            self.bypass.record_inputs((args, kwargs))
+
+    def _replay(self, model, inputs):
+        """A micro-batch run again, for plain training: ``(loss, share)``, as recorded."""
+        args, kwargs = inputs
+        self._replaying = True
+        try:
+            output = model(*args, **kwargs)
+        finally:
+            self._replaying = False
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is None:
+            raise BypassError("the model returned no loss when its micro-batch was run again")
+        return loss, kwargs.get("num_items_in_batch") is not None
+
     def _capture_loss(self, module, args, kwargs, output) -> None:
         """A training forward's ``output.loss``. Given ``num_items_in_batch`` (gradient
         accumulation in transformers 5), the model divides by the items of the whole
         accumulated step: that loss is a share of the step's loss."""
-        if not (module.training and torch.is_grad_enabled()):
+        if self._replaying or not (module.training and torch.is_grad_enabled()):
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if loss is not None:

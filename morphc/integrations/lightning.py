@@ -14,6 +14,11 @@ Where it acts (Lightning 2.6, automatic optimization)::
 - ``on_train_batch_start``: the joint free phase alternates s per micro-batch;
 - the training loss: ``outputs["loss"]`` of ``on_train_batch_end`` (Lightning divides it by
   ``accumulate_grad_batches``; multiplied back);
+- plain training beside a cycle: ``on_train_batch_start`` keeps the micro-batch (and the RNG
+  state it draws from); after the step ``training_step`` runs it again with plain training's
+  values (``self.log`` silenced, the precision plugin's autocast), its loss divided by the
+  micro-batches, clipped as ``gradient_clip_val`` / ``gradient_clip_algorithm`` say. A
+  ``configure_gradient_clipping`` or ``backward`` override is not replayed;
 - ``optimizer.step()``: the extension's group joins inside the step, before Lightning's closure
   runs, so Lightning's own gradient clipping (``gradient_clip_val``) covers it too;
 - ``on_train_batch_end`` with ``trainer.global_step`` advanced: the cycle moves;
@@ -52,6 +57,24 @@ def _budget(trainer) -> int | None:
     return int(estimate) if estimate and math.isfinite(estimate) else None
 
 
+def _replay(trainer, pl_module, inputs):
+    """``training_step`` run again on a micro-batch, for plain training beside a cycle; its
+    ``self.log`` calls are silenced (they would log plain training's values as the run's)."""
+    batch, batch_idx = inputs
+    silent = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
+    pl_module.__dict__.update(silent)
+    try:
+        with trainer.precision_plugin.train_step_context():
+            output = pl_module.training_step(batch, batch_idx)
+    finally:
+        for name in silent:
+            pl_module.__dict__.pop(name, None)
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if not isinstance(loss, torch.Tensor):
+        raise BypassError("training_step returned no loss when its micro-batch was run again")
+    return loss, False
+
+
 class BypassCallback(pl.Callback):
     """Run Bypass cycles inside ``lightning.Trainer``; settings as
     :class:`~morphc.integrations.core.TrainerBypass`. ``callback.history`` lists the events."""
@@ -77,12 +100,27 @@ class BypassCallback(pl.Callback):
                 "drive morphc.integrations.TrainerBypass from your training_step: attach(self, "
                 "optimizer) once, then before_micro_batch(), record_loss(loss) and, after "
                 "optimizer.step(), after_step(step)")
-        self.bypass.attach(pl_module, trainer.optimizers[0], total_steps=_budget(trainer),
-                           step=trainer.global_step)
+        optimizer = trainer.optimizers[0]
+
+        def clip():
+            value = trainer.gradient_clip_val
+            if not value:
+                return
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            if trainer.gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, value)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, value)
+
+        self.bypass.attach(pl_module, optimizer, total_steps=_budget(trainer),
+                           step=trainer.global_step,
+                           replay=lambda inputs: _replay(trainer, pl_module, inputs),
+                           clip_plain=clip)
         self._last_step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.bypass.before_micro_batch()
+        self.bypass.record_inputs((batch, batch_idx))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs

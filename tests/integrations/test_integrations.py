@@ -321,8 +321,10 @@ def test_hf_cycle_that_does_not_pay_is_rolled_back_bit_identically(tmp_path, nev
         pytest.skip(_bf16_ok())
     model = tiny_gpt2()
     before, after = _Recorder({3}), _Recorder({8})
+    # shadow=False: the state from before the cycle (with plain training beside the cycle, a
+    # miss hands plain training's over: test_outside_trainers2.py)
     callback = BypassCallback(morphc.Schedule(at=[3]), bypass_steps=2, return_steps=3, width=4,
-                              min_lr_fraction=0.0, verbose=False)
+                              min_lr_fraction=0.0, shadow=False, verbose=False)
     trainer = transformers.Trainer(
         model=model, args=_hf_args(tmp_path, max_steps=10, save_strategy="no", bf16=bf16),
         train_dataset=TokenData(), callbacks=[before.callback, callback, after.callback])
@@ -473,8 +475,10 @@ def test_lightning_cycle_that_does_not_pay_is_rolled_back_bit_identically(tmp_pa
                 states[self.step] = _state(module, trainer.optimizers[0])
 
     module = _lightning_module(scheduler=False)
+    # shadow=False: the state from before the cycle (with plain training beside the cycle, a
+    # miss hands plain training's over: test_outside_trainers2.py)
     callback = BypassCallback(morphc.Schedule(at=[3]), bypass_steps=2, return_steps=3, width=4,
-                              min_lr_fraction=0.0, verbose=False)
+                              min_lr_fraction=0.0, shadow=False, verbose=False)
     # step 3 recorded before the extension, step 8 after the rollback (callbacks run in order)
     trainer = _pl_trainer(tmp_path, [Recorder(3), callback, Recorder(8)], max_steps=10,
                           enable_checkpointing=False)
