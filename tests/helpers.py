@@ -58,12 +58,12 @@ def max_rel(a, b):
     return morphc.compiler.deviation.relative_deviation(a, b)
 
 
-def tiny_gpt2():
-    """A 2-layer, 16-wide GPT-2 LM with tied embeddings and no dropout (skips without
+def tiny_gpt2(dropout: float = 0.0):
+    """A 2-layer, 16-wide GPT-2 LM with tied embeddings, no dropout unless asked (skips without
     transformers): the integrations' Hugging Face model."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                                   bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg)

@@ -18,7 +18,7 @@ from torch import nn
 import morphc
 from morphc.integrations.core import TrainerBypass, raw_optimizer
 from morphc.runtime.cycle import Cycle
-from tests.helpers import TokenData
+from tests.helpers import TokenData, tiny_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,12 +48,7 @@ def never_pays(monkeypatch):
 
 # -- Hugging Face Trainer ------------------------------------------------------------------------
 def _gpt2_with_dropout():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(dropout=0.1)
 
 
 def _hf_run(tmp_path, callbacks, **overrides):
