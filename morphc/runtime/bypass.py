@@ -47,7 +47,6 @@ from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_g
 from morphc.runtime.shadow import Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
-from morphc.runtime.verdicts import JUDGED_BATCHES
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
 
 STATE_VERSION = 3
@@ -95,8 +94,9 @@ class Bypass(CycleRunner):
     parameters (keep driving your scheduler on it). ``trigger``: default :class:`Plateau`.
     Every other setting is a keyword of :class:`~morphc.runtime.config.BypassConfig`, explained
     in the README ("Bypass in your own loop"): phases (``bypass_steps``, ``return_steps``,
-    ``free_phase``, ``return_mode``), acceptance (``accept``, ``eval_closure``), sites (``sites``,
-    ``width``, ``activation``, ``exclude``, ``overrides``, ``top_k``, ``probe``), the extension's
+    ``free_phase``, ``return_mode``), acceptance (``accept``, ``eval_closure``,
+    ``judge_batches``), sites (``sites``, ``width``, ``activation``, ``exclude``, ``overrides``,
+    ``top_k``, ``probe``), the extension's
     optimizer group (``extension_options``, ``extension_lr_scale``), budget (``max_cycles``,
     ``total_steps``), failures (``on_failure``), plain training beside each cycle (``shadow``),
     wrapping (``compile``, ``ddp``, ``wrap``).
@@ -142,8 +142,9 @@ class Bypass(CycleRunner):
         self._cycle: Cycle | None = None
         self._module: nn.Module | None = None
         self._last_closure: Closure | None = None
-        self._recent_closures: deque[Closure] = deque(maxlen=JUDGED_BATCHES)   # verdicts
-        # judge on these when there is no eval_closure (see Verdicts._judged_on)
+        # what verdicts judge on without eval_closure (Verdicts._judged_on): kept only while a
+        # cycle or a probation is in flight, so no batch outlives its step otherwise
+        self._recent_closures: deque[Closure] = deque(maxlen=self.config.judge_batches)
         self._last_loss: float | None = None
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, 0   # how long the lr held still
@@ -206,7 +207,10 @@ class Bypass(CycleRunner):
                 f"bp.step expects a closure `module -> loss` (e.g. lambda m: F.mse_loss(m(x), "
                 f"y)), got {type(closure).__name__}: Bypass calls it on the module to train now")
         self._last_closure = closure
-        self._recent_closures.append(closure)
+        if self._cycle is not None or self._probation is not None:
+            self._recent_closures.append(closure)
+        elif self._recent_closures:
+            self._recent_closures.clear()
         if self._cycle is not None:
             return self._cycle_step(closure)
         if self._probation is not None:

@@ -68,6 +68,7 @@ class BypassConfig:
     example_kwargs: Mapping | None = None
     dynamic_shapes: Any = None
     eval_closure: Callable | None = None
+    judge_batches: int = 8            # without eval_closure: verdicts average this many steps'
     seed: int = 0
     init_scale: float = 1.0
     extension_options: Mapping | None = None
@@ -122,6 +123,10 @@ class BypassConfig:
                 raise BypassError(f"{name} must be a finite number >= 0, got {value!r}")
         if not 0.0 <= self.min_lr_fraction <= 1.0:
             raise BypassError(f"min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
+        if isinstance(self.judge_batches, bool) or not isinstance(self.judge_batches, int) or \
+                self.judge_batches < 1:
+            raise BypassError(f"judge_batches must be an int >= 1 (1: the last batch alone), got "
+                              f"{self.judge_batches!r}")
         if self.eval_closure is not None and not callable(self.eval_closure):
             raise BypassError("eval_closure must be a callable module -> loss tensor")
         self.exclude = tuple(self.exclude)

@@ -1,7 +1,7 @@
 """How a cycle is judged: on what data, against what, and what a verdict does.
 
 A cycle is kept only if the contracted model beats, on the same data (``eval_closure``, else the
-closures of the last :data:`JUDGED_BATCHES` steps), the model from before it by more than plain
+closures of the last ``judge_batches`` steps), the model from before it by more than plain
 training's recent pace — and plain training run beside it (:mod:`~morphc.runtime.shadow`). A
 free phase that found nothing ends the cycle early. A verdict against a cycle hands over the
 plain-training copy (or restores the state from before the cycle) and makes the trigger back
@@ -25,11 +25,6 @@ from morphc.runtime.shadow import plain_leads
 from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import Closure
 from morphc.runtime.wrapping import all_reduce_mean
-
-JUDGED_BATCHES = 8
-"""How many of the last steps' batches a verdict averages over when there is no
-``eval_closure``: on one minibatch — an epoch's last may hold a handful of samples — which of
-two close runs is kept would be decided by that batch's noise."""
 
 
 class RecentBatches:
@@ -55,7 +50,9 @@ class Verdicts:
 
     def _judged_on(self, closure: Closure | None) -> Closure | None:
         """What verdicts compare models on: ``eval_closure`` if given, else the closures of
-        the last :data:`JUDGED_BATCHES` steps (``closure``, the current step's, among them)."""
+        the last ``judge_batches`` steps of the cycle or probation in flight (``closure``, the
+        current step's, among them). On one minibatch — an epoch's last may hold a handful of
+        samples — which of two close runs is kept would be decided by that batch's noise."""
         if self.config.eval_closure is not None or closure is None:
             return self.config.eval_closure or closure
         recent = tuple(self._recent_closures)

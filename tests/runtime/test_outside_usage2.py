@@ -206,3 +206,20 @@ def test_full_batch_verdicts_are_the_closures_own_value():
     closures = tuple(lambda m: F.mse_loss(m(x), torch.zeros(16, 1)) for _ in range(3))
     with torch.no_grad():
         assert RecentBatches(closures)(model) == float(closures[0](model))
+
+
+def test_batches_are_held_for_verdicts_only_while_a_cycle_runs_and_judge_batches_is_checked():
+    # the closures (and the batches they hold) of plain steps are not kept: a verdict only
+    # ever reads the steps of the cycle or probation it ends
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(at=[3]), bypass_steps=4,
+                       return_steps=4, probation_steps=0, judge_batches=2, verbose=False)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    held = []
+    for _ in range(14):
+        bp.step(lambda m: F.mse_loss(m(x), y))
+        held.append(len(bp._recent_closures))
+    assert held[:3] == [0, 0, 0] and max(held) == 2 and held[-1] == 0
+    with pytest.raises(morphc.BypassError, match="judge_batches"):
+        morphc.Bypass(_net(), optimizer, judge_batches=0)
