@@ -257,8 +257,9 @@ class TrainerBypass(TrainerCycle):
             raise BypassError("no training loss was recorded for this optimizer step: the "
                               "trainer integration reads it from the model's output (.loss / "
                               "['loss']) or the training step's output; return the loss there, or "
-                              "where you compute it yourself (a Trainer.compute_loss override) "
-                              "call callback.bypass.record_loss(loss) once per micro-batch")
+                              "where you compute it yourself (e.g. a Trainer.training_step "
+                              "override that does not call compute_loss) call "
+                              "callback.bypass.record_loss(loss) once per micro-batch")
         value = self._sign * sum(self._pending)
         if not all(self._shares):
             value /= len(self._pending)

@@ -1,0 +1,124 @@
+"""Outside-in probes of the trainer callbacks in the set-ups users run, third round.
+
+Where the Trainer computes the loss itself (label smoothing, ``compute_loss_func``, a
+``compute_loss`` override) the model's ``.loss`` is another objective or absent: the callback
+crashed at the first step, or judged cycles on the wrong loss and trained plain training beside
+them on it (a miss then handed over a state plain training never had). Each test compares with
+the same run without the callback, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import morphc
+from morphc.integrations.core import raw_optimizer
+from morphc.runtime.cycle import Cycle
+from tests.helpers import TokenData
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+
+def _state(model, optimizer):
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = {n: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+           for n, p in model.named_parameters() if p in optimizer.state}
+    return params, opt
+
+
+def _differences(a, b) -> list[str]:
+    """Names whose tensors differ (empty: bit-identical weights, buffers, optimizer state)."""
+    (pa, oa), (pb, ob) = a, b
+    assert pa.keys() == pb.keys() and oa.keys() == ob.keys()
+    return [k for k in pa if not torch.equal(pa[k], pb[k])] + [
+        f"{n}.{k}" for n in oa for k in oa[n] if not torch.equal(oa[n][k], ob[n][k])]
+
+
+@pytest.fixture
+def never_pays(monkeypatch):
+    monkeypatch.setattr(Cycle, "pays", lambda self, before, after: False)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+class _PenaltyTrainer(transformers.Trainer):
+    """A compute_loss override that still passes labels: ``.loss`` exists, but is not trained."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss + 0.1 * sum((p ** 2).sum() for p in model.parameters())
+        return (loss, outputs) if return_outputs else loss
+
+
+class _StepTrainer(transformers.Trainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _token_loss(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.size(-1))
+    loss = F.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else labels[:, 1:].numel())
+
+
+_SETUPS = {"label_smoothing": ({"label_smoothing_factor": 0.1}, {}, transformers.Trainer),
+           "compute_loss_func": ({}, {"compute_loss_func": _token_loss}, transformers.Trainer),
+           "compute_loss_override": ({}, {}, _PenaltyTrainer)}
+
+
+def _hf_run(tmp_path, callbacks, args=None, trainer_options=None, cls=transformers.Trainer):
+    options = dict(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+                   gradient_accumulation_steps=2, learning_rate=2e-3, lr_scheduler_type="linear",
+                   max_grad_norm=0.5, save_strategy="no", report_to=[], use_cpu=True,
+                   disable_tqdm=True, logging_steps=100, seed=0, dataloader_num_workers=0)
+    trainer = cls(model=_gpt2(), args=transformers.TrainingArguments(**options, **(args or {})),
+                  train_dataset=TokenData(), callbacks=callbacks, **(trainer_options or {}))
+    trainer.train()
+    return trainer
+
+
+def _hf_callback(**options):
+    from morphc.integrations.hf import BypassCallback
+
+    return BypassCallback(morphc.Schedule(every=3), **{
+        **dict(bypass_steps=2, return_steps=2, width=4, min_lr_fraction=0.0, verbose=False),
+        **options})
+
+
+@pytest.mark.parametrize("setup", sorted(_SETUPS))
+def test_hf_a_missed_cycle_under_the_trainers_own_loss_leaves_plain_trainings_state(
+        tmp_path, never_pays, setup):
+    """The loss the Trainer trains is recorded and replayed (label smoothing and
+    compute_loss_func used to stop the run at step 1; the override handed over a state
+    trained on the model's .loss instead)."""
+    args, options, cls = _SETUPS[setup]
+    plain = _hf_run(tmp_path / "plain", [], args, options, cls)
+    callback = _hf_callback()
+    mine = _hf_run(tmp_path / "morphc", [callback], args, options, cls)
+    assert _differences(_state(mine.model, raw_optimizer(mine.optimizer)),
+                        _state(plain.model, raw_optimizer(plain.optimizer))) == []
+    rollback = [e for e in callback.history if e["event"] == "rollback"]
+    assert [(e["step"], e["to"]) for e in rollback] == [(7, "plain")]
+    assert "compute_loss" not in vars(mine)        # the wrapper is gone after training
+
+
+def test_hf_a_training_step_override_warns_once_and_restores_the_state_before(tmp_path,
+                                                                            never_pays):
+    """Its micro-batches cannot be replayed: one warning naming it and shadow=False."""
+    callback = _hf_callback()
+    with pytest.warns(UserWarning, match="overriding training_step.*shadow=False") as caught:
+        _hf_run(tmp_path, [callback], cls=_StepTrainer)
+    assert sum("morphc" in str(w.message) for w in caught) == 1
+    rollback = [e for e in callback.history if e["event"] == "rollback"]
+    assert [e["to"] for e in rollback] == ["before"]
