@@ -139,7 +139,8 @@ class BypassCallback(transformers.TrainerCallback):
             training = model.training and torch.is_grad_enabled() and not self._replaying
             items = kwargs.get("num_items_in_batch")
             if training:
-                self.bypass.record_inputs((original, model, dict(inputs), args, kwargs))
+                where = (trainer.state.global_step, trainer.state.epoch)
+                self.bypass.record_inputs((original, model, dict(inputs), args, kwargs, where))
             result = original(model, inputs, *args, **kwargs)
             if training:
                 returned = kwargs.get("return_outputs", args[0] if args else False)
@@ -151,17 +152,22 @@ class BypassCallback(transformers.TrainerCallback):
         trainer.compute_loss = compute_loss
 
     def _replay_compute_loss(self, inputs):
-        """A micro-batch through ``compute_loss`` again (``Trainer.log`` silenced: it would log
-        plain training's values as the run's): ``(loss, share)``, as recorded."""
-        original, model, batch, args, kwargs = inputs
+        """A micro-batch through ``compute_loss`` again, at the ``state.global_step`` / ``epoch``
+        it ran at (an override may weigh its loss by them; the step has moved on since) and with
+        ``Trainer.log`` silenced (it would log plain training's values as the run's):
+        ``(loss, share)``, as recorded."""
+        original, model, batch, args, kwargs, (step, epoch) = inputs
         trainer = self._trainer
         self._replaying, had_log = True, "log" in vars(trainer)
+        now = trainer.state.global_step, trainer.state.epoch
+        trainer.state.global_step, trainer.state.epoch = step, epoch
         trainer.log = lambda *a, **k: None
         try:
             with trainer.compute_loss_context_manager():
                 result = original(model, dict(batch), *args, **kwargs)
         finally:
             self._replaying = False
+            trainer.state.global_step, trainer.state.epoch = now
             if not had_log:
                 del trainer.log
         returned = kwargs.get("return_outputs", args[0] if args else False)

@@ -122,3 +122,80 @@ def test_hf_a_training_step_override_warns_once_and_restores_the_state_before(tm
     assert sum("morphc" in str(w.message) for w in caught) == 1
     rollback = [e for e in callback.history if e["event"] == "rollback"]
     assert [e["to"] for e in rollback] == ["before"]
+
+
+class _WarmupTrainer(transformers.Trainer):
+    """A loss weighed by the step count (a warm-up): the replay, after the step, must see the
+    step its micro-batch ran at."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss * min(1.0, (self.state.global_step + 1) / 40)
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_hf_a_step_weighted_compute_loss_is_replayed_at_its_own_step(tmp_path, never_pays):
+    plain = _hf_run(tmp_path / "plain", [], cls=_WarmupTrainer)
+    callback = _hf_callback()
+    mine = _hf_run(tmp_path / "morphc", [callback], cls=_WarmupTrainer)
+    assert _differences(_state(mine.model, raw_optimizer(mine.optimizer)),
+                        _state(plain.model, raw_optimizer(plain.optimizer))) == []
+    assert mine.state.global_step == 8
+
+
+# -- Lightning -----------------------------------------------------------------------------------
+def _lightning_run(tmp_path, callbacks, **overrides):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        """Logs to the progress bar, weighs its loss by ``self.global_step`` (a warm-up) and
+        decays its lr per step through a scheduler dict."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(),
+                                           torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.mse_loss(self.net(x).squeeze(-1), y)
+            loss = loss * min(1.0, (self.global_step + 1) / 40) + 0 * self.trainer.current_epoch
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 / (1 + 0.1 * k))
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+    torch.manual_seed(0)
+    module = Module()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 4, generator=g)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, torch.sin(x.sum(-1))), batch_size=8)
+    options = dict(max_steps=10, accelerator="cpu", devices=1, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False, default_root_dir=str(tmp_path),
+                   num_sanity_val_steps=0, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    trainer = pl.Trainer(callbacks=callbacks, **{**options, **overrides})
+    trainer.fit(module, loader)
+    return module, trainer.optimizers[0], trainer
+
+
+def test_lightning_a_training_step_that_reads_global_step_is_replayed_at_its_own_step(
+        tmp_path, never_pays):
+    """The replay runs after the optimizer step: it used to see global_step + 1, so plain
+    training beside the cycle trained another loss and a miss handed over its state."""
+    from morphc.integrations.lightning import BypassCallback
+
+    module, optimizer, _ = _lightning_run(tmp_path / "plain", [])
+    plain = _state(module, optimizer)
+    callback = BypassCallback(morphc.Schedule(at=[3]), bypass_steps=2, return_steps=2, width=4,
+                              min_lr_fraction=0.0, verbose=False)
+    module, optimizer, trainer = _lightning_run(tmp_path / "morphc", [callback])
+    assert _differences(_state(module, optimizer), plain) == []
+    assert [(e["step"], e["to"]) for e in callback.history if e["event"] == "rollback"] == \
+        [(7, "plain")]
+    assert trainer.global_step == 10
