@@ -199,3 +199,54 @@ def test_lightning_a_training_step_that_reads_global_step_is_replayed_at_its_own
     assert [(e["step"], e["to"]) for e in callback.history if e["event"] == "rollback"] == \
         [(7, "plain")]
     assert trainer.global_step == 10
+
+
+# -- a checkpoint or evaluation due at the step a cycle starts ----------------------------------
+class _Stuck(morphc.Trigger):
+    """Fires once it has seen two losses since its last reset (as Plateau needs full windows)."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def update(self, loss, *, step, grad_norm=None):
+        self.seen += 1
+        return step >= 4 and self.seen >= 2
+
+    def reset(self):
+        self.seen = 0
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+def test_a_cycle_resolved_at_the_step_it_started_is_withdrawn_and_starts_again_next_step():
+    """It used to count as a miss and reset the trigger: a Plateau then waited two windows of
+    fresh losses before the next cycle, for a checkpoint that happened to fall on its start."""
+    from morphc.integrations.core import TrainerBypass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    bypass = TrainerBypass(_Stuck(), bypass_steps=2, return_steps=2, width=2,
+                           min_lr_fraction=0.0, verbose=False)
+    bypass.attach(model, optimizer)
+    for step in range(1, 6):
+        optimizer.zero_grad()
+        bypass.before_micro_batch()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        bypass.record_loss(loss)
+        bypass.after_step(step)
+        if step == 4:
+            kept = _state(model, optimizer)
+            bypass.resolve("a checkpoint")
+            assert _differences(_state(model, optimizer), kept) == []
+    assert [(e["event"], e["step"]) for e in bypass.history] == [
+        ("extend", 4), ("rollback", 4), ("extend", 5)]
+    assert bypass.failures == 0 and bypass.in_cycle
+    bypass.finish()
