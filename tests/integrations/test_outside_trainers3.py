@@ -82,7 +82,7 @@ def _hf_run(tmp_path, callbacks, args=None, trainer_options=None, cls=transforme
                    gradient_accumulation_steps=2, learning_rate=2e-3, lr_scheduler_type="linear",
                    max_grad_norm=0.5, save_strategy="no", report_to=[], use_cpu=True,
                    disable_tqdm=True, logging_steps=100, seed=0, dataloader_num_workers=0)
-    trainer = cls(model=_gpt2(), args=transformers.TrainingArguments(**options, **(args or {})),
+    trainer = cls(model=_gpt2(), args=transformers.TrainingArguments(**{**options, **(args or {})}),
                   train_dataset=TokenData(), callbacks=callbacks, **(trainer_options or {}))
     trainer.train()
     return trainer
@@ -250,3 +250,28 @@ def test_a_cycle_resolved_at_the_step_it_started_is_withdrawn_and_starts_again_n
         ("extend", 4), ("rollback", 4), ("extend", 5)]
     assert bypass.failures == 0 and bypass.in_cycle
     bypass.finish()
+
+
+class _StopAt7(transformers.TrainerCallback):
+    """A run stopped early (a time limit, a custom criterion) in the middle of a cycle."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 7:
+            control.should_training_stop = True
+
+
+def test_hf_load_best_model_at_end_after_a_run_stopped_mid_cycle_keeps_the_best(tmp_path):
+    """The Trainer loads the best checkpoint before on_train_end, where the cycle used to be
+    resolved: its hand-over then overwrote the best model with plain training's last state."""
+    from safetensors.torch import load_file
+
+    callback = _hf_callback(bypass_steps=2, return_steps=2)
+    callback.bypass.trigger = morphc.Schedule(at=[5])
+    trainer = _hf_run(tmp_path, [_StopAt7(), callback], args=dict(
+        eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+        load_best_model_at_end=True, max_steps=12), trainer_options={
+        "eval_dataset": TokenData(n=16, seed=1)})
+    assert trainer.state.global_step == 7 and callback.history[0]["step"] == 5
+    best = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    mine = trainer.model.state_dict()
+    assert [k for k in best if not torch.equal(best[k], mine[k])] == []
