@@ -17,9 +17,10 @@ Where it acts (Lightning 2.6, automatic optimization)::
 - plain training beside a cycle: ``on_train_batch_start`` keeps the micro-batch (and the RNG
   state it draws from); after the step ``training_step`` runs it again with plain training's
   values (``self.log`` silenced, the precision plugin's autocast, ``global_step`` as the
-  micro-batch saw it), its loss divided by the
-  micro-batches, clipped as ``gradient_clip_val`` / ``gradient_clip_algorithm`` say. A
-  ``configure_gradient_clipping`` or ``backward`` override is not replayed;
+  micro-batch saw it), its loss divided by ``accumulate_grad_batches`` as Lightning divides
+  it (also in an epoch's shorter last step), clipped as ``gradient_clip_val`` /
+  ``gradient_clip_algorithm`` say. A ``configure_gradient_clipping`` or ``backward`` override
+  is not replayed;
 - ``optimizer.step()``: the extension's group joins inside the step, before Lightning's closure
   runs, so Lightning's own gradient clipping (``gradient_clip_val``) covers it too;
 - ``on_train_batch_end`` with ``trainer.global_step`` advanced: the cycle moves;
@@ -105,7 +106,7 @@ def _replay(trainer, pl_module, inputs):
     loss = output.get("loss") if isinstance(output, dict) else output
     if not isinstance(loss, torch.Tensor):
         raise BypassError("training_step returned no loss when its micro-batch was run again")
-    return loss, False
+    return loss, int(trainer.accumulate_grad_batches)   # Lightning's divisor, in every step
 
 
 class BypassCallback(pl.Callback):

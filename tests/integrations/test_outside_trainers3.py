@@ -275,3 +275,21 @@ def test_hf_load_best_model_at_end_after_a_run_stopped_mid_cycle_keeps_the_best(
     best = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
     mine = trainer.model.state_dict()
     assert [k for k in best if not torch.equal(best[k], mine[k])] == []
+
+
+def test_lightning_an_epochs_shorter_last_accumulation_is_replayed_as_lightning_scales_it(
+        tmp_path, never_pays):
+    """16 batches, accumulate_grad_batches=3: step 6 has one micro-batch, which Lightning still
+    divides by 3; the replay divided by the micro-batches it had (1), a 3x gradient."""
+    from morphc.integrations.lightning import BypassCallback
+
+    module, optimizer, _ = _lightning_run(tmp_path / "plain", [], accumulate_grad_batches=3,
+                                          max_steps=8)
+    plain = _state(module, optimizer)
+    callback = BypassCallback(morphc.Schedule(at=[3]), bypass_steps=2, return_steps=2, width=4,
+                              min_lr_fraction=0.0, verbose=False)
+    module, optimizer, _ = _lightning_run(tmp_path / "morphc", [callback],
+                                          accumulate_grad_batches=3, max_steps=8)
+    assert _differences(_state(module, optimizer), plain) == []
+    assert [(e["step"], e["to"]) for e in callback.history if e["event"] == "rollback"] == \
+        [(7, "plain")]
