@@ -43,6 +43,7 @@ except ImportError as exc:   # pragma: no cover - exercised without the extra
 
 import contextlib
 import math
+import warnings
 
 import torch
 
@@ -109,6 +110,25 @@ def _replay(trainer, pl_module, inputs):
     return loss, int(trainer.accumulate_grad_batches)   # Lightning's divisor, in every step
 
 
+# hooks that change the gradients a step trains on, which the replay (training_step, the
+# loss's backward, gradient_clip_val) does not run
+_GRADIENT_HOOKS = ("backward", "configure_gradient_clipping")
+
+
+def _no_replay_of_overrides(pl_module, config) -> None:
+    """A module overriding a hook that changes its gradients cannot be replayed faithfully:
+    plain training beside cycles is turned off, with one warning."""
+    overridden = [name for name in _GRADIENT_HOOKS
+                  if getattr(type(pl_module), name) is not getattr(pl.LightningModule, name)]
+    if overridden and config.shadow:
+        config.shadow = False
+        warnings.warn(f"{type(pl_module).__name__} overrides {', '.join(overridden)}, which "
+                      "morphc's replay of its micro-batches would not run: plain training does "
+                      "not run beside its cycles, and a cycle that does not pay restores the "
+                      "state from before it (its steps are lost). shadow=False silences this",
+                      stacklevel=3)
+
+
 class BypassCallback(pl.Callback):
     """Run Bypass cycles inside ``lightning.Trainer``; settings as
     :class:`~morphc.integrations.core.TrainerBypass`. ``callback.history`` lists the events."""
@@ -146,6 +166,7 @@ class BypassCallback(pl.Callback):
             else:
                 torch.nn.utils.clip_grad_norm_(params, value)
 
+        _no_replay_of_overrides(pl_module, self.bypass.config)
         self.bypass.attach(pl_module, optimizer, total_steps=_budget(trainer),
                            step=trainer.global_step,
                            replay=lambda inputs: _replay(trainer, pl_module, inputs),

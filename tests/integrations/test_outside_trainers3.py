@@ -293,3 +293,22 @@ def test_lightning_an_epochs_shorter_last_accumulation_is_replayed_as_lightning_
     assert _differences(_state(module, optimizer), plain) == []
     assert [(e["step"], e["to"]) for e in callback.history if e["event"] == "rollback"] == \
         [(7, "plain")]
+
+
+def test_lightning_a_gradient_clipping_override_warns_once_and_restores_the_state_before(
+        tmp_path, never_pays):
+    """configure_gradient_clipping changes the gradients the step trains on and the replay
+    does not run it: one warning naming it and shadow=False, and the old rollback."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from morphc.integrations.lightning import _no_replay_of_overrides
+
+    class Clipped(pl.LightningModule):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                        gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, 0.1, "value")
+
+    config = morphc.integrations.TrainerBypass(bypass_steps=2, return_steps=2).config
+    with pytest.warns(UserWarning, match="configure_gradient_clipping.*shadow=False"):
+        _no_replay_of_overrides(Clipped(), config)
+    assert not config.shadow
+    _no_replay_of_overrides(pl.LightningModule(), config)     # no second warning, nothing on
