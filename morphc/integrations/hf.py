@@ -158,7 +158,7 @@ class BypassCallback(transformers.TrainerCallback):
         ``(loss, share)``, as recorded."""
         original, model, batch, args, kwargs, (step, epoch) = inputs
         trainer = self._trainer
-        self._replaying, had_log = True, "log" in vars(trainer)
+        self._replaying, own_log = True, vars(trainer).get("log")
         now = trainer.state.global_step, trainer.state.epoch
         trainer.state.global_step, trainer.state.epoch = step, epoch
         trainer.log = lambda *a, **k: None
@@ -168,8 +168,9 @@ class BypassCallback(transformers.TrainerCallback):
         finally:
             self._replaying = False
             trainer.state.global_step, trainer.state.epoch = now
-            if not had_log:
-                del trainer.log
+            del trainer.log
+            if own_log is not None:
+                trainer.log = own_log
         returned = kwargs.get("return_outputs", args[0] if args else False)
         return (result[0] if returned else result,
                 _scaled_for_accumulation(trainer, kwargs.get("num_items_in_batch")))
