@@ -180,7 +180,15 @@ class TrainerBypass(TrainerCycle):
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, self.step_count
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
-                         self.optimizer.register_step_post_hook(self._post_step)]
+                         self.optimizer.register_step_post_hook(self._post_step),
+                         model.register_load_state_dict_pre_hook(self._before_load)]
+
+    def _before_load(self, module, state_dict, prefix, *args) -> None:
+        """Weights loaded into the model mid-cycle (HF's ``load_best_model_at_end`` after a
+        run stopped mid-cycle, a callback restoring a checkpoint): resolve the cycle first, or
+        resolving it afterwards — at the end of training — overwrites what was loaded."""
+        if not prefix:
+            self.resolve("weights were loaded into the model")
 
     def detach(self) -> None:
         """Stop watching (a cycle in flight must be resolved first: see :meth:`finish`)."""
@@ -257,8 +265,9 @@ class TrainerBypass(TrainerCycle):
             raise BypassError("no training loss was recorded for this optimizer step: the "
                               "trainer integration reads it from the model's output (.loss / "
                               "['loss']) or the training step's output; return the loss there, or "
-                              "where you compute it yourself (a Trainer.compute_loss override) "
-                              "call callback.bypass.record_loss(loss) once per micro-batch")
+                              "where you compute it yourself (e.g. a Trainer.training_step "
+                              "override that does not call compute_loss) call "
+                              "callback.bypass.record_loss(loss) once per micro-batch")
         value = self._sign * sum(self._pending)
         if not all(self._shares):
             value /= len(self._pending)

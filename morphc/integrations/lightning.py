@@ -16,9 +16,11 @@ Where it acts (Lightning 2.6, automatic optimization)::
   ``accumulate_grad_batches``; multiplied back);
 - plain training beside a cycle: ``on_train_batch_start`` keeps the micro-batch (and the RNG
   state it draws from); after the step ``training_step`` runs it again with plain training's
-  values (``self.log`` silenced, the precision plugin's autocast), its loss divided by the
-  micro-batches, clipped as ``gradient_clip_val`` / ``gradient_clip_algorithm`` say. A
-  ``configure_gradient_clipping`` or ``backward`` override is not replayed;
+  values (``self.log`` silenced, the precision plugin's autocast, ``global_step`` as the
+  micro-batch saw it), its loss divided by ``accumulate_grad_batches`` as Lightning divides
+  it (also in an epoch's shorter last step), clipped as ``gradient_clip_val`` /
+  ``gradient_clip_algorithm`` say. A ``configure_gradient_clipping`` or ``backward`` override
+  is not replayed;
 - ``optimizer.step()``: the extension's group joins inside the step, before Lightning's closure
   runs, so Lightning's own gradient clipping (``gradient_clip_val``) covers it too;
 - ``on_train_batch_end`` with ``trainer.global_step`` advanced: the cycle moves;
@@ -39,7 +41,9 @@ except ImportError as exc:   # pragma: no cover - exercised without the extra
     raise ImportError("morphc.integrations.lightning needs lightning: pip install "
                       "'morphc[lightning]'") from exc
 
+import contextlib
 import math
+import warnings
 
 import torch
 
@@ -57,14 +61,45 @@ def _budget(trainer) -> int | None:
     return int(estimate) if estimate and math.isfinite(estimate) else None
 
 
+def _step_counter(trainer):
+    """The progress counter ``trainer.global_step`` reads (Lightning 2.x, automatic
+    optimization), or None."""
+    try:
+        loop = trainer.fit_loop.epoch_loop.automatic_optimization
+        return loop.optim_progress.optimizer.step.total
+    except AttributeError:
+        return None
+
+
+@contextlib.contextmanager
+def _at_step(trainer, step: int):
+    """``trainer.global_step`` (and ``self.global_step``) as the micro-batch saw it: the replay
+    runs after the optimizer step, and a ``training_step`` that weighs its loss by the step
+    (a warm-up, a KL anneal) would otherwise train plain training on another loss."""
+    counter = _step_counter(trainer)
+    if trainer.global_step == step:
+        yield
+        return
+    if counter is None:
+        raise BypassError("cannot show training_step the step its micro-batch ran at")
+    kept, counter.completed = counter.completed, counter.completed - (trainer.global_step - step)
+    try:
+        if trainer.global_step != step:
+            raise BypassError("cannot show training_step the step its micro-batch ran at")
+        yield
+    finally:
+        counter.completed = kept
+
+
 def _replay(trainer, pl_module, inputs):
-    """``training_step`` run again on a micro-batch, for plain training beside a cycle; its
-    ``self.log`` calls are silenced (they would log plain training's values as the run's)."""
-    batch, batch_idx = inputs
+    """``training_step`` run again on a micro-batch, for plain training beside a cycle, at the
+    step it ran at; its ``self.log`` calls are silenced (they would log plain training's values
+    as the run's)."""
+    batch, batch_idx, step = inputs
     silent = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
     pl_module.__dict__.update(silent)
     try:
-        with trainer.precision_plugin.train_step_context():
+        with _at_step(trainer, step), trainer.precision_plugin.train_step_context():
             output = pl_module.training_step(batch, batch_idx)
     finally:
         for name in silent:
@@ -72,7 +107,26 @@ def _replay(trainer, pl_module, inputs):
     loss = output.get("loss") if isinstance(output, dict) else output
     if not isinstance(loss, torch.Tensor):
         raise BypassError("training_step returned no loss when its micro-batch was run again")
-    return loss, False
+    return loss, int(trainer.accumulate_grad_batches)   # Lightning's divisor, in every step
+
+
+# hooks that change the gradients a step trains on, which the replay (training_step, the
+# loss's backward, gradient_clip_val) does not run
+_GRADIENT_HOOKS = ("backward", "configure_gradient_clipping")
+
+
+def _no_replay_of_overrides(pl_module, config) -> None:
+    """A module overriding a hook that changes its gradients cannot be replayed faithfully:
+    plain training beside cycles is turned off, with one warning."""
+    overridden = [name for name in _GRADIENT_HOOKS
+                  if getattr(type(pl_module), name) is not getattr(pl.LightningModule, name)]
+    if overridden and config.shadow:
+        config.shadow = False
+        warnings.warn(f"{type(pl_module).__name__} overrides {', '.join(overridden)}, which "
+                      "morphc's replay of its micro-batches would not run: plain training does "
+                      "not run beside its cycles, and a cycle that does not pay restores the "
+                      "state from before it (its steps are lost). shadow=False silences this",
+                      stacklevel=3)
 
 
 class BypassCallback(pl.Callback):
@@ -112,6 +166,7 @@ class BypassCallback(pl.Callback):
             else:
                 torch.nn.utils.clip_grad_norm_(params, value)
 
+        _no_replay_of_overrides(pl_module, self.bypass.config)
         self.bypass.attach(pl_module, optimizer, total_steps=_budget(trainer),
                            step=trainer.global_step,
                            replay=lambda inputs: _replay(trainer, pl_module, inputs),
@@ -120,7 +175,7 @@ class BypassCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.bypass.before_micro_batch()
-        self.bypass.record_inputs((batch, batch_idx))
+        self.bypass.record_inputs((batch, batch_idx, trainer.global_step))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs

@@ -25,8 +25,10 @@ from torch import nn
 from morphc.compiler.deviation import cuda_devices
 from morphc.runtime.snapshot import trained_outside
 
-# one micro-batch run again: returns (its loss, whether it is a share of the step's loss)
-Replay = Callable[[object], tuple[torch.Tensor, bool]]
+# one micro-batch run again: returns (its loss, whether it is a share of the step's loss — or
+# the int the trainer divides it by for its backward whatever the step's micro-batches, as
+# Lightning divides by accumulate_grad_batches even in an epoch's shorter last step)
+Replay = Callable[[object], tuple[torch.Tensor, bool | int]]
 
 
 def copy_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -103,9 +105,10 @@ class PlainBeside:
                 for device, state in zip(self.devices, cudas, strict=True):
                     torch.cuda.set_rng_state(state, device)
                 loss, share = replay(inputs)
-                shares.append(share)
+                shares.append(share is True)
                 losses.append(float(loss.detach()))
-                (loss if share else loss / len(micro_batches)).backward()
+                divisor = share if type(share) is int else 1 if share else len(micro_batches)
+                (loss if divisor == 1 else loss / divisor).backward()
             value = sum(losses) if all(shares) else sum(losses) / max(len(losses), 1)
             finite = math.isfinite(value) and all(
                 p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)

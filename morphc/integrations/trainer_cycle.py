@@ -100,6 +100,9 @@ class TrainerCycle:
         cycle = self._cycle
         if cycle is None:
             return
+        if self.step_count == cycle.started_at:
+            self._withdraw(reason)
+            return
         on_c = cycle.ext.constraint_residual() == 0.0
         if cycle.phase is Phase.RETURN and self._cycle_losses and on_c:
             self._close(reason)
@@ -149,15 +152,27 @@ class TrainerCycle:
         self._event("contract", residual=residual, deviation=deviation, reason=reason,
                     sites=[s.name for s in cycle.ext.sites], **measures)
 
-    def _end_cycle(self) -> None:
+    def _withdraw(self, reason: str) -> None:
+        """A cycle resolved at the step it started (a checkpoint or an evaluation was due
+        there): nothing has trained yet, so it is taken back, bit for bit, without counting as
+        a miss or resetting the trigger — a trigger that still fires starts it at the next step
+        (a reset made a Plateau wait two windows of fresh losses)."""
+        snapshot = self._cycle.snapshot
+        self._end_cycle(keep_watch=True)
+        snapshot.restore(self.model, self.optimizer)
+        self._event("rollback", reason=f"{reason} at the step the cycle started: withdrawn "
+                    "before its first step", to="before", withdrawn=True)
+
+    def _end_cycle(self, keep_watch: bool = False) -> None:
         self._restore_free_buffers()
         cycle, self._cycle = self._cycle, None
         self._beside, self._inputs = None, []
         if cycle.group.attached:
             cycle.group.detach()
         cycle.ext.remove()
-        self.trigger.reset()
-        self._plain.clear()
+        if not keep_watch:
+            self.trigger.reset()
+            self._plain.clear()
 
     def _rollback(self, reason: str, exc: BaseException | None = None, *,
                   measures: dict | None = None, backoff: bool = False) -> None:
