@@ -44,7 +44,7 @@ from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_group
-from morphc.runtime.shadow import Shadow
+from morphc.runtime.shadow import Shadow, weight_versions
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
@@ -146,6 +146,8 @@ class Bypass(CycleRunner):
         # cycle or a probation is in flight, so no batch outlives its step otherwise
         self._recent_closures: deque[Closure] = deque(maxlen=self.config.judge_batches)
         self._last_loss: float | None = None
+        self._weight_versions = None      # edits between steps (shadow.edited_since)
+        self._warned_edited = False
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, 0   # how long the lr held still
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
@@ -211,11 +213,15 @@ class Bypass(CycleRunner):
             self._recent_closures.append(closure)
         elif self._recent_closures:
             self._recent_closures.clear()
-        if self._cycle is not None:
-            return self._cycle_step(closure)
-        if self._probation is not None:
-            return self._step_on_probation(closure)
-        return self._train_step(closure)
+        try:
+            if self._cycle is not None:
+                return self._cycle_step(closure)
+            if self._probation is not None:
+                return self._step_on_probation(closure)
+            return self._train_step(closure)
+        finally:     # what the next step compares, while plain training runs beside the run
+            self._weight_versions = None if self._cycle is None and self._probation is None \
+                else weight_versions(self._user_model)
 
     def finish(self) -> nn.Module:
         """The user's own model object, in its own architecture. Never trains: a cycle still in
@@ -344,6 +350,18 @@ class Bypass(CycleRunner):
                     [*wrong[:5], *([f"keys not in this model: {unknown[:5]}"] if unknown else []),
                      *([f"keys missing: {absent[:5]}"] if absent else [])])
                 + ". Nothing was loaded; resume on a model built like the one that was saved")
+
+    def _warn_edited(self) -> None:
+        """Once per run: weights edited between steps keep plain training out of this cycle or
+        probation (it never got the edit), so a cycle that misses costs its steps."""
+        if not self._warned_edited:
+            self._warned_edited = True
+            self._warn("the model's weights were changed between bp.step calls while plain "
+                       "training ran beside a cycle (a clamp, a projection, a load): plain "
+                       "training cannot follow such edits, so a cycle that does not pay now "
+                       "restores the state from before it (its steps are lost) and a probation "
+                       "keeps your run. To keep the guarantee, constrain weights inside the "
+                       "model (torch.nn.utils.parametrize) instead of editing them after a step")
 
     def _warn(self, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)

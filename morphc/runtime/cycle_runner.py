@@ -19,7 +19,7 @@ from morphc.runtime.config import Accept, FreePhase, OnFailure, Phase, ReturnMod
 from morphc.runtime.cycle import Cycle, may_start
 from morphc.runtime.lookahead import lookahead_scores
 from morphc.runtime.optimizer_group import ExtensionGroup, training_group
-from morphc.runtime.shadow import Shadow
+from morphc.runtime.shadow import Shadow, edited_since
 from morphc.runtime.snapshot import Snapshot, model_structure
 from morphc.runtime.steps import (
     Closure,
@@ -354,6 +354,9 @@ class CycleRunner(Verdicts):
         shadow, cycle.plain_loss = cycle.shadow, None
         if shadow is not None and not shadow.follows(self.optimizer):
             shadow = cycle.shadow = None             # a param group added mid-cycle
+        if shadow is not None and edited_since(self._weight_versions):
+            shadow = cycle.shadow = None             # weights edited between steps: a miss
+            self._warn_edited()                      # restores the state from before the cycle
         if shadow is None:
             return self._extended_step(cycle, closure)
         cycle.plain_loss = shadow.step(closure, self.optimizer, self.config.max_grad_norm)

@@ -37,6 +37,18 @@ def plain_leads(mine: float, plain: float) -> bool:
     return math.isfinite(plain) and (plain < mine or not math.isfinite(mine))
 
 
+def weight_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
+    """Each parameter with its in-place version counter, at the end of a step."""
+    return [(p, p._version) for p in model.parameters()]
+
+
+def edited_since(versions: list[tuple[torch.Tensor, int]] | None) -> bool:
+    """Whether the user changed weights in place since :func:`weight_versions` (a clamp or a
+    projection after each step, a ``load_state_dict``): plain training beside the run never got
+    that edit, so handing its state over would undo it."""
+    return versions is not None and any(p._version != v for p, v in versions)
+
+
 def copy_grad_hooks(pairs) -> None:
     """Register each user tensor's gradient hooks (``param.register_hook``: a pruning mask,
     per-element clipping) on its copy: deepcopy drops them, and the copy would not train as

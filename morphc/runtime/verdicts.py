@@ -21,7 +21,7 @@ from morphc.compiler.deviation import deterministic
 from morphc.errors import MorphcError
 from morphc.runtime.config import Accept, OnFailure, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off
-from morphc.runtime.shadow import plain_leads
+from morphc.runtime.shadow import edited_since, plain_leads
 from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import Closure
 from morphc.runtime.wrapping import all_reduce_mean
@@ -228,12 +228,16 @@ class Verdicts:
         cycle); at the end of the probation, the verdict. Returns plain training's loss, as a
         cycle step does: what the user's scheduler sees is what it sees without Bypass."""
         shadow, until = self._probation
-        if not shadow.follows(self.optimizer) or \
+        edited = edited_since(self._weight_versions)
+        if edited or not shadow.follows(self.optimizer) or \
                 model_structure(self._user_model) != shadow.structure:   # keep ours
             self._probation = None
             self._event("probation", loss_after=None, loss_plain=None, to="cycle",
                         reason="plain training beside the run cannot follow the optimizer's or "
-                               "the model's change (a group, a dtype, a device or a layer)")
+                               "the model's change (a group, a dtype, a device, a layer, or "
+                               "weights edited between steps)")
+            if edited:
+                self._warn_edited()
             return self._train_step(closure)
         try:
             plain = shadow.step(closure, self.optimizer, self.config.max_grad_norm)
