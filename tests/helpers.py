@@ -93,3 +93,24 @@ class SparseBag(nn.Module):
 
     def forward(self, index):
         return self.head(torch.tanh(self.embed(index))).squeeze(-1)
+
+
+def training_state(model, optimizer):
+    """A model's weights and buffers and its optimizer's per-parameter state, copied: what a
+    run without morphc must match bit for bit."""
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
+           for n, p in model.named_parameters() if p in optimizer.state}
+    return params, opt
+
+
+def state_differences(a, b) -> list[str]:
+    """Names whose values differ between two :func:`training_state` (empty: bit-identical)."""
+    (pa, oa), (pb, ob) = a, b
+    assert pa.keys() == pb.keys() and oa.keys() == ob.keys()
+    bad = [k for k in pa if not torch.equal(pa[k], pb[k])]
+    bad += [f"{n}.{k}" for n in oa for k in oa[n]
+            if not (torch.equal(oa[n][k], ob[n][k]) if torch.is_tensor(oa[n][k])
+                    else oa[n][k] == ob[n][k])]
+    return bad
+

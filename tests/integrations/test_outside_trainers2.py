@@ -17,33 +17,9 @@ from torch import nn
 
 import morphc
 from morphc.integrations.core import TrainerBypass, raw_optimizer
-from morphc.runtime.cycle import Cycle
-from tests.helpers import TokenData, tiny_gpt2
+from tests.helpers import TokenData, state_differences, tiny_gpt2, training_state
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _state(model, optimizer):
-    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
-           for n, p in model.named_parameters() if p in optimizer.state}
-    return params, opt
-
-
-def _differences(a, b) -> list[str]:
-    """Names whose tensors differ (empty: bit-identical weights, buffers, optimizer state)."""
-    (pa, oa), (pb, ob) = a, b
-    assert pa.keys() == pb.keys() and oa.keys() == ob.keys()
-    bad = [k for k in pa if not torch.equal(pa[k], pb[k])]
-    bad += [f"{n}.{k}" for n in oa for k in oa[n]
-            if not (torch.equal(oa[n][k], ob[n][k]) if torch.is_tensor(oa[n][k])
-                    else oa[n][k] == ob[n][k])]
-    return bad
-
-
-@pytest.fixture
-def never_pays(monkeypatch):
-    monkeypatch.setattr(Cycle, "pays", lambda self, before, after: False)
 
 
 # -- Hugging Face Trainer ------------------------------------------------------------------------
@@ -77,10 +53,10 @@ def test_hf_a_cycle_that_does_not_pay_leaves_what_plain_training_would_have(tmp_
                                                                             never_pays):
     """Gradient accumulation with num_items_in_batch shares, clipping, a decaying lr, dropout:
     after a missed cycle the weights and AdamW state are plain training's, bit for bit."""
-    plain = _state(*_hf_run(tmp_path / "plain", []))
+    plain = training_state(*_hf_run(tmp_path / "plain", []))
     callback = _hf_callback()
-    with_morphc = _state(*_hf_run(tmp_path / "morphc", [callback]))
-    assert _differences(with_morphc, plain) == []
+    with_morphc = training_state(*_hf_run(tmp_path / "morphc", [callback]))
+    assert state_differences(with_morphc, plain) == []
     rollback = [e for e in callback.history if e["event"] == "rollback"]
     assert [(e["step"], e["to"]) for e in rollback] == [(8, "plain")]
 
@@ -141,15 +117,15 @@ def test_a_cycle_that_trails_plain_training_beside_it_is_not_kept():
     """Its training loss ends below the loss from before it (the only bar without plain
     training beside it) but above plain training's over the same steps: plain training's state
     is handed over, bit for bit."""
-    plain = _state(*_own_loop(None))
+    plain = training_state(*_own_loop(None))
     bypass = TrainerBypass(morphc.Schedule(at=[4]), bypass_steps=2, return_steps=4, width=2,
                            min_lr_fraction=0.0, verbose=False)
-    mine = _state(*_own_loop(bypass, handicap=0.3))
+    mine = training_state(*_own_loop(bypass, handicap=0.3))
     closed = [e for e in bypass.history if e["event"] in ("contract", "rollback")]
     assert [e["event"] for e in closed] == ["rollback"]
     assert closed[0]["loss_after"] < closed[0]["loss_before"]
     assert closed[0]["loss_plain"] < closed[0]["loss_after"]
-    assert _differences(mine, plain) == []
+    assert state_differences(mine, plain) == []
 
 
 def test_without_a_replay_or_with_shadow_false_a_miss_restores_the_state_before(never_pays):
@@ -221,11 +197,11 @@ def test_lightning_a_cycle_that_does_not_pay_leaves_what_plain_training_would_ha
     from morphc.integrations.lightning import BypassCallback
 
     module, optimizer, _ = _lightning_run(tmp_path / "plain", [])
-    plain = _state(module, optimizer)
+    plain = training_state(module, optimizer)
     callback = BypassCallback(morphc.Schedule(at=[3]), bypass_steps=2, return_steps=3, width=4,
                               min_lr_fraction=0.0, verbose=False)
     module, optimizer, trainer = _lightning_run(tmp_path / "morphc", [callback])
-    assert _differences(_state(module, optimizer), plain) == []
+    assert state_differences(training_state(module, optimizer), plain) == []
     rollback = [e for e in callback.history if e["event"] == "rollback"]
     assert [(e["step"], e["to"]) for e in rollback] == [(8, "plain")]
     assert len(optimizer.param_groups) == 1 and not module.net[0]._forward_hooks

@@ -17,31 +17,10 @@ import torch.nn.functional as F
 
 import morphc
 from morphc.integrations.core import raw_optimizer
-from morphc.runtime.cycle import Cycle
-from tests.helpers import TokenData
+from tests.helpers import TokenData, state_differences, training_state
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
-
-
-def _state(model, optimizer):
-    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = {n: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
-           for n, p in model.named_parameters() if p in optimizer.state}
-    return params, opt
-
-
-def _differences(a, b) -> list[str]:
-    """Names whose tensors differ (empty: bit-identical weights, buffers, optimizer state)."""
-    (pa, oa), (pb, ob) = a, b
-    assert pa.keys() == pb.keys() and oa.keys() == ob.keys()
-    return [k for k in pa if not torch.equal(pa[k], pb[k])] + [
-        f"{n}.{k}" for n in oa for k in oa[n] if not torch.equal(oa[n][k], ob[n][k])]
-
-
-@pytest.fixture
-def never_pays(monkeypatch):
-    monkeypatch.setattr(Cycle, "pays", lambda self, before, after: False)
 
 
 def _gpt2():
@@ -106,8 +85,8 @@ def test_hf_a_missed_cycle_under_the_trainers_own_loss_leaves_plain_trainings_st
     plain = _hf_run(tmp_path / "plain", [], args, options, cls)
     callback = _hf_callback()
     mine = _hf_run(tmp_path / "morphc", [callback], args, options, cls)
-    assert _differences(_state(mine.model, raw_optimizer(mine.optimizer)),
-                        _state(plain.model, raw_optimizer(plain.optimizer))) == []
+    assert state_differences(training_state(mine.model, raw_optimizer(mine.optimizer)),
+                        training_state(plain.model, raw_optimizer(plain.optimizer))) == []
     rollback = [e for e in callback.history if e["event"] == "rollback"]
     assert [(e["step"], e["to"]) for e in rollback] == [(7, "plain")]
     assert "compute_loss" not in vars(mine)        # the wrapper is gone after training
@@ -138,8 +117,8 @@ def test_hf_a_step_weighted_compute_loss_is_replayed_at_its_own_step(tmp_path, n
     plain = _hf_run(tmp_path / "plain", [], cls=_WarmupTrainer)
     callback = _hf_callback()
     mine = _hf_run(tmp_path / "morphc", [callback], cls=_WarmupTrainer)
-    assert _differences(_state(mine.model, raw_optimizer(mine.optimizer)),
-                        _state(plain.model, raw_optimizer(plain.optimizer))) == []
+    assert state_differences(training_state(mine.model, raw_optimizer(mine.optimizer)),
+                        training_state(plain.model, raw_optimizer(plain.optimizer))) == []
     assert mine.state.global_step == 8
 
 
@@ -191,11 +170,11 @@ def test_lightning_a_training_step_that_reads_global_step_is_replayed_at_its_own
     from morphc.integrations.lightning import BypassCallback
 
     module, optimizer, _ = _lightning_run(tmp_path / "plain", [])
-    plain = _state(module, optimizer)
+    plain = training_state(module, optimizer)
     callback = BypassCallback(morphc.Schedule(at=[3]), bypass_steps=2, return_steps=2, width=4,
                               min_lr_fraction=0.0, verbose=False)
     module, optimizer, trainer = _lightning_run(tmp_path / "morphc", [callback])
-    assert _differences(_state(module, optimizer), plain) == []
+    assert state_differences(training_state(module, optimizer), plain) == []
     assert [(e["step"], e["to"]) for e in callback.history if e["event"] == "rollback"] == \
         [(7, "plain")]
     assert trainer.global_step == 10
@@ -243,9 +222,9 @@ def test_a_cycle_resolved_at_the_step_it_started_is_withdrawn_and_starts_again_n
         bypass.record_loss(loss)
         bypass.after_step(step)
         if step == 4:
-            kept = _state(model, optimizer)
+            kept = training_state(model, optimizer)
             bypass.resolve("a checkpoint")
-            assert _differences(_state(model, optimizer), kept) == []
+            assert state_differences(training_state(model, optimizer), kept) == []
     assert [(e["event"], e["step"]) for e in bypass.history] == [
         ("extend", 4), ("rollback", 4), ("extend", 5)]
     assert bypass.failures == 0 and bypass.in_cycle
@@ -285,12 +264,12 @@ def test_lightning_an_epochs_shorter_last_accumulation_is_replayed_as_lightning_
 
     module, optimizer, _ = _lightning_run(tmp_path / "plain", [], accumulate_grad_batches=3,
                                           max_steps=8)
-    plain = _state(module, optimizer)
+    plain = training_state(module, optimizer)
     callback = BypassCallback(morphc.Schedule(at=[3]), bypass_steps=2, return_steps=2, width=4,
                               min_lr_fraction=0.0, verbose=False)
     module, optimizer, _ = _lightning_run(tmp_path / "morphc", [callback],
                                           accumulate_grad_batches=3, max_steps=8)
-    assert _differences(_state(module, optimizer), plain) == []
+    assert state_differences(training_state(module, optimizer), plain) == []
     assert [(e["step"], e["to"]) for e in callback.history if e["event"] == "rollback"] == \
         [(7, "plain")]
 
