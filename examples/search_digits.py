@@ -28,7 +28,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from morphc.space import HillClimb, ModelSpace
-from morphc.space.io import load, save
+from morphc.space.loading import load
+from morphc.space.saving import save
 
 BUDGET = 3000            # optimizer steps per method
 SEARCH = dict(neighbors=3, child_steps=100, warmup_steps=200, final_steps=1000)

@@ -44,9 +44,9 @@ _PUBLIC = {
     "contract": "morphc.compiler.contract",
     "extend": "morphc.compiler.extend",
     "inspect": "morphc.tools.inspect",
-    "load": "morphc.space.io",
+    "load": "morphc.space.loading",
     "register_activation": "morphc.families",
-    "save": "morphc.space.io",
+    "save": "morphc.space.saving",
     "trace": "morphc.ir.trace",
 }
 # modules users reach as attributes (``from morphc import zoo``)

@@ -27,8 +27,9 @@ import morphc
 from morphc import zoo
 from morphc.errors import FormatError
 from morphc.ir.branch import BypassBranch
-from morphc.space.io import load, save
+from morphc.space.loading import load
 from morphc.space.moves import Deepen, Grow, Widen, private_copy
+from morphc.space.saving import save
 
 MARKER = Path(tempfile.gettempdir()) / "morphc-test-safety-marker"
 RUN = f"__import__('pathlib').Path({str(MARKER)!r}).touch()"

@@ -1,8 +1,8 @@
 """Graphviz DOT, the low-level part: quoting text as a DOT string, and rendering DOT to a file.
 
 Everything that draws DOT (fx graphs in ``morphc.tools.pictures``, the model-space graph in
-``morphc.space.io``) quotes its labels and calls Graphviz through here, so escaping and the
-subprocess call are written once::
+``morphc.space.space_files``) quotes its labels and calls Graphviz through here, so escaping and
+the subprocess call are written once::
 
     >>> dot_string('say "hi"\\n')
     '"say \\\\"hi\\\\"\\\\n"'

@@ -351,6 +351,6 @@ class ModelSpace:
 
     def save(self, directory, *, weights: str = "best") -> dict:
         """Write ``space.json``, ``space.dot`` (+ ``space.svg`` with Graphviz) and the best
-        architecture (``best.json`` / ``best.pt`` / ``best.py``); see ``morphc.space.io``."""
+        architecture (``best.json`` / ``best.pt`` / ``best.py``); see ``morphc.space.saving``."""
         from morphc.space.space_files import save_space
         return save_space(self, directory, weights=weights)

@@ -1,7 +1,7 @@
 """The schema of a saved architecture: allow-lists, identifiers, strict field access.
 
-Everything a loader may accept from a file is decided here; ``codec`` and ``io`` only build what
-these checks let through (``morphc.space.io`` explains the format).
+Everything a loader may accept from a file is decided here; ``codec`` and ``loading`` only build
+what these checks let through (``morphc.space.saving`` describes the files).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Writing an explored model space: ``space.json`` (nodes, moves, scores), ``space.dot`` (+ SVG
-with Graphviz) and the best architecture as a saved file (``morphc.space.io``)."""
+with Graphviz) and the best architecture as a saved file (``morphc.space.saving``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from torch import nn
 
 from morphc.errors import FormatError
 from morphc.ir.dot import dot_string, graphviz_available, render
-from morphc.space.io import SPACE_FORMAT, VERSION, graph_to_json, save
+from morphc.space.encoding import SPACE_FORMAT, VERSION, graph_to_json
+from morphc.space.saving import save
 
 
 # -- explored spaces ----------------------------------------------------------------------------

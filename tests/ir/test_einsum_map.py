@@ -170,8 +170,9 @@ def test_einsum_map_reads_equations():
 
 
 def test_grown_einsum_architecture_saves_and_loads(tmp_path):
-    from morphc.space.io import load, save
+    from morphc.space.loading import load
     from morphc.space.moves import Grow
+    from morphc.space.saving import save
 
     model, x = SITES["bsd,df->bsf"][0](), torch.randn(4, 3, 6)
     grown = Grow(sites="all", width=2)(model, (x,))

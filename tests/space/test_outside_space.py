@@ -278,7 +278,7 @@ def test_load_refuses_absurd_tensor_sizes_typed(shape, tmp_path):
         morphc.load(tmp_path / "m", check_digest=False)
     del doc["digest"]
     with pytest.raises(FormatError, match="elements|dimension"):      # no file: the size cap
-        morphc.space.io.graph_from_json(doc)
+        morphc.space.loading.graph_from_json(doc)
 
 
 def test_refused_moves_are_typed_and_leave_the_users_model_bit_for_bit():

@@ -14,7 +14,8 @@ import morphc
 from morphc import zoo
 from morphc.ir.branch import BypassBranch
 from morphc.space import HillClimb, ModelSpace, architecture_hash, function_change
-from morphc.space.io import FormatError, graph_from_json, graph_to_json, load, save
+from morphc.space.encoding import graph_to_json
+from morphc.space.loading import FormatError, graph_from_json, load
 from morphc.space.moves import (
     Contract,
     Deepen,
@@ -29,6 +30,7 @@ from morphc.space.moves import (
     private_copy,
     set_homotopy,
 )
+from morphc.space.saving import save
 from tests.cli_factories import Masked
 from tests.helpers import max_rel
 

@@ -1,16 +1,9 @@
-"""Saving and loading architectures and explored spaces — a saved file is data, never code.
+"""Loading a saved architecture — a saved file is data, never code.
 
-An architecture is stored as three files sharing a prefix:
-
-- ``<prefix>.json``: the fx graph as data (schema ``morphc.graph`` v2) — nodes (op, target,
-  args/kwargs with ``{"node": name}`` references), a constructor spec per submodule (a class from
-  an allow-list of ``torch.nn`` modules plus morphc's ``BypassBranch``), the graph's own tensors,
-  the frozen parameters, and the SHA-256 digests of the architecture and of the weights file;
-- ``<prefix>.pt``: the ``state_dict``, loaded with ``torch.load(..., weights_only=True)``;
-  parameters saved as one storage (tied weights) are tied again;
-- ``<prefix>.py``: ``gm.code``, for humans only: :func:`load` never reads it.
-
-Loading validates the whole document before building anything (:func:`validate` is the schema):
+Everything read from a file is checked in this module, before anything is built from it; the
+files are described in ``morphc.space.saving``, the allow-lists live in ``schema`` and ``codec``
+decodes arguments and modules. Loading validates the whole document before building anything
+(:func:`validate` is the schema):
 
 - every field is required and strictly typed (``true`` is not ``1``); unknown fields are refused;
   nothing has a default that could change the function (a branch's homotopy, a node's kwargs,
@@ -22,13 +15,15 @@ Loading validates the whole document before building anything (:func:`validate` 
   ``approximate``, the branch's family and kind) from their allowed values;
 - the document must be the canonical encoding of the graph it builds (re-encoding gives the same
   document), so no value is coerced or dropped on the way;
-- sizes are checked against the weights file on the meta device before anything is allocated.
+- sizes are checked against the weights file on the meta device before anything is allocated;
+- the weights file is read with ``torch.load(..., weights_only=True)`` and must be a state_dict.
 
 Anything else is a :class:`FormatError`. fx then generates the forward from that validated graph,
 as for any traced model — no saved string is ever passed to ``eval``/``exec`` or reaches the
 generated code except as a validated identifier or a ``repr``'d constant.
 
 >>> import torch
+>>> from morphc.space.encoding import graph_to_json
 >>> from morphc.space.moves import private_copy
 >>> gm = private_copy(torch.nn.Sequential(torch.nn.Linear(3, 2)), (torch.randn(1, 3),))
 >>> graph_from_json(graph_to_json(gm)).get_submodule("0")
@@ -41,22 +36,14 @@ import hashlib
 import io
 import json
 import math
-import operator
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
-from morphc.compiler.extended import ExtendedModel
 from morphc.errors import FormatError
-from morphc.space.codec import (
-    _check_settings,
-    _construct,
-    build_module,
-    decode_arg,
-    encode_arg,
-    module_spec,
-)
+from morphc.space.codec import _check_settings, _construct, build_module, decode_arg
+from morphc.space.encoding import GRAPH_FORMAT, VERSION, graph_to_json
 from morphc.space.schema import (
     _DENIED_METHODS,
     _OPS,
@@ -68,91 +55,15 @@ from morphc.space.schema import (
     _typed,
     check_identifier,
     check_path,
-    function_name,
     resolve_function,
 )
 
-GRAPH_FORMAT, SPACE_FORMAT, VERSION = "morphc.graph", "morphc.space", 2
-# -- graphs -------------------------------------------------------------------------------------
 MAX_ELEMENTS = 2 ** 28      # without a weights file to compare with, no saved graph is larger
 _DOC_KEYS = {"format", "version", "class_name", "training", "nodes", "modules", "tensors",
              "frozen"}
 _NODE_KEYS = {"name", "op", "target", "args", "kwargs"}
 _TENSOR_KEYS = {"parameter", "requires_grad", "shape", "dtype"}
 _DIGEST_KEYS = {"architecture", "weights"}
-
-
-def _owner(gm: fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
-
-
-def _encode_node(node: fx.Node, constants: dict | None = None) -> dict:
-    target = node.target if isinstance(node.target, str) else function_name(node.target)
-    args, kwargs = tuple(node.args), dict(node.kwargs)
-    if constants:
-        args, kwargs = fx.node.map_arg((args, kwargs), lambda n: constants.get(n, n))
-    return {"name": node.name, "op": node.op, "target": target,
-            "args": encode_arg(args), "kwargs": encode_arg(kwargs)}
-
-
-def _mode_reads(gm: fx.GraphModule) -> dict[fx.Node, bool]:
-    """Nodes that read a module's ``training`` flag (``morphc.trace`` makes them for
-    ``F.dropout(x, p, self.training)``), and ``not`` of them, with their value now: a saved
-    graph is data, so it stores the mode it was saved in, as a plain symbolic_trace would."""
-    constants: dict[fx.Node, bool] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target.rpartition(".")[2] == "training" and \
-                isinstance(_owner(gm, node.target), bool):
-            constants[node] = _owner(gm, node.target)
-        elif node.op == "call_function" and node.target is operator.not_ and \
-                len(node.args) == 1 and node.args[0] in constants:
-            constants[node] = not constants[node.args[0]]
-    return constants
-
-
-def graph_to_json(module: nn.Module) -> dict:
-    """The architecture as data (no weights). An ``ExtendedModel`` is stored as its graph, which
-    loads as a standalone architecture with the branches as submodules (as ``Grow`` makes it)."""
-    gm = module.graph_module if isinstance(module, ExtendedModel) else module
-    if not isinstance(gm, fx.GraphModule):
-        raise FormatError(f"save needs a torch.fx.GraphModule, got {type(gm).__name__}; "
-                          "trace it first (morphc.trace or a ModelSpace move)")
-    if type(gm.graph._codegen) is not fx.graph.CodeGen:
-        raise FormatError("this graph uses a custom code generator (torch.export's pytree "
-                          "calling convention); only symbolic_trace-style graphs can be stored "
-                          "as data — save its state_dict and rebuild the model instead")
-    nodes, modules, tensors = [], {}, {}
-    constants = _mode_reads(gm)
-    for node in gm.graph.nodes:
-        if node in constants:
-            continue
-        nodes.append(_encode_node(node, constants))
-        if node.op == "call_module":
-            modules[node.target] = module_spec(gm.get_submodule(node.target))
-        elif node.op == "get_attr":
-            value = _owner(gm, node.target)
-            if not isinstance(value, torch.Tensor):
-                raise FormatError(f"get_attr {node.target} is a {type(value).__name__}, "
-                                  "not a tensor")
-            tensors[node.target] = {"parameter": isinstance(value, nn.Parameter),
-                                    "requires_grad": value.requires_grad,
-                                    "shape": list(value.shape),
-                                    "dtype": str(value.dtype).removeprefix("torch.")}
-    frozen = sorted(name for name, p in gm.named_parameters() if not p.requires_grad)
-    modules = _in_order(modules, [name for name, _ in gm.named_modules()])
-    tensors = _in_order(tensors, [name for name, _ in [
-        *gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]])
-    return {"format": GRAPH_FORMAT, "version": VERSION, "class_name": type(gm).__name__,
-            "training": gm.training, "nodes": nodes, "modules": modules, "tensors": tensors,
-            "frozen": frozen}
-
-
-def _in_order(table: dict, order: list[str]) -> dict:
-    """``table`` in the model's registration order (so parameters, state_dict keys and optimizer
-    indices come back in the same order)."""
-    rank = {name: index for index, name in reversed(list(enumerate(order)))}
-    return dict(sorted(table.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
 def _restore_order(gm: fx.GraphModule, paths: list[str]) -> None:
@@ -315,27 +226,6 @@ def graph_from_json(data: dict, state: dict | None = None) -> fx.GraphModule:
                           "entry, or a coerced value); re-save it with morphc.save")
     return gm
 
-
-def save(module: nn.Module, prefix) -> dict[str, Path]:
-    """Write ``<prefix>.json`` (architecture + digests), ``<prefix>.pt`` (state_dict) and
-    ``<prefix>.py`` (generated code, for reading). Returns the paths."""
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    gm = module.graph_module if isinstance(module, ExtendedModel) else module
-    data = graph_to_json(gm)
-    graph_from_json(data)              # refuse to write what load would refuse
-    buffer = io.BytesIO()
-    torch.save(gm.state_dict(), buffer)
-    weights = buffer.getvalue()
-    digest = {"architecture": hashlib.sha256(_canonical(data)).hexdigest(),
-              "weights": hashlib.sha256(weights).hexdigest()}
-    paths = {ext: prefix.with_name(prefix.name + f".{ext}") for ext in ("json", "pt", "py")}
-    paths["json"].write_text(json.dumps({**data, "digest": digest}, indent=1, allow_nan=False))
-    paths["pt"].write_bytes(weights)
-    paths["py"].write_text("# Generated by torch.fx, for reading only: morphc.space.io."
-                           "load rebuilds the graph from the .json and never runs this "
-                           f"file.\n{gm.code}")
-    return paths
 
 
 def _reject_constant(name: str):
