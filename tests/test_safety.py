@@ -28,7 +28,8 @@ from morphc import zoo
 from morphc.errors import FormatError
 from morphc.ir.branch import BypassBranch
 from morphc.space.loading import load
-from morphc.space.moves import Deepen, Grow, Widen, private_copy
+from morphc.space.move_base import private_copy
+from morphc.space.moves import Deepen, Grow, Widen
 from morphc.space.saving import save
 
 MARKER = Path(tempfile.gettempdir()) / "morphc-test-safety-marker"

@@ -10,7 +10,8 @@ from morphc.space.graph import (
     function_change,
     summarize,
 )
-from morphc.space.moves import Contract, Deepen, Extend, Grow, Move, Shrink, Ungrow, Widen
+from morphc.space.move_base import Move
+from morphc.space.moves import Contract, Deepen, Extend, Grow, Shrink, Ungrow, Widen
 from morphc.space.search import HillClimb, SearchResult
 
 __all__ = ["Contract", "Deepen", "Extend", "Grow", "HillClimb", "ModelSpace", "Move",

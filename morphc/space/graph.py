@@ -38,13 +38,11 @@ from morphc.ir.branch import BypassBranch
 from morphc.ir.example_inputs import ExampleInputs
 from morphc.ir.tags import DEEP_PREFIX, GROWN_PREFIX
 from morphc.passes.widen_layer import widenable_pairs
+from morphc.space.move_base import Move, graph_of, private_copy
 from morphc.space.moves import (
-    Move,
     MoveError,
     Widen,
     dropout_between,
-    graph_of,
-    private_copy,
 )
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ generated code except as a validated identifier or a ``repr``'d constant.
 
 >>> import torch
 >>> from morphc.space.encoding import graph_to_json
->>> from morphc.space.moves import private_copy
+>>> from morphc.space.move_base import private_copy
 >>> gm = private_copy(torch.nn.Sequential(torch.nn.Linear(3, 2)), (torch.randn(1, 3),))
 >>> graph_from_json(graph_to_json(gm)).get_submodule("0")
 Linear(in_features=3, out_features=2, bias=True)

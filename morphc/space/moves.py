@@ -10,7 +10,8 @@ computes the same function at the moment it is applied:
 - ``Widen``: Net2Net widening of the hidden layer between two sites.
 
 Architectures are ``torch.fx.GraphModule`` objects (or an ``ExtendedModel`` between ``Extend`` and
-``Contract``/``Grow``), so every result has readable code (``gm.code``).
+``Contract``/``Grow``), so every result has readable code (``gm.code``). Each move rewrites a
+private working copy (``morphc.space.move_base``).
 
 >>> from morphc import zoo
 >>> model, inputs = zoo.mlp()
@@ -21,13 +22,12 @@ Architectures are ``torch.fx.GraphModule`` objects (or an ``ExtendedModel`` betw
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from morphc.compiler.contract import contract
 from morphc.compiler.extend import extend
@@ -35,11 +35,8 @@ from morphc.compiler.extended import ExtendedModel
 from morphc.compiler.write import write_weights
 from morphc.errors import ContractionError, MoveError, SiteError
 from morphc.ir.branch import BypassBranch
-from morphc.ir.example_inputs import ExampleInputs
 from morphc.ir.sites import ConvConfig
-from morphc.ir.tags import DEEP_PREFIX, FRONTEND
-from morphc.ir.trace import TracedModel, trace
-from morphc.ir.untouched import no_side_effects
+from morphc.ir.tags import DEEP_PREFIX
 from morphc.passes.find_grown_branches import GrownBranch, find_grown_branches
 from morphc.passes.infra import Pipeline, fresh_name
 from morphc.passes.insert_residual_block import insert_residual_block
@@ -47,59 +44,7 @@ from morphc.passes.make_permanent import make_permanent
 from morphc.passes.remove_branch import remove_branch
 from morphc.passes.widen_layer import SITES, widen_layer, widenable_pairs
 from morphc.space.deepen_points import deepen_points, tensor_layout, why_unread
-
-
-# -- working copies ---------------------------------------------------------------------------
-def graph_of(module: nn.Module) -> fx.GraphModule:
-    return module.graph_module if isinstance(module, ExtendedModel) else module
-
-
-def _placeholder_values(gm: fx.GraphModule, inputs: ExampleInputs) -> tuple:
-    """The graph's placeholder values for ``inputs``: keyword inputs bound by name, or flattened
-    the way an exported graph's forward flattens ``(args, kwargs)``."""
-    spec = getattr(gm, "_in_spec", None)
-    if spec is not None:
-        return tuple(torch.fx._pytree.tree_flatten_spec((tuple(inputs), inputs.kwargs), spec))
-    if not inputs.kwargs:
-        return tuple(inputs)
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    values = dict(zip(names, inputs, strict=False))
-    values.update(inputs.kwargs)
-    defaults = {n.target: n.args[0] for n in gm.graph.nodes if n.op == "placeholder" and n.args}
-    return tuple(values[n] if n in values else defaults.get(n) for n in names)
-
-
-def annotate(module: nn.Module, inputs: tuple) -> None:
-    """Record each node's shape (``node.meta['tensor_meta']``) without touching BN statistics."""
-    gm = graph_of(module)
-    with no_side_effects(gm), torch.no_grad():
-        ShapeProp(gm).propagate(*_placeholder_values(gm, ExampleInputs.of(inputs)))
-
-
-def private_copy(module: nn.Module, inputs: tuple) -> nn.Module:
-    """A deep copy as a graph (tracing a plain ``nn.Module`` first, with the keyword inputs and
-    ``dynamic_shapes`` an :class:`ExampleInputs` carries), shapes annotated."""
-    if isinstance(module, fx.GraphModule | ExtendedModel):
-        work = copy.deepcopy(module)
-    else:
-        traced = trace(module, inputs)
-        if isinstance(inputs, ExampleInputs):   # e.g. use_cache=False added by the frontend
-            for key, value in traced.example_kwargs.items():
-                inputs.kwargs.setdefault(key, value)
-        work = copy.deepcopy(traced.graph_module)
-        work.meta[FRONTEND] = traced.frontend
-    annotate(work, inputs)
-    return work
-
-
-def as_traced(gm: fx.GraphModule, inputs: tuple) -> TracedModel:
-    """Hand an architecture that already is a graph to ``morphc.extend`` without re-tracing
-    (re-tracing would inline grown branches and lose them as modules)."""
-    frontend = getattr(gm, "meta", {}).get(FRONTEND, "symbolic_trace")
-    inputs = ExampleInputs.of(inputs)
-    return TracedModel(gm, frontend, "a ModelSpace architecture (already a graph)",
-                       tuple(inputs), gm.training, dynamic_batch=True,
-                       example_kwargs=dict(inputs.kwargs), dynamic_shapes=inputs.dynamic_shapes)
+from morphc.space.move_base import Move, as_traced
 
 
 def set_homotopy(module: nn.Module, s: float) -> None:
@@ -125,46 +70,6 @@ def _need_graph(module: nn.Module, move: str) -> fx.GraphModule:
 
 
 # -- moves --------------------------------------------------------------------------------------
-@dataclass
-class Move:
-    """Base class: ``move(module, example_inputs) -> new module``; the input stays untouched."""
-
-    @torch.inference_mode(False)   # a move's result is trained: no inference tensors in it
-    def __call__(self, module: nn.Module, example_inputs, *, kwargs=None,
-                 dynamic_shapes=None) -> nn.Module:
-        """Inputs as for ``morphc.extend``: positional ``example_inputs``, keyword ``kwargs``,
-        torch.export's ``dynamic_shapes`` (used when ``module`` must be traced first)."""
-        inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
-        result = self.apply_to(private_copy(module, inputs), inputs)
-        try:
-            annotate(result, inputs)
-        except Exception as exc:   # a move that built a graph its own inputs cannot run
-            raise MoveError(
-                f"{self} built an architecture that fails on the example inputs "
-                f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}); the model "
-                "you passed is unchanged. This is a morphc bug: please report it with the "
-                "model, and try another move meanwhile") from exc
-        return result
-
-    def apply_to(self, module: nn.Module, inputs: tuple) -> nn.Module:
-        """Rewrite ``module`` (a private copy, shapes annotated) into the new architecture."""
-        raise NotImplementedError(f"{type(self).__name__} must implement apply_to(module, "
-                                  "inputs) -> the rewritten module")
-
-    def describe(self) -> dict:
-        """JSON-able description (edge attribute in the space)."""
-        spec = {"move": type(self).__name__}
-        for key, value in asdict(self).items():
-            spec[key] = value if isinstance(value, str | int | float | bool | None | list) \
-                else repr(value)
-        return spec
-
-    def __str__(self) -> str:
-        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-                         if getattr(self, f.name) != f.default)
-        return f"{type(self).__name__}({args})"
-
-
 @dataclass
 class Extend(Move):
     """Temporary bypass branches (``morphc.extend``); undo: ``Contract``; keep: ``Grow``."""

@@ -15,11 +15,11 @@ from morphc.errors import MorphcError
 from morphc.passes.find_sites import find_sites
 from morphc.passes.widen_layer import widenable_pairs
 from morphc.space.deepen_points import deepen_points
+from morphc.space.move_base import Move
 from morphc.space.moves import (
     Contract,
     Deepen,
     Grow,
-    Move,
     Widen,
     dropout_between,
 )

@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_leaves
 
 import morphc
 from morphc.errors import FormatError, MorphcError, MoveError, SiteError
-from morphc.space.moves import Contract, Deepen, Extend, Widen, deepen_points, private_copy
+from morphc.space.move_base import private_copy
+from morphc.space.moves import Contract, Deepen, Extend, Widen, deepen_points
 
 TOLERANCE = 1e-6     # the space's own eval-mode tolerance (ModelSpace.tolerance)
 

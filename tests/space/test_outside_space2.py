@@ -13,7 +13,8 @@ from torch import nn
 
 import morphc
 from morphc.errors import SiteError
-from morphc.space.moves import Deepen, Widen, deepen_points, private_copy
+from morphc.space.move_base import private_copy
+from morphc.space.moves import Deepen, Widen, deepen_points
 
 
 def outputs(module: nn.Module, inputs: tuple) -> torch.Tensor:

@@ -16,18 +16,17 @@ from morphc.ir.branch import BypassBranch
 from morphc.space import HillClimb, ModelSpace, architecture_hash, function_change
 from morphc.space.encoding import graph_to_json
 from morphc.space.loading import FormatError, graph_from_json, load
+from morphc.space.move_base import Move, private_copy
 from morphc.space.moves import (
     Contract,
     Deepen,
     Extend,
     Grow,
-    Move,
     MoveError,
     Ungrow,
     Widen,
     deepen_points,
     grown_branches,
-    private_copy,
     set_homotopy,
 )
 from morphc.space.saving import save
