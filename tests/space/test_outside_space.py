@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 import morphc
 from morphc.errors import FormatError, MorphcError, MoveError, SiteError
+from morphc.space.loading import graph_from_json
 from morphc.space.move_base import private_copy
 from morphc.space.moves import Contract, Deepen, Extend, Widen, deepen_points
 
@@ -279,7 +280,7 @@ def test_load_refuses_absurd_tensor_sizes_typed(shape, tmp_path):
         morphc.load(tmp_path / "m", check_digest=False)
     del doc["digest"]
     with pytest.raises(FormatError, match="elements|dimension"):      # no file: the size cap
-        morphc.space.loading.graph_from_json(doc)
+        graph_from_json(doc)
 
 
 def test_refused_moves_are_typed_and_leave_the_users_model_bit_for_bit():
