@@ -1,7 +1,9 @@
-"""The mechanics behind :class:`~morphc.Bypass`: plain steps, cycle steps, and the morphs between.
+"""The mechanics behind :class:`~morphc.Bypass`: the steps of a cycle, and its rollback.
 
 Kept apart from the facade so that ``bypass.py`` reads as the user's API and this file as the
 algorithm: train → trigger → extend → (joint) bypass → return → contract → accept or roll back.
+Plain steps are :mod:`~morphc.runtime.plain_training`, a cycle's start
+:mod:`~morphc.runtime.cycle_start`, its verdicts :mod:`~morphc.runtime.verdicts`.
 """
 
 from __future__ import annotations
@@ -10,260 +12,35 @@ import contextlib
 
 import torch
 
-from morphc.compiler.escape import escape_scores, random_direction_probe, rank_sites
-from morphc.compiler.extend import extend
-from morphc.compiler.extended import converted_like, floating_dtype_device
 from morphc.errors import BypassError, MorphcError, ShapeError
-from morphc.ir.trace import trace
-from morphc.runtime.config import Accept, FreePhase, OnFailure, Phase, ReturnMode
-from morphc.runtime.cycle import Cycle, may_start
-from morphc.runtime.lookahead import lookahead_scores
-from morphc.runtime.optimizer_group import ExtensionGroup, training_group
-from morphc.runtime.shadow import Shadow, edited_since
-from morphc.runtime.snapshot import Snapshot, model_structure
+from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
+from morphc.runtime.cycle import Cycle
+from morphc.runtime.cycle_start import CycleStart
+from morphc.runtime.plain_training import PlainTraining
+from morphc.runtime.shadow import edited_since
+from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import (
     Closure,
     NonFinite,
     add_back,
     backward_checked,
-    broken_weight,
     check_finite,
     clip,
-    grad_norm,
     loss_of,
     no_backward_yet,
     put_back,
     set_aside,
-    zero_grads,
 )
 from morphc.runtime.verdicts import Verdicts
-from morphc.runtime.wrapping import all_reduce_mean, all_reduce_sum
 
 
-class CycleRunner(Verdicts):
-    """Mixin of :class:`~morphc.Bypass` holding its step and cycle logic (the verdicts on a
-    cycle: :class:`~morphc.runtime.verdicts.Verdicts`)."""
+class CycleRunner(PlainTraining, CycleStart, Verdicts):
+    """Mixin of :class:`~morphc.Bypass` holding its cycle logic (plain steps:
+    :class:`~morphc.runtime.plain_training.PlainTraining`; a cycle's start:
+    :class:`~morphc.runtime.cycle_start.CycleStart`; the verdicts on a cycle:
+    :class:`~morphc.runtime.verdicts.Verdicts`)."""
 
-    # -- plain training ------------------------------------------------------------------------
-    def _reduce(self):
-        return all_reduce_mean if self.distributed else None
-
-    def _train_step(self, closure: Closure) -> torch.Tensor:
-        """One step of the user's model; a non-finite loss or gradient skips it, untouched."""
-        self.optimizer.zero_grad(set_to_none=True)
-        buffers, backup = self._back_up_buffers()      # a bad batch moves BN stats in forward
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        try:
-            loss, value = (self._capture_inputs(closure) if self.example_inputs is None else
-                           loss_of(closure, self.model, self._reduce()))
-            if self.step_count == 0:            # a closure that runs backward does so at once
-                no_backward_yet(params)
-            backward_checked(loss, value)
-            norm = grad_norm(params) if self.trigger.needs_grad_norm else check_finite(params)
-        except NonFinite as exc:
-            zero_grads(params)
-            put_back(buffers, backup)
-            self._count_step(value)
-            cause = broken_weight(self._user_model)
-            advice = (f"; the weight {cause!r} is itself not finite, so every step will be "
-                      "skipped: restore a checkpoint and lower the learning rate (in float16, "
-                      "raise the optimizer's eps)" if cause else "; check this batch")
-            self._event("skip", reason=f"{exc}; the optimizer step was skipped, weights "
-                        f"untouched{advice}")
-            if self.config.on_failure is OnFailure.RAISE:
-                raise BypassError(f"{exc} at step {self.step_count}: the optimizer step was "
-                                  f"skipped and the weights are untouched{advice}, or pass "
-                                  "on_failure='rollback' to skip such steps") from None
-            return loss.detach()
-        except BaseException:     # the closure raised, or has no autograd: nothing moved
-            put_back(buffers, backup)
-            raise
-        clip(params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self._count_step(value)
-        if self._trigger_fires(value, norm, self._observe_lr()):
-            self._start_cycle(closure)
-        return loss.detach()
-
-    def _back_up_buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Copy the user's buffers into storage kept across steps (one fused copy a step)."""
-        modules = getattr(self, "_buffer_modules", None)
-        if modules is None:         # walking the module tree each step costs more than the copy
-            modules = self._buffer_modules = list(self._user_model.modules())
-        buffers = [b for m in modules for b in m._buffers.values() if b is not None]
-        key = tuple(map(id, buffers))
-        if getattr(self, "_buffer_key", None) != key:    # new or replaced buffers: reallocate
-            self._buffer_key = key
-            self._buffer_backup = [b.detach().clone() for b in buffers]
-            return buffers, self._buffer_backup
-        backup = self._buffer_backup
-        if buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(backup, buffers)
-        return buffers, backup
-
-    def _observe_lr(self) -> float:
-        """The training group's lr now (group 0's, unless that is held at lr 0 or frozen:
-        :func:`training_group`); the peak seen so far is what the extension trains at."""
-        lr = float(training_group(self.optimizer).get("lr", 0.0))
-        self._peak_lr = max(self._peak_lr, lr)
-        if lr != self._lr_seen:
-            self._lr_seen, self._lr_changed_at = lr, self.step_count
-        return lr
-
-    def _count_step(self, value: float) -> None:
-        self.step_count += 1
-        self._last_loss = value
-
-    def _trigger_fires(self, value: float, norm: float, lr: float) -> bool:
-        """Ask the trigger every step; act on it only when a cycle may start now."""
-        fired = self.trigger.update(self._sign * value, step=self.step_count, grad_norm=norm)
-        if not fired or self._disabled is not None or self._probation is not None:
-            return False
-        return may_start(self.config, self.trigger, step=self.step_count, cycles=self.cycle,
-                         quiet_until=self._quiet_until, lr=lr, peak_lr=self._peak_lr,
-                         lr_changed_at=self._lr_changed_at)
-
-    def _capture_inputs(self, closure: Closure):
-        """First step: record the model's inputs (for tracing later) from the closure's call."""
-        captured: list = []
-
-        def hook(module, args, kwargs):
-            if not captured:
-                captured.append((args, kwargs))
-
-        handle = self._user_model.register_forward_pre_hook(hook, with_kwargs=True)
-        module = self.wrapping.around(self._user_model, None, compile=False) \
-            if self.wrapping.compile else self.model
-        try:
-            result = loss_of(closure, module, self._reduce())
-        finally:
-            handle.remove()
-        if not captured:
-            raise BypassError("the closure never called the model it was given: write it as "
-                              "closure(module) -> loss with module(...) inside, or pass "
-                              "example_inputs=")
-        args, kwargs = captured[0]
-        self.example_inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a
-                                    for a in args)
-        self.example_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v
-                               for k, v in kwargs.items()}
-        self._inputs_as = floating_dtype_device(self._user_model)
-        return result
-
-    # -- a cycle -------------------------------------------------------------------------------
-    def _start_cycle(self, closure: Closure) -> None:
-        """trigger → extend: snapshot, trace (once), choose sites, extend, join the optimizer."""
-        if not self._judge_replays(closure):
-            return
-        snapshot = Snapshot.take(self._user_model, self.optimizer)
-        shadow = self._take_shadow() if self._keeps_shadow() else None
-        try:
-            self._trace()
-            sites, scores = self._choose_sites(closure)
-            ext = self._extend(sites)
-        except Exception as exc:
-            self._give_up(f"extension failed: {type(exc).__name__}: {exc}",
-                          f"morphc could not extend the model ({exc}); nothing was changed. "
-                          "Choose other sites=", exc)
-            return
-        if scores is not None:
-            ext.config.escape_scores, ext.config.selection = scores, "auto"
-        group = ExtensionGroup(self.optimizer, list(ext.extension_parameters()),
-                               self.config.extension_options)
-        pace = getattr(self.trigger, "pace", None)
-        self._cycle = Cycle(ext, snapshot, group, self.config, started_at=self.step_count,
-                            pace=pace() if callable(pace) else 0.0)
-        self._cycle.shadow = shadow
-        self._cycle.structure = self._traced_structure
-        self._module = None
-        self._event("extend", sites=ext.config.sites, widths=ext.config.widths, scores=scores)
-
-    def _keeps_shadow(self) -> bool:
-        """Plain training beside the cycle (:mod:`~morphc.runtime.shadow`) whenever a verdict
-        can hand it over: not with ``accept="always"`` (no verdict), not across processes (the
-        copy would train without the all-reduce)."""
-        return self.config.shadow and self.config.accept != Accept.ALWAYS and \
-            not self.distributed
-
-    def _take_shadow(self) -> Shadow | None:
-        """The copy, or None when the model or optimizer cannot be deep-copied (a handle or a
-        lock among its attributes): then a miss restores the state from before the cycle."""
-        try:
-            return Shadow(self._user_model, self.optimizer)
-        except Exception as exc:
-            self.config.shadow = False               # it would fail the same way next time
-            self._warn(f"morphc.Bypass could not copy the model and optimizer to train plainly "
-                       f"beside its cycles ({type(exc).__name__}: {exc}); a cycle that does not "
-                       "pay restores the state from before it instead (its steps are lost)")
-            return None
-
-    def _give_up(self, reason: str, advice: str, exc: BaseException | None = None) -> None:
-        """No cycle for the rest of the run: recorded, warned once, or raised as a BypassError
-        with ``on_failure="raise"``. Called before anything changed."""
-        self._disabled = reason
-        self._event("failure", reason=reason)
-        if self.config.on_failure is OnFailure.RAISE:
-            raise BypassError(f"{advice}, or pass on_failure='rollback' to train on without "
-                              "Bypass.") from exc
-        self._warn(f"morphc.Bypass trains on without cycles: {reason}. {advice}.")
-
-    def _trace(self) -> None:
-        """Trace once per run (and trace() caches per model): a cycle never re-exports —
-        unless the model was converted (``model.double()``, ``.to(device)``) since its inputs
-        were recorded (they are converted the same way and the model traced again), or the user
-        replaced or added a layer since the trace (a stale graph would train the old layers)."""
-        now = floating_dtype_device(self._user_model)
-        if self._inputs_as is not None and now is not None and now != self._inputs_as:
-            self.example_inputs, self.example_kwargs = converted_like(
-                (tuple(self.example_inputs), dict(self.example_kwargs or {})),
-                self._inputs_as, now)
-            self._inputs_as, self._traced = now, None
-        structure = model_structure(self._user_model)
-        if self._traced is None or structure != self._traced_structure:
-            self._traced = trace(self._user_model, self.example_inputs,
-                                 kwargs=self.example_kwargs or None,
-                                 dynamic_shapes=self.config.dynamic_shapes)
-            self._traced_structure = structure
-
-    def _choose_sites(self, closure: Closure):
-        """Resolve ``sites``. ``"auto"``: rank by a short joint look-ahead per site, scored on
-        ``probe`` (default: ``eval_closure`` or the closure) — what survives at s = 0; with
-        ``probe=None``, by ``‖∂L/∂B‖`` along a random output direction (no training). Scores
-        are agreed across ranks."""
-        spec = self.config.sites
-        if not (isinstance(spec, str) and spec == "auto"):
-            return spec, None
-        full = self._extend("all")
-        names = list(full.config.sites)
-        probe = self.config.probe
-        if probe is None:
-            scores = escape_scores(full, random_direction_probe(self.example_inputs,
-                                                                self.config.seed))
-            if self.distributed:
-                scores = dict(zip(scores, all_reduce_sum(list(scores.values())), strict=True))
-            return rank_sites(scores, self.config.top_k), scores
-        if probe == "closure":
-            probe = self.config.eval_closure or closure
-        options = {"lr": self._lr_scale * self._peak_lr, **self.config.extension_options}
-        device = next(self._user_model.parameters()).device
-        scores = lookahead_scores(
-            lambda name: self._extend([name]), names, self.optimizer, self._user_model,
-            closure, lambda m: self._loss_without_trace(probe, m, reduce=False),
-            steps=self.config.lookahead_steps, group_options=options,
-            reduce=(lambda v: all_reduce_mean(v, device)) if self.distributed else float)
-        return rank_sites(scores, self.config.top_k), scores
-
-    def _extend(self, sites):
-        cfg = self.config
-        if isinstance(sites, list):   # exact names: never let a name act as a suffix / regex
-            wanted = set(sites)
-            sites = lambda site: site.name in wanted  # noqa: E731
-        return extend(self._user_model, self.example_inputs, sites=sites, width=cfg.width,
-                      activation=cfg.activation, exclude=cfg.exclude, overrides=cfg.overrides,
-                      seed=cfg.seed + self.cycle + self.failures, init_scale=cfg.init_scale,
-                      traced=self._traced)
-
+    # -- a cycle's steps -----------------------------------------------------------------------
     def _cycle_step(self, closure: Closure) -> torch.Tensor:
         """One step of the extended model; any fault rolls the cycle back."""
         cycle = self._cycle
