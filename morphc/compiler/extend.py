@@ -14,7 +14,8 @@ from morphc.errors import SiteError, TraceError
 from morphc.families import get_family
 from morphc.ir.branch import BypassBranch
 from morphc.ir.sites import Site, SiteSpec, select_sites
-from morphc.ir.trace import TracedModel, trace
+from morphc.ir.trace import trace
+from morphc.ir.traced_model import TracedModel
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline
 from morphc.passes.insert_extension import insert_extension

@@ -13,7 +13,7 @@ from morphc.compiler.shape_graphs import DEFAULT_RETRACES, Retrace, ShapeGraphs
 from morphc.errors import ContractionError, FormatError, ShapeError, TraceError
 from morphc.ir.sites import Site, SiteTable
 from morphc.ir.tags import restore_tags, tags_by_name
-from morphc.ir.trace import TracedModel
+from morphc.ir.traced_model import TracedModel
 from morphc.passes.infra import Pipeline
 
 

@@ -33,7 +33,8 @@ from torch import fx, nn
 from morphc.errors import MorphcError, ShapeError
 from morphc.ir.example_inputs import describe_inputs
 from morphc.ir.sites import Site
-from morphc.ir.trace import TracedModel, trace
+from morphc.ir.trace import trace
+from morphc.ir.traced_model import TracedModel
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline
 from morphc.passes.insert_extension import insert_extension

@@ -1,8 +1,8 @@
 """Example inputs: the positional and keyword inputs a model is traced and checked with, and
 what running the model on them says when it fails.
 
-Kept apart from the frontends (:mod:`morphc.ir.trace`) because everything that takes inputs from a
-user — Bypass, the model-space moves, the CLI — needs them without tracing anything.
+Kept apart from the frontends (:mod:`morphc.ir.frontends`) because everything that takes inputs
+from a user — Bypass, the model-space moves, the CLI — needs them without tracing anything.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Parameter and buffer objects, so training it trains the user's model.
 Before tracing, the model runs once on the example inputs, so a wrong input is reported as such
 and not as a tracing failure. Traces are cached per model object and input signature: extending
 the same model again (a Bypass cycle, a sweep over widths) does not re-export.
+
+This module decides which frontend runs and why; how each is driven is
+:mod:`morphc.ir.frontends`, what a trace is :mod:`morphc.ir.traced_model`.
 """
 
 from __future__ import annotations
@@ -19,309 +22,23 @@ import dataclasses
 import inspect
 import time
 import weakref
-from dataclasses import dataclass, field
 
 import torch
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import nn
 
 from morphc.errors import ShapeError, TraceError
-from morphc.ir.example_inputs import (
-    ExampleInputs,
-    as_tuple,
-    describe_inputs,
-    first_line,
-    run_example,
+from morphc.ir.example_inputs import ExampleInputs, as_tuple, first_line, run_example
+from morphc.ir.frontends import (
+    Unrecordable,
+    _SiteAwareTracer,  # noqa: F401  extended models pickled before the frontends moved name it here
+    has_forward_hooks,
+    hook_notes,
+    trace_export,
+    trace_symbolic,
 )
-from morphc.ir.mode_flags import follow_mode
-from morphc.ir.shapes import (
-    DimRange,
-    Specialisation,
-    auto_dynamic_shapes,
-    capture_shape_log,
-    check_call,
-    exported_dims,
-    forward_names,
-    guard_error,
-    input_labels,
-    specialisation_reasons,
-)
-from morphc.ir.untouched import attributes_kept, no_side_effects
+from morphc.ir.traced_model import TracedModel
 
 FRONTENDS = ("auto", "symbolic_trace", "export")
-
-
-@dataclass
-class TracedModel:
-    """A graph of the user's model plus how it was obtained.
-
-    ``example_inputs`` are the positional example inputs, ``example_kwargs`` the keyword ones.
-    For the export frontend, ``input_dims`` says what each tensor input dimension accepts and
-    ``specialised`` lists each dimension torch.export fixed, with the reason.
-    """
-
-    graph_module: fx.GraphModule
-    frontend: str
-    reason: str
-    example_inputs: tuple
-    training: bool
-    dynamic_batch: bool | None = None
-    notes: list[str] = field(default_factory=list)
-    example_kwargs: dict = field(default_factory=dict)
-    dynamic_shapes: object = None
-    specialised: list[Specialisation] = field(default_factory=list)
-    input_dims: list[DimRange] = field(default_factory=list)
-    input_names: list[str] = field(default_factory=list)   # the forward's parameter names
-    trace_seconds: float = 0.0
-    cached: bool = False
-    _signatures: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary,
-                                                   repr=False, compare=False)
-
-    def __getstate__(self) -> dict:
-        """Pickle (``torch.save`` of an extended model) without the per-module signature cache,
-        a WeakKeyDictionary pickle cannot take; it refills on the first call."""
-        return {**self.__dict__, "_signatures": None}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _signatures=weakref.WeakKeyDictionary())
-
-    def check_call(self, args: tuple, kwargs: dict) -> dict:
-        """Refuse, with a ``ShapeError``, inputs the graph cannot take; returns the kwargs with
-        non-tensor example kwargs (e.g. ``use_cache=False``, baked into an exported graph)
-        filled in where the call omits them."""
-        if self.frontend != "export":
-            return kwargs
-        positional = {n for n in self.input_names[:len(args)] if not n.startswith("*")}
-        filled = {k: v for k, v in self.example_kwargs.items()
-                  if k not in kwargs and k not in positional and not isinstance(v, torch.Tensor)}
-        kwargs = {**kwargs, **filled} if filled else kwargs
-        if self.input_dims:
-            check_call(self.input_dims, input_labels(self.input_names, args, kwargs))
-        return kwargs
-
-    def call(self, module: nn.Module, args: tuple, kwargs: dict):
-        """``module(*args, **kwargs)`` for a graph of this trace, shape errors typed."""
-        kwargs = self.check_call(args, kwargs)
-        if self.frontend == "export":
-            self._check_structure(module, args, kwargs)
-        try:
-            return module(*args, **kwargs)
-        except AssertionError as exc:
-            if str(exc).strip().startswith("Guard failed"):
-                raise guard_error(exc) from exc
-            raise
-
-    def _check_structure(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """An exported graph takes the inputs the example gave and no others (an optional
-        input left out or None is baked in): a call that gives others is a ``ShapeError`` —
-        which the extended model answers by tracing again — not a bare ``TypeError``."""
-        known = self._signatures.get(module)
-        if known is None:
-            try:
-                signature = inspect.signature(module.forward)
-                example = signature.bind(*self.example_inputs, **self.example_kwargs).arguments
-            except (TypeError, ValueError):   # not a signature this check can read: skip it
-                signature, example = None, {}
-            known = self._signatures[module] = (signature, {k: _kind(v)
-                                                            for k, v in example.items()})
-        signature, kinds = known
-        if signature is None:
-            return
-        try:
-            given = signature.bind(*args, **kwargs).arguments
-            problem = next((f"{name!r} is {_kind(value)}, the example's is {kinds[name]}"
-                            for name, value in given.items()
-                            if name in kinds and _kind(value) != kinds[name]), None)
-        except TypeError as exc:
-            problem = str(exc)
-        if problem is not None:
-            raise ShapeError(
-                f"inputs {describe_inputs(args, kwargs)} differ in structure from the example "
-                f"inputs {describe_inputs(self.example_inputs, self.example_kwargs)} that "
-                f"torch.export traced ({problem}): an exported graph takes exactly the inputs "
-                "the example gave, and computes as if an input that was None is still None. "
-                "To allow it: extend with example inputs that give the same inputs as your "
-                "calls (None where you pass None)")
-
-
-def _kind(value) -> str:
-    """What torch.export bakes in about an input: None, a tensor, or another value (whose
-    value the graph guards on)."""
-    return "None" if value is None else "a tensor" if isinstance(value, torch.Tensor) \
-        else "a value"
-
-
-def _weight_hooks() -> tuple[type, ...]:
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-    return WeightNorm, SpectralNorm
-
-
-def _has_forward_hooks(module: nn.Module) -> bool:
-    """Forward hooks or pre-hooks other than the old ``weight_norm`` / ``spectral_norm`` ones,
-    which only recompute ``module.weight`` (and run their power iteration under no_grad, which
-    a graph would lose)."""
-    return bool(module._forward_hooks) or any(
-        not isinstance(h, _weight_hooks()) for h in module._forward_pre_hooks.values())
-
-
-def _hooked(model: nn.Module) -> list[str]:
-    """Qualified names of the modules with forward (pre-)hooks ("" is the model itself)."""
-    return [name for name, m in model.named_modules() if _has_forward_hooks(m)]
-
-
-_AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
-def _modes() -> tuple[bool, ...]:
-    """Grad mode and autocast per device: what ``torch.no_grad()`` / ``torch.autocast`` in a
-    forward switch, and what a symbolically traced graph does not record."""
-    return (torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
-            *(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES))
-
-
-class _Unrecordable(TraceError):
-    """A forward no frontend can record faithfully: do not try the next one."""
-
-
-class _SiteAwareTracer(fx.Tracer):
-    """Trace *through* torch.nn modules that have children (e.g. ``MultiheadAttention``,
-    ``TransformerEncoderLayer``): as opaque leaves they would hide linear sites inside them.
-    A module with forward (pre-)hooks is traced through too, so its hooks are in the graph: as
-    a leaf, a branch added after it would bypass a hook that rescales its output or input.
-
-    Nodes recorded while the forward had switched grad mode or autocast (``with
-    torch.no_grad():``) are listed in ``switched``: the graph would run them in the caller's
-    mode, training what the forward froze or computing in another dtype."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.switched: list[str] = []
-        self.inference: list[str] = []      # nodes made under torch.inference_mode()
-        self._modes = _modes()
-
-    def trace(self, root, concrete_args=None):
-        with torch.enable_grad():
-            self._modes = _modes()
-            return super().trace(root, concrete_args)
-
-    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
-        node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        if _modes() != self._modes:
-            self.switched.append(node.name)
-        if torch.is_inference_mode_enabled() and not self._modes[0]:
-            self.inference.append(node.name)
-        return node
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) and not any(m.children()) \
-            and not _has_forward_hooks(m)
-
-
-def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-    """``args`` + ``kwargs`` as positional inputs in the forward's order (for ShapeProp), or
-    None when the signature does not allow it (``*args`` / ``**kwargs``)."""
-    if not kwargs:
-        return args
-    try:
-        sig = inspect.signature(model.forward)
-        bound = sig.bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
-        return None
-    bound.apply_defaults()
-    return tuple(bound.arguments.values())
-
-
-def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule,
-                                                                          list[str]]:
-    inputs = _positional(model, args, kwargs)
-    if inputs is None:
-        raise TraceError("keyword inputs that do not bind to named forward parameters")
-    if _has_forward_hooks(model):   # symbolic_trace reads model.forward: it would drop them
-        raise TraceError("forward hooks on the model itself, which symbolic_trace drops")
-    tracer = _SiteAwareTracer()
-    with attributes_kept(model):
-        graph = tracer.trace(model)
-        if tracer.inference:
-            raise _Unrecordable(
-                f"the forward of {type(model).__name__} runs "
-                f"{', '.join(tracer.inference[:5])} under torch.inference_mode(), which neither "
-                "torch.fx nor torch.export records (the graph would train what it freezes); "
-                "use torch.no_grad() there instead, which torch.export keeps")
-        if tracer.switched:
-            raise TraceError(
-                f"the forward switches grad mode or autocast (torch.no_grad, torch.autocast, "
-                f"set_grad_enabled) around {', '.join(tracer.switched[:5])}, which "
-                "symbolic_trace does not record")
-        notes = follow_mode(graph, model, lambda: _SiteAwareTracer().trace(model))
-        gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    with no_side_effects(gm), torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)  # also proves the graph runs on these inputs
-    return gm, notes
-
-
-def _through_var_keyword(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
-    """The keyword inputs that reach the forward through ``**kwargs``."""
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return []
-    return [k for name, value in bound.arguments.items()
-            if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
-            for k in value]
-
-
-def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> TracedModel:
-    spec = auto_dynamic_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
-    # torch.export (2.13) takes no dynamic_shapes for inputs given through **kwargs (an
-    # internal assertion): trace static shapes, and let the extended model trace other shapes.
-    var_keyword = _through_var_keyword(model, args, kwargs) if dynamic_shapes is None else []
-    if var_keyword:
-        spec = None
-    # A view (a slice of a longer batch) makes export guard on how it relates to its base, and
-    # the graph then refuses the contiguous batches that follow: trace contiguous copies.
-    args, kwargs = torch.utils._pytree.tree_map_only(
-        torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
-    with no_side_effects(model), capture_shape_log() as messages:
-        program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec)
-    gm = program.module()
-    _bind_user_tensors(gm, model)
-    names = forward_names(model)
-    labels = input_labels(names, args, kwargs)
-    ranges, fixed = exported_dims(gm, program, labels, specialisation_reasons(messages),
-                                  user_spec=dynamic_shapes is not None)
-    batch = [r for r in ranges if r.dim == 0]
-    dynamic_batch = bool(batch) and not any(r.fixed for r in batch)
-    notes = [f"torch.export fixed {f}" for f in fixed]
-    if var_keyword:
-        notes.append(f"{', '.join(var_keyword)} reach the forward through **kwargs, for which "
-                     "torch.export takes no dynamic shapes: every shape is the example's, and "
-                     "a call at another shape traces again (max_retraces)")
-    if batch and not dynamic_batch:
-        notes.append("the batch dimension is fixed: the extended model only accepts the "
-                     "example batch size; make the model's shapes independent of the batch size "
-                     "(or pass dynamic_shapes=...) to lift this.")
-    return TracedModel(gm, "export", "", args, model.training, dynamic_batch, notes,
-                       dict(kwargs), dynamic_shapes, fixed, ranges, names)
-
-
-def _bind_user_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Make the exported module hold the user's own Parameter/buffer objects (same ids)."""
-    for name, tensor in [*model.named_parameters(remove_duplicate=False),
-                         *model.named_buffers(remove_duplicate=False)]:
-        owner_path, _, attr = name.rpartition(".")
-        try:
-            owner = gm.get_submodule(owner_path) if owner_path else gm
-        except AttributeError:
-            continue
-        current = getattr(owner, attr, None)
-        if isinstance(current, torch.Tensor) and current is not tensor:
-            if isinstance(tensor, nn.Parameter):
-                owner._parameters[attr] = tensor
-            elif attr in owner._buffers:
-                owner._buffers[attr] = tensor
 
 
 def _unflattenable(output) -> list[str]:
@@ -362,7 +79,7 @@ def _signature(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, fron
                       else repr(x) for x in leaves)
     tensors = tuple(id(t) for t in [*model.parameters(), *model.buffers()])
     hooks = tuple((id(m), *m._forward_hooks, *m._forward_pre_hooks) for m in model.modules()
-                  if _has_forward_hooks(m))
+                  if has_forward_hooks(m))
     return (str(spec), described, repr(dynamic_shapes), frontend, model.training, tensors,
             hooks)
 
@@ -409,12 +126,12 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
     symbolic_error = None
     if frontend in ("auto", "symbolic_trace") and dynamic_shapes is None:
         try:
-            gm, mode_notes = _symbolic_trace(model, inputs, traced_kwargs)
+            gm, mode_notes = trace_symbolic(model, inputs, traced_kwargs)
             return TracedModel(gm, "symbolic_trace", "torch.fx.symbolic_trace succeeded",
                                inputs, model.training, dynamic_batch=True,
-                               notes=notes + _hook_notes(model) + mode_notes,
+                               notes=notes + hook_notes(model) + mode_notes,
                                example_kwargs=dict(traced_kwargs))
-        except _Unrecordable:
+        except Unrecordable:
             raise
         except Exception as exc:  # any tracing failure means: try the next frontend
             symbolic_error = exc
@@ -424,7 +141,7 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
                     "use frontend='auto' or 'export'"
                 ) from exc
     try:
-        traced = _export(model, inputs, traced_kwargs, dynamic_shapes)
+        traced = trace_export(model, inputs, traced_kwargs, dynamic_shapes)
     except Exception as exc:
         tried = f"symbolic_trace: {first_line(symbolic_error)}; " if symbolic_error else ""
         raise TraceError(
@@ -437,17 +154,8 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
     traced.reason = (f"symbolic_trace failed ({first_line(symbolic_error)})"
                      if symbolic_error else
                      "requested" if frontend == "export" else "dynamic_shapes given")
-    traced.notes = notes + traced.notes + _hook_notes(model)
+    traced.notes = notes + traced.notes + hook_notes(model)
     return traced
-
-
-def _hook_notes(model: nn.Module) -> list[str]:
-    hooked = _hooked(model)
-    if not hooked:
-        return []
-    return [f"forward hooks on {', '.join(n or '(the model)' for n in hooked)} were traced into "
-            "the graph: what they compute is kept, but they ran once at trace time, so their "
-            "side effects (logging, storing activations) do not happen on the extended model"]
 
 
 __all__ = ["FRONTENDS", "ExampleInputs", "ShapeError", "TracedModel", "trace"]

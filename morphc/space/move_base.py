@@ -20,7 +20,8 @@ from morphc.compiler.extended import ExtendedModel
 from morphc.errors import MoveError
 from morphc.ir.example_inputs import ExampleInputs
 from morphc.ir.tags import FRONTEND
-from morphc.ir.trace import TracedModel, trace
+from morphc.ir.trace import trace
+from morphc.ir.traced_model import TracedModel
 from morphc.ir.untouched import no_side_effects
 
 

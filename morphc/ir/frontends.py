@@ -1,0 +1,212 @@
+"""The two frontends, each turning a module and its example inputs into a graph of it.
+
+``torch.fx.symbolic_trace`` (cheap, keeps ``call_module`` nodes that name the user's submodules,
+traces through modules with children or forward hooks, refuses a forward whose grad mode or
+autocast switches it cannot record) and ``torch.export`` (every parameter named by its qualified
+name, dynamic shapes, the user's own Parameter and buffer objects bound back into the graph).
+Kept apart from :mod:`morphc.ir.trace`, which chooses between them, runs the model once first
+and caches the result: here is only how each frontend is driven and what it cannot record.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from morphc.errors import TraceError
+from morphc.ir.mode_flags import follow_mode
+from morphc.ir.shapes import (
+    auto_dynamic_shapes,
+    capture_shape_log,
+    exported_dims,
+    forward_names,
+    input_labels,
+    specialisation_reasons,
+)
+from morphc.ir.traced_model import TracedModel
+from morphc.ir.untouched import attributes_kept, no_side_effects
+
+
+def _weight_hooks() -> tuple[type, ...]:
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return WeightNorm, SpectralNorm
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Forward hooks or pre-hooks other than the old ``weight_norm`` / ``spectral_norm`` ones,
+    which only recompute ``module.weight`` (and run their power iteration under no_grad, which
+    a graph would lose)."""
+    return bool(module._forward_hooks) or any(
+        not isinstance(h, _weight_hooks()) for h in module._forward_pre_hooks.values())
+
+
+def _hooked(model: nn.Module) -> list[str]:
+    """Qualified names of the modules with forward (pre-)hooks ("" is the model itself)."""
+    return [name for name, m in model.named_modules() if has_forward_hooks(m)]
+
+
+def hook_notes(model: nn.Module) -> list[str]:
+    hooked = _hooked(model)
+    if not hooked:
+        return []
+    return [f"forward hooks on {', '.join(n or '(the model)' for n in hooked)} were traced into "
+            "the graph: what they compute is kept, but they ran once at trace time, so their "
+            "side effects (logging, storing activations) do not happen on the extended model"]
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _modes() -> tuple[bool, ...]:
+    """Grad mode and autocast per device: what ``torch.no_grad()`` / ``torch.autocast`` in a
+    forward switch, and what a symbolically traced graph does not record."""
+    return (torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+            *(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES))
+
+
+class Unrecordable(TraceError):
+    """A forward no frontend can record faithfully: do not try the next one."""
+
+
+class _SiteAwareTracer(fx.Tracer):
+    """Trace *through* torch.nn modules that have children (e.g. ``MultiheadAttention``,
+    ``TransformerEncoderLayer``): as opaque leaves they would hide linear sites inside them.
+    A module with forward (pre-)hooks is traced through too, so its hooks are in the graph: as
+    a leaf, a branch added after it would bypass a hook that rescales its output or input.
+
+    Nodes recorded while the forward had switched grad mode or autocast (``with
+    torch.no_grad():``) are listed in ``switched``: the graph would run them in the caller's
+    mode, training what the forward froze or computing in another dtype."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.switched: list[str] = []
+        self.inference: list[str] = []      # nodes made under torch.inference_mode()
+        self._modes = _modes()
+
+    def trace(self, root, concrete_args=None):
+        with torch.enable_grad():
+            self._modes = _modes()
+            return super().trace(root, concrete_args)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if _modes() != self._modes:
+            self.switched.append(node.name)
+        if torch.is_inference_mode_enabled() and not self._modes[0]:
+            self.inference.append(node.name)
+        return node
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) and not any(m.children()) \
+            and not has_forward_hooks(m)
+
+
+def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """``args`` + ``kwargs`` as positional inputs in the forward's order (for ShapeProp), or
+    None when the signature does not allow it (``*args`` / ``**kwargs``)."""
+    if not kwargs:
+        return args
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        return None
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
+
+
+def trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule,
+                                                                         list[str]]:
+    inputs = _positional(model, args, kwargs)
+    if inputs is None:
+        raise TraceError("keyword inputs that do not bind to named forward parameters")
+    if has_forward_hooks(model):   # symbolic_trace reads model.forward: it would drop them
+        raise TraceError("forward hooks on the model itself, which symbolic_trace drops")
+    tracer = _SiteAwareTracer()
+    with attributes_kept(model):
+        graph = tracer.trace(model)
+        if tracer.inference:
+            raise Unrecordable(
+                f"the forward of {type(model).__name__} runs "
+                f"{', '.join(tracer.inference[:5])} under torch.inference_mode(), which neither "
+                "torch.fx nor torch.export records (the graph would train what it freezes); "
+                "use torch.no_grad() there instead, which torch.export keeps")
+        if tracer.switched:
+            raise TraceError(
+                f"the forward switches grad mode or autocast (torch.no_grad, torch.autocast, "
+                f"set_grad_enabled) around {', '.join(tracer.switched[:5])}, which "
+                "symbolic_trace does not record")
+        notes = follow_mode(graph, model, lambda: _SiteAwareTracer().trace(model))
+        gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    with no_side_effects(gm), torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)  # also proves the graph runs on these inputs
+    return gm, notes
+
+
+def _through_var_keyword(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """The keyword inputs that reach the forward through ``**kwargs``."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return []
+    return [k for name, value in bound.arguments.items()
+            if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+            for k in value]
+
+
+def trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> TracedModel:
+    spec = auto_dynamic_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
+    # torch.export (2.13) takes no dynamic_shapes for inputs given through **kwargs (an
+    # internal assertion): trace static shapes, and let the extended model trace other shapes.
+    var_keyword = _through_var_keyword(model, args, kwargs) if dynamic_shapes is None else []
+    if var_keyword:
+        spec = None
+    # A view (a slice of a longer batch) makes export guard on how it relates to its base, and
+    # the graph then refuses the contiguous batches that follow: trace contiguous copies.
+    args, kwargs = torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
+    with no_side_effects(model), capture_shape_log() as messages:
+        program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec)
+    gm = program.module()
+    _bind_user_tensors(gm, model)
+    names = forward_names(model)
+    labels = input_labels(names, args, kwargs)
+    ranges, fixed = exported_dims(gm, program, labels, specialisation_reasons(messages),
+                                  user_spec=dynamic_shapes is not None)
+    batch = [r for r in ranges if r.dim == 0]
+    dynamic_batch = bool(batch) and not any(r.fixed for r in batch)
+    notes = [f"torch.export fixed {f}" for f in fixed]
+    if var_keyword:
+        notes.append(f"{', '.join(var_keyword)} reach the forward through **kwargs, for which "
+                     "torch.export takes no dynamic shapes: every shape is the example's, and "
+                     "a call at another shape traces again (max_retraces)")
+    if batch and not dynamic_batch:
+        notes.append("the batch dimension is fixed: the extended model only accepts the "
+                     "example batch size; make the model's shapes independent of the batch size "
+                     "(or pass dynamic_shapes=...) to lift this.")
+    return TracedModel(gm, "export", "", args, model.training, dynamic_batch, notes,
+                       dict(kwargs), dynamic_shapes, fixed, ranges, names)
+
+
+def _bind_user_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Make the exported module hold the user's own Parameter/buffer objects (same ids)."""
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        owner_path, _, attr = name.rpartition(".")
+        try:
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+        except AttributeError:
+            continue
+        current = getattr(owner, attr, None)
+        if isinstance(current, torch.Tensor) and current is not tensor:
+            if isinstance(tensor, nn.Parameter):
+                owner._parameters[attr] = tensor
+            elif attr in owner._buffers:
+                owner._buffers[attr] = tensor
