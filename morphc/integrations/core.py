@@ -153,6 +153,8 @@ class TrainerBypass(TrainerCycle):
         self._beside: PlainBeside | None = None   # plain training beside the cycle in flight
         self._inputs: list = []                   # this step's micro-batches, for it
         self._step_groups: list[dict] = []        # the user's groups' settings for this step
+        self._stepped = False     # optimizer.step() ran; after_step (the step's end) not yet
+        self._ended_early = False  # resolve() ended this step's cycle before after_step
 
     # -- joining and leaving the trainer ---------------------------------------------------------
     def attach(self, model: nn.Module, optimizer, *, max_grad_norm: float | None = None,
@@ -268,6 +270,13 @@ class TrainerBypass(TrainerCycle):
                               "where you compute it yourself (e.g. a Trainer.training_step "
                               "override that does not call compute_loss) call "
                               "callback.bypass.record_loss(loss) once per micro-batch")
+        self._stepped = False
+        if self._ended_early:     # resolve() already took this step's cycle (and plain) step
+            self._ended_early = False
+            self._pending.clear()
+            self._shares.clear()
+            self.step_count = int(step)
+            return
         value = self._sign * sum(self._pending)
         if not all(self._shares):
             value /= len(self._pending)
@@ -297,6 +306,7 @@ class TrainerBypass(TrainerCycle):
         group.attach()
 
     def _post_step(self, optimizer, args, kwargs) -> None:
+        self._stepped = True
         cycle = self._cycle
         if cycle is not None and cycle.group.attached:
             cycle.group.detach()
