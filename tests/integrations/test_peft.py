@@ -212,3 +212,34 @@ def test_bypass_in_an_own_loop_trains_the_adapter_only(tmp_path, monkeypatch, ke
         plain_optimizer, _ = _own_loop(plain, False)
         assert state_differences(training_state(model, optimizer),
                                  training_state(plain, plain_optimizer)) == []
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_in_place_fold_keeps_the_whole_peft_models_function(dora):
+    """DoRA's weight norm is computed from the adapter's weights, not from the calls the hooks
+    see — but PEFT computes it by calling ``lora_B(lora_A(eye))``, so the hooks see that too and
+    the fold of a trained (random) extension on C keeps the whole model's logits."""
+    from morphc.compiler.deviation import relative_deviation
+    from morphc.integrations.extension import InPlaceExtension
+    from morphc.integrations.sites import module_sites
+    from morphc.ir.sites import select_sites
+
+    model = _lora(use_dora=dora, lora_dropout=0.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    table, modules = module_sites(model)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    ext = InPlaceExtension(model, select_sites(table, "all", [], frozen), modules, width=4)
+    with torch.no_grad():
+        for param in ext.parameters():
+            param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    ext.set_homotopy(0.0)
+    extended = _logits(model)
+    adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ext.fold()
+    assert relative_deviation(extended, _logits(model)) < 1e-5
+    assert all(not torch.equal(adapter[n], p) for n, p in model.named_parameters()
+               if ".lora_A." in n or ".lora_B." in n)      # every branch was folded in
