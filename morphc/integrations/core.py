@@ -181,14 +181,19 @@ class TrainerBypass(TrainerCycle):
         self._sign = loss_sign(self.optimizer)   # recorded values judged as losses to minimise
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, self.step_count
+        # on every submodule: a load into one (PEFT's load_adapter into the PeftModel inside a
+        # LightningModule) never runs its parents' load hooks
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step),
-                         model.register_load_state_dict_pre_hook(self._before_load)]
+                         *(m.register_load_state_dict_pre_hook(self._before_load)
+                           for m in model.modules())]
 
     def _before_load(self, module, state_dict, prefix, *args) -> None:
-        """Weights loaded into the model mid-cycle (HF's ``load_best_model_at_end`` after a
-        run stopped mid-cycle, a callback restoring a checkpoint): resolve the cycle first, or
-        resolving it afterwards — at the end of training — overwrites what was loaded."""
+        """Weights loaded into the model or any submodule of it mid-cycle (HF's
+        ``load_best_model_at_end`` after a run stopped mid-cycle, a callback restoring a
+        checkpoint, PEFT's ``load_adapter``): resolve the cycle first, or resolving it afterwards
+        — at a miss or the end of training — overwrites what was loaded. (Fires once per load:
+        at the module it was called on, whose prefix is empty.)"""
         if not prefix:
             self.resolve("weights were loaded into the model")
 

@@ -243,3 +243,62 @@ def test_the_in_place_fold_keeps_the_whole_peft_models_function(dora):
     assert relative_deviation(extended, _logits(model)) < 1e-5
     assert all(not torch.equal(adapter[n], p) for n, p in model.named_parameters()
                if ".lora_A." in n or ".lora_B." in n)      # every branch was folded in
+
+
+def _lightning_fit(tmp_path, callbacks):
+    """A LightningModule holding the PeftModel (``self.model``): the usual way to train PEFT
+    under Lightning. Returns the module and the trainer."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _lora()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=5e-3)
+
+    pl.seed_everything(0, verbose=False)
+    module = Module()
+    trainer = pl.Trainer(max_steps=8, accumulate_grad_batches=2, accelerator="cpu", devices=1,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=str(tmp_path),
+                         callbacks=callbacks)
+    trainer.fit(module, torch.utils.data.DataLoader(_Data(), batch_size=4))
+    return module, trainer
+
+
+def _lightning_loader(path, at: int):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class LoadAdapter(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == at and not getattr(self, "done", False):
+                self.done = True
+                module.model.load_adapter(str(path), adapter_name="default", is_trainable=True)
+
+    return LoadAdapter()
+
+
+@pytest.mark.parametrize("at", [4, 5])
+def test_lightning_an_adapter_loaded_into_the_peft_submodule_mid_cycle_is_kept(tmp_path,
+                                                                             never_pays, at):
+    """``load_adapter`` loads into the PeftModel, a submodule of the LightningModule, so a
+    load pre-hook on the LightningModule alone never fired: the cycle trained on, and its miss
+    handed over plain training's adapter, which had never seen the load (30 tensors lost it)."""
+    from morphc.integrations.lightning import BypassCallback
+
+    _lora(seed=7).save_pretrained(tmp_path / "earlier")
+    plain, plain_trainer = _lightning_fit(tmp_path, [_lightning_loader(tmp_path / "earlier",
+                                                                       at)])
+    callback = BypassCallback(morphc.Schedule(at=[3]), bypass_steps=2, return_steps=2, width=4,
+                              min_lr_fraction=0.0, verbose=False)
+    mine, trainer = _lightning_fit(tmp_path, [_lightning_loader(tmp_path / "earlier", at),
+                                              callback])
+    rollback = [e for e in callback.history if e["event"] == "rollback"]
+    assert len(rollback) == 1 and "loaded" in rollback[0]["reason"]
+    assert state_differences(training_state(mine, trainer.optimizers[0]),
+                             training_state(plain, plain_trainer.optimizers[0])) == []
