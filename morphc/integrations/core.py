@@ -153,6 +153,8 @@ class TrainerBypass(TrainerCycle):
         self._beside: PlainBeside | None = None   # plain training beside the cycle in flight
         self._inputs: list = []                   # this step's micro-batches, for it
         self._step_groups: list[dict] = []        # the user's groups' settings for this step
+        self._stepped = False     # optimizer.step() ran; after_step (the step's end) not yet
+        self._ended_early = False  # resolve() ended this step's cycle before after_step
 
     # -- joining and leaving the trainer ---------------------------------------------------------
     def attach(self, model: nn.Module, optimizer, *, max_grad_norm: float | None = None,
@@ -179,14 +181,19 @@ class TrainerBypass(TrainerCycle):
         self._sign = loss_sign(self.optimizer)   # recorded values judged as losses to minimise
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, self.step_count
+        # on every submodule: a load into one (PEFT's load_adapter into the PeftModel inside a
+        # LightningModule) never runs its parents' load hooks
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step),
-                         model.register_load_state_dict_pre_hook(self._before_load)]
+                         *(m.register_load_state_dict_pre_hook(self._before_load)
+                           for m in model.modules())]
 
     def _before_load(self, module, state_dict, prefix, *args) -> None:
-        """Weights loaded into the model mid-cycle (HF's ``load_best_model_at_end`` after a
-        run stopped mid-cycle, a callback restoring a checkpoint): resolve the cycle first, or
-        resolving it afterwards — at the end of training — overwrites what was loaded."""
+        """Weights loaded into the model or any submodule of it mid-cycle (HF's
+        ``load_best_model_at_end`` after a run stopped mid-cycle, a callback restoring a
+        checkpoint, PEFT's ``load_adapter``): resolve the cycle first, or resolving it afterwards
+        — at a miss or the end of training — overwrites what was loaded. (Fires once per load:
+        at the module it was called on, whose prefix is empty.)"""
         if not prefix:
             self.resolve("weights were loaded into the model")
 
@@ -268,6 +275,13 @@ class TrainerBypass(TrainerCycle):
                               "where you compute it yourself (e.g. a Trainer.training_step "
                               "override that does not call compute_loss) call "
                               "callback.bypass.record_loss(loss) once per micro-batch")
+        self._stepped = False
+        if self._ended_early:     # resolve() already took this step's cycle (and plain) step
+            self._ended_early = False
+            self._pending.clear()
+            self._shares.clear()
+            self.step_count = int(step)
+            return
         value = self._sign * sum(self._pending)
         if not all(self._shares):
             value /= len(self._pending)
@@ -297,6 +311,7 @@ class TrainerBypass(TrainerCycle):
         group.attach()
 
     def _post_step(self, optimizer, args, kwargs) -> None:
+        self._stepped = True
         cycle = self._cycle
         if cycle is not None and cycle.group.attached:
             cycle.group.detach()

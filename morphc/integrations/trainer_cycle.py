@@ -100,6 +100,9 @@ class TrainerCycle:
         cycle = self._cycle
         if cycle is None:
             return
+        if self._stepped:
+            self._end_mid_step(reason)
+            return
         if self.step_count == cycle.started_at:
             self._withdraw(reason)
             return
@@ -151,6 +154,20 @@ class TrainerCycle:
         self.cycle += 1
         self._event("contract", residual=residual, deviation=deviation, reason=reason,
                     sites=[s.name for s in cycle.ext.sites], **measures)
+
+    def _end_mid_step(self, reason: str) -> None:
+        """Resolved between the trainer's ``optimizer.step()`` and the step's end (weights loaded,
+        or ``resolve`` called, from a callback that runs before morphc's ``on_step_end``): the
+        cycle has taken this step but not yet seen its loss. Plain training takes its step on the
+        step's micro-batches first and its state is handed over — where a run without morphc is
+        now — instead of a state one step behind (or, for the cycle's first step, from before
+        it). ``after_step`` then only moves the count."""
+        self._ended_early = True
+        inputs, self._inputs = self._inputs, []
+        with torch.enable_grad():
+            self._step_beside(inputs)
+        self._rollback(f"{reason} between an optimizer step of the {self._cycle.phase} phase "
+                       "and the step's end: its loss is not known yet to judge it by")
 
     def _withdraw(self, reason: str) -> None:
         """A cycle resolved at the step it started (a checkpoint or an evaluation was due
