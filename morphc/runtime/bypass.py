@@ -44,7 +44,7 @@ from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_group
-from morphc.runtime.shadow import Shadow, weight_versions
+from morphc.runtime.shadow import Probation, Shadow, weight_versions
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
@@ -151,7 +151,7 @@ class Bypass(CycleRunner):
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, 0   # how long the lr held still
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
-        self._probation: tuple[Shadow, int] | None = None   # plain training after a kept cycle
+        self._probation: Probation | None = None   # plain training after a kept cycle
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0
 
@@ -231,7 +231,7 @@ class Bypass(CycleRunner):
             with self._whole_on_error(self._cycle):
                 self._close_cycle(self._last_closure, finishing=True)
         if self._probation is not None:
-            self._end_probation(self._last_closure)
+            self._end_probation(self._last_closure, final=True)
         self._module = None
         return self._user_model
 
@@ -284,8 +284,7 @@ class Bypass(CycleRunner):
                 "example_inputs": None if self.example_inputs is None else
                 list(self.example_inputs), "example_kwargs": dict(self.example_kwargs),
                 "extension": extension_state(self._cycle),
-                "probation": None if self._probation is None else
-                {"until": self._probation[1], "shadow": self._probation[0].state_dict()}}
+                "probation": None if self._probation is None else self._probation.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`, on a fresh ``Bypass`` over a model of the same
@@ -310,9 +309,8 @@ class Bypass(CycleRunner):
         if shadow is not None and self._cycle is not None:   # after the optimizer: it copies it
             self._cycle.shadow = Shadow.from_state(shadow, self._user_model, self.optimizer)
         probation = state.get("probation")                  # older checkpoints: none
-        self._probation = None if probation is None else (
-            Shadow.from_state(probation["shadow"], self._user_model, self.optimizer),
-            int(probation["until"]))
+        self._probation = None if probation is None else \
+            Probation.from_state(probation, self._user_model, self.optimizer)
         self.trigger.load_state_dict(state["trigger"])
         self.log.events[:] = list(state["history"])
         self.step_count, self.cycle = int(state["step"]), int(state["cycle"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 
 import torch
@@ -35,6 +36,35 @@ def plain_leads(mine: float, plain: float) -> bool:
     """Whether plain training beside a run ends up ahead of it (a probation's verdict): a finite
     loss below the run's, or the run's is not finite."""
     return math.isfinite(plain) and (plain < mine or not math.isfinite(mine))
+
+
+def plain_catches_up(lead_before: float | None, lead: float) -> bool:
+    """Whether plain training, still behind the run by ``lead``, closed the gap over the last
+    probation fast enough to overtake within another one at that pace: it is leaving a plateau
+    the cycle's run is not (XOR at lr 0.3: a kept cycle at the 0.125 minimum, plain training
+    0.25 → 0.176 over its probation and solving the problem soon after)."""
+    return lead_before is not None and math.isfinite(lead_before) and math.isfinite(lead) \
+        and lead_before - lead > lead
+
+
+@dataclasses.dataclass
+class Probation:
+    """Plain training beside a kept cycle's run (a :class:`Shadow`), the step its verdict is
+    due, and by how much the run led plain training when it began (None: not measured)."""
+
+    shadow: Shadow
+    until: int
+    lead: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"until": self.until, "lead": self.lead, "shadow": self.shadow.state_dict()}
+
+    @classmethod
+    def from_state(cls, state: dict, model: nn.Module,
+                   optimizer: torch.optim.Optimizer) -> Probation:
+        lead = state.get("lead")                        # older checkpoints: none
+        return cls(Shadow.from_state(state["shadow"], model, optimizer), int(state["until"]),
+                   None if lead is None else float(lead))
 
 
 def weight_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:

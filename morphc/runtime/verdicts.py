@@ -21,7 +21,7 @@ from morphc.compiler.deviation import deterministic
 from morphc.errors import MorphcError
 from morphc.runtime.config import Accept, OnFailure, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off
-from morphc.runtime.shadow import edited_since, plain_leads
+from morphc.runtime.shadow import Probation, edited_since, plain_catches_up, plain_leads
 from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import Closure
 from morphc.runtime.wrapping import all_reduce_mean
@@ -208,26 +208,27 @@ class Verdicts:
         self._detach()
         self.cycle += 1
         if not finishing:
-            self._start_probation(cycle)
+            self._start_probation(cycle, None if plain is None else plain - after)
         self._event("contract", residual=residual, deviation=ext.contraction_report.deviation,
                     sites=ext.config.sites, finishing=finishing, loss_plain=plain,
                     **self._measures(cycle, before, after, snap))
 
     # -- probation: plain training goes on beside a kept cycle's run for a while --------------
-    def _start_probation(self, cycle: Cycle) -> None:
-        """A kept cycle beat plain training at its end; but plain training may have been about
-        to leave a plateau the cycle left for a worse basin (XOR, parity: a cycle kept at the
-        0.125 minimum while plain training went on to solve it). So the shadow goes on for
-        ``probation_steps``; no cycle starts meanwhile; then the better of the two runs is kept."""
+    def _start_probation(self, cycle: Cycle, lead: float | None) -> None:
+        """A kept cycle beat plain training at its end (by ``lead``); but plain training may
+        have been about to leave a plateau the cycle left for a worse basin (XOR, parity: a
+        cycle kept at the 0.125 minimum while plain training went on to solve it). So the
+        shadow goes on for ``probation_steps`` — longer while it is catching up
+        (:meth:`_end_probation`); no cycle starts meanwhile; then the better run is kept."""
         length = self.config.probation_len
         if cycle.shadow is not None and length > 0:
-            self._probation = (cycle.shadow, self.step_count + length)
+            self._probation = Probation(cycle.shadow, self.step_count + length, lead)
 
     def _step_on_probation(self, closure: Closure) -> torch.Tensor:
         """The shadow's plain step, then the user's (its RNG draws from a fork, as in a
         cycle); at the end of the probation, the verdict. Returns plain training's loss, as a
         cycle step does: what the user's scheduler sees is what it sees without Bypass."""
-        shadow, until = self._probation
+        shadow = self._probation.shadow
         edited = edited_since(self._weight_versions)
         if edited or not shadow.follows(self.optimizer) or \
                 model_structure(self._user_model) != shadow.structure:   # keep ours
@@ -247,16 +248,18 @@ class Verdicts:
             if not shadow.skipped:    # never handed over then; the user's run is kept. One
                 self._probation = None    # that skipped a non-finite batch (on_failure="raise"
             raise                     # raises for the run's skip) is still in step: go on
-        if self.step_count >= until:
+        if self.step_count >= self._probation.until:
             self._end_probation(closure)
         return plain
 
-    def _end_probation(self, closure: Closure | None) -> None:
+    def _end_probation(self, closure: Closure | None, final: bool = False) -> None:
         """Keep the cycle's run unless plain training beside it is now better on the same data
         (``eval_closure``, else the last steps' batches); then hand plain training's state over:
-        the run is where it would be had the cycle never happened."""
-        shadow, _ = self._probation
-        self._probation = None
+        the run is where it would be had the cycle never happened. If plain training is still
+        behind but closed the gap fast enough to overtake within another probation, the
+        probation goes on (not at ``final``, :meth:`finish`)."""
+        probation, self._probation = self._probation, None
+        shadow = probation.shadow
         probe = self._judged_on(closure)
         if probe is None:
             return
@@ -268,6 +271,11 @@ class Verdicts:
             shadow.hand_over(self._user_model, self.optimizer)
             self.trigger.reset()
             self._miss()
+        elif not final and plain_catches_up(probation.lead, plain - mine):
+            self._probation = Probation(shadow, self.step_count + self.config.probation_len,
+                                        plain - mine)
+            self._event("probation", loss_after=mine, loss_plain=plain, to="longer")
+            return
         self._event("probation", loss_after=mine, loss_plain=plain,
                     to="plain" if to_plain else "cycle")
 

@@ -130,6 +130,63 @@ def test_a_checkpoint_taken_on_probation_resumes_it():
     assert all(torch.equal(v, expected[k]) for k, v in fresh.state_dict().items())
 
 
+def _closing_judge(holder, model, behind_at_first_verdict):
+    """Verdicts the test chooses: plain training's copy behind the run by 10 until the cycle
+    is kept, by ``behind_at_first_verdict`` at the probation's first verdict, and ahead from
+    then on."""
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(64, 6, generator=gen), torch.randn(64, 3, generator=gen)
+
+    def judge(m):
+        bp = holder["bp"]
+        plain = not (m is model or isinstance(m, morphc.ExtendedModel))
+        loss = F.mse_loss(m(x), y)
+        if not events(bp, "contract"):
+            return loss + (10.0 if plain else 0.0)
+        if not events(bp, "probation"):
+            return loss + (behind_at_first_verdict if plain else 0.0)
+        return loss + (0.0 if plain else 10.0)
+    return judge
+
+
+@pytest.mark.parametrize(("behind", "verdicts"), [(1.0, ["longer", "plain"]), (9.0, ["cycle"])])
+def test_a_probation_goes_on_while_plain_training_closes_in_fast(behind, verdicts):
+    """Plain training that is leaving a plateau the kept run sits on (XOR at lr 0.3: the run at
+    the 0.125 minimum, plain 0.25 → 0.18 over the probation, solved soon after) is still behind
+    when the probation ends; if it closed the gap fast enough to overtake within another
+    probation at that pace, the probation goes on — and hands over when it does overtake."""
+    rng = torch.get_rng_state()
+    expected, expected_state, _ = _plain_run()
+    torch.set_rng_state(rng)
+    model, batches = _dropout_bn_task()
+    holder = {}
+    bp = _bypass(model, holder, plain_wins=False, probation_steps=8,
+                 eval_closure=_closing_judge(holder, model, behind))
+    _train(bp, batches[:STEPS])
+    bp.finish()
+    kept = events(bp, "contract")
+    assert len(kept) == 1
+    assert [v["to"] for v in events(bp, "probation")] == verdicts
+    if verdicts[-1] == "plain":
+        assert [v["step"] for v in events(bp, "probation")] == [kept[0]["step"] + 8,
+                                                                kept[0]["step"] + 16]
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+        assert same_optimizer_state(optimizer_state(bp, model), expected_state)
+
+
+def test_finish_judges_a_probation_that_went_on_without_extending_it():
+    model, batches = _dropout_bn_task()
+    holder = {}
+    bp = _bypass(model, holder, plain_wins=False, probation_steps=8,
+                 eval_closure=_closing_judge(holder, model, 1.0))
+    _train(bp, batches[:22])              # kept at 11, went on at 19: on probation until 27
+    assert [v["to"] for v in events(bp, "probation")] == ["longer"]
+    assert bp._probation is not None
+    bp.finish()
+    assert [v["to"] for v in events(bp, "probation")] == ["longer", "plain"]
+    assert bp._probation is None
+
+
 @pytest.mark.parametrize("steps", [-1, 2.5, True])
 def test_probation_steps_must_be_a_count(steps):
     model, _ = _dropout_bn_task()
