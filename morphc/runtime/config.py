@@ -81,7 +81,8 @@ class BypassConfig:
     on_failure: OnFailure | str = OnFailure.ROLLBACK
     max_grad_norm: float | None = None
     shadow: bool = True               # plain training beside each cycle (runtime/shadow.py)
-    probation_steps: int | None = None   # ... and after a kept one; None: 2 × cycle_steps
+    probation_steps: int | None = None   # ... and after a kept one (None: 2 × cycle_steps;
+    # again while plain training closes in fast enough to overtake within another one)
     compile: bool = False
     compile_backend: Any = "inductor"
     compile_options: Mapping | None = None
