@@ -44,7 +44,13 @@ from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_group
-from morphc.runtime.shadow import Probation, Shadow, weight_versions
+from morphc.runtime.shadow import (
+    Probation,
+    ResolveBeforeLoad,
+    Shadow,
+    edited_since,
+    weight_versions,
+)
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
@@ -154,6 +160,8 @@ class Bypass(CycleRunner):
         self._probation: Probation | None = None   # plain training after a kept cycle
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0
+        self._loading = False             # bp.load_state_dict's own load: no hook
+        self._load_hook = model.register_load_state_dict_pre_hook(ResolveBeforeLoad(self))
 
     # -- what the user calls -----------------------------------------------------------------
     @property
@@ -227,15 +235,31 @@ class Bypass(CycleRunner):
         """The user's own model object, in its own architecture. Never trains: a cycle still in
         flight is snapped onto C, contracted, and kept only if that pays (the same acceptance
         test as every cycle); otherwise it is rolled back."""
+        edited = edited_since(self._weight_versions)    # since the last step: as a step would
+        if edited and (self._cycle is not None or self._probation is not None):
+            self._warn_edited()
         if self._cycle is not None and not self._changed_since(self._cycle):
+            if edited:
+                self._cycle.shadow = None
             with self._whole_on_error(self._cycle):
                 self._close_cycle(self._last_closure, finishing=True)
-        if self._probation is not None:
+        if self._probation is not None and edited:
+            self._probation = None
+            self._event("probation", loss_after=None, loss_plain=None, to="cycle",
+                        reason="weights edited after the last step")
+        elif self._probation is not None:
             self._end_probation(self._last_closure, final=True)
         self._module = None
         return self._user_model
 
+    def _before_load(self) -> None:
+        """Weights about to be loaded into the user's model (:class:`ResolveBeforeLoad`)."""
+        if not self._loading and (self._cycle is not None or self._probation is not None):
+            self.finish()
+
     def __del__(self) -> None:
+        if getattr(self, "_load_hook", None) is not None:
+            self._load_hook.remove()
         if getattr(self, "_cycle", None) is not None:
             warnings.warn("a morphc.Bypass was dropped mid-cycle: the user's model does not hold "
                           "the extension's share of the function yet. Call bp.finish() when "
@@ -292,7 +316,11 @@ class Bypass(CycleRunner):
         self._check_checkpoint(state)
         if self._cycle is not None:
             self._detach()
-        self._user_model.load_state_dict(state["model"])
+        self._loading = True
+        try:
+            self._user_model.load_state_dict(state["model"])
+        finally:
+            self._loading = False
         inputs = state["example_inputs"]
         self.example_inputs = None if inputs is None else tuple(inputs)
         self.example_kwargs = dict(state.get("example_kwargs") or {})   # older checkpoints: none
@@ -355,11 +383,13 @@ class Bypass(CycleRunner):
         if not self._warned_edited:
             self._warned_edited = True
             self._warn("the model's weights were changed between bp.step calls while plain "
-                       "training ran beside a cycle (a clamp, a projection, a load): plain "
-                       "training cannot follow such edits, so a cycle that does not pay now "
-                       "restores the state from before it (its steps are lost) and a probation "
-                       "keeps your run. To keep the guarantee, constrain weights inside the "
-                       "model (torch.nn.utils.parametrize) instead of editing them after a step")
+                       "training ran beside a cycle (a clamp, a projection, a load into a "
+                       "layer, or a forward in training mode moving BatchNorm statistics): "
+                       "plain training cannot follow such edits, so a cycle that does not pay "
+                       "now restores the state from before it (its steps are lost) and a "
+                       "probation keeps your run. To keep the guarantee, constrain weights "
+                       "inside the model (torch.nn.utils.parametrize) instead of editing them "
+                       "after a step, and evaluate under model.eval()")
 
     def _warn(self, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -72,9 +73,32 @@ def weight_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
     return [(p, p._version) for p in model.parameters()]
 
 
+class ResolveBeforeLoad:
+    """A ``load_state_dict`` pre-hook on the user's model: weights loaded mid-cycle or on
+    probation (early stopping restoring its best state, a checkpoint) first resolve what is in
+    flight, as ``bp.finish()`` does — else resolving it later (the next step, ``finish``) hands
+    plain training's state, or the state from before the cycle, over what was loaded. Holds
+    Bypass weakly; a copy of the model (deepcopy, an EMA) keeps it but is not the model it
+    watches, and a pickled model takes an inert one."""
+
+    def __init__(self, bypass=None) -> None:
+        self.ref = None if bypass is None else weakref.ref(bypass)
+
+    def __call__(self, module, state_dict, prefix, *args) -> None:
+        bypass = None if self.ref is None else self.ref()
+        if bypass is not None and not prefix and module is bypass._user_model:
+            bypass._before_load()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return ResolveBeforeLoad, ()
+
+
 def edited_since(versions: list[tuple[torch.Tensor, int]] | None) -> bool:
     """Whether the user changed weights in place since :func:`weight_versions` (a clamp or a
-    projection after each step, a ``load_state_dict``): plain training beside the run never got
+    projection after each step, a load into a layer): plain training beside the run never got
     that edit, so handing its state over would undo it."""
     return versions is not None and any(p._version != v for p, v in versions)
 

@@ -1,0 +1,130 @@
+"""Probes from a fourth outside-in round: what users do with their model between ``bp.step``
+calls — restore a best state (early stopping), run it in training mode for a metric, hand Bypass
+a ``torch.compile``d model. A run whose cycles never pay ends where plain training ends, bit for
+bit, and whatever the user loaded into the model is what they keep."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import morphc
+from tests.helpers import regression_task, state_differences, training_state
+
+STEPS = 23
+
+
+def _task(bn: bool = False, steps: int = STEPS):
+    model, batches = regression_task(0, steps)
+    if bn:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 3))
+    return model, batches
+
+
+def _bypass(model, optimizer, **kw):
+    """Cycles every 4 steps, none of which can pay (the eval closure is a constant)."""
+    options = dict(trigger=morphc.Schedule(every=4), bypass_steps=3, return_steps=3,
+                   verbose=False, eval_closure=lambda m: torch.tensor(1.0))
+    options.update(kw)
+    return morphc.Bypass(model, optimizer, **options)
+
+
+def _run(with_bypass: bool, between=None, after_loop=None, bn=False, steps=STEPS, **kw):
+    """Adam on the task, with Bypass (cycles that never pay) or without; ``between(i, model,
+    bp)`` runs after each step, ``after_loop(model)`` after the loop and before ``finish``."""
+    model, batches = _task(bn, steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-2)
+    bp = _bypass(model, optimizer, **kw) if with_bypass else None
+    for i, (x, y) in enumerate(batches):
+        if bp is not None:
+            bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+        else:
+            optimizer.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            optimizer.step()
+        if between is not None:
+            between(i, model, bp)
+    if after_loop is not None:
+        after_loop(model)
+    if bp is not None:
+        bp.finish()
+    return training_state(model, optimizer), bp
+
+
+def _rollbacks(bp):
+    return [e["to"] for e in bp.history if e["event"] == "rollback"]
+
+
+# -- early stopping: a best state loaded back -----------------------------------------------------
+def _keeps_best(at=None):
+    """Keep a copy of the weights every step; load the copy from step ``at - 2`` back after
+    step ``at`` (None: after the loop)."""
+    kept = {}
+
+    def between(i, model, bp):
+        kept[i] = copy.deepcopy(model.state_dict())
+        if i == at:
+            model.load_state_dict(kept[i - 2])
+
+    def after_loop(model):
+        if at is None:
+            model.load_state_dict(kept[18])
+    return between, after_loop
+
+
+def test_a_state_loaded_after_the_loop_and_before_finish_is_what_the_user_keeps():
+    # early stopping's habit: after the loop, load the best weights, then bp.finish(). The run
+    # ends mid-cycle; finish() handed plain training's last state over the weights just loaded
+    # (validation 1.166 instead of the loaded 1.120). A load now resolves the cycle first
+    between, after_loop = _keeps_best(None)
+    expected, _ = _run(False, between, after_loop, steps=22)
+    got, bp = _run(True, between, after_loop, steps=22)
+    assert _rollbacks(bp) == ["plain", "plain"]
+    assert state_differences(expected, got) == []
+
+
+def test_a_state_loaded_mid_cycle_is_trained_on_as_plain_training_would():
+    # a load mid-cycle was seen as an edit between steps: plain training beside the cycle was
+    # dropped with a warning and the miss restored the state from before the cycle, undoing the
+    # load (the weights and the step count of Adam's state differed from plain training's)
+    between, _ = _keeps_best(21)
+    expected, _ = _run(False, between, steps=27)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, bp = _run(True, between, steps=27)
+    assert _rollbacks(bp) == ["plain", "plain"]
+    assert state_differences(expected, got) == []
+
+
+def test_bypass_own_checkpoint_loads_do_not_resolve_anything():
+    # bp.load_state_dict loads into the user's model too: it must not judge the cycle it is
+    # about to restore
+    model, batches = _task()
+    bp = _bypass(model, torch.optim.Adam(model.parameters(), lr=5e-2))
+    for x, y in batches[:6]:
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    assert bp.phase == "bypass"
+    state = bp.state_dict()
+    bp.load_state_dict(state)
+    assert bp.phase == "bypass" and not _rollbacks(bp)
+    clone = copy.deepcopy(model)          # a copy's loads (an EMA, a deep copy) are its own
+    clone.load_state_dict(model.state_dict())
+    assert bp.phase == "bypass"
+    bp.finish()
+
+
+def test_an_edit_after_the_last_step_is_not_overwritten_by_finish_silently():
+    # a clamp after the last step, then finish() with a cycle in flight: finish handed plain
+    # training's state over the clamp without a word (the step path warns)
+    def clamp_last(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.clamp_(-0.1, 0.1)
+
+    with pytest.warns(RuntimeWarning, match="changed between bp.step calls"):
+        _, bp = _run(True, after_loop=clamp_last, steps=22)
+    assert _rollbacks(bp)[-1] == "before"
