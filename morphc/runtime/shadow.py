@@ -69,8 +69,9 @@ class Probation:
 
 
 def weight_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
-    """Each parameter with its in-place version counter, at the end of a step."""
-    return [(p, p._version) for p in model.parameters()]
+    """Each parameter and buffer with its in-place version counter, at the end of a step (a
+    forward in training mode between steps moves BatchNorm's statistics: an edit too)."""
+    return [(t, t._version) for t in (*model.parameters(), *model.buffers())]
 
 
 class ResolveBeforeLoad:
@@ -97,9 +98,9 @@ class ResolveBeforeLoad:
 
 
 def edited_since(versions: list[tuple[torch.Tensor, int]] | None) -> bool:
-    """Whether the user changed weights in place since :func:`weight_versions` (a clamp or a
-    projection after each step, a load into a layer): plain training beside the run never got
-    that edit, so handing its state over would undo it."""
+    """Whether the user changed weights or buffers in place since :func:`weight_versions` (a
+    clamp or a projection after each step, a forward in training mode): plain training beside
+    the run never got that edit, so handing its state over would undo it."""
     return versions is not None and any(p._version != v for p, v in versions)
 
 

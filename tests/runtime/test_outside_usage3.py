@@ -117,6 +117,35 @@ def test_bypass_own_checkpoint_loads_do_not_resolve_anything():
     bp.finish()
 
 
+# -- a forward in training mode between steps -----------------------------------------------------
+def test_batchnorm_statistics_moved_between_steps_are_not_undone_silently():
+    # a metric computed without model.eval() moves BatchNorm's running statistics — in plain
+    # training too. Plain training's copy beside the cycle never saw that forward, and a miss
+    # handed its statistics over without a word. Now it is seen like a weight edit: one warning
+    def forward_in_train_mode(i, model, bp):
+        with torch.no_grad():
+            model(torch.ones(8, 6))
+
+    with pytest.warns(RuntimeWarning, match="changed between bp.step calls"):
+        _, bp = _run(True, forward_in_train_mode, bn=True)
+    assert "before" in _rollbacks(bp)
+
+
+def test_an_evaluation_in_eval_mode_between_steps_changes_nothing():
+    def evaluate(i, model, bp):
+        model.eval()
+        with torch.no_grad():
+            model(torch.ones(8, 6))
+        model.train()
+
+    expected, _ = _run(False, evaluate, bn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, bp = _run(True, evaluate, bn=True)
+    assert _rollbacks(bp) == ["plain", "plain"]
+    assert state_differences(expected, got) == []
+
+
 def test_an_edit_after_the_last_step_is_not_overwritten_by_finish_silently():
     # a clamp after the last step, then finish() with a cycle in flight: finish handed plain
     # training's state over the clamp without a word (the step path warns)
