@@ -348,7 +348,9 @@ class Bypass(CycleRunner):
         self._lr_changed_at = int(state.get("lr_changed_at", state["step"]))
         self._lr_scale = float(state["lr_scale"])
         self._quiet_until, self._disabled = int(state["quiet_until"]), state["disabled"]
-        self._module = None
+        self._module = None      # what was loaded is no edit: the versions count from here
+        self._weight_versions = None if self._cycle is None and self._probation is None \
+            else weight_versions(self._user_model)
 
     def _check_checkpoint(self, state) -> None:
         """Refuse a checkpoint that is not one of ours or not of this model before anything
