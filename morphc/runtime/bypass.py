@@ -335,10 +335,12 @@ class Bypass(CycleRunner):
         self.optimizer.load_state_dict(state["optimizer"])
         shadow = (state["extension"] or {}).get("shadow")
         if shadow is not None and self._cycle is not None:   # after the optimizer: it copies it
-            self._cycle.shadow = Shadow.from_state(shadow, self._user_model, self.optimizer)
+            self._cycle.shadow = Shadow.from_state(shadow, self._user_model, self.optimizer,
+                                                    self.wrapping.around_copy)
         probation = state.get("probation")                  # older checkpoints: none
         self._probation = None if probation is None else \
-            Probation.from_state(probation, self._user_model, self.optimizer)
+            Probation.from_state(probation, self._user_model, self.optimizer,
+                                 self.wrapping.around_copy)
         self.trigger.load_state_dict(state["trigger"])
         self.log.events[:] = list(state["history"])
         self.step_count, self.cycle = int(state["step"]), int(state["cycle"])

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -61,11 +62,11 @@ class Probation:
         return {"until": self.until, "lead": self.lead, "shadow": self.shadow.state_dict()}
 
     @classmethod
-    def from_state(cls, state: dict, model: nn.Module,
-                   optimizer: torch.optim.Optimizer) -> Probation:
+    def from_state(cls, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   wrap: Callable[[nn.Module], nn.Module] | None = None) -> Probation:
         lead = state.get("lead")                        # older checkpoints: none
-        return cls(Shadow.from_state(state["shadow"], model, optimizer), int(state["until"]),
-                   None if lead is None else float(lead))
+        return cls(Shadow.from_state(state["shadow"], model, optimizer, wrap),
+                   int(state["until"]), None if lead is None else float(lead))
 
 
 def weight_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
@@ -118,7 +119,8 @@ def copy_grad_hooks(pairs) -> None:
 class Shadow:
     """The user's model and optimizer, copied at a cycle's start and trained plainly."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
         memo: dict = {}
         self.model = copy.deepcopy(model, memo)       # the optimizer's copy then steps the
         self.optimizer = copy.deepcopy(optimizer, memo)   # copied parameters (the same memo)
@@ -141,6 +143,9 @@ class Shadow:
         self.devices = cuda_devices(model)
         self.skipped = False      # the last step found a non-finite loss or gradient: untouched
         self.structure = model_structure(model)   # a layer the user replaces later: no follow
+        # what plain training's steps call: the copy compiled as the user's model is (eager
+        # kernels round differently from inductor's), else the copy itself
+        self.run = self.model if wrap is None else wrap(self.model)
 
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the shadow can keep taking the user's steps: the same param groups. A group
@@ -207,7 +212,7 @@ class Shadow:
         """The closure on the copy, its backward, the gradients on the copy's tensors; raises
         :class:`NonFinite` (its ``loss``: the detached loss) before anything is stepped."""
         with self.plain_values():
-            loss, value = loss_of(closure, self.model)
+            loss, value = loss_of(closure, self.run)
             try:
                 backward_checked(loss, value)
                 self._move_grads()
@@ -285,9 +290,9 @@ class Shadow:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     @classmethod
-    def from_state(cls, state: dict, model: nn.Module,
-                   optimizer: torch.optim.Optimizer) -> Shadow:
-        shadow = cls(model, optimizer)
+    def from_state(cls, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   wrap: Callable[[nn.Module], nn.Module] | None = None) -> Shadow:
+        shadow = cls(model, optimizer, wrap)
         shadow.model.load_state_dict(state["model"])
         shadow.optimizer.load_state_dict(state["optimizer"])
         return shadow

@@ -59,6 +59,14 @@ class Wrapping:
             module = self.wrap(module)
         return module
 
+    def around_copy(self, model: nn.Module) -> nn.Module:
+        """A copy of the user's model (plain training beside a cycle) run as the user's model
+        runs: compiled when it is (never in DDP: the copy trains on this rank alone). The
+        user's ``wrap`` is not applied: it may hold on to the module it wrapped."""
+        if not self.compile:
+            return model
+        return torch.compile(model, backend=self.backend, **self.compile_options)
+
 
 def resolve_distributed(flag: bool | None) -> bool:
     """Agree across ranks on every decision iff a process group with > 1 rank is running."""

@@ -164,3 +164,45 @@ def test_an_edit_after_the_last_step_is_not_overwritten_by_finish_silently():
         _, bp = _run(True, after_loop=clamp_last, steps=22)
     assert _rollbacks(bp)[-1] == "before"
 
+
+# -- a model the user compiled --------------------------------------------------------------------
+_RUNNER_FIX = ("needs two lines in morphc/runtime/cycle_runner.py (being split, not edited in "
+               "this round): _take_shadow passes self.wrapping.around_copy to Shadow, and "
+               "_capture_inputs hooks the compiled wrapper and calls self.model")
+
+
+def _compiled_run(with_bypass: bool, **kw):
+    model, batches = _task()
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-2)
+    compiled = torch.compile(model)
+    bp = _bypass(compiled, optimizer, **kw) if with_bypass else None
+    for x, y in batches:
+        if bp is not None:
+            bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+        else:
+            optimizer.zero_grad()
+            F.mse_loss(compiled(x), y).backward()
+            optimizer.step()
+    if bp is not None:
+        assert bp.finish() is model
+    return training_state(model, optimizer), bp
+
+
+@pytest.mark.xfail(strict=True, reason=_RUNNER_FIX)
+def test_a_compiled_model_whose_cycles_never_pay_is_compiled_plain_training():
+    # plain training beside each cycle ran the eager copy while the user's run is compiled:
+    # inductor's kernels round differently (6e-8 after 23 Adam steps), so a hand-over was not
+    # where the user's compiled plain training would be
+    expected, _ = _compiled_run(False)
+    got, bp = _compiled_run(True, example_inputs=_task()[1][0][0])
+    assert _rollbacks(bp) == ["plain", "plain"]
+    assert state_differences(expected, got) == []
+
+
+@pytest.mark.xfail(strict=True, reason=_RUNNER_FIX)
+def test_a_compiled_model_without_example_inputs_takes_its_first_step_compiled():
+    # without example_inputs the first step ran the eager model to record its inputs: a run
+    # in which no cycle ever starts already differed from compiled plain training
+    expected, _ = _compiled_run(False)
+    got, bp = _compiled_run(True, trigger=morphc.Schedule(at=[1000]))
+    assert state_differences(expected, got) == []
