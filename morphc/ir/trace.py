@@ -73,15 +73,16 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _signature(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, frontend) -> tuple:
     """What a trace depends on: inputs' structure, shapes and dtypes, the non-tensor values, the
-    dynamic_shapes spec, the mode and the identity of every parameter and buffer."""
+    dynamic_shapes spec, every module's mode (a BatchNorm the user put in eval mode alone is
+    traced as such) and the identity of every parameter and buffer."""
     leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
     described = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor)
                       else repr(x) for x in leaves)
     tensors = tuple(id(t) for t in [*model.parameters(), *model.buffers()])
     hooks = tuple((id(m), *m._forward_hooks, *m._forward_pre_hooks) for m in model.modules()
                   if has_forward_hooks(m))
-    return (str(spec), described, repr(dynamic_shapes), frontend, model.training, tensors,
-            hooks)
+    modes = tuple(m.training for m in model.modules())
+    return (str(spec), described, repr(dynamic_shapes), frontend, modes, tensors, hooks)
 
 
 def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwargs=None,

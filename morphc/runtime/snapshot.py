@@ -103,6 +103,9 @@ def trained_outside(model: nn.Module, optimizer: torch.optim.Optimizer) -> list:
 
 
 def model_structure(model: nn.Module) -> tuple:
-    """The identity of every submodule and Parameter: it changes when the user replaces or adds a
-    layer, which a traced graph (and an extension built on it) would not follow."""
-    return (*map(id, model.modules()), *map(id, model.parameters()))
+    """The identity of every submodule and Parameter, and every submodule's mode: it changes
+    when the user replaces or adds a layer, or puts one in eval or training mode for the steps
+    that follow (BatchNorm frozen for fine-tuning), which a traced graph (and an extension built
+    on it, and plain training's copy beside it) would not follow."""
+    modules = list(model.modules())
+    return (*map(id, modules), *map(id, model.parameters()), *(m.training for m in modules))

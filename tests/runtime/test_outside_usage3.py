@@ -206,3 +206,54 @@ def test_a_compiled_model_without_example_inputs_takes_its_first_step_compiled()
     expected, _ = _compiled_run(False)
     got, bp = _compiled_run(True, trigger=morphc.Schedule(at=[1000]))
     assert state_differences(expected, got) == []
+
+
+# -- layers put in eval mode for the steps that follow ---------------------------------------------
+def _freezes(at: int, which: str):
+    def between(i, model, bp):
+        if i == at:
+            (model if which == "model" else model[1]).eval()
+    return between
+
+
+@pytest.mark.parametrize("which", ["model", "batchnorm"])
+def test_a_layer_put_in_eval_mode_mid_cycle_is_followed_bit_for_bit(which):
+    # BatchNorm frozen for fine-tuning (or the whole model left in eval mode) from a step in a
+    # cycle on: plain training's copy beside it kept the mode it was copied in, and the
+    # extended graph the mode it was traced in, so a miss handed over a state trained with
+    # BatchNorm in training mode. A mode change now ends the cycle as a replaced layer does
+    expected, _ = _run(False, _freezes(21, which), bn=True, steps=27)
+    got, bp = _run(True, _freezes(21, which), bn=True, steps=27)
+    assert all(to == "plain" for to in _rollbacks(bp))
+    assert state_differences(expected, got) == []
+
+
+class _OwnBatchNorm(nn.Module):
+    """A normalisation whose forward reads ``self.training`` (traced into the graph)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("var", torch.ones(n))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.mean, self.var, training=self.training, momentum=0.1)
+
+
+def test_a_layer_put_in_eval_mode_between_cycles_is_traced_again():
+    # a graph is traced once per run and cached per model by the root module's mode: after the
+    # user froze one normalisation layer, the next cycle reused the graph traced in training
+    # mode, and its steps moved the statistics the user froze
+    model, batches = _task()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), _OwnBatchNorm(12), nn.Tanh(), nn.Linear(12, 3))
+    bp = _bypass(model, torch.optim.Adam(model.parameters(), lr=5e-2))
+    for i, (x, y) in enumerate(batches[:21]):
+        if i == 10:
+            model[1].eval()
+        if i == 20:
+            assert bp.phase == "bypass" and bp.cycle + bp.failures >= 1   # the second cycle
+            stats = [b.clone() for b in model[1].buffers()]
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(stats, model[1].buffers(), strict=True))
+    bp.finish()
