@@ -257,3 +257,30 @@ def test_a_layer_put_in_eval_mode_between_cycles_is_traced_again():
         bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
     assert all(torch.equal(a, b) for a, b in zip(stats, model[1].buffers(), strict=True))
     bp.finish()
+
+
+def test_a_state_loaded_on_probation_before_finish_is_what_the_user_keeps():
+    # after a kept cycle plain training goes on beside the run; a best state loaded after the
+    # loop and before finish() was overwritten when finish() ended the probation in plain
+    # training's favour. The load now ends the probation first
+    gen = torch.Generator().manual_seed(7)
+    xj, yj = torch.randn(64, 6, generator=gen), torch.randn(64, 3, generator=gen)
+    model, batches = _task(steps=14)
+    holder = {}
+
+    def judge(m):    # the copy beside loses until the cycle is kept, then the user's run does
+        kept = any(e["event"] == "contract" for e in holder["bp"].history)
+        plain = not (m is model or isinstance(m, morphc.ExtendedModel))
+        return F.mse_loss(m(xj), yj) + (10.0 if ((m is model) if kept else plain) else 0.0)
+
+    bp = holder["bp"] = morphc.Bypass(
+        model, lambda p: torch.optim.Adam(p, lr=1e-2), trigger=morphc.Schedule(at=[3]),
+        bypass_steps=4, return_steps=4, verbose=False, eval_closure=judge, probation_steps=50)
+    for i, (x, y) in enumerate(batches):
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+        if i == 12:
+            best = copy.deepcopy(model.state_dict())
+    assert bp._probation is not None
+    model.load_state_dict(best)
+    bp.finish()
+    assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
