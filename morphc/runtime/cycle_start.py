@@ -65,7 +65,7 @@ class CycleStart:
         """The copy, or None when the model or optimizer cannot be deep-copied (a handle or a
         lock among its attributes): then a miss restores the state from before the cycle."""
         try:
-            return Shadow(self._user_model, self.optimizer)
+            return Shadow(self._user_model, self.optimizer, self.wrapping.around_copy)
         except Exception as exc:
             self.config.shadow = False               # it would fail the same way next time
             self._warn(f"morphc.Bypass could not copy the model and optimizer to train plainly "

@@ -122,9 +122,9 @@ class PlainTraining:
             if not captured:
                 captured.append((args, kwargs))
 
-        handle = self._user_model.register_forward_pre_hook(hook, with_kwargs=True)
-        module = self.wrapping.around(self._user_model, None, compile=False) \
-            if self.wrapping.compile else self.model
+        module = self.model     # compiled, when asked, as every later step is: the same bits
+        watched = self.wrapping.compiled_user or self._user_model
+        handle = watched.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             result = loss_of(closure, module, self._reduce())
         finally:

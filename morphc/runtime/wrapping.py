@@ -59,6 +59,12 @@ class Wrapping:
             module = self.wrap(module)
         return module
 
+    @property
+    def compiled_user(self) -> nn.Module | None:
+        """The compiled user's model :meth:`around` made (None before, or without compile):
+        its hooks see the inputs the user's model gets, outside the compiled frame."""
+        return self._compiled_user
+
     def around_copy(self, model: nn.Module) -> nn.Module:
         """A copy of the user's model (plain training beside a cycle) run as the user's model
         runs: compiled when it is (never in DDP: the copy trains on this rank alone). The

@@ -166,11 +166,6 @@ def test_an_edit_after_the_last_step_is_not_overwritten_by_finish_silently():
 
 
 # -- a model the user compiled --------------------------------------------------------------------
-_RUNNER_FIX = ("needs two lines in morphc/runtime/cycle_runner.py (being split, not edited in "
-               "this round): _take_shadow passes self.wrapping.around_copy to Shadow, and "
-               "_capture_inputs hooks the compiled wrapper and calls self.model")
-
-
 def _compiled_run(with_bypass: bool, **kw):
     model, batches = _task()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-2)
@@ -188,7 +183,6 @@ def _compiled_run(with_bypass: bool, **kw):
     return training_state(model, optimizer), bp
 
 
-@pytest.mark.xfail(strict=True, reason=_RUNNER_FIX)
 def test_a_compiled_model_whose_cycles_never_pay_is_compiled_plain_training():
     # plain training beside each cycle ran the eager copy while the user's run is compiled:
     # inductor's kernels round differently (6e-8 after 23 Adam steps), so a hand-over was not
@@ -199,7 +193,6 @@ def test_a_compiled_model_whose_cycles_never_pay_is_compiled_plain_training():
     assert state_differences(expected, got) == []
 
 
-@pytest.mark.xfail(strict=True, reason=_RUNNER_FIX)
 def test_a_compiled_model_without_example_inputs_takes_its_first_step_compiled():
     # without example_inputs the first step ran the eager model to record its inputs: a run
     # in which no cycle ever starts already differed from compiled plain training
