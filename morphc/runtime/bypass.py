@@ -38,19 +38,14 @@ from morphc.ir.sites import select_sites, site_patterns
 from morphc.ir.trace import trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline
+from morphc.runtime import shadow as beside
 from morphc.runtime.config import BypassConfig, Phase
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_group
-from morphc.runtime.shadow import (
-    Probation,
-    ResolveBeforeLoad,
-    Shadow,
-    edited_since,
-    weight_versions,
-)
+from morphc.runtime.shadow import Probation, ResolveBeforeLoad, Shadow, edited_since
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
@@ -152,15 +147,14 @@ class Bypass(CycleRunner):
         # cycle or a probation is in flight, so no batch outlives its step otherwise
         self._recent_closures: deque[Closure] = deque(maxlen=self.config.judge_batches)
         self._last_loss: float | None = None
-        self._weight_versions = None      # edits between steps (shadow.edited_since)
-        self._warned_edited = False
+        self._weight_versions = self._buffer_versions = None   # edits between steps
+        self._warned_edited = self._warned_buffers = False
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, 0   # how long the lr held still
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
         self._probation: Probation | None = None   # plain training after a kept cycle
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0
-        self._loading = False             # bp.load_state_dict's own load: no hook
         self._load_hook = model.register_load_state_dict_pre_hook(ResolveBeforeLoad(self))
 
     # -- what the user calls -----------------------------------------------------------------
@@ -217,6 +211,7 @@ class Bypass(CycleRunner):
                 f"bp.step expects a closure `module -> loss` (e.g. lambda m: F.mse_loss(m(x), "
                 f"y)), got {type(closure).__name__}: Bypass calls it on the module to train now")
         self._last_closure = closure
+        self._check_buffers()
         if self._cycle is not None or self._probation is not None:
             self._recent_closures.append(closure)
         elif self._recent_closures:
@@ -228,15 +223,15 @@ class Bypass(CycleRunner):
                 return self._step_on_probation(closure)
             return self._train_step(closure)
         finally:     # what the next step compares, while plain training runs beside the run
-            self._weight_versions = None if self._cycle is None and self._probation is None \
-                else weight_versions(self._user_model)
+            self._count_versions()
 
     def finish(self) -> nn.Module:
         """The user's own model object, in its own architecture. Never trains: a cycle still in
         flight is snapped onto C, contracted, and kept only if that pays (the same acceptance
         test as every cycle); otherwise it is rolled back."""
         edited = edited_since(self._weight_versions)    # since the last step: as a step would
-        if edited and (self._cycle is not None or self._probation is not None):
+        self._check_buffers()
+        if edited:
             self._warn_edited()
         if self._cycle is not None and not self._changed_since(self._cycle):
             if edited:
@@ -250,11 +245,12 @@ class Bypass(CycleRunner):
         elif self._probation is not None:
             self._end_probation(self._last_closure, final=True)
         self._module = None
+        self._count_versions()
         return self._user_model
 
     def _before_load(self) -> None:
         """Weights about to be loaded into the user's model (:class:`ResolveBeforeLoad`)."""
-        if not self._loading and (self._cycle is not None or self._probation is not None):
+        if self._cycle is not None or self._probation is not None:
             self.finish()
 
     def __del__(self) -> None:
@@ -316,11 +312,8 @@ class Bypass(CycleRunner):
         self._check_checkpoint(state)
         if self._cycle is not None:
             self._detach()
-        self._loading = True
-        try:
-            self._user_model.load_state_dict(state["model"])
-        finally:
-            self._loading = False
+        self._probation = None         # nothing in flight: the load hook resolves nothing
+        self._user_model.load_state_dict(state["model"])
         inputs = state["example_inputs"]
         self.example_inputs = None if inputs is None else tuple(inputs)
         self.example_kwargs = dict(state.get("example_kwargs") or {})   # older checkpoints: none
@@ -350,9 +343,8 @@ class Bypass(CycleRunner):
         self._lr_changed_at = int(state.get("lr_changed_at", state["step"]))
         self._lr_scale = float(state["lr_scale"])
         self._quiet_until, self._disabled = int(state["quiet_until"]), state["disabled"]
-        self._module = None      # what was loaded is no edit: the versions count from here
-        self._weight_versions = None if self._cycle is None and self._probation is None \
-            else weight_versions(self._user_model)
+        self._module = None
+        self._count_versions()   # what was loaded is no edit: the versions count from here
 
     def _check_checkpoint(self, state) -> None:
         """Refuse a checkpoint that is not one of ours or not of this model before anything
@@ -381,19 +373,25 @@ class Bypass(CycleRunner):
                      *([f"keys missing: {absent[:5]}"] if absent else [])])
                 + ". Nothing was loaded; resume on a model built like the one that was saved")
 
+    def _count_versions(self) -> None:
+        """While plain training runs beside the run, what the next step compares against."""
+        now = self._cycle is not None or self._probation is not None
+        self._weight_versions = beside.weight_versions(self._user_model) if now else None
+        self._buffer_versions = beside.buffer_versions(self._user_model) if now else None
+
     def _warn_edited(self) -> None:
         """Once per run: weights edited between steps keep plain training out of this cycle or
         probation (it never got the edit), so a cycle that misses costs its steps."""
         if not self._warned_edited:
             self._warned_edited = True
-            self._warn("the model's weights were changed between bp.step calls while plain "
-                       "training ran beside a cycle (a clamp, a projection, a load into a "
-                       "layer, or a forward in training mode moving BatchNorm statistics): "
-                       "plain training cannot follow such edits, so a cycle that does not pay "
-                       "now restores the state from before it (its steps are lost) and a "
-                       "probation keeps your run. To keep the guarantee, constrain weights "
-                       "inside the model (torch.nn.utils.parametrize) instead of editing them "
-                       "after a step, and evaluate under model.eval()")
+            self._warn(beside.EDITED)
+
+    def _check_buffers(self) -> None:
+        """Once per run: buffers moved between steps (a forward in training mode); warned only:
+        restoring the state from before a cycle would cost more than one forward's statistics."""
+        if not self._warned_buffers and edited_since(self._buffer_versions):
+            self._warned_buffers = True
+            self._warn(beside.BUFFERS_MOVED)
 
     def _warn(self, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -70,9 +70,27 @@ class Probation:
 
 
 def weight_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
-    """Each parameter and buffer with its in-place version counter, at the end of a step (a
-    forward in training mode between steps moves BatchNorm's statistics: an edit too)."""
-    return [(t, t._version) for t in (*model.parameters(), *model.buffers())]
+    """Each parameter with its in-place version counter, at the end of a step."""
+    return [(p, p._version) for p in model.parameters()]
+
+
+def buffer_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
+    """Each buffer with its version counter: a forward in training mode between steps (a
+    metric without ``model.eval()``) moves BatchNorm's statistics."""
+    return [(b, b._version) for b in model.buffers()]
+
+
+EDITED = ("the model's weights were changed between bp.step calls while plain training ran "
+          "beside a cycle (a clamp, a projection, a load into a layer): plain training cannot "
+          "follow such edits, so a cycle that does not pay now restores the state from before "
+          "it (its steps are lost) and a probation keeps your run. To keep the guarantee, "
+          "constrain weights inside the model (torch.nn.utils.parametrize) instead of editing "
+          "them after a step")
+BUFFERS_MOVED = ("the model ran in training mode between bp.step calls while plain training ran "
+                 "beside a cycle, and moved its buffers (BatchNorm statistics): plain training's "
+                 "copy never sees that forward, so a cycle that does not pay hands over "
+                 "statistics without it. Evaluate under model.eval() (torch.no_grad() alone "
+                 "does not keep BatchNorm from updating)")
 
 
 class ResolveBeforeLoad:
@@ -99,9 +117,9 @@ class ResolveBeforeLoad:
 
 
 def edited_since(versions: list[tuple[torch.Tensor, int]] | None) -> bool:
-    """Whether the user changed weights or buffers in place since :func:`weight_versions` (a
-    clamp or a projection after each step, a forward in training mode): plain training beside
-    the run never got that edit, so handing its state over would undo it."""
+    """Whether the user changed weights in place since :func:`weight_versions` (a clamp or a
+    projection after each step, a load into a layer): plain training beside the run never got
+    that edit, so handing its state over would undo it (buffers: :func:`buffer_versions`)."""
     return versions is not None and any(p._version != v for p, v in versions)
 
 
