@@ -155,7 +155,7 @@ class Bypass(CycleRunner):
         self._probation: Probation | None = None   # plain training after a kept cycle
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0
-        self._load_hook = model.register_load_state_dict_pre_hook(ResolveBeforeLoad(self))
+        self._load_hooks = ResolveBeforeLoad.on(self, model)
 
     # -- what the user calls -----------------------------------------------------------------
     @property
@@ -254,8 +254,8 @@ class Bypass(CycleRunner):
             self.finish()
 
     def __del__(self) -> None:
-        if getattr(self, "_load_hook", None) is not None:
-            self._load_hook.remove()
+        for handle in getattr(self, "_load_hooks", ()):
+            handle.remove()
         if getattr(self, "_cycle", None) is not None:
             warnings.warn("a morphc.Bypass was dropped mid-cycle: the user's model does not hold "
                           "the extension's share of the function yet. Call bp.finish() when "

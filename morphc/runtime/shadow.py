@@ -104,9 +104,17 @@ class ResolveBeforeLoad:
     def __init__(self, bypass=None) -> None:
         self.ref = None if bypass is None else weakref.ref(bypass)
 
+    @classmethod
+    def on(cls, bypass, model: nn.Module) -> list:
+        """Hooked on every submodule (the handles): torch runs a load's hooks from the module
+        it is called on down, and a load into one layer is a load too."""
+        hook = cls(bypass)
+        return [m.register_load_state_dict_pre_hook(hook) for m in model.modules()]
+
     def __call__(self, module, state_dict, prefix, *args) -> None:
-        bypass = None if self.ref is None else self.ref()
-        if bypass is not None and not prefix and module is bypass._user_model:
+        bypass = None if self.ref is None else self.ref()   # acts once, where the load began:
+        if bypass is not None and not prefix and \
+                any(module is m for m in bypass._user_model.modules()):   # not on a copy
             bypass._before_load()
 
     def __deepcopy__(self, memo):
