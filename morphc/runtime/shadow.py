@@ -81,11 +81,11 @@ def buffer_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
 
 
 EDITED = ("the model's weights were changed between bp.step calls while plain training ran "
-          "beside a cycle (a clamp, a projection, a load into a layer): plain training cannot "
-          "follow such edits, so a cycle that does not pay now restores the state from before "
-          "it (its steps are lost) and a probation keeps your run. To keep the guarantee, "
-          "constrain weights inside the model (torch.nn.utils.parametrize) instead of editing "
-          "them after a step")
+          "beside a cycle (a clamp, a projection, a copy_ into a weight): plain training "
+          "cannot follow such edits, so a cycle that does not pay now restores the state from "
+          "before it (its steps are lost) and a probation keeps your run. To keep the "
+          "guarantee, constrain weights inside the model (torch.nn.utils.parametrize) instead "
+          "of editing them after a step")
 BUFFERS_MOVED = ("the model ran in training mode between bp.step calls while plain training ran "
                  "beside a cycle, and moved its buffers (BatchNorm statistics): plain training's "
                  "copy never sees that forward, so a cycle that does not pay hands over "
@@ -126,7 +126,7 @@ class ResolveBeforeLoad:
 
 def edited_since(versions: list[tuple[torch.Tensor, int]] | None) -> bool:
     """Whether the user changed weights in place since :func:`weight_versions` (a clamp or a
-    projection after each step, a load into a layer): plain training beside the run never got
+    projection after each step, a copy_ into a weight): plain training beside the run never got
     that edit, so handing its state over would undo it (buffers: :func:`buffer_versions`)."""
     return versions is not None and any(p._version != v for p, v in versions)
 
