@@ -233,7 +233,7 @@ class Bypass(CycleRunner):
         self._check_buffers()
         if edited:
             self._warn_edited()
-        if self._cycle is not None and not self._changed_since(self._cycle):
+        if self._cycle is not None and not self._changed_since(self._cycle, modes=False):
             if edited:
                 self._cycle.shadow = None
             with self._whole_on_error(self._cycle):

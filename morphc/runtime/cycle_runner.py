@@ -98,17 +98,22 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
         plain run the user then gets; fed plain training's, they act as without Bypass."""
         return cycle.plain_loss if cycle.plain_loss is not None else loss.detach()
 
-    def _changed_since(self, cycle: Cycle) -> bool:
-        """The user replaced or added a layer since the cycle began: the extended graph still
+    def _changed_since(self, cycle: Cycle, modes: bool = True) -> bool:
+        """The user replaced or added a layer since the cycle began (or, with ``modes``, put
+        one in another train/eval mode for the steps that follow): the extended graph still
         runs the old layers and can never fold into the new ones. End the cycle — plain
         training's state from the copy beside it (the layers the user put in keep their own
         values), else the state from before it — and tell the caller to train plainly."""
-        if cycle.structure is None or model_structure(self._user_model) == cycle.structure:
+        now = model_structure(self._user_model)
+        if cycle.structure is None or now == cycle.structure or \
+                not modes and now[0] == cycle.structure[0]:
             return False
         self._buffer_modules = None
-        self._rollback("the model changed during the cycle (a layer replaced or added): the "
-                       "extended graph runs the old layers, so the cycle ends here and the next "
-                       "one extends the new model", to_plain=True, raises=False)
+        what = "a layer replaced or added" if now[0] != cycle.structure[0] else \
+            "a layer put in another train/eval mode"
+        self._rollback(f"the model changed during the cycle ({what}): the extended graph runs "
+                       "it as it was, so the cycle ends here and the next one extends the model "
+                       "as it is now", to_plain=True, raises=False)
         return True
 
     @contextlib.contextmanager

@@ -106,6 +106,9 @@ def model_structure(model: nn.Module) -> tuple:
     """The identity of every submodule and Parameter, and every submodule's mode: it changes
     when the user replaces or adds a layer, or puts one in eval or training mode for the steps
     that follow (BatchNorm frozen for fine-tuning), which a traced graph (and an extension built
-    on it, and plain training's copy beside it) would not follow."""
+    on it, and plain training's copy beside it) would not follow.
+    The two parts, (identities, modes), are compared apart where only one matters: a model
+    put in eval mode before ``finish()`` still holds the cycle's layers."""
     modules = list(model.modules())
-    return (*map(id, modules), *map(id, model.parameters()), *(m.training for m in modules))
+    return ((*map(id, modules), *map(id, model.parameters())),
+            tuple(m.training for m in modules))

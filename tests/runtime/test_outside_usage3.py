@@ -230,6 +230,23 @@ def test_a_layer_put_in_eval_mode_mid_cycle_is_followed_bit_for_bit(which):
     assert state_differences(expected, got) == []
 
 
+def test_a_model_put_in_eval_mode_before_finish_still_has_its_cycle_judged():
+    # the habit after a loop: model.eval(), then bp.finish(). The mode is no change of the
+    # layers a cycle in flight folds into: finish snaps, contracts and judges it as always
+    # (it was taken for a replaced layer and handed plain training's state over)
+    model, batches = _task()
+    bp = _bypass(model, torch.optim.Adam(model.parameters(), lr=5e-2), trigger=morphc.Schedule(
+        at=[3]), accept="always", eval_closure=None)
+    for x, y in batches[:8]:
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    assert bp.phase == "return"
+    model.eval()
+    bp.finish()
+    ends = [e for e in bp.history if e["event"] in ("contract", "rollback")]
+    assert [(e["event"], e.get("finishing")) for e in ends] == [("contract", True)]
+    assert not model.training, "the user's mode is theirs"
+
+
 class _OwnBatchNorm(nn.Module):
     """A normalisation whose forward reads ``self.training`` (traced into the graph)."""
 
