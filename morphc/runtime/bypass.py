@@ -38,7 +38,7 @@ from morphc.ir.sites import select_sites, site_patterns
 from morphc.ir.trace import trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline
-from morphc.runtime import shadow as beside
+from morphc.runtime.between_steps import BetweenSteps
 from morphc.runtime.config import BypassConfig, Phase
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
@@ -82,7 +82,7 @@ def check_branch_settings(cfg: BypassConfig) -> None:
     check_override_settings(cfg.overrides)
 
 
-class Bypass(CycleRunner):
+class Bypass(BetweenSteps, CycleRunner):
     """Train ``model`` as usual; when training stagnates, extend, train, return, contract — and
     keep the cycle only if it paid.
 
@@ -161,7 +161,10 @@ class Bypass(CycleRunner):
     @property
     def model(self) -> nn.Module:
         """The module to call right now: the extended model during a cycle, else the user's
-        model (wrapped in DDP / compiled when asked)."""
+        model (wrapped in DDP / compiled when asked). Between a cycle's steps, asking for it
+        puts the cycle's values back in your tensors until the next step ends (they show plain
+        training's otherwise: :meth:`_show_plain`)."""
+        self._show_run()
         if self._module is None:
             ext = None if self._cycle is None else self._cycle.ext
             self._module = self.wrapping.around(self._user_model, ext)
@@ -169,7 +172,9 @@ class Bypass(CycleRunner):
 
     @property
     def extended(self):
-        """The current ``ExtendedModel`` (None outside a cycle)."""
+        """The current ``ExtendedModel`` (None outside a cycle), with the cycle's values in
+        your tensors (as :attr:`model`)."""
+        self._show_run()
         return None if self._cycle is None else self._cycle.ext
 
     @property
@@ -211,7 +216,8 @@ class Bypass(CycleRunner):
                 f"bp.step expects a closure `module -> loss` (e.g. lambda m: F.mse_loss(m(x), "
                 f"y)), got {type(closure).__name__}: Bypass calls it on the module to train now")
         self._last_closure = closure
-        self._check_buffers()
+        if not self._show_run():
+            self._check_buffers()
         if self._cycle is not None or self._probation is not None:
             self._recent_closures.append(closure)
         elif self._recent_closures:
@@ -223,19 +229,18 @@ class Bypass(CycleRunner):
                 return self._step_on_probation(closure)
             return self._train_step(closure)
         finally:     # what the next step compares, while plain training runs beside the run
+            self._show_plain()
             self._count_versions()
 
     def finish(self) -> nn.Module:
         """The user's own model object, in its own architecture. Never trains: a cycle still in
         flight is snapped onto C, contracted, and kept only if that pays (the same acceptance
         test as every cycle); otherwise it is rolled back."""
-        edited = edited_since(self._weight_versions)    # since the last step: as a step would
+        edited = not self._show_run() and edited_since(self._weight_versions)   # as a step
         self._check_buffers()
         if edited:
             self._warn_edited()
         if self._cycle is not None and not self._changed_since(self._cycle, modes=False):
-            if edited:
-                self._cycle.shadow = None
             with self._whole_on_error(self._cycle):
                 self._close_cycle(self._last_closure, finishing=True)
         if self._probation is not None and edited:
@@ -299,7 +304,7 @@ class Bypass(CycleRunner):
                 "lr_seen": self._lr_seen, "lr_changed_at": self._lr_changed_at,
                 "quiet_until": self._quiet_until, "disabled": self._disabled,
                 "trigger": self.trigger.state_dict(), "history": list(self.history),
-                "model": self._user_model.state_dict(),
+                "model": self._run_state(),
                 "optimizer": self.optimizer.state_dict(),
                 "example_inputs": None if self.example_inputs is None else
                 list(self.example_inputs), "example_kwargs": dict(self.example_kwargs),
@@ -344,6 +349,7 @@ class Bypass(CycleRunner):
         self._lr_scale = float(state["lr_scale"])
         self._quiet_until, self._disabled = int(state["quiet_until"]), state["disabled"]
         self._module = None
+        self._show_plain()
         self._count_versions()   # what was loaded is no edit: the versions count from here
 
     def _check_checkpoint(self, state) -> None:
@@ -372,26 +378,6 @@ class Bypass(CycleRunner):
                     [*wrong[:5], *([f"keys not in this model: {unknown[:5]}"] if unknown else []),
                      *([f"keys missing: {absent[:5]}"] if absent else [])])
                 + ". Nothing was loaded; resume on a model built like the one that was saved")
-
-    def _count_versions(self) -> None:
-        """While plain training runs beside the run, what the next step compares against."""
-        now = self._cycle is not None or self._probation is not None
-        self._weight_versions = beside.weight_versions(self._user_model) if now else None
-        self._buffer_versions = beside.buffer_versions(self._user_model) if now else None
-
-    def _warn_edited(self) -> None:
-        """Once per run: weights edited between steps keep plain training out of this cycle or
-        probation (it never got the edit), so a cycle that misses costs its steps."""
-        if not self._warned_edited:
-            self._warned_edited = True
-            self._warn(beside.EDITED)
-
-    def _check_buffers(self) -> None:
-        """Once per run: buffers moved between steps (a forward in training mode); warned only:
-        restoring the state from before a cycle would cost more than one forward's statistics."""
-        if not self._warned_buffers and edited_since(self._buffer_versions):
-            self._warned_buffers = True
-            self._warn(beside.BUFFERS_MOVED)
 
     def _warn(self, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)

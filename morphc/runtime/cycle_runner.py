@@ -17,7 +17,6 @@ from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_start import CycleStart
 from morphc.runtime.plain_training import PlainTraining
-from morphc.runtime.shadow import edited_since
 from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import (
     Closure,
@@ -136,9 +135,6 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
         shadow, cycle.plain_loss = cycle.shadow, None
         if shadow is not None and not shadow.follows(self.optimizer):
             shadow = cycle.shadow = None             # a param group added mid-cycle
-        if shadow is not None and edited_since(self._weight_versions):
-            shadow = cycle.shadow = None             # weights edited between steps: a miss
-            self._warn_edited()                      # restores the state from before the cycle
         if shadow is None:
             return self._extended_step(cycle, closure)
         cycle.plain_loss = shadow.step(closure, self.optimizer, self.config.max_grad_norm)

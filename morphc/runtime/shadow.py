@@ -81,13 +81,12 @@ def buffer_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
 
 
 EDITED = ("the model's weights were changed between bp.step calls while plain training ran "
-          "beside a cycle (a clamp, a projection, a copy_ into a weight): plain training "
-          "cannot follow such edits, so a cycle that does not pay now restores the state from "
-          "before it (its steps are lost) and a probation keeps your run. To keep the "
-          "guarantee, constrain weights inside the model (torch.nn.utils.parametrize) instead "
-          "of editing them after a step")
+          "beside a kept cycle's run (its probation: a clamp, a projection, a copy_ into a "
+          "weight): plain training cannot follow such edits, so the probation ends here and "
+          "your run is kept. To keep the guarantee, constrain weights inside the model "
+          "(torch.nn.utils.parametrize) instead of editing them after a step")
 BUFFERS_MOVED = ("the model ran in training mode between bp.step calls while plain training ran "
-                 "beside a cycle, and moved its buffers (BatchNorm statistics): plain training's "
+                 "beside a kept cycle's run, and moved its buffers (BatchNorm statistics): plain training's "
                  "copy never sees that forward, so a cycle that does not pay hands over "
                  "statistics without it. Evaluate under model.eval() (torch.no_grad() alone "
                  "does not keep BatchNorm from updating)")
@@ -172,6 +171,48 @@ class Shadow:
         # what plain training's steps call: the copy compiled as the user's model is (eager
         # kernels round differently from inductor's), else the copy itself
         self.run = self.model if wrap is None else wrap(self.model)
+        self.parked: list[torch.Tensor] | None = None   # the run's values while plain's show
+        self.showing = False
+
+    # -- between steps: the user's tensors show plain training ----------------------------------
+    def show_plain(self) -> None:
+        """Between steps of a cycle, plain training's values in the user's tensors and the
+        run's set aside: what the user reads there (a validation metric, an EMA, early
+        stopping, a checkpoint) is what it would be without Bypass, so what they decide on it
+        is too. :meth:`show_run` puts the run's back at the next step."""
+        mirrored = self.pairs + self.buffers
+        if self.showing or any(u.dtype != m.dtype or u.device != m.device or u.shape != m.shape
+                               for u, m in mirrored):
+            return
+        with torch.no_grad():
+            if self.parked is None:
+                self.parked = [user.detach().clone() for user, _ in mirrored]
+            else:
+                torch._foreach_copy_(self.parked, [user.detach() for user, _ in mirrored])
+            torch._foreach_copy_([user.detach() for user, _ in mirrored],
+                                 [mine.detach() for _, mine in mirrored])
+        self.showing = True
+
+    def show_run(self, changed: bool) -> None:
+        """The run's values back in the user's tensors. ``changed``: the user changed them in
+        the meantime (a clamp, a load into a layer, statistics moved by a forward in training
+        mode) — done to plain training's values, so plain training keeps it, as without Bypass."""
+        if not self.showing:
+            return
+        mirrored = self.pairs + self.buffers
+        with torch.no_grad():
+            users = [user.detach() for user, _ in mirrored]
+            if changed:
+                torch._foreach_copy_([mine.detach() for _, mine in mirrored], users)
+            torch._foreach_copy_(users, self.parked)
+        self.showing = False
+
+    def run_values(self) -> dict[int, torch.Tensor]:
+        """While plain's values show: the run's, by the id of the user's tensor."""
+        if not self.showing:
+            return {}
+        return {id(user): value for (user, _), value in zip(self.pairs + self.buffers,
+                                                              self.parked, strict=True)}
 
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the shadow can keep taking the user's steps: the same param groups. A group

@@ -1,0 +1,63 @@
+"""What the user's model holds between ``bp.step`` calls, and what the user did to it there.
+
+While plain training runs beside a cycle, the user's tensors show plain training's values
+between steps and the cycle's are set aside (:meth:`Shadow.show_plain`): a validation metric, an
+EMA, early stopping or a checkpoint the user takes there reads what it would read without Bypass,
+so the decisions taken on it are plain training's too, and an edit (a clamp, a load into a
+layer, statistics moved by a forward in training mode) is done to plain training, which keeps it.
+On probation the run is the user's: edits there are seen by version counters
+(:func:`~morphc.runtime.shadow.edited_since`) and warned about. Mixed into
+:class:`~morphc.Bypass`.
+"""
+
+from __future__ import annotations
+
+from morphc.runtime import shadow as beside
+from morphc.runtime.shadow import edited_since
+
+
+class BetweenSteps:
+    """The model the user sees between steps (a mixin of :class:`~morphc.Bypass`)."""
+
+    def _show_plain(self) -> None:
+        """Between the steps of a cycle with plain training beside it, the user's model shows
+        plain training's values (:meth:`Shadow.show_plain`)."""
+        if self._cycle is not None and self._cycle.shadow is not None:
+            self._cycle.shadow.show_plain()
+
+    def _show_run(self) -> bool:
+        """The cycle's values back for a step or a verdict; whether plain's were showing (what
+        the user changed meanwhile went to plain training: :meth:`Shadow.show_run`)."""
+        shadow = None if self._cycle is None else self._cycle.shadow
+        if shadow is None or not shadow.showing:
+            return False
+        shadow.show_run(edited_since(self._weight_versions) or
+                        edited_since(self._buffer_versions))
+        self._count_versions()          # our copies are no edit of the user's
+        return True
+
+    def _run_state(self) -> dict:
+        """The user's model's state_dict with the run's values where plain's are showing."""
+        run = {} if self._cycle is None or self._cycle.shadow is None else \
+            self._cycle.shadow.run_values()
+        return {k: run.get(id(v), v) for k, v in self._user_model.state_dict().items()}
+
+    def _count_versions(self) -> None:
+        """While plain training runs beside the run, what the next step compares against."""
+        now = self._cycle is not None or self._probation is not None
+        self._weight_versions = beside.weight_versions(self._user_model) if now else None
+        self._buffer_versions = beside.buffer_versions(self._user_model) if now else None
+
+    def _warn_edited(self) -> None:
+        """Once per run: weights edited between steps on probation end it, keeping the user's
+        run (plain training beside it never got the edit)."""
+        if not self._warned_edited:
+            self._warned_edited = True
+            self._warn(beside.EDITED)
+
+    def _check_buffers(self) -> None:
+        """Once per run: buffers moved between steps (a forward in training mode); warned only:
+        restoring the state from before a cycle would cost more than one forward's statistics."""
+        if not self._warned_buffers and edited_since(self._buffer_versions):
+            self._warned_buffers = True
+            self._warn(beside.BUFFERS_MOVED)
