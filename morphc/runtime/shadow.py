@@ -86,10 +86,10 @@ EDITED = ("the model's weights were changed between bp.step calls while plain tr
           "your run is kept. To keep the guarantee, constrain weights inside the model "
           "(torch.nn.utils.parametrize) instead of editing them after a step")
 BUFFERS_MOVED = ("the model ran in training mode between bp.step calls while plain training ran "
-                 "beside a kept cycle's run, and moved its buffers (BatchNorm statistics): plain training's "
-                 "copy never sees that forward, so a cycle that does not pay hands over "
-                 "statistics without it. Evaluate under model.eval() (torch.no_grad() alone "
-                 "does not keep BatchNorm from updating)")
+                 "beside a kept cycle's run (its probation), and moved its buffers (BatchNorm "
+                 "statistics): plain training's copy never sees that forward, so a hand-over "
+                 "gives statistics without it. Evaluate under model.eval() (torch.no_grad() "
+                 "alone does not keep BatchNorm from updating)")
 
 
 class ResolveBeforeLoad:
