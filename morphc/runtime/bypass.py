@@ -216,7 +216,8 @@ class Bypass(BetweenSteps, CycleRunner):
                 f"bp.step expects a closure `module -> loss` (e.g. lambda m: F.mse_loss(m(x), "
                 f"y)), got {type(closure).__name__}: Bypass calls it on the module to train now")
         self._last_closure = closure
-        if not self._show_run():
+        self._show_run()
+        if self._probation is not None:      # a cycle's plain copy took what the user did
             self._check_buffers()
         if self._cycle is not None or self._probation is not None:
             self._recent_closures.append(closure)
@@ -236,8 +237,10 @@ class Bypass(BetweenSteps, CycleRunner):
         """The user's own model object, in its own architecture. Never trains: a cycle still in
         flight is snapped onto C, contracted, and kept only if that pays (the same acceptance
         test as every cycle); otherwise it is rolled back."""
-        edited = not self._show_run() and edited_since(self._weight_versions)   # as a step
-        self._check_buffers()
+        self._show_run()                     # a cycle's: what the user did went to plain's
+        edited = self._probation is not None and edited_since(self._weight_versions)
+        if self._probation is not None:      # on probation, as a step sees them
+            self._check_buffers()
         if edited:
             self._warn_edited()
         if self._cycle is not None and not self._changed_since(self._cycle, modes=False):
