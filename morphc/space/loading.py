@@ -3,7 +3,7 @@
 Everything read from a file is checked in this module, before anything is built from it; the
 files are described in ``morphc.space.saving``, the allow-lists live in ``schema`` and ``codec``
 decodes arguments and modules. Loading validates the whole document before building anything
-(:func:`validate` is the schema):
+(:func:`graph_from_json` checks it field by field against ``schema``):
 
 - every field is required and strictly typed (``true`` is not ``1``); unknown fields are refused;
   nothing has a default that could change the function (a branch's homotopy, a node's kwargs,
