@@ -125,9 +125,10 @@ class PlainTraining:
         module = self.model     # compiled, when asked, as every later step is: the same bits
         watched = self.wrapping.compiled_user or self._user_model
         handle = watched.register_forward_pre_hook(hook, with_kwargs=True)
-        called: list[str] = []
-        handles = [sub.register_forward_pre_hook(lambda *_, name=name: called.append(name))
-                   for name, sub in self._user_model.named_modules() if name]
+        called: list[str] = []      # submodules the closure ran (not when compiled: hooks
+        handles = [] if watched is not self._user_model else [   # there would recompile it)
+            sub.register_forward_pre_hook(lambda *_, name=name: called.append(name))
+            for name, sub in self._user_model.named_modules() if name]
         try:
             result = loss_of(closure, module, self._reduce())
         finally:
