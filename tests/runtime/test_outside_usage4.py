@@ -143,3 +143,42 @@ def test_a_wgan_gp_critic_whose_cycles_never_pay_is_plain_training_bit_for_bit()
             assert [e["to"] for e in bp.history if e["event"] == "rollback"] == ["plain"]
         return training_state(critic, optimizer)
     assert state_differences(run(False), run(True)) == []
+
+
+# -- what a closure reads off the module besides calling it --------------------------------------
+class Uncertain(nn.Module):
+    """A regression with a learned log-variance the forward does not use (Kendall's weighting)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.log_var = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_closure_reading_a_parameter_off_the_module_can_morph():
+    # 0.5 * (exp(-m.log_var) * mse + m.log_var): every cycle failed at its first step
+    # ('ExtendedModel' object has no attribute 'log_var') and was rolled back — never a morph
+    model, (_, batches) = Uncertain(), regression_task(0, STEPS)
+    bp = _bypass(model, torch.optim.Adam(model.parameters(), lr=5e-2), accept="always",
+                 eval_closure=None, probation_steps=0)
+    for x, y in batches:
+        bp.step(lambda m, x=x, y=y: 0.5 * (torch.exp(-m.log_var) * F.mse_loss(m(x), y)
+                                           + m.log_var))
+    bp.finish()
+    assert [e["event"] for e in bp.history if e["event"] in ("contract", "rollback")] == \
+        ["contract", "contract"]
+
+
+def test_a_closure_running_an_extended_submodule_outside_the_call_is_told_what_to_do():
+    # m(x) and m.encoder(x) in one loss: outside m(...) the encoder would run without its
+    # branches; the cycle is rolled back with a warning that says so
+    model, x = EncoderDecoder(), torch.randn(8, 6)
+    bp = _bypass(model, torch.optim.Adam(model.parameters(), lr=5e-2))
+    with pytest.warns(RuntimeWarning, match="m.encoder holds extended layers"):
+        for _ in range(6):
+            bp.step(lambda m: F.mse_loss(m(x), x) + m.encoder(x).square().mean())
+    assert [e["to"] for e in bp.history if e["event"] == "rollback"] == ["plain"]
