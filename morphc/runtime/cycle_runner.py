@@ -57,8 +57,10 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
             self._warn(f"morphc.Bypass rolled a cycle back, the extended graph refused a batch: "
                        f"{exc}")
             return self._fault(cycle, closure, f"the extended graph refused this batch: {exc}")
-        except MorphcError:
-            self._rollback("an error in the cycle")
+        except MorphcError:          # a typed error in the closure (no_grad, a tuple): plain
+            # training beside the cycle failed on it too, and is where plain training is — a
+            # user who catches the error and trains on keeps the steps since the cycle began
+            self._rollback("an error in the cycle", to_plain=cycle.plain_loss is None)
             raise
         except Exception as exc:
             reason = (f"the extended model failed at {cycle.phase} step {cycle.phase_step}: "

@@ -21,6 +21,7 @@ from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.shadow import Shadow
 from morphc.runtime.snapshot import Snapshot, model_structure
 from morphc.runtime.steps import Closure
+from morphc.runtime.user_attributes import reads_user_model
 from morphc.runtime.wrapping import all_reduce_mean, all_reduce_sum
 
 
@@ -134,7 +135,8 @@ class CycleStart:
         if isinstance(sites, list):   # exact names: never let a name act as a suffix / regex
             wanted = set(sites)
             sites = lambda site: site.name in wanted  # noqa: E731
-        return extend(self._user_model, self.example_inputs, sites=sites, width=cfg.width,
-                      activation=cfg.activation, exclude=cfg.exclude, overrides=cfg.overrides,
-                      seed=cfg.seed + self.cycle + self.failures, init_scale=cfg.init_scale,
-                      traced=self._traced)
+        return reads_user_model(extend(
+            self._user_model, self.example_inputs, sites=sites, width=cfg.width,
+            activation=cfg.activation, exclude=cfg.exclude, overrides=cfg.overrides,
+            seed=cfg.seed + self.cycle + self.failures, init_scale=cfg.init_scale,
+            traced=self._traced))

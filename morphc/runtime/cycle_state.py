@@ -10,6 +10,7 @@ from morphc.runtime.config import BypassConfig
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
+from morphc.runtime.user_attributes import reads_user_model
 
 
 def extension_state(cycle: Cycle | None) -> dict | None:
@@ -36,9 +37,9 @@ def restore_cycle(state: dict, *, model: nn.Module, example_inputs, traced,
     wanted = set(state["sites"])
     overrides = {n: {"width": state["widths"][n], "activation": state["families"][n]}
                  for n in state["sites"]}
-    ext = extend(model, example_inputs, sites=lambda s: s.name in wanted,
-                 overrides=overrides, seed=int(state["seed"]),
-                 init_scale=float(state["init_scale"]), traced=traced)
+    ext = reads_user_model(extend(model, example_inputs, sites=lambda s: s.name in wanted,
+                                  overrides=overrides, seed=int(state["seed"]),
+                                  init_scale=float(state["init_scale"]), traced=traced))
     with torch.no_grad():
         for name, param in ext.named_extension_parameters():
             param.copy_(state["params"][name])

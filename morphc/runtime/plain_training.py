@@ -125,14 +125,18 @@ class PlainTraining:
         module = self.model     # compiled, when asked, as every later step is: the same bits
         watched = self.wrapping.compiled_user or self._user_model
         handle = watched.register_forward_pre_hook(hook, with_kwargs=True)
+        called: list[str] = []      # submodules the closure ran (not when compiled: hooks
+        handles = [] if watched is not self._user_model else [   # there would recompile it)
+            sub.register_forward_pre_hook(lambda *_, name=name: called.append(name))
+            for name, sub in self._user_model.named_modules() if name]
         try:
             result = loss_of(closure, module, self._reduce())
         finally:
             handle.remove()
+            for each in handles:
+                each.remove()
         if not captured:
-            raise BypassError("the closure never called the model it was given: write it as "
-                              "closure(module) -> loss with module(...) inside, or pass "
-                              "example_inputs=")
+            raise BypassError(_never_called(called))
         args, kwargs = captured[0]
         self.example_inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a
                                     for a in args)
@@ -140,3 +144,20 @@ class PlainTraining:
                                for k, v in kwargs.items()}
         self._inputs_as = floating_dtype_device(self._user_model)
         return result
+
+
+def _never_called(submodules: list[str]) -> str:
+    """Why a closure that never ran the model cannot be morphed, and what to write instead.
+    One that ran its submodules (``m.decoder(m.encoder(x))``) would, given ``example_inputs``,
+    fail every cycle: a cycle extends ``forward`` and hands the closure the extended model,
+    which has no submodules to call."""
+    if not submodules:
+        return ("the closure never called the model it was given: write it as closure(module) "
+                "-> loss with module(...) inside, or pass example_inputs=")
+    outer = [n for n in dict.fromkeys(submodules)        # m.encoder, not also m.encoder.0
+             if not any(n.startswith(f"{o}.") for o in submodules)]
+    names = ", ".join(f"m.{n}" for n in outer)
+    return (f"the closure called {names} but never the model itself: a cycle extends the "
+            "model's forward and gives the closure the extended model, which runs forward "
+            "only. Let forward compute what the loss needs (return a tuple or dict) and call "
+            "m(...), or pass Bypass a Module whose forward does these calls")

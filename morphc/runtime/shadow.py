@@ -271,6 +271,10 @@ class Shadow:
             put_back(buffers, self.backup)
             self.skipped = True
             return exc.loss
+        except BaseException:      # the closure failed: plain training would not have moved
+            zero_grads(self.params)
+            put_back(buffers, self.backup)
+            raise
         clip(self.params, max_grad_norm)
         self.optimizer.step()
         return loss.detach()

@@ -72,7 +72,17 @@ def backward_checked(loss: torch.Tensor, value: float) -> None:
         raise BypassError("the closure's loss does not require grad: it was computed under "
                           "torch.no_grad() / inference_mode, or detached (e.g. .item()); "
                           "return the loss tensor itself, with autograd on")
-    loss.backward()
+    try:
+        loss.backward()
+    except RuntimeError as exc:     # only step 0 is checked for a closure's own backward
+        if "backward through the graph a second time" not in str(exc):
+            raise
+        raise BypassError("the loss's graph was already freed: the closure called backward() "
+                          "(or autograd.grad without create_graph) on it itself — bp.step does "
+                          "zero_grad, backward and the optimizer step, so return the loss "
+                          "without calling backward (clip with max_grad_norm=) — or it reuses a "
+                          "tensor from an earlier step's graph (detach state carried across "
+                          "steps, e.g. an RNN's hidden state)") from exc
 
 
 def grad_norm(params: Iterable[nn.Parameter]) -> float:

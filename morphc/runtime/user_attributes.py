@@ -1,0 +1,51 @@
+"""What a closure reads off the module it is given, besides calling it, during a cycle.
+
+A closure often reads more than ``m(x)``: a learned variance or task weights
+(``m.log_var``), a head the forward does not use (``m.head(z)``), a temperature. During a cycle
+``m`` is the extended model, which had none of these: every cycle failed at its first step and
+was rolled back, so such a run could never morph. They are the user's own objects, read from the
+user's model. A submodule holding extended layers is not: outside ``m(...)`` it would run
+without its branches, so reading one stays an error that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from morphc.compiler.extended import ExtendedModel as CompiledExtension
+
+
+class ExtendedModel(CompiledExtension):
+    """The compiler's extended model, whose missing attributes are the user's model's (data,
+    Parameters, buffers, layers without an extended site). Same name: users and their
+    ``wrap`` see the ``ExtendedModel`` the README speaks of."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_model")
+            if model is None or name.startswith("_"):
+                raise
+        value = getattr(model, name)            # the user's AttributeError when it has none
+        if isinstance(value, nn.Module):
+            extended = [s.weight_name for s in self.sites
+                        if s.weight_name.startswith(f"{name}.")]
+            if not extended:
+                return value
+            why = f"m.{name} holds extended layers ({', '.join(extended[:3])})"
+        elif isinstance(value, torch.Tensor) or not callable(value):
+            return value
+        else:
+            why = f"m.{name} is a method of your model, which may run its layers"
+        raise AttributeError(
+            f"during a cycle the closure's module is the extended model and {why}: outside "
+            f"m(...) they would run without their branches. Let forward compute what the loss "
+            f"needs (return a tuple or dict) and call m(...)")
+
+
+def reads_user_model(ext: CompiledExtension) -> ExtendedModel:
+    """``ext``, answering the closure's reads of the user's attributes (same object)."""
+    ext.__class__ = ExtendedModel
+    return ext
