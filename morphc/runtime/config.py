@@ -46,12 +46,17 @@ def _choice(enum_type, name: str, value):
                           f"got {value!r}") from None
 
 
+# How far a free phase that still leaves the plateau may grow by default (``"auto"``), as a
+# multiple of ``bypass_steps``: the cap every measurement of the growing free phase used.
+GROWTH = 4
+
+
 @dataclass
 class BypassConfig:
     """The settings of :class:`~morphc.Bypass` (its keyword arguments); see its docstring."""
 
     bypass_steps: int = 100
-    max_bypass_steps: int | None = None   # grow while it still gains, to this; None: fixed
+    max_bypass_steps: int | str | None = "auto"   # grow while it gains: "auto" 4 × bypass_steps
     return_steps: int = 100
     return_mode: ReturnMode | str = ReturnMode.PROJECT
     free_phase: FreePhase | str = FreePhase.JOINT
@@ -101,13 +106,13 @@ class BypassConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BypassError(f"{name} must be an int >= 0, got {value!r}")
-        if self.max_bypass_steps is not None and (
+        if self.max_bypass_steps is not None and self.max_bypass_steps != "auto" and (
                 isinstance(self.max_bypass_steps, bool) or
                 not isinstance(self.max_bypass_steps, int) or
                 self.max_bypass_steps < self.bypass_steps):
             raise BypassError(f"max_bypass_steps must be an int >= bypass_steps "
-                              f"({self.bypass_steps}) or None (a free phase of fixed length), got "
-                              f"{self.max_bypass_steps!r}")
+                              f"({self.bypass_steps}), 'auto' ({GROWTH} × bypass_steps) or None "
+                              f"(a free phase of fixed length), got {self.max_bypass_steps!r}")
         if self.probation_steps is not None and (
                 isinstance(self.probation_steps, bool) or
                 not isinstance(self.probation_steps, int) or self.probation_steps < 0):
@@ -136,6 +141,8 @@ class BypassConfig:
     @property
     def free_steps_cap(self) -> int:
         """The longest a free phase may grow (it grows only while it still gains)."""
+        if self.max_bypass_steps == "auto":
+            return GROWTH * self.bypass_steps
         return self.max_bypass_steps if self.max_bypass_steps is not None else \
             self.bypass_steps
 

@@ -54,6 +54,26 @@ def test_a_free_phase_that_keeps_gaining_grows_to_its_cap(accept):
         assert [e["free_steps"] for e in bp.history if e["event"] == "return"] == [30]
 
 
+@pytest.mark.parametrize("bypass_steps", [10, 7])
+def test_by_default_a_free_phase_that_keeps_gaining_grows_to_four_times_its_length(bypass_steps):
+    model, closure = stalled_regression()
+    bp = bypass(model, bypass_steps=bypass_steps, accept="if_better")
+    run(bp, closure, 120)
+    assert free_steps(bp) == [4 * bypass_steps]
+
+
+def test_a_free_phase_longer_than_the_old_absolute_cap_is_no_error():
+    model, _ = stalled_regression()
+    assert bypass(model, bypass_steps=500).config.free_steps_cap == 2000
+
+
+def test_none_keeps_the_free_phase_fixed():
+    model, closure = stalled_regression()
+    bp = bypass(model, max_bypass_steps=None, accept="if_better")
+    run(bp, closure, 80)
+    assert free_steps(bp) == [10]
+
+
 def test_a_fixed_free_phase_when_the_cap_is_its_length():
     model, closure = stalled_regression()
     bp = bypass(model, max_bypass_steps=10, accept="if_better")
@@ -104,7 +124,7 @@ def test_a_checkpoint_inside_a_grown_free_phase_resumes_it():
     assert free_steps(resumed) == free_steps(straight) == [30]
 
 
-@pytest.mark.parametrize("cap", [5, 2.5, True])
+@pytest.mark.parametrize("cap", [5, 2.5, True, "4x"])
 def test_a_cap_below_the_free_phase_or_not_an_int_is_a_typed_error(cap):
     model, _ = stalled_regression()
     with pytest.raises(BypassError, match="max_bypass_steps"):
