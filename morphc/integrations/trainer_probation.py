@@ -88,8 +88,10 @@ class TrainerProbationSide:
         if self._stepped:
             inputs, self._inputs = self._inputs, []
             self._step_beside(inputs)
-            if self._beside is None:
+            if self._beside is None:      # the replay failed (warned): the run is kept
                 self._probation = None
+                self._event("probation", loss_after=None, loss_plain=None, to="cycle",
+                            reason="plain training beside the run could not be replayed")
                 return
             value = self._pending_value() if len(self._pending) == len(inputs) else None
             if value is not None:

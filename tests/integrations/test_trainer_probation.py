@@ -183,14 +183,21 @@ def test_lightning_a_checkpoint_during_a_probation_judges_it_first(tmp_path, shi
 
 
 # -- driving TrainerBypass from one's own loop ---------------------------------------------------
-def _own_loop(bypass, steps=24):
+def _own_loop(bypass, steps=24, resolve_at=None, loss_first=False):
+    """A trainer's loop around TrainerBypass (None: without it); ``resolve_at``: resolve from
+    between that step's ``optimizer.step()`` and its end, as a callback loading weights does —
+    with the step's loss recorded before the optimizer step (``loss_first``) or not yet."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, 4, generator=g)
     y = x @ torch.randn(4, 1, generator=g)
-    bypass.attach(model, optimizer, replay=lambda b: (F.mse_loss(model(b[0]), b[1]), False))
+    if bypass is None:
+        bypass = TrainerBypass(shadow=False)
+        bypass.after_step = bypass.before_micro_batch = bypass.finish = lambda *a: None
+    else:
+        bypass.attach(model, optimizer, replay=lambda b: (F.mse_loss(model(b[0]), b[1]), False))
     for step in range(steps):
         batch = (x[step % 8 * 32:][:32], y[step % 8 * 32:][:32])
         optimizer.zero_grad()
@@ -198,10 +205,16 @@ def _own_loop(bypass, steps=24):
         bypass.record_inputs(batch)
         loss = F.mse_loss(model(batch[0]), batch[1])
         loss.backward()
+        if loss_first:
+            bypass.record_loss(loss)
         optimizer.step()
-        bypass.record_loss(loss)
+        if step + 1 == resolve_at:
+            bypass.resolve("weights were loaded")
+        if not loss_first:
+            bypass.record_loss(loss)
         bypass.after_step(step + 1)
     bypass.finish()
+    return training_state(model, optimizer)
 
 
 def test_a_probation_goes_on_while_plain_training_closes_in_and_no_cycle_starts(shift):
@@ -220,3 +233,16 @@ def test_shadow_false_or_no_probation_steps_means_no_probation(shift):
         bypass = TrainerBypass(morphc.Schedule(at=[3]), **{**CYCLE, **options})
         _own_loop(bypass, steps=12)
         assert _probations(bypass) == [] and not bypass.on_probation
+
+
+@pytest.mark.parametrize("loss_first", [False, True])
+def test_a_probation_resolved_between_an_optimizer_step_and_its_end_hands_over_that_step(
+        shift, loss_first):
+    """Plain training takes the step the run just took before its state is handed over: the
+    run goes on from where plain training is, not from one step behind it."""
+    shift[0] = lambda i: -10.0
+    plain = _own_loop(None)
+    bypass = TrainerBypass(morphc.Schedule(at=[3]), **CYCLE)
+    mine = _own_loop(bypass, resolve_at=11, loss_first=loss_first)
+    assert _probations(bypass) == [(10, "plain")]
+    assert state_differences(mine, plain) == []
