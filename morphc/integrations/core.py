@@ -107,7 +107,9 @@ class TrainerBypass(TrainerCycle):
     ``return_steps``, ``return_mode`` (``"project"`` or ``"anneal"``), ``free_phase``,
     ``accept``, ``sites`` (not ``"auto"``), ``width``, ``activation``, ``exclude``,
     ``overrides``, ``seed``, ``init_scale``, ``extension_options``, ``extension_lr_scale``,
-    ``min_lr_fraction``, ``max_cycles``, ``on_failure``, ``verbose``.
+    ``min_lr_fraction``, ``max_cycles``, ``on_failure``, ``verbose``, ``shadow`` and
+    ``probation_steps`` (plain training beside a cycle, and beside the run after a kept one:
+    :mod:`~morphc.integrations.trainer_probation`).
     """
 
     def __init__(self, trigger: Trigger | None = None, *, window: int | None = None,
