@@ -38,11 +38,13 @@ How the pieces sit inside a trainer:
   cycle, so restoring the state from before it would lose the cycle's steps. Plain training's
   step is taken on the same micro-batches (replayed by the callback) and a cycle that does not
   pay — or is resolved off C — hands its state over: where the user would be without morphc.
+  After a kept cycle it goes on beside the run for a probation
+  (:mod:`~morphc.integrations.trainer_probation`) and is handed over if it then leads.
   Without it (``shadow=False``, or a model the callback cannot replay) the model, buffers and
   optimizer state go back to their values before the extension, bit for bit.
 - **Checkpoints.** A checkpoint never holds an extension: the callbacks resolve a cycle in flight
   first (:meth:`~TrainerBypass.resolve`): fold it if it is on C (judged on the return steps it
-  had), else roll it back.
+  had), else roll it back; a probation in flight is judged then too.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.plain import PlainBeside, Replay
 from morphc.integrations.sites import module_sites
 from morphc.integrations.trainer_cycle import TrainerCycle
+from morphc.integrations.trainer_probation import TrainerProbation
 from morphc.ir.sites import select_sites
 from morphc.runtime.bypass import check_branch_settings, one_exclude_pattern
 from morphc.runtime.config import BypassConfig, FreePhase, Phase, ReturnMode
@@ -104,7 +107,9 @@ class TrainerBypass(TrainerCycle):
     ``return_steps``, ``return_mode`` (``"project"`` or ``"anneal"``), ``free_phase``,
     ``accept``, ``sites`` (not ``"auto"``), ``width``, ``activation``, ``exclude``,
     ``overrides``, ``seed``, ``init_scale``, ``extension_options``, ``extension_lr_scale``,
-    ``min_lr_fraction``, ``max_cycles``, ``on_failure``, ``verbose``.
+    ``min_lr_fraction``, ``max_cycles``, ``on_failure``, ``verbose``, ``shadow`` and
+    ``probation_steps`` (plain training beside a cycle, and beside the run after a kept one:
+    :mod:`~morphc.integrations.trainer_probation`).
     """
 
     def __init__(self, trigger: Trigger | None = None, *, window: int | None = None,
@@ -151,6 +156,7 @@ class TrainerBypass(TrainerCycle):
         self._replay: Replay | None = None       # the callback's: a micro-batch run again
         self._clip = None                         # the trainer's gradient clipping
         self._beside: PlainBeside | None = None   # plain training beside the cycle in flight
+        self._probation: TrainerProbation | None = None   # ... or beside a kept cycle's run
         self._inputs: list = []                   # this step's micro-batches, for it
         self._step_groups: list[dict] = []        # the user's groups' settings for this step
         self._stepped = False     # optimizer.step() ran; after_step (the step's end) not yet
@@ -166,6 +172,10 @@ class TrainerBypass(TrainerCycle):
         runs a micro-batch given to :meth:`record_inputs` again and returns ``(loss, share)``,
         so plain training can step beside a cycle; ``clip_plain()``: the trainer's clipping of
         the gradients it leaves."""
+        if self._probation is not None:    # left by a run that never reached its end
+            if self.model is model:
+                self.resolve("training started again")
+            self._probation, self._beside, self._inputs = None, None, []
         self.detach()
         self.model, self.optimizer = model, raw_optimizer(optimizer)
         self._replay, self._clip = replay, clip_plain
@@ -227,7 +237,8 @@ class TrainerBypass(TrainerCycle):
 
     @property
     def wants_inputs(self) -> bool:
-        """Whether plain training beside a cycle needs this step's micro-batches."""
+        """Whether plain training beside a cycle (or its probation) needs this step's
+        micro-batches."""
         return self._beside is not None
 
     def record_inputs(self, inputs) -> None:
@@ -282,28 +293,35 @@ class TrainerBypass(TrainerCycle):
             self._shares.clear()
             self.step_count = int(step)
             return
-        value = self._sign * sum(self._pending)
-        if not all(self._shares):
-            value /= len(self._pending)
+        value = self._pending_value()
         self._pending.clear()
         self._shares.clear()
         self.step_count = int(step)
         inputs, self._inputs = self._inputs, []
-        if self._cycle is None:
-            self._plain_step(value)
-        else:
+        if self._cycle is not None:
             self._step_beside(inputs)
             self._cycle_step(value)
+        elif self._probation is not None:
+            self._probation_step(value, inputs)
+        else:
+            self._plain_step(value)
+
+    def _pending_value(self) -> float:
+        """This step's training loss, from its micro-batches' recorded losses."""
+        value = self._sign * sum(self._pending)
+        return value if all(self._shares) else value / len(self._pending)
 
     # -- the optimizer's step hooks: the extension's group joins only inside step() --------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
         self._restore_free_buffers()
         cycle = self._cycle
-        if cycle is None:
+        if cycle is None and self._beside is None:
             return
         # the settings the scheduler gave the user's groups for this step, for plain training's
         self._step_groups = [{k: v for k, v in g.items() if k != "params"}
                              for g in optimizer.param_groups]
+        if cycle is None:                 # on probation: no extension to attach
+            return
         group, cfg = cycle.group, self.config
         if "lr" not in cfg.extension_options:
             group.group["lr"] = self._lr_scale * float(training_group(optimizer)["lr"])
@@ -326,7 +344,8 @@ class TrainerBypass(TrainerCycle):
         if lr != self._lr_seen:
             self._lr_seen, self._lr_changed_at = lr, self.step_count
         fired = self.trigger.update(value, step=self.step_count, grad_norm=None)
-        if fired and self._disabled is None and self._plain and may_start(
+        idle = self._disabled is None and self._probation is None   # no cycle on probation
+        if fired and idle and self._plain and may_start(
                 self.config, self.trigger, step=self.step_count, cycles=self.cycle,
                 quiet_until=self._quiet_until, lr=lr, peak_lr=self._peak_lr,
                 lr_changed_at=self._lr_changed_at):
@@ -335,7 +354,7 @@ class TrainerBypass(TrainerCycle):
     def _event(self, kind: str, **fields) -> None:
         self.log.add(kind, step=self.step_count, phase=self.phase, cycle=self.cycle, **fields)
 
-    # -- the callback's own checkpoint state (no cycle is ever in flight in a checkpoint) --------
+    # -- the callback's own checkpoint state (no cycle or probation is ever in one) -------------
     def state_dict(self) -> dict:
         return {"trigger": self.trigger.state_dict(), "cycle": self.cycle,
                 "failures": self.failures, "unpaid": self._unpaid,
@@ -345,6 +364,8 @@ class TrainerBypass(TrainerCycle):
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
+        if self._probation is not None:       # resuming: judge it, leave nothing in flight
+            self.resolve("a checkpoint was loaded")
         self.trigger.load_state_dict(state["trigger"])
         self.cycle, self.failures = int(state["cycle"]), int(state["failures"])
         self._unpaid, self._quiet_until = int(state["unpaid"]), int(state["quiet_until"])

@@ -31,7 +31,8 @@ Where it acts, in the Trainer's order per optimizer step (transformers 5.23)::
   ``model.parameters()``, which do not include the extension);
 - ``on_step_end``: gradients are gone and the scheduler has stepped, so the cycle moves here;
   ``control.should_evaluate`` / ``should_save`` are already decided, so a cycle in flight is
-  resolved (folded if on C, else rolled back) *before* the evaluation and the checkpoint
+  resolved (folded if on C, else rolled back; a probation after a kept cycle judged at once)
+  *before* the evaluation and the checkpoint
   (``on_save`` runs after it; ``save_strategy="best"`` decides after the evaluation). Give
   cycles room: ``eval_steps`` / ``save_steps`` longer than ``bypass_steps + return_steps``.
 - a ``trainer.evaluate()`` / ``predict()`` / ``save_model()`` you call yourself mid-cycle (from a

@@ -26,8 +26,10 @@ Where it acts (Lightning 2.6, automatic optimization)::
 - ``on_train_batch_end`` with ``trainer.global_step`` advanced: the cycle moves;
 - ``on_validation_start`` (inside ``fit``): a cycle in flight is resolved first, so a
   monitored score and the checkpoint it selects are of the same model (give cycles room:
-  ``val_check_interval`` longer than ``bypass_steps + return_steps``);
-- ``on_save_checkpoint``: a cycle in flight is resolved (folded if on C, else rolled back) and
+  ``val_check_interval`` longer than ``bypass_steps + return_steps``); a probation in flight
+  is judged then too, so the score is of the model the run keeps;
+- ``on_save_checkpoint``: a cycle in flight is resolved (folded if on C, else rolled back), a
+  probation after a kept cycle judged at once (plain training's state if it leads), and
   the checkpoint's ``state_dict``, ``optimizer_states`` and this callback's state are rewritten
   from the resolved model, so every checkpoint holds the user's keys and groups only.
 - ``state_dict``: the trigger and counters, so a resumed run continues them.
@@ -193,7 +195,7 @@ class BypassCallback(pl.Callback):
             self.bypass.resolve(f"a validation at step {trainer.global_step}")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if not self.bypass.in_cycle:
+        if not (self.bypass.in_cycle or self.bypass.on_probation):
             return
         self.bypass.resolve(f"a checkpoint at step {trainer.global_step}")
         checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()

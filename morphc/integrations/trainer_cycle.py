@@ -13,13 +13,14 @@ import torch
 from morphc.errors import BypassError, MorphcError
 from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.plain import PlainBeside
+from morphc.integrations.trainer_probation import TrainerProbationSide
 from morphc.runtime.config import Accept, OnFailure, Phase
 from morphc.runtime.cycle import Cycle, back_off
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.snapshot import Snapshot
 
 
-class TrainerCycle:
+class TrainerCycle(TrainerProbationSide):
     """Starting, stepping and ending one Bypass cycle inside someone else's training loop."""
 
     # -- the start of a cycle -------------------------------------------------------------------
@@ -96,7 +97,11 @@ class TrainerCycle:
 
     def resolve(self, reason: str) -> None:
         """Leave no extension behind (a checkpoint is due, or training ended): fold a cycle on C
-        that has return steps to judge it by, roll back any other."""
+        that has return steps to judge it by, roll back any other; judge a probation in flight
+        now (a later hand-over would replace what a checkpoint holds)."""
+        if self._probation is not None:
+            self._resolve_probation(reason)
+            return
         cycle = self._cycle
         if cycle is None:
             return
@@ -117,7 +122,8 @@ class TrainerCycle:
                            "a fold would keep to judge it by")
 
     def _close(self, reason: str | None = None) -> None:
-        """return → accept or roll back → fold (exact, verified) → training goes on."""
+        """return → accept or roll back → fold (exact, verified) → training goes on, with plain
+        training beside it on probation (not when resolved early: ``reason``)."""
         cycle = self._cycle
         before = cycle.loss_before
         recent = self._cycle_losses[-self.window:]
@@ -150,10 +156,13 @@ class TrainerCycle:
         self._unpaid, self._quiet_until = back_off(
             self.config, self.trigger, step=self.step_count, misses=self._unpaid,
             quiet=self._quiet_until, paid=True, before=before, after=after)
+        beside = self._beside
         self._end_cycle()
         self.cycle += 1
         self._event("contract", residual=residual, deviation=deviation, reason=reason,
                     sites=[s.name for s in cycle.ext.sites], **measures)
+        if reason is None and plain is not None:
+            self._start_probation(beside, recent)
 
     def _end_mid_step(self, reason: str) -> None:
         """Resolved between the trainer's ``optimizer.step()`` and the step's end (weights loaded,
@@ -233,6 +242,9 @@ class TrainerCycle:
 
     @contextlib.contextmanager
     def _extension_off(self):
+        if self._cycle is None:          # on probation: the cycle is folded, nothing to turn off
+            yield
+            return
         ext = self._cycle.ext
         was, ext.active = ext.active, False
         try:
