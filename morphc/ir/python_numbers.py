@@ -84,10 +84,13 @@ def baked_message(label: str, where: str, old, new, kind: str | None = None) -> 
 
 
 def changed_number(names: list[str], example: tuple[tuple, dict], args: tuple,
-                   kwargs: dict) -> BakedNumber | None:
-    """The first Python number input whose value differs from the example's, as an error."""
-    baked = {label: value for label, value in input_labels(names, *example)
-             if _is_number(value)}
+                   kwargs: dict, defaults: dict | None = None) -> BakedNumber | None:
+    """The first Python number input whose value differs from the example's (or from the
+    forward's default, for a parameter the example left out), as an error."""
+    labelled = input_labels(names, *example)
+    given = {label for label, _ in labelled}
+    baked = {**{k: v for k, v in (defaults or {}).items() if k not in given},
+             **{label: value for label, value in labelled if _is_number(value)}}
     if not baked:
         return None
     for label, value in input_labels(names, args, kwargs):

@@ -43,6 +43,7 @@ class TracedModel:
     input_dims: list[DimRange] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)   # the forward's parameter names
     trace_seconds: float = 0.0
+    number_defaults: dict = field(default_factory=dict)   # forward's Python-number defaults
     cached: bool = False
     _signatures: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary,
                                                    repr=False, compare=False)
@@ -67,7 +68,7 @@ class TracedModel:
                   if k not in kwargs and k not in positional and not isinstance(v, torch.Tensor)}
         kwargs = {**kwargs, **filled} if filled else kwargs
         changed = changed_number(self.input_names, (self.example_inputs, self.example_kwargs),
-                                 args, kwargs)
+                                 args, kwargs, self.number_defaults)
         if changed is not None:
             raise changed
         if self.input_dims:
