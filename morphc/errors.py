@@ -12,7 +12,9 @@ class TraceError(MorphcError):
 class ShapeError(MorphcError):
     """An input has a shape the traced graph cannot take (torch.export fixed or bounded that
     dimension); the message names the input, the dimension, what is allowed and how to allow
-    more (``dynamic_shapes=...`` at extend time)."""
+    more (``dynamic_shapes=...`` at extend time). Also a Python number input (``temperature=t``)
+    whose value differs from the one torch.export baked in: an input the graph cannot take,
+    though not a shape; the message names the argument, both values and to pass a tensor."""
 
 
 class SiteError(MorphcError):

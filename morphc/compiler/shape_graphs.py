@@ -18,6 +18,11 @@ Bounded: at most ``limit`` extra graphs per extension (``DEFAULT_RETRACES`` when
 the dynamic dimensions; none when the user passed ``dynamic_shapes``, whose static dimensions are
 then taken as meant). Past that, or when the eager model itself refuses the shape, the call
 raises the :class:`~morphc.errors.ShapeError` it would have raised, with the reason added.
+
+A Python number input that changed (``temperature=t``, ``training_stage=2``; torch.export bakes
+it in, :mod:`morphc.ir.python_numbers`) is traced again too — right for an int or bool flag with
+a few values — but a float that changes a second time is refused at once: an annealed value
+would spend every re-trace one value at a time, and the message says to pass a tensor.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import fx, nn
 
 from morphc.errors import MorphcError, ShapeError
 from morphc.ir.example_inputs import describe_inputs
+from morphc.ir.python_numbers import BakedNumber
 from morphc.ir.sites import Site
 from morphc.ir.trace import trace
 from morphc.ir.traced_model import TracedModel
@@ -107,6 +113,7 @@ class ShapeGraphs:
         self.retraces: list[Retrace] = []
         self.refused: dict[str, str] = {}
         self.mode_graphs: dict[bool, tuple[TracedModel, fx.GraphModule]] = {}
+        self.numbers: dict[str, list] = {}     # Python number input -> values traced again for
 
     def call(self, ext, args: tuple, kwargs: dict, error: ShapeError):
         """Run ``ext``'s branches on a shape its first graph refused (``error``)."""
@@ -149,13 +156,17 @@ class ShapeGraphs:
         what = describe_inputs(args, kwargs)
         if what in self.refused:
             raise ShapeError(f"{error} {self.refused[what]}") from None
+        self._refuse_changing_float(error)
         if primary.frontend != "export" or len(self.graphs) >= self.limit:
+            fix = ("pass it as a tensor" if isinstance(error, BakedNumber) else
+                   "make the dimension dynamic with dynamic_shapes=...")
             held = (f"this extension already holds {len(self.graphs)} more graphs for other "
                     "shapes" if self.limit else "dynamic_shapes was given, so morphc does not "
                     "trace again at other shapes" if primary.dynamic_shapes is not None else
                     "tracing again at other shapes is off")
-            raise ShapeError(f"{error} ({held}: max_retraces={self.limit}; make the dimension "
-                             "dynamic with dynamic_shapes=... or raise max_retraces)") from None
+            more = f"({held}: max_retraces={self.limit}; {fix} or raise max_retraces)"
+            raise (error.extended(more) if isinstance(error, BakedNumber) else
+                   ShapeError(f"{error} {more}")) from None
         started = time.perf_counter()
         try:
             traced, gm = _branched_graph(ext, args, kwargs, primary.training)
@@ -163,6 +174,8 @@ class ShapeGraphs:
             self.refused[what] = f"(tracing the model again at this shape failed: {exc})"
             raise ShapeError(f"{error} {self.refused[what]}") from exc
         gm.train(ext.training)
+        if isinstance(error, BakedNumber):
+            self.numbers.setdefault(error.label, [error.old]).append(error.new)
         self.graphs.append((traced, gm))
         record = Retrace(what, time.perf_counter() - started, traced.cached,
                          str(error).split(" To allow it")[0])
@@ -173,6 +186,17 @@ class ShapeGraphs:
                       f"{len(self.graphs)} of at most {self.limit} extra): the first graph "
                       f"refused them ({record.reason})", stacklevel=4)
         return traced, gm
+
+    def _refuse_changing_float(self, error: ShapeError) -> None:
+        """A float input traced again once already and now changed again is refused."""
+        if not isinstance(error, BakedNumber) or not isinstance(error.new, float) or \
+                error.label not in self.numbers:
+            return
+        seen = ", then ".join(map(repr, self.numbers[error.label]))
+        raise error.extended(f"It has changed again ({seen}, now {error.new!r}): a float that "
+                             "keeps changing would spend every re-trace (max_retraces="
+                             f"{self.limit}) one value at a time, so morphc refuses it now.") \
+            from None
 
     def apply(self, fn) -> None:
         """``.to()`` / ``.double()`` on the extra graphs too (they share the user's tensors)."""

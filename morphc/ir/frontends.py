@@ -191,8 +191,21 @@ def trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) ->
         notes.append("the batch dimension is fixed: the extended model only accepts the "
                      "example batch size; make the model's shapes independent of the batch size "
                      "(or pass dynamic_shapes=...) to lift this.")
-    return TracedModel(gm, "export", "", args, model.training, dynamic_batch, notes,
-                       dict(kwargs), dynamic_shapes, fixed, ranges, names)
+    traced = TracedModel(gm, "export", "", args, model.training, dynamic_batch, notes,
+                         dict(kwargs), dynamic_shapes, fixed, ranges, names)
+    traced.number_defaults = number_defaults(model)
+    return traced
+
+
+def number_defaults(model: nn.Module) -> dict:
+    """The forward's parameters whose default is a Python number: an example that leaves one
+    out is traced with its default baked in, which a later call that gives it must be told."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params
+            if isinstance(p.default, bool | int | float) and p.default is not p.empty}
 
 
 def _bind_user_tensors(gm: fx.GraphModule, model: nn.Module) -> None:

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from morphc.errors import ShapeError
 from morphc.ir.example_inputs import describe_inputs
+from morphc.ir.python_numbers import changed_number, value_guard_error
 from morphc.ir.shapes import DimRange, Specialisation, check_call, guard_error, input_labels
 
 
@@ -42,6 +43,7 @@ class TracedModel:
     input_dims: list[DimRange] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)   # the forward's parameter names
     trace_seconds: float = 0.0
+    number_defaults: dict = field(default_factory=dict)   # forward's Python-number defaults
     cached: bool = False
     _signatures: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary,
                                                    repr=False, compare=False)
@@ -55,15 +57,20 @@ class TracedModel:
         self.__dict__.update(state, _signatures=weakref.WeakKeyDictionary())
 
     def check_call(self, args: tuple, kwargs: dict) -> dict:
-        """Refuse, with a ``ShapeError``, inputs the graph cannot take; returns the kwargs with
-        non-tensor example kwargs (e.g. ``use_cache=False``, baked into an exported graph)
-        filled in where the call omits them."""
+        """Refuse, with a ``ShapeError``, inputs the graph cannot take — a Python number that
+        differs from the one torch.export baked in is said to be one before any guard speaks of
+        shapes; returns the kwargs with non-tensor example kwargs (e.g. ``use_cache=False``,
+        baked into an exported graph) filled in where the call omits them."""
         if self.frontend != "export":
             return kwargs
         positional = {n for n in self.input_names[:len(args)] if not n.startswith("*")}
         filled = {k: v for k, v in self.example_kwargs.items()
                   if k not in kwargs and k not in positional and not isinstance(v, torch.Tensor)}
         kwargs = {**kwargs, **filled} if filled else kwargs
+        changed = changed_number(self.input_names, (self.example_inputs, self.example_kwargs),
+                                 args, kwargs, self.number_defaults)
+        if changed is not None:
+            raise changed
         if self.input_dims:
             check_call(self.input_dims, input_labels(self.input_names, args, kwargs))
         return kwargs
@@ -77,7 +84,7 @@ class TracedModel:
             return module(*args, **kwargs)
         except AssertionError as exc:
             if str(exc).strip().startswith("Guard failed"):
-                raise guard_error(exc) from exc
+                raise (value_guard_error(str(exc).strip()) or guard_error(exc)) from exc
             raise
 
     def _check_structure(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

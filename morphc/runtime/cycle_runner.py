@@ -13,6 +13,7 @@ import contextlib
 import torch
 
 from morphc.errors import BypassError, MorphcError, ShapeError
+from morphc.ir.python_numbers import BakedNumber
 from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_start import CycleStart
@@ -54,9 +55,10 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
                                f"; the next cycle's extension lr is halved (scale "
                                f"{self._lr_scale:g})")
         except ShapeError as exc:        # a batch the traced graph cannot take: train on
-            self._warn(f"morphc.Bypass rolled a cycle back, the extended graph refused a batch: "
+            what = "an input" if isinstance(exc, BakedNumber) else "a batch"
+            self._warn(f"morphc.Bypass rolled a cycle back, the extended graph refused {what}: "
                        f"{exc}")
-            return self._fault(cycle, closure, f"the extended graph refused this batch: {exc}")
+            return self._fault(cycle, closure, f"the extended graph refused {what}: {exc}")
         except MorphcError:          # a typed error in the closure (no_grad, a tuple): plain
             # training beside the cycle failed on it too, and is where plain training is — a
             # user who catches the error and trains on keeps the steps since the cycle began
