@@ -83,14 +83,21 @@ def baked_message(label: str, where: str, old, new, kind: str | None = None) -> 
             "trace. " + remedy(label, repr(new)))
 
 
-def changed_number(names: list[str], example: tuple[tuple, dict], args: tuple,
-                   kwargs: dict, defaults: dict | None = None) -> BakedNumber | None:
-    """The first Python number input whose value differs from the example's (or from the
-    forward's default, for a parameter the example left out), as an error."""
+def baked_numbers(names: list[str], example: tuple[tuple, dict],
+                  defaults: dict | None = None) -> dict:
+    """Each Python number input the example gave (or, for a parameter it left out, the
+    forward's default), by label: the values an exported graph baked in. Computed once per
+    trace: it is the same for every call."""
     labelled = input_labels(names, *example)
     given = {label for label, _ in labelled}
-    baked = {**{k: v for k, v in (defaults or {}).items() if k not in given},
-             **{label: value for label, value in labelled if _is_number(value)}}
+    return {**{k: v for k, v in (defaults or {}).items() if k not in given},
+            **{label: value for label, value in labelled if _is_number(value)}}
+
+
+def changed_number(names: list[str], baked: dict, args: tuple,
+                   kwargs: dict) -> BakedNumber | None:
+    """The first Python number input whose value differs from the one ``baked`` holds
+    (:func:`baked_numbers`), as an error."""
     if not baked:
         return None
     for label, value in input_labels(names, args, kwargs):

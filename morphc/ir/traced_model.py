@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from morphc.errors import ShapeError
 from morphc.ir.example_inputs import describe_inputs
-from morphc.ir.python_numbers import changed_number, value_guard_error
+from morphc.ir.python_numbers import baked_numbers, changed_number, value_guard_error
 from morphc.ir.shapes import DimRange, Specialisation, check_call, guard_error, input_labels
 
 
@@ -47,6 +47,7 @@ class TracedModel:
     cached: bool = False
     _signatures: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary,
                                                    repr=False, compare=False)
+    _baked: dict | None = field(default=None, repr=False, compare=False)   # python_numbers
 
     def __getstate__(self) -> dict:
         """Pickle (``torch.save`` of an extended model) without the per-module signature cache,
@@ -54,7 +55,8 @@ class TracedModel:
         return {**self.__dict__, "_signatures": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _signatures=weakref.WeakKeyDictionary())
+        state.setdefault("number_defaults", {})     # pickled before it existed
+        self.__dict__.update(state, _signatures=weakref.WeakKeyDictionary(), _baked=None)
 
     def check_call(self, args: tuple, kwargs: dict) -> dict:
         """Refuse, with a ``ShapeError``, inputs the graph cannot take — a Python number that
@@ -67,8 +69,11 @@ class TracedModel:
         filled = {k: v for k, v in self.example_kwargs.items()
                   if k not in kwargs and k not in positional and not isinstance(v, torch.Tensor)}
         kwargs = {**kwargs, **filled} if filled else kwargs
-        changed = changed_number(self.input_names, (self.example_inputs, self.example_kwargs),
-                                 args, kwargs, self.number_defaults)
+        if self._baked is None:         # the same for every call: computed once
+            self._baked = baked_numbers(self.input_names,
+                                        (self.example_inputs, self.example_kwargs),
+                                        self.number_defaults)
+        changed = changed_number(self.input_names, self._baked, args, kwargs)
         if changed is not None:
             raise changed
         if self.input_dims:
