@@ -71,15 +71,20 @@ class TrainerProbationSide:
         starts), and at the end of the probation its verdict."""
         probation = self._probation
         self._step_beside(inputs)
-        if self._beside is None:          # the replay failed (warned): the run is kept
-            self._probation = None
-            self._event("probation", loss_after=None, loss_plain=None, to="cycle",
-                        reason="plain training beside the run could not be replayed")
+        if self._beside is None:
+            self._replay_failed()
         else:
             probation.pairs.append((value, probation.beside.losses[-1]))
         self._plain_step(value)
         if self._probation is not None and self.step_count >= probation.until:
             self._end_probation()
+
+    def _replay_failed(self) -> None:
+        """Plain training beside the run could not be replayed (``_step_beside`` warned):
+        the probation ends and the run is kept."""
+        self._probation = None
+        self._event("probation", loss_after=None, loss_plain=None, to="cycle",
+                    reason="plain training beside the run could not be replayed")
 
     def _resolve_probation(self, reason: str) -> None:
         """Judge a probation in flight now. Between the trainer's ``optimizer.step()`` and the
@@ -88,10 +93,8 @@ class TrainerProbationSide:
         if self._stepped:
             inputs, self._inputs = self._inputs, []
             self._step_beside(inputs)
-            if self._beside is None:      # the replay failed (warned): the run is kept
-                self._probation = None
-                self._event("probation", loss_after=None, loss_plain=None, to="cycle",
-                            reason="plain training beside the run could not be replayed")
+            if self._beside is None:
+                self._replay_failed()
                 return
             value = self._pending_value() if len(self._pending) == len(inputs) else None
             if value is not None:
