@@ -166,25 +166,27 @@ class Cycle:
         self.saw_extension_grad = bool(state["saw_extension_grad"])
 
 
-def quiet_until(config: BypassConfig, *, step: int, misses: int) -> int:
+def quiet_until(config: BypassConfig, *, step: int, misses: int, spent: int = 0) -> int:
     """The first step a new cycle may start after ``misses`` consecutive cycles that did not pay:
-    the trigger backs off for 2^misses cycle lengths (shared by Bypass and the integrations)."""
-    return step + config.cycle_steps * 2 ** misses
+    the trigger backs off for 2^misses times the steps the last one ran (``spent``; at least a
+    cycle's length), so a free phase that grew and missed buys a longer wait, and runs of
+    misses cost at most a fixed share of the steps (shared by Bypass and the integrations)."""
+    return step + max(config.cycle_steps, spent) * 2 ** misses
 
 
 def back_off(config: BypassConfig, trigger, *, step: int, misses: int, quiet: int, paid: bool,
-             before: float, after: float) -> tuple[int, int]:
+             before: float, after: float, spent: int = 0) -> tuple[int, int]:
     """``(misses, quiet_until)`` once a cycle closes (shared by Bypass and the integrations).
 
     A cycle that did not pay is a miss. A kept one resets the count, unless by the trigger's own
     measure (``trigger.escaped``, e.g. :meth:`~morphc.Plateau.escaped`) it did not leave the
     plateau — then it is a miss too, so tiny gains do not buy cycle after cycle. After a miss the
-    trigger waits 2^misses cycle lengths (:func:`quiet_until`)."""
+    trigger waits 2^misses times the missed cycle's length (:func:`quiet_until`)."""
     escaped = getattr(trigger, "escaped", None)
     if paid and not (callable(escaped) and not escaped(before, after, config.cycle_steps)):
         return 0, quiet
     misses += 1
-    return misses, quiet_until(config, step=step, misses=misses)
+    return misses, quiet_until(config, step=step, misses=misses, spent=spent)
 
 
 def may_start(config: BypassConfig, trigger, *, step: int, cycles: int, quiet_until: int,

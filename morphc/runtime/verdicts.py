@@ -88,11 +88,14 @@ class Verdicts:
                       "bp.step(lambda m: loss_fn(m(x), y))")
         return False
 
-    def _miss(self, before: float = math.nan, after: float = math.nan) -> None:
-        """A cycle that did not pay: the trigger backs off (:func:`back_off`)."""
+    def _miss(self, before: float = math.nan, after: float = math.nan,
+              cycle: Cycle | None = None) -> None:
+        """A cycle that did not pay: the trigger backs off (:func:`back_off`), for longer
+        after a ``cycle`` whose free phase grew."""
+        spent = 0 if cycle is None else self.step_count - cycle.started_at
         self._unpaid, self._quiet_until = back_off(
             self.config, self.trigger, step=self.step_count, misses=self._unpaid,
-            quiet=self._quiet_until, paid=False, before=before, after=after)
+            quiet=self._quiet_until, paid=False, before=before, after=after, spent=spent)
 
     def _free_losses(self, cycle: Cycle, probe: Closure) -> list[float]:
         """The extended model's loss on ``probe`` at s = 1 and at s = 0 — measured once per
@@ -116,13 +119,15 @@ class Verdicts:
         measurement fell on its last step and it never grew), measure the free phase (the
         better of s = 1 and s = 0 on the evaluation data); when it is due to end but still
         leaving the plateau by the trigger's own measure over the last window, let it go on for
-        another window — up to ``max_bypass_steps`` and never past the run's budget."""
+        another window — up to ``max_bypass_steps`` and never past the run's budget. Only
+        while the last cycle paid: after a miss, cycles keep their fixed length until one
+        pays, so a run whose cycles cannot pay does not buy the longest ones."""
         cfg = self.config
         cap, done, window = cfg.free_steps_cap, cycle.phase_step + 1, cycle.free_window
         probe = self._judged_on(closure)
         escaped = getattr(self.trigger, "escaped", None)
         if cap <= cfg.bypass_steps or not callable(escaped) or probe is None or \
-                cfg.accept == Accept.ALWAYS or (cycle.free_len - done) % window:
+                cfg.accept == Accept.ALWAYS or self._unpaid or (cycle.free_len - done) % window:
             return
         free = min((v for v in self._free_losses(cycle, probe) if math.isfinite(v)),
                    default=math.nan)
@@ -147,7 +152,7 @@ class Verdicts:
         free = min((v for v in losses if math.isfinite(v)), default=math.nan)
         if cycle.found_something(before, free, self.trigger):
             return False
-        self._miss(before, free)
+        self._miss(before, free, cycle)
         self._rollback(f"the free phase found nothing: loss {free:.4g} (the better of s = 1 "
                        f"and s = 0) vs {before:.4g} before the cycle; the return was skipped",
                        measures={"loss_before": before, "loss_free": losses[0],
@@ -194,7 +199,7 @@ class Verdicts:
         before, after = self._evaluate_both(cycle, closure)
         plain = self._shadow_loss(cycle, self._judged_on(closure))
         if not cycle.pays(before, after, plain):
-            self._miss(before, after)
+            self._miss(before, after, cycle)
             self._rollback(f"the cycle did not pay: loss {after:.4g} after vs {before:.4g} "
                            f"before (needed < {cycle.needed(before, plain):.4g}"
                            + ("" if plain is None else f"; plain training: {plain:.4g}") + ")",

@@ -9,6 +9,7 @@ from torch import nn
 
 import morphc
 from morphc.errors import BypassError
+from morphc.runtime.cycle import Cycle
 
 
 def stalled_regression(seed=0):
@@ -129,3 +130,18 @@ def test_a_cap_below_the_free_phase_or_not_an_int_is_a_typed_error(cap):
     model, _ = stalled_regression()
     with pytest.raises(BypassError, match="max_bypass_steps"):
         bypass(model, max_bypass_steps=cap)
+
+
+def test_after_a_miss_free_phases_keep_their_length_and_the_wait_counts_the_grown_one(
+        monkeypatch):
+    """Growth is a bet on an escape: once a grown cycle missed, the trigger waits 2 × the steps
+    that cycle ran (not 2 × a fixed cycle), and the next free phase does not grow."""
+    monkeypatch.setattr(Cycle, "pays",
+                        lambda self, before, after, plain=None: False)
+    model, closure = stalled_regression()
+    bp = bypass(model, max_bypass_steps=30, accept="if_better", max_cycles=2)
+    run(bp, closure, 200)
+    assert free_steps(bp) == [30, 10]
+    first, second = [e["step"] for e in bp.history if e["event"] == "extend"]
+    missed = next(e["step"] for e in bp.history if e["event"] == "rollback")
+    assert missed - first == 40 and second >= missed + 2 * 40
