@@ -51,8 +51,17 @@ class Cycle:
         self.free_measured: tuple | None = None  # ((step, probe id), [s = 1, s = 0 losses])
         self.saw_extension_grad = False
         self.structure: tuple | None = None   # the user's layers it was built on (the runner's)
+        self._outside: tuple[int, list] | None = None   # :meth:`outside_ext`
         if config.bypass_steps == 0:
             self.enter_return(config.return_steps)
+
+    def outside_ext(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Of ``params``, those the extended model does not hold (found again only when the
+        optimizer's parameters change: a group added mid-cycle)."""
+        if self._outside is None or self._outside[0] != len(params):
+            held = {id(p) for p in self.ext.parameters()}
+            self._outside = (len(params), [p for p in params if id(p) not in held])
+        return self._outside[1]
 
     # -- the schedule ---------------------------------------------------------------------------
     def enter_return(self, steps: int) -> None:

@@ -32,6 +32,7 @@ from morphc.runtime.steps import (
     set_aside,
 )
 from morphc.runtime.verdicts import Verdicts
+from morphc.runtime.wrapping import all_reduce_grads
 
 
 class CycleRunner(PlainTraining, CycleStart, Verdicts):
@@ -172,6 +173,8 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
         if joint:                                       # after backward: autograd saved them
             put_back(buffers, kept)
             add_back(params, grads)
+        if self.distributed and self.wrapping.ddp:
+            all_reduce_grads(cycle.outside_ext(params))
         check_finite(params)
         if not cycle.saw_extension_grad:
             if all(p.grad is None for p in cycle.group.params):
