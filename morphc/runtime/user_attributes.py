@@ -64,8 +64,8 @@ class CompiledGraph(OptimizedModule):
 
     def __getattr__(self, name: str):
         extended = self.__dict__.get("_extended")
-        if extended is None or name.startswith("_"):
-            return super().__getattr__(name)
+        if extended is None or name.startswith("_") or name == "training":   # .train() sets
+            return super().__getattr__(name)             # the compiled graph's, not ext's
         return getattr(extended, name)
 
 
@@ -85,7 +85,7 @@ class DistributedModel(nn.parallel.DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_"):
+            if name.startswith("_") or name == "buffer_hook":   # DDP asks hasattr of its own
                 raise
         return getattr(self._modules["module"], name)
 
