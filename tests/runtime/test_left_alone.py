@@ -1,5 +1,6 @@
 """Gaps earlier rounds noticed and left alone: a closure reading the user's attributes through
-the wrappers Bypass builds (compile, DDP), ... Each test failed before its fix."""
+the wrappers Bypass builds (compile, DDP), and a layer's setting the user changes mid-run (a
+dropout schedule). Each test failed before its fix."""
 
 import json
 import os
@@ -67,6 +68,7 @@ def _same_trail(a, b):
 
 
 # -- 1. attributes read through compile / DDP --------------------------------------------------
+@pytest.mark.slow            # dynamo compiles: 2 s alone, more on a busy machine
 @pytest.mark.filterwarnings("ignore:.*torch.jit:DeprecationWarning")
 def test_compile_on_a_model_that_is_no_container_records_its_inputs():
     # `compiled_user or model` asked bool() of the OptimizedModule, which asks its len(): a
@@ -79,6 +81,7 @@ def test_compile_on_a_model_that_is_no_container_records_its_inputs():
     assert bp.example_inputs is not None and torch.equal(bp.example_inputs[0], x)
 
 
+@pytest.mark.slow            # dynamo compiles: 2 s alone, more on a busy machine
 @pytest.mark.parametrize("loss", [nll, through_head], ids=["parameter", "submodule"])
 @pytest.mark.filterwarnings("ignore:.*torch.jit:DeprecationWarning")
 def test_a_compiled_cycle_reads_the_users_attributes_and_trains_them_as_eager(loss):
@@ -117,6 +120,7 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow            # dynamo compiles: 2 s alone, more on a busy machine
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.filterwarnings("ignore:.*torch.jit:DeprecationWarning")
 def test_ddp_answers_the_users_attributes_and_trains_them_as_without_it(one_rank_group,
@@ -160,3 +164,64 @@ def test_ddp_averages_a_loss_parameter_over_ranks_during_a_cycle(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["cycles"] == r1["cycles"] == 2
     assert r0["log_var"] == r1["log_var"]
+
+
+# -- 3. a layer's setting changed mid-run (a dropout schedule) ---------------------------------
+def _dropout_run(with_bypass: bool, change_at: int = 5, **kw):
+    """Adam with a Dropout whose p the user lowers after step ``change_at`` (inside the first
+    cycle), with Bypass (cycles that never pay) or without."""
+    from tests.helpers import regression_task, training_state
+    _, batches = regression_task(0, 10)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-2)
+    bp = morphc.Bypass(model, optimizer, trigger=morphc.Schedule(every=4), bypass_steps=3,
+                       return_steps=3, verbose=False, eval_closure=lambda m: torch.tensor(1.0),
+                       **kw) if with_bypass else None
+    for i, (x, y) in enumerate(batches):
+        if bp is not None:
+            bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+        else:
+            optimizer.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            optimizer.step()
+        if i == change_at:
+            model[2].p = 0.0
+    if bp is not None:
+        bp.finish()
+    return training_state(model, optimizer), bp
+
+
+def test_a_dropout_schedule_mid_cycle_is_followed_by_plain_trainings_copy():
+    # the graph calls the user's Dropout (it reads p live) but plain training's copy kept
+    # p = 0.3: the hand-over after a cycle that did not pay was not where plain training is
+    from tests.helpers import state_differences
+    expected, _ = _dropout_run(False)
+    got, bp = _dropout_run(True)
+    reasons = [e["reason"] for e in bp.history if e["event"] == "rollback"]
+    assert reasons and not any("setting" in r for r in reasons), "followed, not ended"
+    assert state_differences(expected, got) == []
+
+
+def test_a_dropout_p_torch_export_baked_in_ends_the_cycle_with_plain_trainings_state():
+    # torch.export writes aten.dropout(x, 0.3, True): the extended graph cannot follow, so
+    # the cycle ends at the next step, with plain training's state and a warning
+    from tests.helpers import state_differences
+    expected, _ = _dropout_run(False)
+    with pytest.warns(RuntimeWarning, match=r"2\.p 0\.3 → 0\.0.*\(export\) holds as a number"):
+        got, bp = _dropout_run(True, dynamic_shapes={"input": {0: torch.export.Dim.AUTO}})
+    first = next(e for e in bp.history if e["event"] == "rollback")
+    assert first["to"] == "plain" and "setting" in first["reason"]
+    assert state_differences(expected, got) == []
+
+
+def test_a_trace_after_a_setting_change_is_traced_again():
+    # the trace cache was keyed by modes and tensors only: extending again after p changed
+    # returned torch.export's graph with the old p baked in
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.0), nn.Linear(12, 3))
+    x, spec = torch.randn(8, 6), {"input": {0: torch.export.Dim.AUTO}}
+    morphc.extend(model, (x,), dynamic_shapes=spec)
+    model[2].p = 1.0                      # every unit dropped: the output is the last bias
+    ext = morphc.extend(model, (x,), dynamic_shapes=spec)
+    assert torch.equal(ext(x), model[3].bias.expand(8, 3))
