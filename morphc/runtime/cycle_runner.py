@@ -9,6 +9,7 @@ Plain steps are :mod:`~morphc.runtime.plain_training`, a cycle's start
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -141,7 +142,8 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
                        f"which the extended graph ({cycle.ext.traced.frontend}) holds as a "
                        "number: the cycle ends here with plain training's state, and the next "
                        "one traces the model as it is now", to_plain=True, raises=False)
-        self._warn(f"morphc.Bypass ended a cycle: {self.history[-1]['reason']}")
+        warnings.warn(f"morphc.Bypass ended a cycle: {self.history[-1]['reason']}",
+                      RuntimeWarning, stacklevel=5)    # the user's bp.step
         return True
 
     @contextlib.contextmanager
