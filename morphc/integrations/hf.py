@@ -24,8 +24,10 @@ Where it acts, in the Trainer's order per optimizer step (transformers 5.23)::
 - plain training beside a cycle: each training micro-batch's inputs (and the RNG state it draws
   from) are kept; after the step ``compute_loss`` runs again on them with plain training's values
   (``Trainer.log`` silenced), clipped as the Trainer clips (``args.max_grad_norm`` over
-  ``model.parameters()``). A ``training_step`` override is not replayed: plain training beside
-  cycles is then off, with one warning (a miss restores the state from before the cycle);
+  ``model.parameters()``). Any other side effect of a ``compute_loss`` override (a counter, a
+  direct ``wandb.log``) runs twice per micro-batch while a cycle runs (``shadow=False``: once).
+  A ``training_step`` override is not replayed: plain training beside cycles is then off, with
+  one warning (a miss restores the state from before the cycle);
 - ``optimizer.step()``: the extension's group joins the AcceleratedOptimizer's torch optimizer
   inside the step only, its gradients clipped to ``args.max_grad_norm`` (the Trainer clips
   ``model.parameters()``, which do not include the extension);

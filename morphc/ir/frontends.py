@@ -10,7 +10,12 @@ and caches the result: here is only how each frontend is driven and what it cann
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
+import sys
+from collections.abc import Iterator
 
 import torch
 from torch import fx, nn
@@ -161,6 +166,28 @@ def _through_var_keyword(model: nn.Module, args: tuple, kwargs: dict) -> list[st
             for k in value]
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Keep a failing ``torch.export`` from writing to stderr: it prints the partial graph
+    (``print(e.partial_fx_graph, file=sys.stderr)``) and logs an error for the errors it
+    classifies, before morphc raises its TraceError, which says what failed and what to do
+    (the partial graph stays on its ``__cause__``). Only for the call, only ``sys.stderr`` and
+    that one logger's errors: what an export that succeeds writes is written after it, and the
+    user's logging config is left as it was."""
+    logger, written = logging.getLogger("torch.export._trace"), io.StringIO()
+    logger.addFilter(_below_error)
+    try:
+        with contextlib.redirect_stderr(written):
+            yield
+    finally:
+        logger.removeFilter(_below_error)
+    sys.stderr.write(written.getvalue())      # not reached on failure
+
+
 def trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> TracedModel:
     spec = auto_dynamic_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
     # torch.export (2.13) takes no dynamic_shapes for inputs given through **kwargs (an
@@ -172,7 +199,7 @@ def trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) ->
     # the graph then refuses the contiguous batches that follow: trace contiguous copies.
     args, kwargs = torch.utils._pytree.tree_map_only(
         torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
-    with no_side_effects(model), capture_shape_log() as messages:
+    with no_side_effects(model), capture_shape_log() as messages, quiet_export():
         program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec)
     gm = program.module()
     _bind_user_tensors(gm, model)

@@ -36,6 +36,7 @@ from morphc.ir.frontends import (
     trace_export,
     trace_symbolic,
 )
+from morphc.ir.settings import module_settings
 from morphc.ir.traced_model import TracedModel
 
 FRONTENDS = ("auto", "symbolic_trace", "export")
@@ -74,7 +75,7 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _signature(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, frontend) -> tuple:
     """What a trace depends on: inputs' structure, shapes and dtypes, the non-tensor values, the
     dynamic_shapes spec, every module's mode (a BatchNorm the user put in eval mode alone is
-    traced as such) and the identity of every parameter and buffer."""
+    traced as such) and settings (a Dropout's p), the identity of every parameter and buffer."""
     leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
     described = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor)
                       else repr(x) for x in leaves)
@@ -82,7 +83,9 @@ def _signature(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, fron
     hooks = tuple((id(m), *m._forward_hooks, *m._forward_pre_hooks) for m in model.modules()
                   if has_forward_hooks(m))
     modes = tuple(m.training for m in model.modules())
-    return (str(spec), described, repr(dynamic_shapes), frontend, modes, tensors, hooks)
+    settings = tuple(module_settings(model).items())     # torch.export bakes Dropout.p in
+    return (str(spec), described, repr(dynamic_shapes), frontend, modes, tensors, hooks,
+            settings)
 
 
 def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwargs=None,

@@ -137,7 +137,7 @@ class Bypass(BetweenSteps, CycleRunner):
         if self.example_inputs is not None:
             self._check_example_inputs()
             self._check_site_names()
-        self._traced, self._traced_structure = None, None
+        self._traced, self._traced_structure, self._traced_settings = None, None, None
         self._inputs_as = None if self.example_inputs is None else \
             floating_dtype_device(self._user_model)   # what the inputs fit (see _trace)
         self._cycle: Cycle | None = None
@@ -333,6 +333,7 @@ class Bypass(BetweenSteps, CycleRunner):
                                         traced=self._traced, optimizer=self.optimizer,
                                         config=self.config)
             self._cycle.structure = self._traced_structure
+            self._cycle.watch_settings(self._user_model)
         self.optimizer.load_state_dict(state["optimizer"])
         shadow = (state["extension"] or {}).get("shadow")
         if shadow is not None and self._cycle is not None:   # after the optimizer: it copies it

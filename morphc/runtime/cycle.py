@@ -26,8 +26,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from morphc.compiler.extended import ExtendedModel
+from morphc.ir.settings import SettingsWatch, live_modules
 from morphc.runtime.config import BypassConfig, Phase, ReturnMode
 from morphc.runtime.optimizer_group import ExtensionGroup
 from morphc.runtime.shadow import Shadow
@@ -51,8 +53,30 @@ class Cycle:
         self.free_measured: tuple | None = None  # ((step, probe id), [s = 1, s = 0 losses])
         self.saw_extension_grad = False
         self.structure: tuple | None = None   # the user's layers it was built on (the runner's)
+        self._outside: tuple[int, list] | None = None   # :meth:`outside_ext`
+        self.watch: SettingsWatch | None = None   # the user's layers' settings (Dropout.p)
+        self.settings: tuple = ()                  # ... as the cycle follows them
         if config.bypass_steps == 0:
             self.enter_return(config.return_steps)
+
+    def watch_settings(self, model: nn.Module) -> None:
+        """From now on, follow the settings of ``model``'s layers (see ``CycleRunner``)."""
+        self.watch = SettingsWatch(model)
+        self.settings = self.watch.read()
+
+    def live_layers(self) -> set[str]:
+        """The user's layers the extended graph calls as modules, reading their settings live
+        (none once a shape retraced it: the extra graphs are torch.export's)."""
+        traced = self.ext.traced
+        return set() if self.ext.retraces else live_modules(traced.graph_module, traced.frontend)
+
+    def outside_ext(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Of ``params``, those the extended model does not hold (found again only when the
+        optimizer's parameters change: a group added mid-cycle)."""
+        if self._outside is None or self._outside[0] != len(params):
+            held = {id(p) for p in self.ext.parameters()}
+            self._outside = (len(params), [p for p in params if id(p) not in held])
+        return self._outside[1]
 
     # -- the schedule ---------------------------------------------------------------------------
     def enter_return(self, steps: int) -> None:

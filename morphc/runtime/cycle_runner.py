@@ -9,6 +9,7 @@ Plain steps are :mod:`~morphc.runtime.plain_training`, a cycle's start
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -32,6 +33,7 @@ from morphc.runtime.steps import (
     set_aside,
 )
 from morphc.runtime.verdicts import Verdicts
+from morphc.runtime.wrapping import all_reduce_grads
 
 
 class CycleRunner(PlainTraining, CycleStart, Verdicts):
@@ -110,13 +112,38 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
         now = model_structure(self._user_model)
         if cycle.structure is None or now == cycle.structure or \
                 not modes and now[0] == cycle.structure[0]:
-            return False
+            return modes and self._settings_baked(cycle)
         self._buffer_modules = None
         what = "a layer replaced or added" if now[0] != cycle.structure[0] else \
             "a layer put in another train/eval mode"
         self._rollback(f"the model changed during the cycle ({what}): the extended graph runs "
                        "it as it was, so the cycle ends here and the next one extends the model "
                        "as it is now", to_plain=True, raises=False)
+        return True
+
+    def _settings_baked(self, cycle: Cycle) -> bool:
+        """The user changed a layer's setting since the last step (a dropout schedule's
+        ``model.drop.p = 0.1``). A layer the graph calls reads it live, and plain training's
+        copy takes it (:meth:`Shadow.step`): followed. One the graph has as a number
+        (torch.export writes ``aten.dropout(x, 0.3, True)``) cannot follow: end the cycle as
+        for a replaced layer, with plain training's state, and say why."""
+        if cycle.watch is None:
+            return False
+        now = cycle.watch.read()
+        if now == cycle.settings:
+            return False
+        live = cycle.live_layers()
+        baked = [text for name, text in cycle.watch.changed(cycle.settings, now)
+                 if name not in live]
+        if not baked:
+            cycle.settings = now
+            return False
+        self._rollback(f"a layer's setting changed during the cycle ({', '.join(baked[:3])}), "
+                       f"which the extended graph ({cycle.ext.traced.frontend}) holds as a "
+                       "number: the cycle ends here with plain training's state, and the next "
+                       "one traces the model as it is now", to_plain=True, raises=False)
+        warnings.warn(f"morphc.Bypass ended a cycle: {self.history[-1]['reason']}",
+                      RuntimeWarning, stacklevel=5)    # the user's bp.step
         return True
 
     @contextlib.contextmanager
@@ -172,6 +199,8 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
         if joint:                                       # after backward: autograd saved them
             put_back(buffers, kept)
             add_back(params, grads)
+        if self.distributed and self.wrapping.ddp:
+            all_reduce_grads(cycle.outside_ext(params))
         check_finite(params)
         if not cycle.saw_extension_grad:
             if all(p.grad is None for p in cycle.group.params):

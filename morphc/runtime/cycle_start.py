@@ -13,6 +13,7 @@ from morphc.compiler.escape import escape_scores, random_direction_probe, rank_s
 from morphc.compiler.extend import extend
 from morphc.compiler.extended import converted_like, floating_dtype_device
 from morphc.errors import BypassError
+from morphc.ir.settings import module_settings
 from morphc.ir.trace import trace
 from morphc.runtime.config import Accept, OnFailure
 from morphc.runtime.cycle import Cycle
@@ -52,6 +53,7 @@ class CycleStart:
                             pace=pace() if callable(pace) else 0.0)
         self._cycle.shadow = shadow
         self._cycle.structure = self._traced_structure
+        self._cycle.watch_settings(self._user_model)
         self._module = None
         self._event("extend", sites=ext.config.sites, widths=ext.config.widths, scores=scores)
 
@@ -88,19 +90,21 @@ class CycleStart:
         """Trace once per run (and trace() caches per model): a cycle never re-exports —
         unless the model was converted (``model.double()``, ``.to(device)``) since its inputs
         were recorded (they are converted the same way and the model traced again), or the user
-        replaced or added a layer since the trace (a stale graph would train the old layers)."""
+        replaced or added a layer since the trace (a stale graph would train the old layers) or
+        changed a layer's setting (torch.export baked the old ``Dropout.p`` into the graph)."""
         now = floating_dtype_device(self._user_model)
         if self._inputs_as is not None and now is not None and now != self._inputs_as:
             self.example_inputs, self.example_kwargs = converted_like(
                 (tuple(self.example_inputs), dict(self.example_kwargs or {})),
                 self._inputs_as, now)
             self._inputs_as, self._traced = now, None
-        structure = model_structure(self._user_model)
-        if self._traced is None or structure != self._traced_structure:
+        structure, settings = model_structure(self._user_model), module_settings(self._user_model)
+        if self._traced is None or structure != self._traced_structure or \
+                settings != self._traced_settings:
             self._traced = trace(self._user_model, self.example_inputs,
                                  kwargs=self.example_kwargs or None,
                                  dynamic_shapes=self.config.dynamic_shapes)
-            self._traced_structure = structure
+            self._traced_structure, self._traced_settings = structure, settings
 
     def _choose_sites(self, closure: Closure):
         """Resolve ``sites``. ``"auto"``: rank by a short joint look-ahead per site, scored on

@@ -123,7 +123,9 @@ class PlainTraining:
                 captured.append((args, kwargs))
 
         module = self.model     # compiled, when asked, as every later step is: the same bits
-        watched = self.wrapping.compiled_user or self._user_model
+        watched = self.wrapping.compiled_user    # not `or`: bool() of it asks its len()
+        if watched is None:
+            watched = self._user_model
         handle = watched.register_forward_pre_hook(hook, with_kwargs=True)
         called: list[str] = []      # submodules the closure ran (not when compiled: hooks
         handles = [] if watched is not self._user_model else [   # there would recompile it)

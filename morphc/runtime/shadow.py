@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from morphc.compiler.deviation import cuda_devices
+from morphc.ir.settings import setting_names
 from morphc.runtime.snapshot import model_structure, trained_outside
 from morphc.runtime.steps import (
     Closure,
@@ -162,6 +163,8 @@ class Shadow:
         self.pairs += self.outside
         copy_grad_hooks(self.pairs)
         self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
+        self.layers = [(user, mine, names) for user, mine in zip(
+            model.modules(), self.model.modules(), strict=True) if (names := setting_names(user))]
         # made once: the shadow steps on every step of a cycle
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.backup = [mine.detach().clone() for _, mine in self.buffers]
@@ -249,6 +252,7 @@ class Shadow:
         for param, mine in self.pairs:      # a layer the user froze or unfroze mid-cycle
             if mine.requires_grad != param.requires_grad:
                 mine.requires_grad_(param.requires_grad)
+        self._follow_settings()
         self.optimizer.zero_grad(set_to_none=True)
         buffers = [mine for _, mine in self.buffers]
         if buffers:
@@ -278,6 +282,15 @@ class Shadow:
         clip(self.params, max_grad_norm)
         self.optimizer.step()
         return loss.detach()
+
+    def _follow_settings(self) -> None:
+        """The settings of the user's layers on their copies (a dropout schedule's
+        ``model.drop.p = 0.1`` between steps): plain training runs with what the user set."""
+        for user, mine, names in self.layers:
+            for key in names:
+                value = vars(user).get(key)
+                if vars(mine).get(key) != value:
+                    setattr(mine, key, value)
 
     def _loss_and_grads(self, closure: Closure) -> torch.Tensor:
         """The closure on the copy, its backward, the gradients on the copy's tensors; raises

@@ -6,12 +6,17 @@ A closure often reads more than ``m(x)``: a learned variance or task weights
 was rolled back, so such a run could never morph. They are the user's own objects, read from the
 user's model. A submodule holding extended layers is not: outside ``m(...)`` it would run
 without its branches, so reading one stays an error that says what to do instead.
+
+The same holds for what Bypass wraps around the module (``compile=True``, ``ddp=True``): the
+closure is also called on the unwrapped model (to judge a cycle, on plain training's copy), so
+``m.log_var`` must read the same object through every wrapper Bypass builds.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from morphc.compiler.extended import ExtendedModel as CompiledExtension
 
@@ -49,3 +54,46 @@ def reads_user_model(ext: CompiledExtension) -> ExtendedModel:
     """``ext``, answering the closure's reads of the user's attributes (same object)."""
     ext.__class__ = ExtendedModel
     return ext
+
+
+class CompiledGraph(OptimizedModule):
+    """``torch.compile`` of the extended graph (compiled alone, so returning never recompiles),
+    whose public attributes are the extended model's: the graph module has none of the user's
+    attributes the forward does not use, and reads through it would skip the refusal above.
+    Named ``OptimizedModule`` as what it is (tools compare type names)."""
+
+    def __getattr__(self, name: str):
+        extended = self.__dict__.get("_extended")
+        if extended is None or name.startswith("_") or name == "training":   # .train() sets
+            return super().__getattr__(name)             # the compiled graph's, not ext's
+        return getattr(extended, name)
+
+
+def compiled_reads_user_model(compiled: OptimizedModule, ext: ExtendedModel) -> OptimizedModule:
+    """``compiled`` (``torch.compile(ext.graph_module)``), answering reads as ``ext`` does."""
+    object.__setattr__(compiled, "_extended", ext)    # not a submodule: no parameters twice
+    compiled.__class__ = CompiledGraph
+    return compiled
+
+
+class DistributedModel(nn.parallel.DistributedDataParallel):
+    """Bypass's DDP wrapper, whose missing public attributes are its module's: the closure is
+    also called on the unwrapped model, where ``m.log_var`` is the only spelling that works.
+    Named ``DistributedDataParallel`` as what it is (tools compare type names)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name == "buffer_hook":   # DDP asks hasattr of its own
+                raise
+        return getattr(self._modules["module"], name)
+
+
+CompiledGraph.__name__ = "OptimizedModule"            # the qualname stays: pickle finds it
+DistributedModel.__name__ = "DistributedDataParallel"
+
+
+def ddp_reads_module(ddp: nn.parallel.DistributedDataParallel) -> DistributedModel:
+    ddp.__class__ = DistributedModel
+    return ddp

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from morphc.errors import BypassError
+from morphc.runtime.user_attributes import compiled_reads_user_model, ddp_reads_module
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, bool, bool]:
@@ -44,8 +45,8 @@ class Wrapping:
         if ext is not None:
             module = ext
             if compile:
-                module = torch.compile(ext.graph_module, backend=self.backend,
-                                       **self.compile_options)
+                module = compiled_reads_user_model(torch.compile(
+                    ext.graph_module, backend=self.backend, **self.compile_options), ext)
         else:
             module = user_model
             if compile:
@@ -54,7 +55,8 @@ class Wrapping:
                                                         **self.compile_options)
                 module = self._compiled_user
         if self.ddp:
-            module = nn.parallel.DistributedDataParallel(module, **self.ddp_options)
+            module = ddp_reads_module(nn.parallel.DistributedDataParallel(
+                module, **self.ddp_options))
         if self.wrap is not None:
             module = self.wrap(module)
         return module
@@ -96,3 +98,21 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     torch.distributed.all_reduce(tensor)
     return [float(v) for v in tensor]
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Average over ranks the gradients of tensors the optimizer trains outside the module DDP
+    wraps: during a cycle DDP wraps the extended graph, which lacks the user's parameters the
+    forward does not use (a loss's ``m.log_var``); outside one DDP averaged them, and ranks
+    would drift apart. A gradient some rank lacks counts as zero there, as DDP counts it."""
+    if not params:
+        return
+    world = torch.distributed.get_world_size()
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
+    torch.distributed.all_reduce(has)
+    for param, count in zip(params, has.tolist(), strict=True):
+        if count:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            torch.distributed.all_reduce(param.grad)
+            param.grad.div_(world)
