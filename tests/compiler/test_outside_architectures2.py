@@ -198,3 +198,40 @@ def test_a_model_mixing_precisions_contracts_at_its_coarsest_precision(out_dtype
     assert folded.dtype == out_dtype
     assert max_rel(folded, extended) < (1e-6 if out_dtype == torch.float32 else 2e-3)
     assert ext.contraction_report is not None
+
+
+# -- an optional input the example gave and a later call leaves out ---------------------------
+class _LossWhenGiven(nn.Module):
+    """Returns (prediction, loss) when given a target, else the prediction (the HF habit)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x, target=None):
+        y = self.b(torch.tanh(self.a(x)))
+        if target is not None:
+            return y, torch.nn.functional.mse_loss(y, target)
+        return y
+
+
+@pytest.mark.parametrize("call", ["omitted", "None"])
+def test_a_target_the_example_gave_can_be_left_out_later(call):
+    """Extended with the target (symbolic_trace took the ``target is not None`` branch), the
+    model called for a prediction alone raised a bare AttributeError deep in mse_loss. The call
+    is now refused before computing and the extended model traces the model again for it."""
+    model, x, target = _LossWhenGiven(), torch.randn(4, 8), torch.randn(4, 3)
+    ext = morphc.extend(model, (x, target), sites="all", width=4)
+    assert ext.traced.frontend == "symbolic_trace"
+    args = (x,) if call == "omitted" else (x, None)
+    with torch.no_grad(), pytest.warns(UserWarning, match="traced its model again"):
+        assert torch.equal(ext(*args), model(*args))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(ext(x, target), model(x, target),
+                                                     strict=True))
+    assert len(ext.retraces) == 1
+    extended, folded = fold_trained(model, (x, target), ext)
+    assert max_rel(folded[0], extended[0]) < 1e-6
+    with torch.no_grad():
+        assert torch.equal(model(*args), folded[0])
