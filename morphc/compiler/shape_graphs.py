@@ -157,7 +157,7 @@ class ShapeGraphs:
         if what in self.refused:
             raise ShapeError(f"{error} {self.refused[what]}") from None
         self._refuse_changing_float(error)
-        if primary.frontend != "export" or len(self.graphs) >= self.limit:
+        if len(self.graphs) >= self.limit:     # (a symbolic graph refuses only a None input)
             fix = ("pass it as a tensor" if isinstance(error, BakedNumber) else
                    "make the dimension dynamic with dynamic_shapes=...")
             held = (f"this extension already holds {len(self.graphs)} more graphs for other "

@@ -192,11 +192,12 @@ class TrainerBypass(TrainerCycle):
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, self.step_count
         # on every submodule: a load into one (PEFT's load_adapter into the PeftModel inside a
-        # LightningModule) never runs its parents' load hooks
+        # LightningModule) never runs its parents' load hooks; TorchScript submodules take none
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step),
                          *(m.register_load_state_dict_pre_hook(self._before_load)
-                           for m in model.modules())]
+                           for m in model.modules()
+                           if not isinstance(m, torch.jit.ScriptModule))]
 
     def _before_load(self, module, state_dict, prefix, *args) -> None:
         """Weights loaded into the model or any submodule of it mid-cycle (HF's

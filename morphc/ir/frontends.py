@@ -73,6 +73,14 @@ def _modes() -> tuple[bool, ...]:
             *(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES))
 
 
+def is_scripted(module: nn.Module) -> bool:
+    """A ``torch.jit.script``-ed module: its forward is TorchScript, which neither frontend can
+    trace into (torch.export stops on it too), so a graph calls it whole. A ``torch.jit.trace``-d
+    one is left to torch.export, which does trace into it (and finds its sites)."""
+    return isinstance(module, torch.jit.ScriptModule) and \
+        not isinstance(module, torch.jit.TracedModule)
+
+
 class Unrecordable(TraceError):
     """A forward no frontend can record faithfully: do not try the next one."""
 
@@ -82,6 +90,7 @@ class _SiteAwareTracer(fx.Tracer):
     ``TransformerEncoderLayer``): as opaque leaves they would hide linear sites inside them.
     A module with forward (pre-)hooks is traced through too, so its hooks are in the graph: as
     a leaf, a branch added after it would bypass a hook that rescales its output or input.
+    A ``torch.jit.script``-ed module is a leaf: its TorchScript forward cannot take a Proxy.
 
     Nodes recorded while the forward had switched grad mode or autocast (``with
     torch.no_grad():``) are listed in ``switched``: the graph would run them in the caller's
@@ -107,6 +116,11 @@ class _SiteAwareTracer(fx.Tracer):
         return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, torch.jit.TracedModule):     # symbolic_trace would call it opaquely
+            raise TraceError(f"{module_qualified_name} is torch.jit.trace-d: torch.export "
+                             "traces into it")
+        if is_scripted(m):
+            return True
         return super().is_leaf_module(m, module_qualified_name) and not any(m.children()) \
             and not has_forward_hooks(m)
 
@@ -150,8 +164,10 @@ def trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.Grap
                 "symbolic_trace does not record")
         notes = follow_mode(graph, model, lambda: _SiteAwareTracer().trace(model))
         gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    with no_side_effects(gm), torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)  # also proves the graph runs on these inputs
+    # also proves the graph runs on these inputs; ShapeProp prints the traceback of a node that
+    # fails before raising, which here only means "try torch.export" and is not the user's error
+    with no_side_effects(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm).propagate(*inputs)
     return gm, notes
 
 

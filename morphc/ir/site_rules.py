@@ -75,6 +75,11 @@ SITE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
 
 _RNN = ("fused RNN op: the weights act inside the recurrence, where a branch cannot be inserted "
         "without unrolling the cell")
+_RNN_CELL = ("fused RNN cell op: the weights feed the gates inside one fused kernel, where a "
+             "branch cannot be inserted; to extend them, write the cell with nn.Linear layers")
+_SCRIPTED = ("inside a torch.jit.script-ed module: compiled TorchScript, which a graph calls but "
+             "cannot see into; to extend it, pass the module before scripting (and script the "
+             "contracted model)")
 _BILINEAR = "bilinear map x1ᵀ W x2: linear in neither input alone, so no bypass branch folds in"
 _BATCHED_3D = ("{op} against the 3-D parameter {name} {shape}: G separate linear maps, one per "
                "batch slice, and one bypass branch is one map shared by every slice, so it folds "
@@ -104,9 +109,14 @@ def is_grouped_mm(target) -> bool:
 EXCLUDED_TARGETS: dict[object, str] = {
     aten.lstm.input: _RNN, aten.gru.input: _RNN, aten.rnn_tanh.input: _RNN,
     aten.rnn_relu.input: _RNN, aten.lstm.data: _RNN, aten.gru.data: _RNN,
+    # the one-step cells (nn.RNNCell, GRUCell, LSTMCell as torch.export records them)
+    aten.rnn_tanh_cell.default: _RNN_CELL, aten.rnn_relu_cell.default: _RNN_CELL,
+    aten.gru_cell.default: _RNN_CELL, aten.lstm_cell.default: _RNN_CELL,
     aten.bilinear.default: _BILINEAR, F.bilinear: _BILINEAR,
 }
-EXCLUDED_MODULES: tuple[tuple[type, str], ...] = ((nn.RNNBase, _RNN), (nn.Bilinear, _BILINEAR))
+EXCLUDED_MODULES: tuple[tuple[type, str], ...] = ((nn.RNNBase, _RNN), (nn.RNNCellBase, _RNN_CELL),
+                                                   (nn.Bilinear, _BILINEAR),
+                                                   (torch.jit.ScriptModule, _SCRIPTED))
 EINSUM_TARGETS = {torch.einsum: "torch.einsum", aten.einsum.default: "aten.einsum"}
 # label, bias position (None: bmm), (position, keyword) of batch1 and batch2
 _BADDBMM_ARGS = (0, (1, "batch1"), (2, "batch2"))

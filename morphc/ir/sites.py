@@ -220,6 +220,11 @@ def select_sites(table: SiteTable, sites: SiteSpec, exclude: Iterable[str] = (),
                 blocked = [s for s in table.values() if s.excluded and _matches(pattern, s)]
                 if blocked:
                     raise SiteError(f"site {pattern!r} cannot be extended: {blocked[0].excluded}")
+                inside = [n for n in table.exclusions
+                          if n == pattern or n.startswith(f"{pattern}.")]
+                if inside:
+                    raise SiteError(f"site {pattern!r} cannot be extended: {inside[0]} is not a "
+                                    f"site: {table.exclusions[inside[0]]}")
                 if any(_matches(pattern, s) for s in candidates):
                     raise SiteError(f"{pattern!r} only matches frozen (requires_grad=False) "
                                     "weights, which a pattern does not select; name them "

@@ -101,6 +101,11 @@ def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwar
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"morphc needs an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError(
+            f"{type(model).__name__} is TorchScript (torch.jit.script / torch.jit.trace): compiled "
+            "code with no Python forward for either frontend to trace; pass the nn.Module before "
+            "scripting, and script the model morphc.contract returns")
     if frontend not in FRONTENDS:
         raise TraceError(f"unknown frontend {frontend!r}; choose one of {FRONTENDS}")
     given = args if args is not None else example_inputs

@@ -83,8 +83,7 @@ class TracedModel:
     def call(self, module: nn.Module, args: tuple, kwargs: dict):
         """``module(*args, **kwargs)`` for a graph of this trace, shape errors typed."""
         kwargs = self.check_call(args, kwargs)
-        if self.frontend == "export":
-            self._check_structure(module, args, kwargs)
+        self._check_structure(module, args, kwargs)
         try:
             return module(*args, **kwargs)
         except AssertionError as exc:
@@ -95,34 +94,51 @@ class TracedModel:
     def _check_structure(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """An exported graph takes the inputs the example gave and no others (an optional
         input left out or None is baked in): a call that gives others is a ``ShapeError`` —
-        which the extended model answers by tracing again — not a bare ``TypeError``."""
+        which the extended model answers by tracing again — not a bare ``TypeError``.
+        A symbolically traced graph took every ``if target is not None`` branch the example's
+        tensor took: only None (given, or left to its default) where the example gave a
+        tensor is refused there."""
         known = self._signatures.get(module)
         if known is None:
-            try:
-                signature = inspect.signature(module.forward)
-                example = signature.bind(*self.example_inputs, **self.example_kwargs).arguments
-            except (TypeError, ValueError):   # not a signature this check can read: skip it
-                signature, example = None, {}
-            known = self._signatures[module] = (signature, {k: _kind(v)
-                                                            for k, v in example.items()})
+            known = self._signatures[module] = self._example_kinds(module)
         signature, kinds = known
-        if signature is None:
+        exported = self.frontend == "export"
+        if signature is None or (not exported and not kinds):
             return
         try:
-            given = signature.bind(*args, **kwargs).arguments
+            bound = signature.bind(*args, **kwargs)
+            if not exported:
+                bound.apply_defaults()
             problem = next((f"{name!r} is {_kind(value)}, the example's is {kinds[name]}"
-                            for name, value in given.items()
-                            if name in kinds and _kind(value) != kinds[name]), None)
+                            for name, value in bound.arguments.items()
+                            if name in kinds and _kind(value) != kinds[name] and
+                            (exported or value is None)), None)
         except TypeError as exc:
-            problem = str(exc)
+            problem = str(exc) if exported else None
         if problem is not None:
             raise ShapeError(
                 f"inputs {describe_inputs(args, kwargs)} differ in structure from the example "
                 f"inputs {describe_inputs(self.example_inputs, self.example_kwargs)} that "
-                f"torch.export traced ({problem}): an exported graph takes exactly the inputs "
-                "the example gave, and computes as if an input that was None is still None. "
-                "To allow it: extend with example inputs that give the same inputs as your "
+                f"{'torch.export' if exported else 'symbolic_trace'} traced ({problem}): "
+                + ("an exported graph takes exactly the inputs the example gave, and computes "
+                   "as if an input that was None is still None" if exported else
+                   "the graph computes as if an input the example gave is still given")
+                + ". To allow it: extend with example inputs that give the same inputs as your "
                 "calls (None where you pass None)")
+
+    def _example_kinds(self, module: nn.Module) -> tuple:
+        """The forward's signature and what the example gave each input (export: all of them;
+        symbolic_trace: only the tensors given for an input that defaults to None, the only
+        ones whose absence the graph does not follow), or (None, {}) when unreadable."""
+        try:
+            signature = inspect.signature(module.forward)
+            example = signature.bind(*self.example_inputs, **self.example_kwargs).arguments
+        except (TypeError, ValueError):   # not a signature this check can read: skip it
+            return None, {}
+        if self.frontend != "export":
+            example = {k: v for k, v in example.items() if isinstance(v, torch.Tensor) and
+                       signature.parameters[k].default is None}
+        return signature, {k: _kind(v) for k, v in example.items()}
 
 
 def _kind(value) -> str:

@@ -33,8 +33,10 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
     """Undo what a symbolic trace writes on the user's modules: a forward (or a pruning hook)
     that sets ``self.x = ...`` leaves a torch.fx Proxy there, and the tracer parks constants as
     ``_tensor_constant*`` on the root. Each module's attributes, parameters, buffers and
-    children are put back as they were (the same objects)."""
-    saved = [(m, dict(vars(m)), *(dict(getattr(m, d)) for d in _SLOTS)) for m in model.modules()]
+    children are put back as they were (the same objects). A ``torch.jit.script``-ed module
+    keeps these in C++ (read-only views here) and is traced as a leaf, so it is skipped."""
+    saved = [(m, dict(vars(m)), *(dict(getattr(m, d)) for d in _SLOTS)) for m in model.modules()
+             if not isinstance(m, torch.jit.ScriptModule)]
     try:
         yield
     finally:

@@ -109,6 +109,11 @@ class Bypass(BetweenSteps, CycleRunner):
         if not isinstance(model, nn.Module):
             raise BypassError(f"Bypass trains an nn.Module, got {type(model).__name__}: wrap a "
                               "function in a Module whose parameters are its weights")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise BypassError(f"{type(model).__name__} is TorchScript (torch.jit.script / "
+                              "torch.jit.trace), which morphc cannot trace or extend: hand "
+                              "Bypass the nn.Module before scripting, and script the model "
+                              "bp.finish() returns")
         if not any(p.requires_grad for p in model.parameters()):
             raise BypassError(f"{type(model).__name__} has no trainable parameter (none, or all "
                               "requires_grad=False): there is nothing for Bypass to train")

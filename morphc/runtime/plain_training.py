@@ -128,9 +128,10 @@ class PlainTraining:
             watched = self._user_model
         handle = watched.register_forward_pre_hook(hook, with_kwargs=True)
         called: list[str] = []      # submodules the closure ran (not when compiled: hooks
-        handles = [] if watched is not self._user_model else [   # there would recompile it)
-            sub.register_forward_pre_hook(lambda *_, name=name: called.append(name))
-            for name, sub in self._user_model.named_modules() if name]
+        handles = [] if watched is not self._user_model else [   # there would recompile it;
+            sub.register_forward_pre_hook(lambda *_, name=name: called.append(name))  # nor on
+            for name, sub in self._user_model.named_modules()              # TorchScript)
+            if name and not isinstance(sub, torch.jit.ScriptModule)]
         try:
             result = loss_of(closure, module, self._reduce())
         finally:

@@ -107,9 +107,11 @@ class ResolveBeforeLoad:
     @classmethod
     def on(cls, bypass, model: nn.Module) -> list:
         """Hooked on every submodule (the handles): torch runs a load's hooks from the module
-        it is called on down, and a load into one layer is a load too."""
+        it is called on down, and a load into one layer is a load too. A torch.jit.script-ed
+        submodule takes no hooks; a load through its parents still reaches theirs."""
         hook = cls(bypass)
-        return [m.register_load_state_dict_pre_hook(hook) for m in model.modules()]
+        return [m.register_load_state_dict_pre_hook(hook) for m in model.modules()
+                if not isinstance(m, torch.jit.ScriptModule)]
 
     def __call__(self, module, state_dict, prefix, *args) -> None:
         bypass = None if self.ref is None else self.ref()   # acts once, where the load began:
@@ -142,6 +144,16 @@ def copy_grad_hooks(pairs) -> None:
                 mine.register_hook(hook)
 
 
+def _copied_parameters(model: nn.Module, copied: nn.Module, memo: dict) -> None:
+    """Enter each copied Parameter in ``memo`` by name: a ``torch.jit.script``-ed submodule
+    copies its tensors in C++ without recording them, and the optimizer's copy would then step
+    fresh tensors of its own that the copied model never reads."""
+    for (_, param), (_, mine) in zip(model.named_parameters(remove_duplicate=False),
+                                     copied.named_parameters(remove_duplicate=False),
+                                     strict=True):
+        memo.setdefault(id(param), mine)
+
+
 class Shadow:
     """The user's model and optimizer, copied at a cycle's start and trained plainly."""
 
@@ -149,7 +161,8 @@ class Shadow:
                  wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
         memo: dict = {}
         self.model = copy.deepcopy(model, memo)       # the optimizer's copy then steps the
-        self.optimizer = copy.deepcopy(optimizer, memo)   # copied parameters (the same memo)
+        _copied_parameters(model, self.model, memo)   # copied parameters (the same memo)
+        self.optimizer = copy.deepcopy(optimizer, memo)
         self.pairs = [(param, memo[id(param)]) for param in model.parameters()]
         self.inside = list(self.pairs)
         # a closure that reads the user's own weights besides calling its module (a penalty
