@@ -88,6 +88,7 @@ class Move:
                  dynamic_shapes=None) -> nn.Module:
         """Inputs as for ``morphc.extend``: positional ``example_inputs``, keyword ``kwargs``,
         torch.export's ``dynamic_shapes`` (used when ``module`` must be traced first)."""
+        self._check_seed()
         inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
         result = self.apply_to(private_copy(module, inputs), inputs)
         try:
@@ -99,6 +100,14 @@ class Move:
                 "you passed is unchanged. This is a morphc bug: please report it with the "
                 "model, and try another move meanwhile") from exc
         return result
+
+    def _check_seed(self) -> None:
+        """Every move that draws random numbers seeds a ``torch.Generator`` with ``seed``; a
+        float or a string would fail deep inside torch with an untyped error."""
+        seed = getattr(self, "seed", 0)
+        if type(seed) is not int or not -2 ** 63 <= seed < 2 ** 64:
+            raise MoveError(f"{type(self).__name__}: seed must be an int (a torch.Generator "
+                            f"seed), got {seed!r}")
 
     def apply_to(self, module: nn.Module, inputs: tuple) -> nn.Module:
         """Rewrite ``module`` (a private copy, shapes annotated) into the new architecture."""
