@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -210,6 +212,31 @@ def summarize(module: nn.Module, limit: int = 72) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def check_count(value, what: str, minimum: int = 0) -> int:
+    """A step count or budget: an int ≥ ``minimum`` (a float, None or a negative count would
+    fail later with an untyped error, or loop, or be reported as negative steps)."""
+    if type(value) is not int or value < minimum:
+        raise MoveError(f"{what} must be an int ≥ {minimum}, got {value!r}")
+    return value
+
+
+def score_value(value, node: str) -> float:
+    """What ``evaluate`` returned, as a float: a real number or a one-element tensor. A string
+    or None is refused rather than converted, so a wrong return value is not taken as a score."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise MoveError(f"evaluate returned {value!r} ({type(value).__name__}) for node {node}; it "
+                    "must return a real number, higher is better (e.g. -validation_loss)")
+
+
+def _better(score: float, than: float) -> bool:
+    """``score > than`` where NaN is worse than any number: a child whose training diverged
+    must not become the best (NaN compares false with everything, so it would stick)."""
+    return not math.isnan(score) and (math.isnan(than) or score > than)
+
+
 def _parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in graph_of(module).parameters())
 
@@ -298,6 +325,7 @@ class ModelSpace:
 
     def train(self, node: str, train: TrainFn, steps: int) -> None:
         """Train ``node``'s module in place for ``steps`` steps (counted in ``steps_spent``)."""
+        check_count(steps, "steps")
         module = self.module(node)
         module.train()
         train(module, steps)
@@ -305,14 +333,15 @@ class ModelSpace:
         self.steps_spent += steps
 
     def evaluate(self, node: str, evaluate: EvalFn) -> float:
-        """Score ``node``'s current weights; the best scored weights are kept (``best()``)."""
+        """Score ``node``'s current weights; the best scored weights are kept (``best()``). A NaN
+        score is recorded but ranks below every number."""
         module = self.module(node)
         module.eval()
-        score = float(evaluate(module))
+        score = score_value(evaluate(module), node)
         attrs = self.graph.nodes[node]
         attrs["score"] = score
         attrs["scores"].append([attrs["steps"], score])
-        if self._best is None or score > self._best[0]:
+        if self._best is None or _better(score, self._best[0]):
             self._best = (score, node, copy.deepcopy(module))
         return score
 
@@ -332,6 +361,7 @@ class ModelSpace:
     def search(self, train: TrainFn, evaluate: EvalFn, budget: int,
                strategy: Strategy | None = None) -> SearchResult:
         """Run ``strategy`` (default :class:`HillClimb`) for ``budget`` training steps."""
+        check_count(budget, "budget")
         start, spent = time.perf_counter(), self.steps_spent
         from morphc.space.search import HillClimb, SearchResult
 

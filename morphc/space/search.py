@@ -15,6 +15,7 @@ from morphc.errors import MorphcError
 from morphc.passes.find_sites import find_sites
 from morphc.passes.widen_layer import widenable_pairs
 from morphc.space.deepen_points import deepen_points
+from morphc.space.graph import check_count
 from morphc.space.move_base import Move
 from morphc.space.moves import (
     Contract,
@@ -66,7 +67,16 @@ class HillClimb:
     options: dict | None = None
     log: Callable[[str], None] | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse counts that would loop forever (``child_steps=0`` makes a round free) or fail
+        later with an untyped error."""
+        check_count(self.neighbors, "HillClimb: neighbors")
+        check_count(self.child_steps, "HillClimb: child_steps", minimum=1)
+        check_count(self.warmup_steps, "HillClimb: warmup_steps")
+        check_count(self.final_steps, "HillClimb: final_steps")
+
     def __call__(self, space: ModelSpace, train: TrainFn, evaluate: EvalFn, budget: int) -> str:
+        check_count(budget, "budget")
         rng = random.Random(self.seed)
         start = space.steps_spent
         current = space.root
@@ -102,11 +112,16 @@ class HillClimb:
             space.train(node, train, self.child_steps)
             space.evaluate(node, evaluate)
         scores = {n: space.graph.nodes[n]["score"] for n in [current, *children]}
-        best = max([current, *children], key=lambda n: scores[n])
+        best = max([current, *children], key=lambda n: _rank(scores[n]))
         if self.log is not None:
             self.log(f"round: {len(children)} children, best {scores[best]:.4f} "
                      f"({space.graph.nodes[best]['summary']})")
         return best
+
+
+def _rank(score: float) -> float:
+    """NaN (a child whose training diverged) ranks below every number; ties keep the first."""
+    return -math.inf if math.isnan(score) else score
 
 
 # -- where a search may go ---------------------------------------------------------------------
