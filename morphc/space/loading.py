@@ -254,6 +254,26 @@ def _read_weights(data: bytes) -> dict[str, torch.Tensor]:
     return state
 
 
+SUFFIXES = (".json", ".pt", ".py")
+
+
+def saved_files(prefix, *, reading: bool = False) -> tuple[Path, Path]:
+    """``(<prefix>.json, <prefix>.pt)``. A prefix given with one of the saved files' suffixes
+    (``model.json``, as a user copies it from a listing) names the same pair. Reading, a
+    missing document is a ``FileNotFoundError`` that says what exists instead."""
+    prefix = Path(prefix)
+    if prefix.suffix in SUFFIXES and not prefix.with_name(prefix.name + ".json").exists():
+        prefix = prefix.with_suffix("")
+    document = prefix.with_name(prefix.name + ".json")
+    if reading and not document.is_file():
+        hint = "pass the prefix morphc.save was given (it writes <prefix>.json and <prefix>.pt)"
+        if (prefix / "best.json").is_file():
+            hint = (f"{prefix} is a saved ModelSpace: load its best architecture with "
+                    f"morphc.load('{prefix / 'best'}')")
+        raise FileNotFoundError(f"no saved architecture at {document}; {hint}")
+    return document, prefix.with_name(prefix.name + ".pt")
+
+
 def load(prefix, *, check_digest: bool = True) -> fx.GraphModule:
     """Rebuild a saved architecture from ``<prefix>.json`` and load ``<prefix>.pt`` with
     ``weights_only=True`` (strict: every key, shape and dtype must match).
@@ -262,10 +282,14 @@ def load(prefix, *, check_digest: bool = True) -> fx.GraphModule:
     or edited file is refused before it is read. A hand-edited architecture loads with
     ``check_digest=False``; it is validated all the same.
     """
-    prefix = Path(prefix)
-    data = _read_document(prefix.with_name(prefix.name + ".json"))
+    document, weights_file = saved_files(prefix, reading=True)
+    prefix = document.with_suffix("")
+    data = _read_document(document)
     digest = _fields(data.pop("digest", None), _DIGEST_KEYS, "digest")
-    weights = prefix.with_name(prefix.name + ".pt").read_bytes()
+    if not weights_file.is_file():
+        raise FormatError(f"{document} has no weights file next to it ({weights_file.name}): "
+                          "morphc.save writes both; copy them together")
+    weights = weights_file.read_bytes()
     if check_digest:
         found = {"architecture": hashlib.sha256(_canonical(data)).hexdigest(),
                  "weights": hashlib.sha256(weights).hexdigest()}

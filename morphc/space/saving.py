@@ -25,14 +25,14 @@ from torch import nn
 
 from morphc.compiler.extended import ExtendedModel
 from morphc.space.encoding import graph_to_json
-from morphc.space.loading import graph_from_json
+from morphc.space.loading import graph_from_json, saved_files
 from morphc.space.schema import _canonical
 
 
 def save(module: nn.Module, prefix) -> dict[str, Path]:
     """Write ``<prefix>.json`` (architecture + digests), ``<prefix>.pt`` (state_dict) and
     ``<prefix>.py`` (generated code, for reading). Returns the paths."""
-    prefix = Path(prefix)
+    prefix = saved_files(prefix)[0].with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     gm = module.graph_module if isinstance(module, ExtendedModel) else module
     data = graph_to_json(gm)
