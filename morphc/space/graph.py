@@ -165,13 +165,28 @@ def function_change(before: nn.Module, after: nn.Module, inputs: tuple) -> dict[
             outputs = []
             for module in (before, after):
                 module.train(mode == "train")
-                outputs.append(deterministic_forward(
-                    module, tuple(inputs), kwargs=getattr(inputs, "kwargs", None)))
+                outputs.append(_forward(module, inputs, mode, module is before))
             change[mode] = relative_deviation(*outputs)
     finally:
         before.train(modes[0])
         after.train(modes[1])
     return change
+
+
+def _forward(module: nn.Module, inputs, mode: str, source: bool):
+    """One measured forward. The unchanged architecture failing here is not a move's fault:
+    typically BatchNorm in train mode on an example batch of one, or a module converted after
+    the space was made; say so instead of passing torch's error on."""
+    try:
+        return deterministic_forward(module, tuple(inputs), kwargs=getattr(inputs, "kwargs", None))
+    except Exception as exc:
+        if not source:
+            raise
+        raise MoveError(
+            f"the architecture the move starts from fails on the example inputs in {mode} mode "
+            f"({type(exc).__name__}: {str(exc).strip()[:200]}), so no move can be measured; "
+            "give ModelSpace example inputs it runs on in both modes (a batch of at least 2 "
+            "for BatchNorm), in the dtype and device of the model") from exc
 
 
 def _refusal_advice(move, source: nn.Module, change: dict[str, float], tolerance: float) -> str:
@@ -270,7 +285,15 @@ class ModelSpace:
 
     def module(self, node: str | None = None) -> nn.Module:
         """The module (current weights) of ``node`` (default: the root)."""
-        return self.graph.nodes[node or self.root]["module"]
+        return self._attrs(node)["module"]
+
+    def _attrs(self, node: str | None) -> dict:
+        node = self.root if node is None else node
+        if not isinstance(node, str) or node not in self.graph:
+            nodes = ", ".join(list(self.graph)[:10])
+            raise MoveError(f"no node {node!r} in this space; nodes are architecture hashes "
+                            f"as apply returns them ({nodes})")
+        return self.graph.nodes[node]
 
     def _record(self, module: nn.Module, steps: int) -> str:
         node = architecture_hash(module)
@@ -298,6 +321,9 @@ class ModelSpace:
         either, the move is refused with ``MoveError`` and the space is left as it was (every
         move works on a copy: nothing to roll back). Refusals are listed in ``space.rejected``.
         """
+        if not isinstance(move, Move):
+            raise MoveError(f"apply needs a move instance such as Widen('fc1', to=64) or "
+                            f"Grow(sites='all'), got {move!r}")
         parent = node or self.root
         source = self.module(parent)
         start = time.perf_counter()

@@ -255,6 +255,9 @@ class Ungrow(Move):
         gm = _need_graph(module, "Ungrow")
         branches = grown_branches(gm)
         chosen = [b for b in branches if self.branch in (None, b.target, b.site)]
+        if not branches:
+            raise SiteError("Ungrow: this architecture has no grown branches or residual blocks "
+                            "(Grow and Deepen add them; Contract undoes Extend)")
         if not chosen:
             raise SiteError(f"no grown branch {self.branch!r}; grown branches: "
                             f"{[(b.target, b.site) for b in branches]}")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 from torch import nn
 
 from morphc.compiler.extended import ExtendedModel
-from morphc.errors import MorphcError
+from morphc.errors import MorphcError, MoveError
 from morphc.passes.find_sites import find_sites
 from morphc.passes.widen_layer import widenable_pairs
 from morphc.space.deepen_points import deepen_points
@@ -94,6 +94,10 @@ class HillClimb:
     def _candidates(self, space: ModelSpace, node: str, rng: random.Random) -> list[Move]:
         if self.moves is not None:
             moves = self.moves(space.module(node))
+            if not isinstance(moves, list | tuple) or \
+                    not all(isinstance(m, Move) for m in moves):
+                raise MoveError(f"HillClimb(moves=...) must return a list of moves (Widen(...), "
+                                f"Grow(...), ...), got {moves!r}")
         else:
             moves = space.neighbors(node, seed=rng.randrange(2**31), **(self.options or {}))
         return rng.sample(moves, min(self.neighbors, len(moves)))

@@ -159,3 +159,51 @@ def graph_nodes(module) -> int:
 
 def _not_json(name):
     raise AssertionError(f"space.json contains {name}, which is not JSON")
+
+
+# -- handles a user gets wrong ------------------------------------------------------------------
+@pytest.mark.parametrize("move", ["Widen", Widen, None])
+def test_apply_needs_a_move_instance(move):
+    space = morphc.ModelSpace(*mlp())
+    with pytest.raises(MoveError, match="move instance"):
+        space.apply(move)
+
+
+def test_an_unknown_node_is_a_move_error_listing_the_nodes():
+    space = morphc.ModelSpace(*mlp())
+    for call in (lambda: space.module("deadbeef"), lambda: space.apply(Grow(), "deadbeef"),
+                 lambda: space.evaluate("deadbeef", _score)):
+        with pytest.raises(MoveError, match=f"no node 'deadbeef'.*{space.root}"):
+            call()
+
+
+@pytest.mark.parametrize("moves", [lambda module: None, lambda module: ["Widen"]])
+def test_hill_climb_refuses_a_neighbourhood_that_is_not_moves(moves):
+    space = morphc.ModelSpace(*mlp())
+    with pytest.raises(MoveError, match="must return a list of moves"):
+        space.search(_train, _score, 10, strategy=morphc.HillClimb(
+            neighbors=2, child_steps=2, warmup_steps=2, moves=moves))
+
+
+def test_a_node_converted_after_the_space_was_made_gets_advice(capsys):
+    space = morphc.ModelSpace(*mlp())
+    space.module().double()
+    with pytest.raises(MoveError, match="Float and Double.*convert the example inputs alike"):
+        space.apply(Grow())
+    assert "Traceback" not in capsys.readouterr().err, "ShapeProp's printed traceback is held"
+
+
+def test_an_example_batch_bn_cannot_train_on_is_a_move_error_that_says_so():
+    """In eval mode the model runs on a batch of one; train-mode BatchNorm cannot, so no move
+    can be measured there — say that, not torch's ValueError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    space = morphc.ModelSpace(model, (torch.randn(1, 4),))
+    with pytest.raises(MoveError, match="train mode.*batch of at least 2"):
+        space.apply(Widen("0", to=16))
+
+
+def test_ungrow_with_nothing_grown_says_what_adds_branches():
+    space = morphc.ModelSpace(*mlp())
+    with pytest.raises(morphc.SiteError, match="no grown branches.*Grow and Deepen"):
+        space.apply(morphc.Ungrow())
