@@ -117,3 +117,20 @@ def test_inspect_a_tampered_saved_file_is_one_line_and_runs_nothing(tmp_path, ca
     one_line_error(capsys, "digest")
     assert cli.main(["inspect", str(tmp_path / "absent.json"), "--input-shape", "2,4"]) == 1
     one_line_error(capsys, "no saved architecture")
+
+
+@pytest.mark.parametrize("option", [["--seeds", "0"], ["--steps", "-1"]])
+def test_demo_refuses_counts_that_run_nothing(option, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["demo", "--quick", *option])
+    assert stop.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
+def test_demo_checks_its_output_directory_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "file" / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "teacher" not in captured.out, "refused before any training"
+    assert captured.err.strip().splitlines() == [
+        f"morphc: error: cannot write to --out {tmp_path / 'file' / 'out'}: Not a directory; "
+        "choose a writable directory"]
