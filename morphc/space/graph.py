@@ -275,8 +275,13 @@ class ModelSpace:
     @torch.inference_mode(False)   # the space trains its copies: no inference tensors
     def __init__(self, model: nn.Module, example_inputs, *, kwargs=None, dynamic_shapes=None,
                  tolerance: float = 1e-6, train_tolerance: float = 1e-4) -> None:
+        for name, value in (("tolerance", tolerance), ("train_tolerance", train_tolerance)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or \
+                    not value >= 0:   # a NaN or negative tolerance refuses every move
+                raise MoveError(f"ModelSpace: {name} must be a number ≥ 0 (a relative output "
+                                f"change), got {value!r}")
         self.example_inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
-        self.tolerance, self.train_tolerance = tolerance, train_tolerance
+        self.tolerance, self.train_tolerance = float(tolerance), float(train_tolerance)
         self.graph = nx.DiGraph()
         self.steps_spent = 0
         self.rejected: list[dict] = []

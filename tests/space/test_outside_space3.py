@@ -207,3 +207,12 @@ def test_ungrow_with_nothing_grown_says_what_adds_branches():
     space = morphc.ModelSpace(*mlp())
     with pytest.raises(morphc.SiteError, match="no grown branches.*Grow and Deepen"):
         space.apply(morphc.Ungrow())
+
+
+@pytest.mark.parametrize("options", [dict(tolerance=-1.0), dict(tolerance=float("nan")),
+                                     dict(tolerance="1e-6"), dict(train_tolerance=None)])
+def test_a_tolerance_that_would_refuse_every_move_is_refused_up_front(options):
+    """A negative or NaN tolerance refused every move with 'please report it'; a string failed
+    at the first comparison."""
+    with pytest.raises(MoveError, match="tolerance must be a number"):
+        morphc.ModelSpace(*mlp(), **options)
