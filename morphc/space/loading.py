@@ -251,6 +251,13 @@ def _read_weights(data: bytes) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise FormatError("the weights file is not a state_dict (str → tensor)")
+    for key, value in state.items():
+        # what torch.save of a state_dict gives; a nested tensor fails on .shape (untyped), a
+        # sparse or meta one only when copied into the model
+        if value.is_nested or value.layout != torch.strided or value.device.type != "cpu":
+            raise FormatError(f"the weights file's {key!r} is not a dense tensor (layout "
+                              f"{value.layout}, nested {value.is_nested}, device "
+                              f"{value.device.type}); re-save it with morphc.save")
     return state
 
 

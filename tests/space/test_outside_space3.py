@@ -216,3 +216,18 @@ def test_a_tolerance_that_would_refuse_every_move_is_refused_up_front(options):
     at the first comparison."""
     with pytest.raises(MoveError, match="tolerance must be a number"):
         morphc.ModelSpace(*mlp(), **options)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: torch.nested.nested_tensor(list(w)),     # .shape raised an untyped RuntimeError
+    lambda w: w.to_sparse(),
+    lambda w: torch.empty_like(w, device="meta"),
+], ids=["nested", "sparse", "meta"])
+def test_a_weights_file_with_a_tensor_save_never_writes_is_a_format_error(tmp_path, make):
+    model, inputs = mlp()
+    morphc.save(morphc.ModelSpace(model, inputs).module(), tmp_path / "m")
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    state["0.weight"] = make(state["0.weight"])
+    torch.save(state, tmp_path / "m.pt")
+    with pytest.raises(morphc.FormatError, match="'0.weight' is not a dense tensor"):
+        morphc.load(tmp_path / "m", check_digest=False)
