@@ -31,7 +31,13 @@ from morphc.space.schema import _canonical
 
 def save(module: nn.Module, prefix) -> dict[str, Path]:
     """Write ``<prefix>.json`` (architecture + digests), ``<prefix>.pt`` (state_dict) and
-    ``<prefix>.py`` (generated code, for reading). Returns the paths."""
+    ``<prefix>.py`` (generated code, for reading). Returns the paths. A ``ModelSpace`` is
+    written as ``space.save(prefix)`` does (a directory; its best architecture loads with
+    ``load(prefix / "best")``)."""
+    from morphc.space.graph import ModelSpace
+
+    if isinstance(module, ModelSpace):
+        return module.save(prefix)
     prefix = saved_files(prefix)[0].with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     gm = module.graph_module if isinstance(module, ExtendedModel) else module

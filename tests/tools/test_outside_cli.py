@@ -134,3 +134,15 @@ def test_demo_checks_its_output_directory_before_training(tmp_path, capsys):
     assert captured.err.strip().splitlines() == [
         f"morphc: error: cannot write to --out {tmp_path / 'file' / 'out'}: Not a directory; "
         "choose a writable directory"]
+
+
+def test_save_of_a_space_writes_its_directory_and_load_points_at_its_best(tmp_path):
+    space = morphc.ModelSpace(nn.Sequential(nn.Linear(4, 2)), (torch.randn(2, 4),))
+    space.evaluate(space.root, lambda module: 1.0)
+    paths = morphc.save(space, tmp_path / "space")
+    assert paths["json"] == tmp_path / "space" / "space.json"
+    with pytest.raises(FileNotFoundError, match="morphc.load.*best"):
+        morphc.load(tmp_path / "space")
+    best = morphc.load(tmp_path / "space" / "best")
+    x = torch.randn(3, 4)
+    assert torch.equal(best(x), space.module()(x))
