@@ -146,3 +146,11 @@ def test_save_of_a_space_writes_its_directory_and_load_points_at_its_best(tmp_pa
     best = morphc.load(tmp_path / "space" / "best")
     x = torch.randn(3, 4)
     assert torch.equal(best(x), space.module()(x))
+
+
+def test_save_takes_what_morphc_trace_returns_as_its_error_advises(tmp_path):
+    model, x = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.randn(5, 4)
+    with pytest.raises(morphc.FormatError, match=r"morphc.save\(morphc.trace\(model"):
+        morphc.save(model, tmp_path / "plain")
+    morphc.save(morphc.trace(model, (x,)), tmp_path / "traced")
+    assert torch.equal(morphc.load(tmp_path / "traced")(x), model(x))
