@@ -202,6 +202,12 @@ class Widen(Move):
                             f"widenable (first, second) pairs: {widenable_pairs(gm)}")
         old = site.weight.shape[0]
         new = self.to if self.to is not None else math.ceil(old * self.factor)
+        if new <= old:
+            given = f"to={self.to}" if self.to is not None else \
+                f"factor={self.factor} gives {new} units"
+            raise SiteError(f"Widen: {self.first} has {old} units and {given}; Widen only adds "
+                            f"units, so the new width must be larger: pass to > {old} or "
+                            "factor > 1")
         generator = torch.Generator().manual_seed(self.seed)
         return Pipeline(gm).run(widen_layer, self.first, new, second=self.second,
                                 noise=self.noise, generator=generator).graph_module

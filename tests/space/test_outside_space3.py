@@ -231,3 +231,12 @@ def test_a_weights_file_with_a_tensor_save_never_writes_is_a_format_error(tmp_pa
     torch.save(state, tmp_path / "m.pt")
     with pytest.raises(morphc.FormatError, match="'0.weight' is not a dense tensor"):
         morphc.load(tmp_path / "m", check_digest=False)
+
+
+@pytest.mark.parametrize("move, says", [(Widen("0", to=8), "to=8"),
+                                        (Widen("0", factor=0.5), "factor=0.5 gives 8 units"),
+                                        (Widen("0", factor=1.0), "factor=1.0 gives 16 units")])
+def test_a_widen_that_would_not_grow_names_the_argument_the_user_gave(move, says):
+    """The pass said 'new_width must be larger', an argument the user never passed."""
+    with pytest.raises(morphc.SiteError, match=f"0 has 16 units and {says}.*to > 16"):
+        move(*mlp())
