@@ -385,9 +385,10 @@ class ModelSpace:
 
     def neighbors(self, node: str | None = None, **options) -> list[Move]:
         """Candidate moves from ``node`` (``morphc.space.search.neighborhood`` options)."""
-        from morphc.space.search import neighborhood
+        from morphc.space.search import NEIGHBORHOOD_OPTIONS, check_options, neighborhood
 
-        return neighborhood(self.module(node), **options)
+        return neighborhood(self.module(node), **check_options(
+            options, (*NEIGHBORHOOD_OPTIONS, "seed")))
 
     def search(self, train: TrainFn, evaluate: EvalFn, budget: int,
                strategy: Strategy | None = None) -> SearchResult:

@@ -74,6 +74,7 @@ class HillClimb:
         check_count(self.child_steps, "HillClimb: child_steps", minimum=1)
         check_count(self.warmup_steps, "HillClimb: warmup_steps")
         check_count(self.final_steps, "HillClimb: final_steps")
+        check_options(self.options or {})
 
     def __call__(self, space: ModelSpace, train: TrainFn, evaluate: EvalFn, budget: int) -> str:
         check_count(budget, "budget")
@@ -129,6 +130,17 @@ def _rank(score: float) -> float:
 
 
 # -- where a search may go ---------------------------------------------------------------------
+NEIGHBORHOOD_OPTIONS = ("widen_factor", "max_width", "grow_width")
+
+
+def check_options(options: dict, allowed: tuple[str, ...] = NEIGHBORHOOD_OPTIONS) -> dict:
+    """Neighbourhood options, checked when they are given rather than as a TypeError at the
+    first round (a search draws ``seed`` itself: ``HillClimb(seed=...)``)."""
+    if not isinstance(options, dict) or set(options) - set(allowed):
+        raise MoveError(f"neighbourhood options are {', '.join(allowed)}; got {options!r}")
+    return options
+
+
 def neighborhood(module: nn.Module, *, widen_factor: float = 2.0, max_width: int = 512,
                  grow_width: int = 8, seed: int = 0) -> list[Move]:
     """Every move a search may try from ``module`` (shapes must be annotated)."""

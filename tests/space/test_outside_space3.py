@@ -240,3 +240,17 @@ def test_a_widen_that_would_not_grow_names_the_argument_the_user_gave(move, says
     """The pass said 'new_width must be larger', an argument the user never passed."""
     with pytest.raises(morphc.SiteError, match=f"0 has 16 units and {says}.*to > 16"):
         move(*mlp())
+
+
+@pytest.mark.parametrize("options", [{"bogus": 1}, {"seed": 3}, ["widen_factor"]])
+def test_hill_climb_options_are_checked_when_given(options):
+    """An unknown option was a TypeError at the first round, after the warm-up training."""
+    with pytest.raises(MoveError, match="neighbourhood options are widen_factor"):
+        morphc.HillClimb(options=options)
+
+
+def test_space_neighbors_refuses_an_unknown_option():
+    space = morphc.ModelSpace(*mlp())
+    with pytest.raises(MoveError, match="neighbourhood options"):
+        space.neighbors(widen=2)
+    assert space.neighbors(seed=1, grow_width=2)
