@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from morphc.compiler.contract import contract
 from morphc.compiler.extend import extend
-from morphc.compiler.extended import ExtendedModel
+from morphc.compiler.extended import ExtendedModel, check_homotopy
 from morphc.compiler.write import write_weights
 from morphc.errors import ContractionError, MoveError, SiteError
 from morphc.ir.branch import BypassBranch
@@ -56,10 +56,11 @@ def set_homotopy(module: nn.Module, s: float) -> None:
     if isinstance(module, ExtendedModel):
         module.set_homotopy(s)
         return
+    s = check_homotopy(s)     # a NaN or 2.0 would silently change what the branches compute
     with torch.no_grad():
         for branch in module.modules():
             if isinstance(branch, BypassBranch):
-                branch.homotopy.fill_(float(s))
+                branch.homotopy.fill_(s)
 
 
 def _need_graph(module: nn.Module, move: str) -> fx.GraphModule:

@@ -254,3 +254,16 @@ def test_space_neighbors_refuses_an_unknown_option():
     with pytest.raises(MoveError, match="neighbourhood options"):
         space.neighbors(widen=2)
     assert space.neighbors(seed=1, grow_width=2)
+
+
+@pytest.mark.parametrize("s", [-0.5, 2, float("nan"), "0", True])
+def test_set_homotopy_of_grown_branches_refuses_what_extended_models_refuse(s):
+    """On an ExtendedModel s is checked; on grown branches a NaN silently poisoned the model."""
+    from morphc.space.moves import set_homotopy
+
+    space = morphc.ModelSpace(*mlp())
+    grown = space.module(space.apply(Grow(sites="all", width=2)))
+    before = state_of(grown)
+    with pytest.raises(morphc.ContractionError, match=r"homotopy must be a number in \[0, 1\]"):
+        set_homotopy(grown, s)
+    assert all(torch.equal(before[k], v) for k, v in grown.state_dict().items())
