@@ -138,7 +138,7 @@ def test_a_nan_score_never_becomes_the_best():
     assert space.best()[0] == child
 
 
-def test_hill_climb_does_not_move_to_a_child_scored_nan(tmp_path):
+def test_hill_climb_does_not_move_to_a_child_scored_nan():
     space = morphc.ModelSpace(*mlp())
 
     def score(module):             # every child diverged; the current node did not
@@ -149,8 +149,7 @@ def test_hill_climb_does_not_move_to_a_child_scored_nan(tmp_path):
                           strategy=morphc.HillClimb(neighbors=2, child_steps=2, warmup_steps=2))
     assert result.node == space.root and math.isfinite(result.score)
     assert space.graph.number_of_nodes() > 1, "children were tried"
-    space.save(tmp_path)
-    json.loads((tmp_path / "space.json").read_text(), parse_constant=_not_json)
+    json.loads(json.dumps(space.to_json()), parse_constant=_not_json)   # what save writes
 
 
 def graph_nodes(module) -> int:
