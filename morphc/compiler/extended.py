@@ -21,6 +21,17 @@ class HomotopyError(ContractionError, ValueError):
     """``set_homotopy`` off [0, 1]: a morphc error, and the ValueError it always was."""
 
 
+def check_homotopy(s) -> float:
+    """``s`` as a float in [0, 1] (a one-element floating tensor too), else ``HomotopyError``;
+    shared with the model-space ``set_homotopy`` of grown branches."""
+    if isinstance(s, torch.Tensor) and s.numel() == 1 and s.is_floating_point():
+        s = s.item()
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= s <= 1.0:
+        raise HomotopyError(f"homotopy must be a number in [0, 1] (1: the free "
+                            f"non-linearity, 0: on the constraint set), got {s!r}")
+    return float(s)
+
+
 @dataclass
 class ExtensionConfig:
     """How an extension was made, so it can be made again identically (e.g. on every DDP rank)."""
@@ -209,12 +220,7 @@ class ExtendedModel(nn.Module):
     def set_homotopy(self, s: float) -> None:
         """1.0: free non-linearity; 0.0: on the constraint set C. Updated in place, so compiled
         graphs are not recaptured."""
-        if isinstance(s, torch.Tensor) and s.numel() == 1 and s.is_floating_point():
-            s = s.item()
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= s <= 1.0:
-            raise HomotopyError(f"homotopy must be a number in [0, 1] (1: the free "
-                                f"non-linearity, 0: on the constraint set), got {s!r}")
-        s = float(s)
+        s = check_homotopy(s)
         with torch.no_grad():
             self._homotopy.fill_(s)
 

@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from morphc.compiler.extended import ExtendedModel
 from morphc.errors import FormatError
+from morphc.ir.traced_model import TracedModel
 from morphc.space.codec import encode_arg, module_spec
 from morphc.space.schema import function_name
 
@@ -54,10 +55,12 @@ def _mode_reads(gm: fx.GraphModule) -> dict[fx.Node, bool]:
 def graph_to_json(module: nn.Module) -> dict:
     """The architecture as data (no weights). An ``ExtendedModel`` is stored as its graph, which
     loads as a standalone architecture with the branches as submodules (as ``Grow`` makes it)."""
-    gm = module.graph_module if isinstance(module, ExtendedModel) else module
+    # what morphc.trace returns holds the graph too (the error below advises tracing)
+    gm = module.graph_module if isinstance(module, ExtendedModel | TracedModel) else module
     if not isinstance(gm, fx.GraphModule):
-        raise FormatError(f"save needs a torch.fx.GraphModule, got {type(gm).__name__}; "
-                          "trace it first (morphc.trace or a ModelSpace move)")
+        raise FormatError(f"save needs a graph, got {type(gm).__name__}; trace it first: "
+                          "morphc.save(morphc.trace(model, example_inputs), prefix), or save a "
+                          "ModelSpace's module (space.module(node))")
     if type(gm.graph._codegen) is not fx.graph.CodeGen:
         raise FormatError("this graph uses a custom code generator (torch.export's pytree "
                           "calling convention); only symbolic_trace-style graphs can be stored "

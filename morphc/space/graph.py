@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -163,13 +165,28 @@ def function_change(before: nn.Module, after: nn.Module, inputs: tuple) -> dict[
             outputs = []
             for module in (before, after):
                 module.train(mode == "train")
-                outputs.append(deterministic_forward(
-                    module, tuple(inputs), kwargs=getattr(inputs, "kwargs", None)))
+                outputs.append(_forward(module, inputs, mode, module is before))
             change[mode] = relative_deviation(*outputs)
     finally:
         before.train(modes[0])
         after.train(modes[1])
     return change
+
+
+def _forward(module: nn.Module, inputs, mode: str, source: bool):
+    """One measured forward. The unchanged architecture failing here is not a move's fault:
+    typically BatchNorm in train mode on an example batch of one, or a module converted after
+    the space was made; say so instead of passing torch's error on."""
+    try:
+        return deterministic_forward(module, tuple(inputs), kwargs=getattr(inputs, "kwargs", None))
+    except Exception as exc:
+        if not source:
+            raise
+        raise MoveError(
+            f"the architecture the move starts from fails on the example inputs in {mode} mode "
+            f"({type(exc).__name__}: {str(exc).strip()[:200]}), so no move can be measured; "
+            "give ModelSpace example inputs it runs on in both modes (a batch of at least 2 "
+            "for BatchNorm), in the dtype and device of the model") from exc
 
 
 def _refusal_advice(move, source: nn.Module, change: dict[str, float], tolerance: float) -> str:
@@ -210,6 +227,31 @@ def summarize(module: nn.Module, limit: int = 72) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def check_count(value, what: str, minimum: int = 0) -> int:
+    """A step count or budget: an int ≥ ``minimum`` (a float, None or a negative count would
+    fail later with an untyped error, or loop, or be reported as negative steps)."""
+    if type(value) is not int or value < minimum:
+        raise MoveError(f"{what} must be an int ≥ {minimum}, got {value!r}")
+    return value
+
+
+def score_value(value, node: str) -> float:
+    """What ``evaluate`` returned, as a float: a real number or a one-element tensor. A string
+    or None is refused rather than converted, so a wrong return value is not taken as a score."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise MoveError(f"evaluate returned {value!r} ({type(value).__name__}) for node {node}; it "
+                    "must return a real number, higher is better (e.g. -validation_loss)")
+
+
+def _better(score: float, than: float) -> bool:
+    """``score > than`` where NaN is worse than any number: a child whose training diverged
+    must not become the best (NaN compares false with everything, so it would stick)."""
+    return not math.isnan(score) and (math.isnan(than) or score > than)
+
+
 def _parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in graph_of(module).parameters())
 
@@ -233,8 +275,13 @@ class ModelSpace:
     @torch.inference_mode(False)   # the space trains its copies: no inference tensors
     def __init__(self, model: nn.Module, example_inputs, *, kwargs=None, dynamic_shapes=None,
                  tolerance: float = 1e-6, train_tolerance: float = 1e-4) -> None:
+        for name, value in (("tolerance", tolerance), ("train_tolerance", train_tolerance)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or \
+                    not value >= 0:   # a NaN or negative tolerance refuses every move
+                raise MoveError(f"ModelSpace: {name} must be a number ≥ 0 (a relative output "
+                                f"change), got {value!r}")
         self.example_inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
-        self.tolerance, self.train_tolerance = tolerance, train_tolerance
+        self.tolerance, self.train_tolerance = float(tolerance), float(train_tolerance)
         self.graph = nx.DiGraph()
         self.steps_spent = 0
         self.rejected: list[dict] = []
@@ -243,7 +290,15 @@ class ModelSpace:
 
     def module(self, node: str | None = None) -> nn.Module:
         """The module (current weights) of ``node`` (default: the root)."""
-        return self.graph.nodes[node or self.root]["module"]
+        return self._attrs(node)["module"]
+
+    def _attrs(self, node: str | None) -> dict:
+        node = self.root if node is None else node
+        if not isinstance(node, str) or node not in self.graph:
+            nodes = ", ".join(list(self.graph)[:10])
+            raise MoveError(f"no node {node!r} in this space; nodes are architecture hashes "
+                            f"as apply returns them ({nodes})")
+        return self.graph.nodes[node]
 
     def _record(self, module: nn.Module, steps: int) -> str:
         node = architecture_hash(module)
@@ -271,6 +326,9 @@ class ModelSpace:
         either, the move is refused with ``MoveError`` and the space is left as it was (every
         move works on a copy: nothing to roll back). Refusals are listed in ``space.rejected``.
         """
+        if not isinstance(move, Move):
+            raise MoveError(f"apply needs a move instance such as Widen('fc1', to=64) or "
+                            f"Grow(sites='all'), got {move!r}")
         parent = node or self.root
         source = self.module(parent)
         start = time.perf_counter()
@@ -298,6 +356,7 @@ class ModelSpace:
 
     def train(self, node: str, train: TrainFn, steps: int) -> None:
         """Train ``node``'s module in place for ``steps`` steps (counted in ``steps_spent``)."""
+        check_count(steps, "steps")
         module = self.module(node)
         module.train()
         train(module, steps)
@@ -305,14 +364,15 @@ class ModelSpace:
         self.steps_spent += steps
 
     def evaluate(self, node: str, evaluate: EvalFn) -> float:
-        """Score ``node``'s current weights; the best scored weights are kept (``best()``)."""
+        """Score ``node``'s current weights; the best scored weights are kept (``best()``). A NaN
+        score is recorded but ranks below every number."""
         module = self.module(node)
         module.eval()
-        score = float(evaluate(module))
+        score = score_value(evaluate(module), node)
         attrs = self.graph.nodes[node]
         attrs["score"] = score
         attrs["scores"].append([attrs["steps"], score])
-        if self._best is None or score > self._best[0]:
+        if self._best is None or _better(score, self._best[0]):
             self._best = (score, node, copy.deepcopy(module))
         return score
 
@@ -325,13 +385,15 @@ class ModelSpace:
 
     def neighbors(self, node: str | None = None, **options) -> list[Move]:
         """Candidate moves from ``node`` (``morphc.space.search.neighborhood`` options)."""
-        from morphc.space.search import neighborhood
+        from morphc.space.search import NEIGHBORHOOD_OPTIONS, check_options, neighborhood
 
-        return neighborhood(self.module(node), **options)
+        return neighborhood(self.module(node), **check_options(
+            options, (*NEIGHBORHOOD_OPTIONS, "seed")))
 
     def search(self, train: TrainFn, evaluate: EvalFn, budget: int,
                strategy: Strategy | None = None) -> SearchResult:
         """Run ``strategy`` (default :class:`HillClimb`) for ``budget`` training steps."""
+        check_count(budget, "budget")
         start, spent = time.perf_counter(), self.steps_spent
         from morphc.space.search import HillClimb, SearchResult
 

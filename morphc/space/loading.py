@@ -251,7 +251,34 @@ def _read_weights(data: bytes) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise FormatError("the weights file is not a state_dict (str → tensor)")
+    for key, value in state.items():
+        # what torch.save of a state_dict gives; a nested tensor fails on .shape (untyped), a
+        # sparse or meta one only when copied into the model
+        if value.is_nested or value.layout != torch.strided or value.device.type != "cpu":
+            raise FormatError(f"the weights file's {key!r} is not a dense tensor (layout "
+                              f"{value.layout}, nested {value.is_nested}, device "
+                              f"{value.device.type}); re-save it with morphc.save")
     return state
+
+
+SUFFIXES = (".json", ".pt", ".py")
+
+
+def saved_files(prefix, *, reading: bool = False) -> tuple[Path, Path]:
+    """``(<prefix>.json, <prefix>.pt)``. A prefix given with one of the saved files' suffixes
+    (``model.json``, as a user copies it from a listing) names the same pair. Reading, a
+    missing document is a ``FileNotFoundError`` that says what exists instead."""
+    prefix = Path(prefix)
+    if prefix.suffix in SUFFIXES and not prefix.with_name(prefix.name + ".json").exists():
+        prefix = prefix.with_suffix("")
+    document = prefix.with_name(prefix.name + ".json")
+    if reading and not document.is_file():
+        hint = "pass the prefix morphc.save was given (it writes <prefix>.json and <prefix>.pt)"
+        if (prefix / "best.json").is_file():
+            hint = (f"{prefix} is a saved ModelSpace: load its best architecture with "
+                    f"morphc.load('{prefix / 'best'}')")
+        raise FileNotFoundError(f"no saved architecture at {document}; {hint}")
+    return document, prefix.with_name(prefix.name + ".pt")
 
 
 def load(prefix, *, check_digest: bool = True) -> fx.GraphModule:
@@ -262,10 +289,14 @@ def load(prefix, *, check_digest: bool = True) -> fx.GraphModule:
     or edited file is refused before it is read. A hand-edited architecture loads with
     ``check_digest=False``; it is validated all the same.
     """
-    prefix = Path(prefix)
-    data = _read_document(prefix.with_name(prefix.name + ".json"))
+    document, weights_file = saved_files(prefix, reading=True)
+    prefix = document.with_suffix("")
+    data = _read_document(document)
     digest = _fields(data.pop("digest", None), _DIGEST_KEYS, "digest")
-    weights = prefix.with_name(prefix.name + ".pt").read_bytes()
+    if not weights_file.is_file():
+        raise FormatError(f"{document} has no weights file next to it ({weights_file.name}): "
+                          "morphc.save writes both; copy them together")
+    weights = weights_file.read_bytes()
     if check_digest:
         found = {"architecture": hashlib.sha256(_canonical(data)).hexdigest(),
                  "weights": hashlib.sha256(weights).hexdigest()}

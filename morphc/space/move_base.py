@@ -9,7 +9,9 @@ such copies too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -48,8 +50,17 @@ def _placeholder_values(gm: fx.GraphModule, inputs: ExampleInputs) -> tuple:
 def annotate(module: nn.Module, inputs: tuple) -> None:
     """Record each node's shape (``node.meta['tensor_meta']``) without touching BN statistics."""
     gm = graph_of(module)
-    with no_side_effects(gm), torch.no_grad():
+    held = io.StringIO()      # ShapeProp prints a traceback before raising; the error says it
+    with no_side_effects(gm), torch.no_grad(), contextlib.redirect_stderr(held):
         ShapeProp(gm).propagate(*_placeholder_values(gm, ExampleInputs.of(inputs)))
+
+
+def failure(exc: BaseException) -> str:
+    """What went wrong, in a line: ShapeProp wraps the real error in one that names the node
+    and ends with a pointer to tlparse."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    lines = str(cause).strip().splitlines() or [""]
+    return f"{type(cause).__name__}: {lines[0][:200]}"
 
 
 def private_copy(module: nn.Module, inputs: tuple) -> nn.Module:
@@ -64,7 +75,13 @@ def private_copy(module: nn.Module, inputs: tuple) -> nn.Module:
                 inputs.kwargs.setdefault(key, value)
         work = copy.deepcopy(traced.graph_module)
         work.meta[FRONTEND] = traced.frontend
-    annotate(work, inputs)
+    try:
+        annotate(work, inputs)
+    except Exception as exc:   # e.g. a space's module converted with .double() afterwards
+        raise MoveError(
+            f"the architecture fails on the example inputs ({failure(exc)}); if you converted "
+            "it (.double(), .to(device)) after making the space, convert the example inputs "
+            "alike, or convert the model before ModelSpace(...)") from exc
     return work
 
 
@@ -88,6 +105,7 @@ class Move:
                  dynamic_shapes=None) -> nn.Module:
         """Inputs as for ``morphc.extend``: positional ``example_inputs``, keyword ``kwargs``,
         torch.export's ``dynamic_shapes`` (used when ``module`` must be traced first)."""
+        self._check_seed()
         inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
         result = self.apply_to(private_copy(module, inputs), inputs)
         try:
@@ -95,10 +113,18 @@ class Move:
         except Exception as exc:   # a move that built a graph its own inputs cannot run
             raise MoveError(
                 f"{self} built an architecture that fails on the example inputs "
-                f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}); the model "
+                f"({failure(exc)}); the model "
                 "you passed is unchanged. This is a morphc bug: please report it with the "
                 "model, and try another move meanwhile") from exc
         return result
+
+    def _check_seed(self) -> None:
+        """Every move that draws random numbers seeds a ``torch.Generator`` with ``seed``; a
+        float or a string would fail deep inside torch with an untyped error."""
+        seed = getattr(self, "seed", 0)
+        if type(seed) is not int or not -2 ** 63 <= seed < 2 ** 64:
+            raise MoveError(f"{type(self).__name__}: seed must be an int (a torch.Generator "
+                            f"seed), got {seed!r}")
 
     def apply_to(self, module: nn.Module, inputs: tuple) -> nn.Module:
         """Rewrite ``module`` (a private copy, shapes annotated) into the new architecture."""

@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from morphc.compiler.contract import contract
 from morphc.compiler.extend import extend
-from morphc.compiler.extended import ExtendedModel
+from morphc.compiler.extended import ExtendedModel, check_homotopy
 from morphc.compiler.write import write_weights
 from morphc.errors import ContractionError, MoveError, SiteError
 from morphc.ir.branch import BypassBranch
@@ -56,10 +56,11 @@ def set_homotopy(module: nn.Module, s: float) -> None:
     if isinstance(module, ExtendedModel):
         module.set_homotopy(s)
         return
+    s = check_homotopy(s)     # a NaN or 2.0 would silently change what the branches compute
     with torch.no_grad():
         for branch in module.modules():
             if isinstance(branch, BypassBranch):
-                branch.homotopy.fill_(float(s))
+                branch.homotopy.fill_(s)
 
 
 def _need_graph(module: nn.Module, move: str) -> fx.GraphModule:
@@ -93,6 +94,10 @@ class Contract(Move):
         if not isinstance(module, ExtendedModel):
             raise MoveError("Contract needs an extended architecture (the result of Extend); "
                             "to remove grown branches use Ungrow")
+        if not any(bool(torch.any(b.B != 0)) for b in module.branches.values()):
+            # B = 0: the branches add nothing at any s, so reaching C changes nothing (as Ungrow
+            # drops a zero branch): Extend then Contract cancels without a return phase
+            module.set_homotopy(0.0)
         return contract(module)
 
 
@@ -198,6 +203,12 @@ class Widen(Move):
                             f"widenable (first, second) pairs: {widenable_pairs(gm)}")
         old = site.weight.shape[0]
         new = self.to if self.to is not None else math.ceil(old * self.factor)
+        if new <= old:
+            given = f"to={self.to}" if self.to is not None else \
+                f"factor={self.factor} gives {new} units"
+            raise SiteError(f"Widen: {self.first} has {old} units and {given}; Widen only adds "
+                            f"units, so the new width must be larger: pass to > {old} or "
+                            "factor > 1")
         generator = torch.Generator().manual_seed(self.seed)
         return Pipeline(gm).run(widen_layer, self.first, new, second=self.second,
                                 noise=self.noise, generator=generator).graph_module
@@ -251,6 +262,9 @@ class Ungrow(Move):
         gm = _need_graph(module, "Ungrow")
         branches = grown_branches(gm)
         chosen = [b for b in branches if self.branch in (None, b.target, b.site)]
+        if not branches:
+            raise SiteError("Ungrow: this architecture has no grown branches or residual blocks "
+                            "(Grow and Deepen add them; Contract undoes Extend)")
         if not chosen:
             raise SiteError(f"no grown branch {self.branch!r}; grown branches: "
                             f"{[(b.target, b.site) for b in branches]}")

@@ -24,18 +24,25 @@ import torch
 from torch import nn
 
 from morphc.compiler.extended import ExtendedModel
+from morphc.ir.traced_model import TracedModel
 from morphc.space.encoding import graph_to_json
-from morphc.space.loading import graph_from_json
+from morphc.space.loading import graph_from_json, saved_files
 from morphc.space.schema import _canonical
 
 
 def save(module: nn.Module, prefix) -> dict[str, Path]:
     """Write ``<prefix>.json`` (architecture + digests), ``<prefix>.pt`` (state_dict) and
-    ``<prefix>.py`` (generated code, for reading). Returns the paths."""
-    prefix = Path(prefix)
+    ``<prefix>.py`` (generated code, for reading). Returns the paths. A ``ModelSpace`` is
+    written as ``space.save(prefix)`` does (a directory; its best architecture loads with
+    ``load(prefix / "best")``)."""
+    from morphc.space.graph import ModelSpace
+
+    if isinstance(module, ModelSpace):
+        return module.save(prefix)
+    prefix = saved_files(prefix)[0].with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    gm = module.graph_module if isinstance(module, ExtendedModel) else module
-    data = graph_to_json(gm)
+    data = graph_to_json(module)
+    gm = module.graph_module if isinstance(module, ExtendedModel | TracedModel) else module
     graph_from_json(data)              # refuse to write what load would refuse
     buffer = io.BytesIO()
     torch.save(gm.state_dict(), buffer)

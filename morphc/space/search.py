@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Protocol
 from torch import nn
 
 from morphc.compiler.extended import ExtendedModel
-from morphc.errors import MorphcError
+from morphc.errors import MorphcError, MoveError
 from morphc.passes.find_sites import find_sites
 from morphc.passes.widen_layer import widenable_pairs
 from morphc.space.deepen_points import deepen_points
+from morphc.space.graph import check_count
 from morphc.space.move_base import Move
 from morphc.space.moves import (
     Contract,
@@ -66,7 +67,17 @@ class HillClimb:
     options: dict | None = None
     log: Callable[[str], None] | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse counts that would loop forever (``child_steps=0`` makes a round free) or fail
+        later with an untyped error."""
+        check_count(self.neighbors, "HillClimb: neighbors")
+        check_count(self.child_steps, "HillClimb: child_steps", minimum=1)
+        check_count(self.warmup_steps, "HillClimb: warmup_steps")
+        check_count(self.final_steps, "HillClimb: final_steps")
+        check_options(self.options or {})
+
     def __call__(self, space: ModelSpace, train: TrainFn, evaluate: EvalFn, budget: int) -> str:
+        check_count(budget, "budget")
         rng = random.Random(self.seed)
         start = space.steps_spent
         current = space.root
@@ -84,6 +95,10 @@ class HillClimb:
     def _candidates(self, space: ModelSpace, node: str, rng: random.Random) -> list[Move]:
         if self.moves is not None:
             moves = self.moves(space.module(node))
+            if not isinstance(moves, list | tuple) or \
+                    not all(isinstance(m, Move) for m in moves):
+                raise MoveError(f"HillClimb(moves=...) must return a list of moves (Widen(...), "
+                                f"Grow(...), ...), got {moves!r}")
         else:
             moves = space.neighbors(node, seed=rng.randrange(2**31), **(self.options or {}))
         return rng.sample(moves, min(self.neighbors, len(moves)))
@@ -102,14 +117,30 @@ class HillClimb:
             space.train(node, train, self.child_steps)
             space.evaluate(node, evaluate)
         scores = {n: space.graph.nodes[n]["score"] for n in [current, *children]}
-        best = max([current, *children], key=lambda n: scores[n])
+        best = max([current, *children], key=lambda n: _rank(scores[n]))
         if self.log is not None:
             self.log(f"round: {len(children)} children, best {scores[best]:.4f} "
                      f"({space.graph.nodes[best]['summary']})")
         return best
 
 
+def _rank(score: float) -> float:
+    """NaN (a child whose training diverged) ranks below every number; ties keep the first."""
+    return -math.inf if math.isnan(score) else score
+
+
 # -- where a search may go ---------------------------------------------------------------------
+NEIGHBORHOOD_OPTIONS = ("widen_factor", "max_width", "grow_width")
+
+
+def check_options(options: dict, allowed: tuple[str, ...] = NEIGHBORHOOD_OPTIONS) -> dict:
+    """Neighbourhood options, checked when they are given rather than as a TypeError at the
+    first round (a search draws ``seed`` itself: ``HillClimb(seed=...)``)."""
+    if not isinstance(options, dict) or set(options) - set(allowed):
+        raise MoveError(f"neighbourhood options are {', '.join(allowed)}; got {options!r}")
+    return options
+
+
 def neighborhood(module: nn.Module, *, widen_factor: float = 2.0, max_width: int = 512,
                  grow_width: int = 8, seed: int = 0) -> list[Move]:
     """Every move a search may try from ``module`` (shapes must be annotated)."""

@@ -4,6 +4,7 @@ with Graphviz) and the best architecture as a saved file (``morphc.space.saving`
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from torch import nn
@@ -22,6 +23,11 @@ def _architecture(module: nn.Module) -> dict:
         return {"error": str(exc)}
 
 
+def _json_score(score: float | None) -> float | None:
+    """A NaN or infinite score as null: ``json.dumps`` would write ``NaN``, which is not JSON."""
+    return score if score is None or math.isfinite(score) else None
+
+
 def space_to_json(space) -> dict:
     """Nodes (hash, scores, steps, params, architecture as data) and edges (moves, measured
     change), plus refused moves. Weights are not included (see ``save_space``)."""
@@ -29,7 +35,9 @@ def space_to_json(space) -> dict:
     nodes = []
     for node, attrs in sorted(space.graph.nodes(data=True), key=lambda item: item[1]["order"]):
         nodes.append({"id": node, **{k: attrs[k] for k in ("order", "kind", "summary", "params",
-                                                         "steps", "score", "scores", "visits")},
+                                                         "steps", "visits")},
+                      "score": _json_score(attrs["score"]),
+                      "scores": [[steps, _json_score(v)] for steps, v in attrs["scores"]],
                       "architecture": _architecture(attrs["module"])})
     edges = [{"source": u, "target": v, **{k: attrs[k] for k in (
         "move", "spec", "change", "change_train", "count", "order")}}

@@ -26,7 +26,9 @@ def add_parser(subparsers, debug: argparse.ArgumentParser) -> None:
         description="Trace a model, list its extension sites (shapes, parameters, FLOPs) and "
         "optionally extend it and draw the original and extended graphs side by side. "
         "The model is put in eval mode.",
-        epilog="FACTORY is 'package.module:name' (imported, never evaluated). name may be an "
+        epilog="FACTORY is 'package.module:name' or 'path/to/file.py:name' (imported, never "
+        "evaluated), or a file morphc.save wrote (model.json: loaded as data; give "
+        "--input-shape). name may be an "
         "nn.Module, a callable returning one, or a callable returning (model, example_inputs) "
         "like morphc.zoo:cnn_bn, or (model, args, kwargs[, dynamic_shapes]) for keyword inputs "
         "such as a Hugging Face model's input_ids/attention_mask/use_cache=False and "
@@ -35,7 +37,8 @@ def add_parser(subparsers, debug: argparse.ArgumentParser) -> None:
         "lists those the model fixed, and why. Example: "
         "morphc inspect morphc.zoo:mlp --extend --sites all "
         "--html mlp.html")
-    p.add_argument("factory", metavar="FACTORY", help="package.module:name of the model")
+    p.add_argument("factory", metavar="FACTORY", help="package.module:name or file.py:name of "
+                   "the model, or a saved model.json")
     p.add_argument("--input-shape", type=parse_shape, action="append", metavar="SHAPE",
                    help="shape of a random example input, e.g. 1,3,32,32 (repeat for several "
                    "inputs; default: the inputs the factory returned)")

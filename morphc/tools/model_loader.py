@@ -1,4 +1,6 @@
-"""Loading a user's model for the command line: ``package.module:name`` → model and inputs.
+"""Loading a user's model for the command line: ``package.module:name`` (or
+``path/to/file.py:name``) → model and inputs; a file ``morphc.save`` wrote loads as data
+(``morphc.load``, never run), its inputs from ``--input-shape``.
 
 The factory is imported, never evaluated as code; it may be an ``nn.Module``, a callable
 returning one, or a callable returning ``(model, example_inputs)`` (like ``morphc.zoo:cnn_bn``),
@@ -29,7 +31,59 @@ class Loaded:
     dynamic_shapes: object = None  # torch.export's spec for the inputs above
 
 
+def _import_file(path: str, spec: str):
+    """``path/to/models.py:name``: the file imported as a module (what ``python path/to/models.py``
+    would run), its folder first on ``sys.path`` so its own sibling imports work."""
+    import importlib.util
+
+    file = os.path.abspath(path)
+    if not os.path.isfile(file):
+        raise CLIError(f"no file {path!r} (from {spec!r}); give an existing .py file or a "
+                       "module path, e.g. mypkg.models:make_model")
+    folder = os.path.dirname(file)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = f"morphc_user_{os.path.splitext(os.path.basename(file))[0]}"
+    module_spec = importlib.util.spec_from_file_location(name, file)
+    if module_spec is None or module_spec.loader is None:
+        raise CLIError(f"cannot import {path!r} (from {spec!r}); give a .py file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module          # dataclasses and pickling look the module up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise CLIError(f"importing {path!r} failed: {type(e).__name__}: {one_line(e)}; fix the "
+                       "file (run with --debug for the traceback)") from e
+    return module
+
+
+def _is_file_path(module_name: str) -> bool:
+    return module_name.endswith(".py") or os.sep in module_name or "/" in module_name
+
+
+def _saved_architecture(spec: str) -> str | None:
+    """The prefix when ``spec`` names a file ``morphc.save`` wrote (``model.json`` or its
+    prefix); None for a factory path."""
+    if ":" in spec and not os.path.exists(spec):
+        return None
+    if spec.endswith((".json", ".pt")) or os.path.isfile(spec + ".json"):
+        return spec
+    return None
+
+
+def _load_saved(prefix: str) -> Loaded:
+    from morphc.space.loading import load
+
+    try:
+        return Loaded(load(prefix), None, prefix)
+    except FileNotFoundError as e:
+        raise CLIError(f"{one_line(e)}") from e
+
+
 def _import_module(module_name: str, spec: str):
+    if _is_file_path(module_name):
+        return _import_file(module_name, spec)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: models in the current directory
     try:
@@ -63,13 +117,18 @@ def _call_factory(obj, spec: str):
 
 
 def load_model(spec: str) -> Loaded:
-    """Resolve ``package.module:name`` to a model and, if the factory gave them, inputs."""
+    """Resolve ``package.module:name`` (or ``path/to/file.py:name``) to a model and, if the
+    factory gave them, inputs; a file ``morphc.save`` wrote (``model.json``) loads as data."""
     from torch import nn
 
-    module_name, sep, attr = spec.partition(":")
+    saved = _saved_architecture(spec)
+    if saved is not None:
+        return _load_saved(saved)
+    module_name, sep, attr = spec.rpartition(":") if _is_file_path(spec) else spec.partition(":")
     if not sep or not module_name or not attr:
-        raise CLIError(f"{spec!r} is not a factory path; write 'package.module:name', "
-                       "e.g. morphc.zoo:cnn_bn or mypkg.models:make_model")
+        raise CLIError(f"{spec!r} is not a factory path; write 'package.module:name' or "
+                       "'path/to/file.py:name', e.g. morphc.zoo:cnn_bn or mypkg.models:make_model"
+                       ", or give a file morphc.save wrote (model.json)")
     module = _import_module(module_name, spec)
     obj = module
     for part in attr.split("."):
