@@ -106,13 +106,20 @@ def _coarsest_dtype(tensors) -> torch.dtype:
     return max(dtypes or {torch.float32}, key=_tolerance)
 
 
+def _adds_nothing(ext: ExtendedModel) -> bool:
+    """Every branch's output map is zero: the branches add nothing, whatever their α."""
+    return all(not bool(torch.any(branch.B != 0)) for branch in ext.branches.values())
+
+
 def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) -> nn.Module:
     """Fold every branch into the user's own Parameters, in place; return the user's model.
 
     Requires the branches to sit on the constraint set C (``ext.set_homotopy(0.0)`` or the
     Bypass return phase); ``force=True`` snaps onto C and reports the function change that caused
-    in ``ext.contraction_report.snap_change``. All-or-nothing: on any failure the user's weights
-    are untouched (``morphc.compiler.write``).
+    in ``ext.contraction_report.snap_change``. Branches that never moved (every ``B = 0``, as
+    ``extend`` makes them) add nothing at any homotopy, so they reach C unasked:
+    ``contract(extend(model, args))`` is the identity. All-or-nothing: on any failure the user's
+    weights are untouched (``morphc.compiler.write``).
     """
     if not isinstance(ext, ExtendedModel):
         raise ContractionError(f"contract needs what morphc.extend returned, got "
@@ -125,7 +132,7 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
     residual = ext.constraint_residual()
     snap_change = None
     if residual != 0.0:
-        if not force:
+        if not force and not _adds_nothing(ext):
             raise ContractionError(
                 f"the branches are off the constraint set (residual {residual:.3g}), so folding "
                 "would change the function. Reach C first: ext.set_homotopy(0.0) (or let the "

@@ -94,10 +94,6 @@ class Contract(Move):
         if not isinstance(module, ExtendedModel):
             raise MoveError("Contract needs an extended architecture (the result of Extend); "
                             "to remove grown branches use Ungrow")
-        if not any(bool(torch.any(b.B != 0)) for b in module.branches.values()):
-            # B = 0: the branches add nothing at any s, so reaching C changes nothing (as Ungrow
-            # drops a zero branch): Extend then Contract cancels without a return phase
-            module.set_homotopy(0.0)
         return contract(module)
 
 

@@ -170,6 +170,21 @@ def test_contraction_refuses_off_constraint_set_and_force_reports():
         ext(*inputs)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn"])
+def test_contract_right_after_extend_is_the_identity(name):
+    """Fresh branches (B = 0) add nothing at any homotopy: they reach C unasked, and the fold
+    leaves every weight bit for bit; a branch that moved off C is still refused."""
+    model, inputs = build(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert morphc.contract(morphc.extend(model, inputs, sites="all")) is model
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ext = morphc.extend(model, inputs, sites="all")
+    with torch.no_grad():
+        next(iter(ext.branches.values())).B.add_(0.1)
+    with pytest.raises(morphc.ContractionError, match="set_homotopy"):
+        morphc.contract(ext)
+
+
 def test_failed_contraction_leaves_weights_untouched():
     model, inputs = build("mlp")
     ext = morphc.extend(model, inputs, sites="all")
