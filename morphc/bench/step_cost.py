@@ -204,7 +204,7 @@ def measure_model(name: str, make: ModelFactory, widths: dict, modes=MODES, *, w
             ratio = step_s / fastest
             rows.append({
                 "model": name, "mode": mode, "width": label, "device": device.type,
-                "branch_widths": sorted(set(ext.config.widths.values())),
+                "branch_widths": sorted(set(ext.extension_config.widths.values())),
                 "step_ms": step_s * 1e3, "original_ms": fastest * 1e3,
                 "fastest_original": "/".join(fastest_key),
                 "original_user_ms": times[(mode, "user")] * 1e3,

@@ -107,7 +107,8 @@ class ExtendedModel(nn.Module):
         self.pipeline = pipeline     # the passes that made graph_module, in order
         object.__setattr__(self, "_model", model)   # the user's object, not a submodule
         object.__setattr__(self, "branches", dict(branches))
-        self.traced, self.site_table, self.sites, self.config = traced, site_table, sites, config
+        self.traced, self.site_table, self.sites = traced, site_table, sites
+        self.extension_config = config
         self.register_buffer("_homotopy", homotopy, persistent=False)
         self.contracted = False
         self.contraction_report: ContractionReport | None = None
@@ -118,6 +119,12 @@ class ExtendedModel(nn.Module):
         self.shape_graphs = ShapeGraphs(limit)
         weight = self.graph_module.get_parameter(sites[0].weight_name) if sites else homotopy
         self._extended_as = (weight.dtype, weight.device)
+
+    @property
+    def config(self) -> ExtensionConfig:
+        """The extension's settings (``extension_config``, the name morphc itself reads: the
+        view Bypass gives a closure answers ``m.config`` with the user's model's own)."""
+        return self.extension_config
 
     def example_call(self) -> tuple[tuple, dict]:
         """The example inputs (args, kwargs), converted as the model was since extend: after

@@ -45,7 +45,7 @@ class CycleStart:
                           "Choose other sites=", exc)
             return
         if scores is not None:
-            ext.config.escape_scores, ext.config.selection = scores, "auto"
+            ext.extension_config.escape_scores, ext.extension_config.selection = scores, "auto"
         group = ExtensionGroup(self.optimizer, list(ext.extension_parameters()),
                                self.config.extension_options)
         pace = getattr(self.trigger, "pace", None)
@@ -55,7 +55,8 @@ class CycleStart:
         self._cycle.structure = self._traced_structure
         self._cycle.watch_settings(self._user_model)
         self._module = None
-        self._event("extend", sites=ext.config.sites, widths=ext.config.widths, scores=scores)
+        chosen = ext.extension_config
+        self._event("extend", sites=chosen.sites, widths=chosen.widths, scores=scores)
 
     def _keeps_shadow(self) -> bool:
         """Plain training beside the cycle (:mod:`~morphc.runtime.shadow`) whenever a verdict
@@ -115,7 +116,7 @@ class CycleStart:
         if not (isinstance(spec, str) and spec == "auto"):
             return spec, None
         full = self._extend("all")
-        names = list(full.config.sites)
+        names = list(full.extension_config.sites)
         probe = self.config.probe
         if probe is None:
             scores = escape_scores(full, random_direction_probe(self.example_inputs,

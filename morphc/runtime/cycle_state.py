@@ -19,7 +19,7 @@ def extension_state(cycle: Cycle | None) -> dict | None:
     cycle)."""
     if cycle is None:
         return None
-    cfg, named = cycle.ext.config, dict(cycle.ext.named_extension_parameters())
+    cfg, named = cycle.ext.extension_config, dict(cycle.ext.named_extension_parameters())
     return {"sites": list(cfg.sites), "widths": dict(cfg.widths),
             "families": dict(cfg.families), "seed": cfg.seed,
             "init_scale": cfg.init_scale, "scores": cfg.escape_scores,
@@ -44,7 +44,7 @@ def restore_cycle(state: dict, *, model: nn.Module, example_inputs, traced,
         for name, param in ext.named_extension_parameters():
             param.copy_(state["params"][name])
     ext.set_homotopy(state["homotopy"])
-    ext.config.escape_scores = state["scores"]
+    ext.extension_config.escape_scores = state["scores"]
     group = ExtensionGroup(optimizer, list(ext.extension_parameters()), config.extension_options)
     group.load_state_dict(state["optimizer"], dict(ext.named_extension_parameters()))
     cycle = Cycle(ext, Snapshot.from_state(state["snapshot"]), group, config, started_at=0)

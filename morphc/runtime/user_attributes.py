@@ -26,6 +26,15 @@ class ExtendedModel(CompiledExtension):
     Parameters, buffers, layers without an extended site). Same name: users and their
     ``wrap`` see the ``ExtendedModel`` the README speaks of."""
 
+    @property
+    def config(self):
+        """The user's model's ``config`` if it has one (a Hugging Face model: a closure's
+        ``m.config.vocab_size``), else the extension's: the closure's ``m`` stands for the
+        user's model, and morphc reads ``extension_config``."""
+        model = self.__dict__.get("_model")
+        mine = None if model is None else getattr(model, "config", None)
+        return self.extension_config if mine is None else mine
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)

@@ -215,7 +215,7 @@ class Verdicts:
         if not finishing:
             self._start_probation(cycle, None if plain is None else plain - after)
         self._event("contract", residual=residual, deviation=ext.contraction_report.deviation,
-                    sites=ext.config.sites, finishing=finishing, loss_plain=plain,
+                    sites=ext.extension_config.sites, finishing=finishing, loss_plain=plain,
                     **self._measures(cycle, before, after, snap))
 
     # -- probation: plain training goes on beside a kept cycle's run for a while --------------

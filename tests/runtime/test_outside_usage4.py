@@ -3,6 +3,8 @@ several forwards, submodules called directly, a closure that runs backward only 
 run, a closure that goes wrong once mid-cycle. Errors are typed and say what to do; a user who
 catches one and trains on is where plain training would be."""
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,6 +170,29 @@ def test_a_closure_reading_a_parameter_off_the_module_can_morph():
     for x, y in batches:
         bp.step(lambda m, x=x, y=y: 0.5 * (torch.exp(-m.log_var) * F.mse_loss(m(x), y)
                                            + m.log_var))
+    bp.finish()
+    assert [e["event"] for e in bp.history if e["event"] in ("contract", "rollback")] == \
+        ["contract", "contract"]
+
+
+class Configured(Uncertain):
+    """A model carrying its settings in ``config``, as every Hugging Face model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(num_labels=3, loss_weight=0.5)
+
+
+def test_a_closure_reading_the_models_config_can_morph():
+    # m.config.num_labels in a loss (HF style): during a cycle m.config was the extension's
+    # settings ('ExtensionConfig' has no attribute 'num_labels') — every cycle rolled back
+    model, (_, batches) = Configured(), regression_task(0, STEPS)
+    bp = _bypass(model, torch.optim.Adam(model.parameters(), lr=5e-2), accept="always",
+                 eval_closure=None, probation_steps=0)
+    for x, y in batches:
+        bp.step(lambda m, x=x, y=y: m.config.loss_weight * F.mse_loss(
+            m(x).view(-1, m.config.num_labels), y))
+    assert bp.model.config is model.config
     bp.finish()
     assert [e["event"] for e in bp.history if e["event"] in ("contract", "rollback")] == \
         ["contract", "contract"]
