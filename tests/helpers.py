@@ -95,6 +95,18 @@ class SparseBag(nn.Module):
         return self.head(torch.tanh(self.embed(index))).squeeze(-1)
 
 
+def train_step(bp, model, optimizer, loss_of):
+    """One step of the pair a test compares: through Bypass when there is one (``bp``), else
+    plain training of ``model`` (the user's module, or what they call: a compiled one)."""
+    if bp is not None:
+        return bp.step(loss_of)
+    optimizer.zero_grad()
+    loss = loss_of(model)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def training_state(model, optimizer):
     """A model's weights and buffers and its optimizer's per-parameter state, copied: what a
     run without morphc must match bit for bit."""

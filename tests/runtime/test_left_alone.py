@@ -170,7 +170,7 @@ def test_ddp_averages_a_loss_parameter_over_ranks_during_a_cycle(tmp_path):
 def _dropout_run(with_bypass: bool, change_at: int = 5, **kw):
     """Adam with a Dropout whose p the user lowers after step ``change_at`` (inside the first
     cycle), with Bypass (cycles that never pay) or without."""
-    from tests.helpers import regression_task, training_state
+    from tests.helpers import regression_task, train_step, training_state
     _, batches = regression_task(0, 10)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 3))
@@ -179,12 +179,7 @@ def _dropout_run(with_bypass: bool, change_at: int = 5, **kw):
                        return_steps=3, verbose=False, eval_closure=lambda m: torch.tensor(1.0),
                        **kw) if with_bypass else None
     for i, (x, y) in enumerate(batches):
-        if bp is not None:
-            bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
-        else:
-            optimizer.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            optimizer.step()
+        train_step(bp, model, optimizer, lambda m, x=x, y=y: F.mse_loss(m(x), y))
         if i == change_at:
             model[2].p = 0.0
     if bp is not None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
-from tests.helpers import regression_task
+from tests.helpers import regression_task, train_step
 from tests.runtime.test_outside_probation import _on_probation
 from tests.runtime.test_probation import _train
 
@@ -66,12 +66,7 @@ def _run(batches, model, optimizer, grow_at, bp=None):
     for i, (x, y) in enumerate(batches):
         if i == grow_at:
             _grow(model, optimizer)
-        if bp is not None:
-            bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
-            continue
-        optimizer.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        optimizer.step()
+        train_step(bp, model, optimizer, lambda m, x=x, y=y: F.mse_loss(m(x), y))
     if bp is not None:
         bp.finish()
     return _whole(model, optimizer)

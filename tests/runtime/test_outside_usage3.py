@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
-from tests.helpers import regression_task, state_differences, training_state
+from tests.helpers import regression_task, state_differences, train_step, training_state
 
 STEPS = 23
 
@@ -40,12 +40,7 @@ def _run(with_bypass: bool, between=None, after_loop=None, bn=False, steps=STEPS
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-2)
     bp = _bypass(model, optimizer, **kw) if with_bypass else None
     for i, (x, y) in enumerate(batches):
-        if bp is not None:
-            bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
-        else:
-            optimizer.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            optimizer.step()
+        train_step(bp, model, optimizer, lambda m, x=x, y=y: F.mse_loss(m(x), y))
         if between is not None:
             between(i, model, bp)
     if after_loop is not None:
@@ -184,12 +179,7 @@ def _compiled_run(with_bypass: bool, **kw):
     compiled = torch.compile(model)
     bp = _bypass(compiled, optimizer, **kw) if with_bypass else None
     for x, y in batches:
-        if bp is not None:
-            bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
-        else:
-            optimizer.zero_grad()
-            F.mse_loss(compiled(x), y).backward()
-            optimizer.step()
+        train_step(bp, compiled, optimizer, lambda m, x=x, y=y: F.mse_loss(m(x), y))
     if bp is not None:
         assert bp.finish() is model
     return training_state(model, optimizer), bp

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
-from tests.helpers import regression_task, state_differences, training_state
+from tests.helpers import regression_task, state_differences, train_step, training_state
 
 STEPS = 14
 
@@ -134,12 +134,7 @@ def test_a_wgan_gp_critic_whose_cycles_never_pay_is_plain_training_bit_for_bit()
                 inter = (a * real + (1 - a) * fake).requires_grad_(True)
                 g, = torch.autograd.grad(m(inter).sum(), inter, create_graph=True)
                 return m(fake).mean() - m(real).mean() + 10 * ((g.norm(dim=1) - 1) ** 2).mean()
-            if bp is None:
-                optimizer.zero_grad()
-                loss(critic).backward()
-                optimizer.step()
-            else:
-                bp.step(loss)
+            train_step(bp, critic, optimizer, loss)
         if bp is not None:
             bp.finish()
             assert [e["to"] for e in bp.history if e["event"] == "rollback"] == ["plain"]

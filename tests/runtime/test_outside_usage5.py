@@ -9,7 +9,7 @@ from torch import nn
 
 import morphc
 from morphc.integrations.core import TrainerBypass
-from tests.helpers import state_differences, training_state
+from tests.helpers import state_differences, train_step, training_state
 
 STEPS = 10
 
@@ -39,12 +39,7 @@ def _run(with_bypass: bool):
                        return_steps=3, verbose=False,
                        eval_closure=lambda m: torch.tensor(1.0)) if with_bypass else None
     for x, y in _batches():
-        if bp is not None:
-            bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
-        else:
-            optimizer.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            optimizer.step()
+        train_step(bp, model, optimizer, lambda m, x=x, y=y: F.mse_loss(m(x), y))
     if bp is not None:
         assert bp.finish() is model
     return training_state(model, optimizer), bp
