@@ -3,13 +3,8 @@
 >>> from morphc.space import ModelSpace, Widen   # doctest: +SKIP
 """
 
-from morphc.space.graph import (
-    ModelSpace,
-    architecture_graph,
-    architecture_hash,
-    function_change,
-    summarize,
-)
+from morphc.space.architecture import architecture_graph, architecture_hash
+from morphc.space.graph import ModelSpace, function_change, summarize
 from morphc.space.move_base import Move
 from morphc.space.moves import Contract, Deepen, Extend, Grow, Shrink, Ungrow, Widen
 from morphc.space.search import HillClimb, SearchResult
