@@ -16,29 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
-from morphc.integrations.core import TrainerBypass, raw_optimizer
-from tests.helpers import TokenData, state_differences, tiny_gpt2, training_state
+from morphc.integrations.core import TrainerBypass
+from tests.helpers import state_differences, training_state
+from tests.integrations.trainer_runs import hf_run, lightning_run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # -- Hugging Face Trainer ------------------------------------------------------------------------
-def _gpt2_with_dropout():
-    return tiny_gpt2(dropout=0.1)
-
-
 def _hf_run(tmp_path, callbacks, **overrides):
-    transformers = pytest.importorskip("transformers")
-    options = dict(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4,
-                   gradient_accumulation_steps=2, learning_rate=2e-3, lr_scheduler_type="linear",
-                   max_grad_norm=0.5, save_strategy="no", report_to=[], use_cpu=True,
-                   disable_tqdm=True, logging_steps=100, seed=0, dataloader_num_workers=0)
-    options.update(overrides)
-    model = _gpt2_with_dropout()
-    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**options),
-                                   train_dataset=TokenData(), callbacks=callbacks)
-    trainer.train()
-    return model, raw_optimizer(trainer.optimizer)
+    return hf_run(tmp_path, callbacks, max_steps=10, **overrides)
 
 
 def _hf_callback(**options):
@@ -158,37 +145,7 @@ def test_a_replay_that_fails_warns_and_a_miss_restores_the_state_before(never_pa
 
 # -- Lightning -----------------------------------------------------------------------------------
 def _lightning_run(tmp_path, callbacks):
-    pl = pytest.importorskip("lightning.pytorch")
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.2),
-                                     nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Tanh(),
-                                     nn.Linear(16, 1))
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = F.mse_loss(self.net(x).squeeze(-1), y)
-            self.log("train_loss", loss)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-    torch.manual_seed(0)
-    module = Module()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(128, 4, generator=g)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.sin(x.sum(-1))),
-                                         batch_size=8)
-    trainer = pl.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=str(tmp_path),
-                         callbacks=callbacks, num_sanity_val_steps=0, accumulate_grad_batches=2,
-                         gradient_clip_val=0.5)
-    trainer.fit(module, loader)
-    return module, trainer.optimizers[0], trainer
+    return lightning_run(tmp_path, callbacks, max_steps=10)
 
 
 def test_lightning_a_cycle_that_does_not_pay_leaves_what_plain_training_would_have(

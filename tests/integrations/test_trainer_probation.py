@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import morphc
-from morphc.integrations.core import TrainerBypass, raw_optimizer
+from morphc.integrations.core import TrainerBypass
 from morphc.integrations.plain import PlainBeside
 from morphc.runtime.cycle import Cycle
-from tests.helpers import TokenData, state_differences, tiny_gpt2, training_state
+from tests.helpers import state_differences, training_state
+from tests.integrations.trainer_runs import hf_run, lightning_run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CYCLE = dict(bypass_steps=2, return_steps=3, width=4, min_lr_fraction=0.0, verbose=False,
@@ -50,17 +51,8 @@ def _probations(callback):
 
 
 # -- Hugging Face Trainer ------------------------------------------------------------------------
-def _hf_run(tmp_path, callbacks, **overrides):
-    transformers = pytest.importorskip("transformers")
-    options = dict(output_dir=str(tmp_path), max_steps=14, per_device_train_batch_size=4,
-                   gradient_accumulation_steps=2, learning_rate=2e-3, lr_scheduler_type="linear",
-                   max_grad_norm=0.5, save_strategy="no", report_to=[], use_cpu=True,
-                   disable_tqdm=True, logging_steps=100, seed=0, dataloader_num_workers=0)
-    model = tiny_gpt2(dropout=0.1)
-    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
-        **{**options, **overrides}), train_dataset=TokenData(), callbacks=callbacks)
-    trainer.train()
-    return training_state(model, raw_optimizer(trainer.optimizer))
+def _hf_run(tmp_path, callbacks, max_steps=14, **overrides):
+    return training_state(*hf_run(tmp_path, callbacks, max_steps, **overrides))
 
 
 def _hf_callback(**options):
@@ -113,38 +105,8 @@ def test_hf_training_that_ends_during_a_probation_judges_it(tmp_path, shift):
 
 # -- Lightning -----------------------------------------------------------------------------------
 def _lightning_run(tmp_path, callbacks, max_steps=14, checkpoint=None):
-    pl = pytest.importorskip("lightning.pytorch")
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.2),
-                                     nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Tanh(),
-                                     nn.Linear(16, 1))
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.mse_loss(self.net(x).squeeze(-1), y)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-    torch.manual_seed(0)
-    module = Module()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(128, 4, generator=g)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.sin(x.sum(-1))),
-                                         batch_size=8)
-    extra = [] if checkpoint is None else [pl.callbacks.ModelCheckpoint(
-        dirpath=str(tmp_path), every_n_train_steps=checkpoint, save_top_k=-1)]
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=checkpoint is not None,
-                         default_root_dir=str(tmp_path), callbacks=[*callbacks, *extra],
-                         num_sanity_val_steps=0, accumulate_grad_batches=2,
-                         gradient_clip_val=0.5)
-    trainer.fit(module, loader)
-    return training_state(module, trainer.optimizers[0])
+    module, optimizer, _ = lightning_run(tmp_path, callbacks, max_steps, checkpoint)
+    return training_state(module, optimizer)
 
 
 def _lightning_callback(**options):
