@@ -342,3 +342,34 @@ def test_a_forced_bypass_cycle_trains_and_returns_the_users_own_model(name):
     assert any(e["event"] == "contract" for e in bp.history)
     assert bp.finish() is model
     assert all(p is params[n] for n, p in model.named_parameters())
+
+
+def _half_mlp_trained(eps):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).half()
+    x, y = torch.randn(3, 8).half(), torch.randn(3, 4).half()
+    ext = morphc.extend(model, (x,), sites="all", width=3)
+    opt = torch.optim.Adam(ext.parameters(), lr=1e-2, eps=eps)
+    for _ in range(3):
+        opt.zero_grad()
+        F.mse_loss(ext(x), y).backward()
+        opt.step()
+    ext.set_homotopy(0.0)
+    return model, ext, x
+
+
+def test_a_float16_run_that_diverged_is_named_as_such_not_as_off_the_constraint_set():
+    """Was: 'the branches are off the constraint set (residual nan) … ext.set_homotopy(0.0)',
+    which the user had just called: Adam's eps=1e-8 is 0 in float16 and A, α have zero gradient
+    at B = 0, so their first step is 0/0."""
+    _, ext, _ = _half_mlp_trained(1e-8)
+    with pytest.raises(morphc.ContractionError, match=r"not finite.*branch 0\.A.*eps=1e-8"):
+        morphc.contract(ext)
+    model, ext, x = _half_mlp_trained(1e-4)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        extended = ext(x)
+    assert morphc.contract(ext) is model
+    assert all(p is params[n] and p.dtype == torch.float16 for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert max_rel(extended, model(x)) < 5e-3
