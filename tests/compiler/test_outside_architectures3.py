@@ -373,3 +373,31 @@ def test_a_float16_run_that_diverged_is_named_as_such_not_as_off_the_constraint_
     assert all(p is params[n] and p.dtype == torch.float16 for n, p in model.named_parameters())
     with torch.no_grad():
         assert max_rel(extended, model(x)) < 5e-3
+
+
+class _OwnLoss(nn.Module):
+    """A head that checks its labels with Python control flow, as HF's CTC and DeBERTa do."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.head(x)
+        if labels is not None:
+            if bool(labels.max() >= 3):
+                raise ValueError("label out of range")
+            return F.cross_entropy(logits, labels), logits
+        return logits
+
+
+def test_a_data_dependent_refusal_names_the_models_line_and_its_loss_inputs():
+    """Was: torch.export's guard message and 'Caused by' a line of torch itself; the line to
+    change, and that it is the loss the labels asked for, were left to the user to find."""
+    model, x = _OwnLoss(), torch.randn(3, 4)
+    with pytest.raises(morphc.TraceError, match=r"(?s)test_outside_architectures3\.py:\d+ in "
+                       r"forward: if bool\(labels\.max\(\) >= 3\).*own loss \(labels=\)"):
+        morphc.extend(model, (x,), kwargs={"labels": torch.tensor([0, 1, 2])}, sites="all")
+    ext = morphc.extend(model, (x,), sites="all")          # what the message advises
+    with torch.no_grad():
+        assert torch.equal(ext(x), model(x))
