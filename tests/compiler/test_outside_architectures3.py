@@ -16,6 +16,7 @@ from torch import nn
 
 import morphc
 from tests.helpers import _floating_leaves, max_rel, train_extension
+from tests.ir.test_sites import linear_operator_weights
 
 _PAD = torch.zeros(2, 5, dtype=torch.bool)
 _PAD[0, -1] = True
@@ -240,6 +241,10 @@ def test_outside_architecture_extends_exactly_and_folds_into_its_own_parameters(
     params = dict(model.named_parameters())
     before = _run(model, args, kwargs)
     ext = morphc.extend(model, args, kwargs=kwargs, sites="all", width=3)
+    missing = linear_operator_weights(model) - ext.site_table.covered()
+    if name == "moduledict_by_string_input":       # the head task="reg" never calls: its
+        missing -= {"heads.cls.weight"}            # graph, traced again for "cls", has no branch
+    assert not missing, f"linear weights neither sites nor listed exclusions: {missing}"
     assert all(torch.equal(a, b) for a, b in zip(before, _run(ext, args, kwargs), strict=True))
     if other is not None:
         assert all(torch.equal(a, b) for a, b in zip(_run(model, other), _run(ext, other),
@@ -401,3 +406,22 @@ def test_a_data_dependent_refusal_names_the_models_line_and_its_loss_inputs():
     ext = morphc.extend(model, (x,), sites="all")          # what the message advises
     with torch.no_grad():
         assert torch.equal(ext(x), model(x))
+
+
+@pytest.mark.parametrize("hook, names", [(nn.utils.spectral_norm, {"0.weight_orig"}),
+                                         (nn.utils.weight_norm, {"0.weight_g", "0.weight_v"})])
+def test_a_weight_computed_by_a_pre_hook_is_an_explained_exclusion(hook, names):
+    """Was: neither a site nor an exclusion (the old hooks make ``weight`` a plain attribute);
+    naming the layer gave no reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    hook(model[0])
+    model.eval()                   # spectral_norm's power iteration moves u in train mode
+    x = torch.randn(3, 8)
+    ext = morphc.extend(model, (x,), sites="all", width=3)
+    assert set(ext.site_table.exclusions) == names
+    assert all("pre-hook" in ext.site_table.exclusions[n] for n in names)
+    with torch.no_grad():
+        assert torch.equal(ext(x), model(x))
+    with pytest.raises(morphc.SiteError, match="no Parameter: a forward pre-hook"):
+        morphc.extend(model, (x,), sites=["0"])
