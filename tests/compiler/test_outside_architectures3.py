@@ -181,6 +181,8 @@ CASES = {   # name: (model, example args, kwargs, args at another shape or None)
         nn.Conv2d(8, 4, 1)), (torch.randn(2, 3, 8, 8),), None, None),
     "instancenorm_running_stats_eval": (lambda: _inorm().eval(), (torch.randn(2, 3, 8, 8),),
                                         None, None),
+    "instancenorm_running_stats_train": (lambda: _inorm().train(), (torch.randn(2, 3, 8, 8),),
+                                         None, None),
     "pixel_shuffle_unshuffle": (lambda: nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.PixelShuffle(2), nn.Conv2d(4, 4, 3, padding=1),
         nn.PixelUnshuffle(2), nn.Conv2d(16, 3, 1)), (torch.randn(2, 3, 6, 6),), None, None),
