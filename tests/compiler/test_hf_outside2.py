@@ -4,7 +4,8 @@ round), built tiny from configs (random weights, no downloads): heads called wit
 ``output_hidden_states`` / ``output_attentions``, a state-space model (Mamba, whose convolution
 weight reaches ``F.conv1d`` through ``squeeze(1).unsqueeze(1)``), FFT mixing (FNet), grouped
 and separable convolutions (SqueezeBERT, ConvBERT), bottlenecks (MobileBERT), CLIP text + vision
-with its contrastive loss, Whisper with labels, multi-query attention, ALiBi, RWKV, LeViT.
+with its contrastive loss, Whisper with labels, multi-query attention, ALiBi, RWKV, inputs_embeds,
+gradient checkpointing in train(), bfloat16 weights, T5 encoder alone, a BERT2BERT EncoderDecoder.
 Each: E1 bit for bit, a few training steps, ``set_homotopy(0)``, contract into the user's own
 Parameters (C1). A loss whose code is data-dependent is refused, typed, naming the model's line.
 """
@@ -66,6 +67,8 @@ class Case:
     slow: bool = True
     alt: object = None                 # inputs at another batch size and length
     uncalled: tuple = ()               # weights of heads these inputs never call
+    train: bool = False                # stays in train() mode
+    tolerance: float = 1e-5            # C1, relative (bfloat16: its rounding)
 
 
 CASES = {
@@ -154,7 +157,31 @@ CASES = {
         vocab_size=V, hidden_size=H, num_hidden_layers=2, attention_hidden_size=H,
         intermediate_size=37, context_length=64)), lambda: {"input_ids": _ids(2, 9),
                                                             "use_cache": False}),
+    "llama_inputs_embeds": Case(lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
+        **_DEC, num_key_value_heads=2)), lambda: {
+            "inputs_embeds": torch.randn(2, 9, H, generator=torch.Generator().manual_seed(1)),
+            "attention_mask": _mask(2, 9), "use_cache": False}),
+    "llama_gradient_checkpointing_train": Case(lambda: _checkpointed_llama(),
+                                               lambda: _text(use_cache=False), train=True),
+    "bert_bfloat16": Case(lambda: tf.BertModel(tf.BertConfig(**_DEC)).to(torch.bfloat16), _text,
+                          tolerance=2e-2),
+    "t5_encoder_only": Case(lambda: tf.T5EncoderModel(tf.T5Config(**_T5)), _text),
+    "bert2bert_encoder_decoder": Case(lambda: _bert2bert(), lambda: _text(
+        decoder_input_ids=_ids(2, 5, 1), use_cache=False)),
 }
+
+
+def _checkpointed_llama():
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**_DEC, num_key_value_heads=2))
+    model.gradient_checkpointing_enable()
+    return model
+
+
+def _bert2bert():
+    config = tf.EncoderDecoderConfig.from_encoder_decoder_configs(
+        tf.BertConfig(**_DEC), tf.BertConfig(**_DEC, is_decoder=True, add_cross_attention=True))
+    config.decoder_start_token_id, config.pad_token_id = 1, 0
+    return tf.EncoderDecoderModel(config=config)
 
 
 def _audio_mask():
@@ -186,7 +213,7 @@ class _Called:
 def test_outside_hf_model_extends_exactly_and_contracts_into_its_own_parameters(name):
     case = CASES[name]
     torch.manual_seed(0)
-    model, kwargs = case.make().eval(), case.inputs()
+    model, kwargs = case.make().train(case.train), case.inputs()
     shapes = [kwargs] + ([case.alt()] if case.alt else [])
     before = [_run(model, kw) for kw in shapes]
     params = dict(model.named_parameters())
@@ -203,7 +230,7 @@ def test_outside_hf_model_extends_exactly_and_contracts_into_its_own_parameters(
     assert all(p is params[n] for n, p in model.named_parameters())
     for kw, expected in zip(shapes, folded, strict=True):                      # C1
         got = _run(model, kw)
-        assert max(max_rel(a, b) for a, b in zip(expected, got, strict=True)) <= 1e-5
+        assert max(max_rel(a, b) for a, b in zip(expected, got, strict=True)) <= case.tolerance
 
 
 def test_mambas_convolutions_are_sites_not_exclusions():
