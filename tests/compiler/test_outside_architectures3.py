@@ -155,6 +155,22 @@ def _inorm():
                          nn.ReLU(), nn.Conv2d(8, 4, 1))
 
 
+class _ViewedWeights(nn.Module):
+    """Weights handed over through views that return to their own shape, as HF Mamba does."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.conv = nn.Conv1d(6, 6, 3, groups=6, padding=2)
+        self.w = nn.Parameter(torch.randn(5, 6) * 0.3)
+
+    def forward(self, x):
+        h = self.inp(x).transpose(1, 2)
+        weight = self.conv.weight.squeeze(1).unsqueeze(1)
+        h = F.conv1d(h, weight, self.conv.bias, padding=2, groups=6)[..., :h.shape[-1]]
+        return F.linear(torch.tanh(h.transpose(1, 2)), self.w.reshape(5, 6))
+
+
 _BOOL = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(3)) > 0.3
 _BOOL[..., 0] = True
 _CAUSAL5 = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
@@ -214,6 +230,8 @@ CASES = {   # name: (model, example args, kwargs, args at another shape or None)
                              None, None),
     "forward_with_var_kwargs": (_Kwargs, (torch.randn(3, 4),), {"scale": torch.rand(3, 1)},
                                 None),
+    "weights_through_views": (_ViewedWeights, (torch.randn(2, 7, 4),), None,
+                              (torch.randn(3, 9, 4),)),
     "moduledict_by_string_input": (_Heads, (torch.randn(3, 4), "reg"), None,
                                    (torch.randn(3, 4), "cls")),
 }
@@ -259,22 +277,6 @@ def test_outside_architecture_extends_exactly_and_folds_into_its_own_parameters(
     assert all(p is params[n] for n, p in model.named_parameters())
     folded = _run(model, args, kwargs)
     assert max(max_rel(a, b) for a, b in zip(extended, folded, strict=True)) < 1e-6
-
-
-class _ViewedWeights(nn.Module):
-    """Weights handed over through views that return to their own shape, as HF Mamba does."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(4, 6)
-        self.conv = nn.Conv1d(6, 6, 3, groups=6, padding=2)
-        self.w = nn.Parameter(torch.randn(5, 6) * 0.3)
-
-    def forward(self, x):
-        h = self.inp(x).transpose(1, 2)
-        weight = self.conv.weight.squeeze(1).unsqueeze(1)
-        h = F.conv1d(h, weight, self.conv.bias, padding=2, groups=6)[..., :h.shape[-1]]
-        return F.linear(torch.tanh(h.transpose(1, 2)), self.w.reshape(5, 6))
 
 
 @pytest.mark.parametrize("frontend", ["symbolic_trace", "export"])
@@ -328,7 +330,7 @@ def test_a_view_read_elsewhere_or_into_another_shape_stays_an_explained_exclusio
 
 
 @pytest.mark.parametrize("name", ["transformer_batch_first_norm_first", "sdpa_boolean_mask",
-                                  "conv_transpose_groups"])
+                                  "conv_transpose_groups", "weights_through_views"])
 def test_a_forced_bypass_cycle_trains_and_returns_the_users_own_model(name):
     make, args, _, _ = CASES[name]
     torch.manual_seed(0)
