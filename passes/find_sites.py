@@ -43,6 +43,7 @@ from morphc.ir.site_uses import (
 )
 from morphc.ir.sites import Site, SiteTable, SiteUse, input_of
 from morphc.ir.tags import Role, tag
+from morphc.ir.weight_views import is_view
 
 aten = torch.ops.aten
 
@@ -116,6 +117,7 @@ def _check_other_uses(gm, uses: Uses) -> None:
                 elif user.target in _SPLITS or user.target is operator.getitem or \
                         is_transpose(user) or user.target is aten.slice.Tensor or \
                         user.target in _WEIGHT_NORM or user.target in _BROADCASTS or \
+                        is_view(user.target) or \
                         user.op == "call_module" and \
                         type(gm.get_submodule(user.target)).__name__ == "_WeightNorm":
                     stack.append(user)

@@ -111,6 +111,26 @@ def _adds_nothing(ext: ExtendedModel) -> bool:
     return all(not bool(torch.any(branch.B != 0)) for branch in ext.branches.values())
 
 
+def _check_finite(ext: ExtendedModel) -> None:
+    """A NaN/inf parameter is a diverged run, not a branch off C: say so (the residual of a NaN
+    α read "off the constraint set (residual nan)" and asked for set_homotopy(0.0))."""
+    named = [*((f"branch {site}.{n}", p) for site, branch in ext.branches.items()
+               for n, p in branch.named_parameters()), *ext.model.named_parameters()]
+    bad = [(n, p) for n, p in named if not bool(torch.isfinite(p).all())]
+    if not bad:
+        return
+    names = ", ".join(n for n, _ in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4
+                                                else "")
+    half = any(p.dtype == torch.float16 for _, p in bad)
+    raise ContractionError(
+        f"parameters are not finite (NaN/inf): {names}. Training diverged, and nothing "
+        "non-finite folds exactly; nothing was written. Restore a checkpoint or extend again"
+        + (" — in float16, Adam's default eps=1e-8 rounds to 0, and at B = 0 the branch's A "
+           "and α have zero gradient, so their first Adam step is 0/0 = NaN: pass eps=1e-4 "
+           "(or more), or train in float32 with torch.autocast" if half else
+           ", with a lower learning rate") + ".")
+
+
 def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) -> nn.Module:
     """Fold every branch into the user's own Parameters, in place; return the user's model.
 
@@ -128,6 +148,7 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
         raise ContractionError("this extended model was already contracted")
     check_owner(ext)
     check_device(ext)
+    _check_finite(ext)
     inputs, kwargs = ext.example_call()
     residual = ext.constraint_residual()
     snap_change = None

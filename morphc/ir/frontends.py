@@ -145,7 +145,8 @@ def trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.Grap
                                                                          list[str]]:
     inputs = _positional(model, args, kwargs)
     if inputs is None:
-        raise TraceError("keyword inputs that do not bind to named forward parameters")
+        raise TraceError("keyword inputs symbolic_trace cannot pass: the forward takes "
+                         "*args / **kwargs, or does not name them")
     if has_forward_hooks(model):   # symbolic_trace reads model.forward: it would drop them
         raise TraceError("forward hooks on the model itself, which symbolic_trace drops")
     tracer = _SiteAwareTracer()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from morphc.ir.sites import ConvConfig
+from morphc.ir.weight_views import returns_to_shape, view_chain
 
 aten = torch.ops.aten
 
@@ -246,6 +247,12 @@ def _resolve(gm, arg) -> _Ref | None:
     param = _param_node(gm, arg)
     if param is not None:
         return _Ref(param[0], param[1], [(arg, None)])
+    viewed = view_chain(arg)                # W.squeeze(1).unsqueeze(1): W itself
+    param = _param_node(gm, viewed[0]) if viewed else None
+    if param is not None and returns_to_shape(viewed[1], param[1].shape):
+        chain = viewed[1]             # (node, its reader), from the parameter outwards
+        links = list(zip(chain[1:], chain[:-1], strict=True))
+        return _Ref(param[0], param[1], [(viewed[0], chain[-1]), *links, (chain[0], None)])
     if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_module") and \
             not is_transpose(arg):
         return None

@@ -92,6 +92,9 @@ def record_module_call(gm, node, uses: Uses) -> None:
                 uses.other[id(tensor)].append(node.name)
             return
     site_weight = module.weight if isinstance(module, SITE_MODULES) else None
+    if site_weight is not None and "weight" not in module._parameters:
+        _record_hooked_weight(node, module, uses)
+        return
     if site_weight is not None and isinstance(module, nn.modules.conv._ConvTransposeNd) and \
             (len(node.args) > 1 or node.kwargs):
         uses.exclusions[f"{node.target}.weight"] = (
@@ -115,6 +118,21 @@ def record_module_call(gm, node, uses: Uses) -> None:
                 in_f, out_f, conv, node.target))
         elif tensor is not bias:
             uses.other[key].append(node.name)
+
+
+def _record_hooked_weight(node: fx.Node, module: nn.Module, uses: Uses) -> None:
+    """A Linear / conv whose ``weight`` is no Parameter: a forward pre-hook computes it each call
+    from its own parameters (the old ``torch.nn.utils.spectral_norm`` / ``weight_norm``)."""
+    names = [n for n, _ in module.named_parameters(recurse=False) if n != "bias"]
+    reason = (f"{node.target}.weight is no Parameter: a forward pre-hook computes it each call "
+              f"from {', '.join(names) or 'buffers'} (torch.nn.utils.spectral_norm or the old "
+              "weight_norm), and no value of them is known to give an arbitrary folded W'; "
+              "use torch.nn.utils.parametrizations.weight_norm (a site), or leave it out")
+    for pname, tensor in module.named_parameters(prefix=node.target, recurse=False):
+        uses.note(pname, tensor)
+        uses.other[id(tensor)].append(node.name)
+        if tensor is not module.bias:
+            uses.exclusions.setdefault(pname, reason)
 
 
 def _record_rule(gm, node, rule: _FunctionRule, uses: Uses) -> None:

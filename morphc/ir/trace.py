@@ -28,6 +28,7 @@ from torch import nn
 
 from morphc.errors import ShapeError, TraceError
 from morphc.ir.example_inputs import ExampleInputs, as_tuple, first_line, run_example
+from morphc.ir.failure_site import loss_hint, model_line
 from morphc.ir.frontends import (
     Unrecordable,
     _SiteAwareTracer,  # noqa: F401  extended models pickled before the frontends moved name it here
@@ -153,12 +154,14 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
         traced = trace_export(model, inputs, traced_kwargs, dynamic_shapes)
     except Exception as exc:
         tried = f"symbolic_trace: {first_line(symbolic_error)}; " if symbolic_error else ""
+        line = model_line(exc)
         raise TraceError(
-            f"could not trace {type(model).__name__}: {tried}torch.export: {first_line(exc)}. "
+            f"could not trace {type(model).__name__}: {tried}torch.export: {first_line(exc)}"
+            + (f" (at {line})" if line else "") + ". "
             "The model runs on the example inputs, so this is its tracing: data-dependent "
             "Python control flow (if/for on tensor values) defeats both frontends — rewrite it "
             "with torch.where / torch.cond; a dynamic_shapes spec torch.export rejects is "
-            "reported here too."
+            "reported here too." + loss_hint(traced_kwargs)
         ) from exc
     traced.reason = (f"symbolic_trace failed ({first_line(symbolic_error)})"
                      if symbolic_error else
