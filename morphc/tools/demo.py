@@ -80,7 +80,7 @@ def compiler_report() -> str:
     ext = morphc.extend(model, inputs, sites="all", width=0.25)
     with torch.no_grad():
         e1 = relative_deviation(model(*inputs), ext(*inputs))
-        for branch in ext.branches.values():
+        for branch in ext.extension_branches.values():
             branch.B.normal_(0, 0.1)
         ext.set_homotopy(0.0)
         extended = ext(*inputs)
