@@ -151,6 +151,8 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
                 ) from exc
     try:
         traced = trace_export(model, inputs, traced_kwargs, dynamic_shapes)
+    except Unrecordable:
+        raise
     except Exception as exc:
         tried = f"symbolic_trace: {first_line(symbolic_error)}; " if symbolic_error else ""
         raise TraceError(
