@@ -35,3 +35,39 @@ def test_the_non_reentrant_checkpoint_the_error_names_extends():
     model, x = Checkpointed(False), torch.randn(3, 4)
     ext = morphc.extend(model, (x,), sites=["a", "b"])
     assert torch.equal(ext(x), model(x))
+
+
+def _cumulative_bn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, momentum=None), nn.Tanh(),
+                         nn.Linear(8, 2))
+
+
+def test_batchnorm_with_a_cumulative_average_names_momentum_under_torch_export():
+    # momentum=None computes 1 / num_batches_tracked as a Python float in training mode;
+    # torch.export's data-dependent guard was reported as the model's "control flow"
+    x = torch.randn(6, 4)
+    with pytest.raises(morphc.TraceError, match=r"momentum=None") as info:
+        morphc.trace(_cumulative_bn(), (x,), frontend="export", cache=False)
+    assert "control flow" not in str(info.value) and "BatchNorm 1" in str(info.value)
+    assert morphc.trace(_cumulative_bn().eval(), (x,), frontend="export",
+                        cache=False).frontend == "export"
+
+
+def test_batchnorm_with_a_cumulative_average_extends_and_contracts_exactly():
+    # symbolic_trace keeps BatchNorm a layer: E1 and C1 as for any BatchNorm, statistics too
+    model, x = _cumulative_bn(), torch.randn(6, 4)
+    plain = _cumulative_bn()
+    ext = morphc.extend(model, (x,), sites=["0", "3"])
+    assert torch.equal(ext(x), plain(x))
+    assert torch.equal(model[1].running_var, plain[1].running_var)
+    assert int(model[1].num_batches_tracked) == int(plain[1].num_batches_tracked)
+    with torch.no_grad():
+        for p in ext.extension_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ext.set_homotopy(0.0)
+    ext.eval()
+    expected = ext(x)
+    folded = morphc.contract(ext)
+    assert folded is model
+    torch.testing.assert_close(folded.eval()(x), expected, rtol=1e-5, atol=1e-6)

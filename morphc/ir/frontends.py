@@ -241,7 +241,25 @@ def quiet_export() -> Iterator[None]:
     sys.stderr.write(written.getvalue())      # not reached on failure
 
 
+def cumulative_batchnorms(model: nn.Module) -> list[str]:
+    """BatchNorm layers that, training with ``momentum=None`` (a cumulative moving average),
+    turn ``num_batches_tracked`` into a Python float (``1 / n``): a buffer's value torch.export
+    cannot trace (it reports a data-dependent guard, as for control flow on a tensor)."""
+    return [name or type(model).__name__ for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            and m.track_running_stats and m.momentum is None]
+
+
 def trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> TracedModel:
+    cumulative = cumulative_batchnorms(model)
+    if cumulative:
+        raise Unrecordable(
+            f"BatchNorm {', '.join(cumulative[:5])} has momentum=None (a cumulative moving "
+            "average), which in training mode computes 1 / num_batches_tracked as a Python "
+            "float: torch.export cannot trace a buffer's value into a number. Give it a "
+            "numeric momentum (PyTorch's default is 0.1), or trace in eval() mode; "
+            "torch.fx.symbolic_trace, tried first without dynamic_shapes, keeps BatchNorm as a "
+            "layer and traces it")
     spec = auto_dynamic_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
     # torch.export (2.13) takes no dynamic_shapes for inputs given through **kwargs (an
     # internal assertion): trace static shapes, and let the extended model trace other shapes.
