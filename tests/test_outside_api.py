@@ -2,6 +2,8 @@
 reentrant checkpoint, a BatchNorm with a cumulative average, a wrong argument to load, …).
 Each test failed before its fix; errors are typed and say what to do."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.utils.checkpoint as checkpoint
@@ -71,3 +73,16 @@ def test_batchnorm_with_a_cumulative_average_extends_and_contracts_exactly():
     folded = morphc.contract(ext)
     assert folded is model
     torch.testing.assert_close(folded.eval()(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix", [None, 3, b"runs/model", ["runs/model"], "", Path("")])
+def test_load_given_no_path_says_what_it_expects(prefix):
+    # a bare TypeError ("expected str, bytes or os.PathLike object, not NoneType") or
+    # ValueError ("PosixPath('.') has an empty name") from pathlib
+    with pytest.raises(morphc.FormatError, match=r"expected a path prefix .*<prefix>\.json"):
+        morphc.load(prefix)
+
+
+def test_save_with_its_arguments_swapped_says_the_model_comes_first():
+    with pytest.raises(morphc.FormatError, match=r"takes the model first"):
+        morphc.save("runs/model", nn.Linear(2, 2))
