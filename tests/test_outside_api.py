@@ -86,3 +86,29 @@ def test_load_given_no_path_says_what_it_expects(prefix):
 def test_save_with_its_arguments_swapped_says_the_model_comes_first():
     with pytest.raises(morphc.FormatError, match=r"takes the model first"):
         morphc.save("runs/model", nn.Linear(2, 2))
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+def make():
+    print("factory called")
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), (torch.randn(3, 4),)
+"""
+
+
+@pytest.mark.parametrize("option", ["--json", "--dot", "--html", "--svg"])
+def test_cli_inspect_checks_its_output_paths_before_tracing(tmp_path, capsys, option):
+    # an output under a file (or a directory given as the file) failed only after the model
+    # was loaded, traced and extended
+    from morphc.tools import cli
+
+    (tmp_path / "models.py").write_text(FACTORY)
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file" / "r.out", tmp_path):
+        assert cli.main(["inspect", f"{tmp_path / 'models.py'}:make", "--extend",
+                         option, str(out)]) == 1
+        captured = capsys.readouterr()
+        assert "factory called" not in captured.out, "refused before the model was made"
+        assert captured.err.startswith(f"morphc: error: cannot write to {option} {out}: ")
