@@ -22,6 +22,7 @@ import dataclasses
 import inspect
 import time
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -112,6 +113,10 @@ def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwar
     if isinstance(given, ExampleInputs):
         kwargs = {**given.kwargs, **(kwargs or {})}
         dynamic_shapes = dynamic_shapes if dynamic_shapes is not None else given.dynamic_shapes
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TraceError(f"kwargs are the keyword inputs by name, a dict such as "
+                         f"{{'attention_mask': mask}}, got {type(kwargs).__name__}; positional "
+                         "inputs go in the args tuple")
     inputs = as_tuple(given)
     kwargs = dict(kwargs or {})
     key = _signature(model, inputs, kwargs, dynamic_shapes, frontend) if cache else None
