@@ -112,3 +112,24 @@ def test_cli_inspect_checks_its_output_paths_before_tracing(tmp_path, capsys, op
         captured = capsys.readouterr()
         assert "factory called" not in captured.out, "refused before the model was made"
         assert captured.err.startswith(f"morphc: error: cannot write to {option} {out}: ")
+
+
+# -- probes: odd arguments to the public API ----------------------------------------------------
+def test_extend_with_kwargs_that_are_not_a_dict_says_what_kwargs_are():
+    # dict([1]) in trace: "cannot convert dictionary update sequence element #0 to a sequence"
+    with pytest.raises(morphc.TraceError, match=r"keyword inputs by name, a dict"):
+        morphc.extend(nn.Linear(4, 2), (torch.randn(3, 4),), kwargs=[1])
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_zero_size_layer_is_an_explained_exclusion_not_a_zero_division():
+    # nn.Linear(0, 2) was a site 'ok' in inspect and extend died in the branch's init
+    # (ZeroDivisionError: the fan-in of A was 0)
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 2), nn.Linear(2, 3)), torch.randn(3, 4)
+    rows = {row.name: row for row in morphc.inspect(model, (x,)).rows}
+    assert "no elements" in rows["0"].excluded and "no elements" in rows["1"].excluded
+    ext = morphc.extend(model, (x,))
+    assert [s.name for s in ext.sites] == ["2"] and torch.equal(ext(x), model(x))
+    with pytest.raises(morphc.SiteError, match=r"no elements"):
+        morphc.extend(nn.Linear(0, 2), (torch.randn(3, 0),))
