@@ -117,6 +117,11 @@ def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwar
         raise TraceError(f"kwargs are the keyword inputs by name, a dict such as "
                          f"{{'attention_mask': mask}}, got {type(kwargs).__name__}; positional "
                          "inputs go in the args tuple")
+    if dynamic_shapes is not None and not isinstance(dynamic_shapes, Mapping | tuple | list):
+        raise TraceError(f"dynamic_shapes is torch.export's spec, a dict by input name (or a "
+                         f"tuple in input order) such as {{'x': {{0: Dim.AUTO}}}}, got "
+                         f"{type(dynamic_shapes).__name__}; leave it None to let morphc make "
+                         "every dimension the model lets vary dynamic")
     inputs = as_tuple(given)
     kwargs = dict(kwargs or {})
     key = _signature(model, inputs, kwargs, dynamic_shapes, frontend) if cache else None
