@@ -133,3 +133,18 @@ def test_a_zero_size_layer_is_an_explained_exclusion_not_a_zero_division():
     assert [s.name for s in ext.sites] == ["2"] and torch.equal(ext(x), model(x))
     with pytest.raises(morphc.SiteError, match=r"no elements"):
         morphc.extend(nn.Linear(0, 2), (torch.randn(3, 0),))
+
+
+def test_extend_with_a_dynamic_shapes_that_is_no_spec_is_not_blamed_on_control_flow():
+    # torch.export's AssertionError was wrapped in "data-dependent Python control flow ..."
+    with pytest.raises(morphc.TraceError, match=r"dynamic_shapes is torch.export's spec") as info:
+        morphc.extend(nn.Linear(4, 2), (torch.randn(3, 4),), dynamic_shapes="batch")
+    assert "control flow" not in str(info.value)
+
+
+def test_bypass_with_an_empty_site_list_is_refused_at_construction():
+    # every cycle failed instead, with a warning naming "<function CycleStart._extend.<locals>
+    # .<lambda>>" as the site selection
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(morphc.SiteError, match=r"sites=\[\] selects no site"):
+        morphc.Bypass(model, torch.optim.SGD(model.parameters(), lr=0.1), sites=[])
