@@ -88,6 +88,9 @@ def _build_site(key, uses: Uses, taken: set[str]) -> Site:
         site.excluded = f"weight-norm gain {ref.weight_norm[0]} is also used outside the site"
     if tensor_key in uses.bias:
         site.excluded = f"weight {site.weight_name} is also used as a bias"
+    if ref.tensor.numel() == 0:
+        site.excluded = (f"weight {site.weight_name} has no elements (shape "
+                         f"{tuple(ref.tensor.shape)}): a zero-size layer has nothing to extend")
     if not ref.tensor.is_floating_point():
         site.excluded = (f"weight {site.weight_name} is {ref.tensor.dtype}: activation "
                          "families and their constraint sets are real-valued")

@@ -72,7 +72,7 @@ def time_passes(name: str, width: float = 0.125, activation: str = "tanh",
     steady = statistics.median(extend_s[1:] or extend_s)
     contract_steady = statistics.median(contract_s[1:] or contract_s)
     return {
-        "model": name, "parameters": params, "sites": len(ext.sites),
+        "model": name, "parameters": params, "sites": len(ext.extension_sites),
         "frontend": traced.frontend, "trace_s": trace_s,
         "extend_first_s": extend_s[0], "extend_s": steady,
         "contract_first_s": contract_s[0], "contract_s": contract_steady,

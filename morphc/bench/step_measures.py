@@ -19,14 +19,14 @@ from morphc.ir.kinds import branch_macs, site_macs
 
 def site_mac_ratio(ext) -> float:
     """Forward multiply-adds of the extended sites with their branches over the sites alone."""
-    batch = ext.traced.example_inputs[0].shape[0]
+    batch = ext.extension_traced.example_inputs[0].shape[0]
     base = extra = 0
     for site in ext.site_table.extendable():
         for use in site.uses:
             shape = tuple(batch if d == -1 else d for d in use.output_shape)
             base += site_macs(site, shape)
-            if site.name in ext.branches:
-                extra += branch_macs(site, ext.branches[site.name].width, shape)
+            if site.name in ext.extension_branches:
+                extra += branch_macs(site, ext.extension_branches[site.name].width, shape)
     return (base + extra) / base
 
 

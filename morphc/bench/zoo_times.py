@@ -114,7 +114,7 @@ def time_zoo_model(name: str, width: int = WIDTH) -> dict:
         ext, extend_s = _timed(lambda: morphc.extend(model, args, kwargs=kwargs, **options))
         del first
         table = ext.site_table
-        row.update(extend_first_s=extend_first_s, extend_s=extend_s, sites=len(ext.sites),
+        row.update(extend_first_s=extend_first_s, extend_s=extend_s, sites=len(ext.extension_sites),
                    exclusions=len(table.exclusions) + sum(s.excluded is not None
                                                           for s in table.values()))
         (b0, s0), (b1, s1) = entry.default, entry.alt
@@ -131,7 +131,7 @@ def time_zoo_model(name: str, width: int = WIDTH) -> dict:
         row["retraces"] = len(ext.retraces)
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for branch in ext.branches.values():
+            for branch in ext.extension_branches.values():
                 branch.B.copy_(torch.randn(branch.B.shape, generator=generator) * 0.05)
         ext.set_homotopy(0.0)
         expected = {label: _run(ext, entry, shape) for label, shape in taken.items()}

@@ -24,7 +24,7 @@ def check_owner(ext: ExtendedModel) -> None:
     user = {**dict(ext.model.named_parameters(remove_duplicate=False)),
             **dict(ext.model.named_buffers(remove_duplicate=False))}
     graph = ext.graph_module
-    changed = [name for site in ext.sites for name in
+    changed = [name for site in ext.extension_sites for name in
                [site.weight_name, *(u.bias_name for u in site.uses if u.bias_name)]
                if user.get(name) is not graph.get_parameter(name)]
     if changed:
@@ -53,8 +53,9 @@ def float64_deviation(ext: ExtendedModel) -> float | None:
             torch.Tensor, lambda t: t.double() if t.is_floating_point() else t,
             work.example_call())
         reference = deterministic_forward(work, inputs, kwargs=kwargs)
-        folded = work.pipeline.fork()
-        new_values = folded.run(fold_extension, work.sites, work.branches).analysis
+        folded = work.extension_pipeline.fork()
+        new_values = folded.run(fold_extension, work.extension_sites,
+                                work.extension_branches).analysis
         with torch.no_grad():
             for name, value in new_values.items():
                 work.graph_module.get_parameter(name).copy_(value)
@@ -108,7 +109,7 @@ def _coarsest_dtype(tensors) -> torch.dtype:
 
 def _adds_nothing(ext: ExtendedModel) -> bool:
     """Every branch's output map is zero: the branches add nothing, whatever their α."""
-    return all(not bool(torch.any(branch.B != 0)) for branch in ext.branches.values())
+    return all(not bool(torch.any(branch.B != 0)) for branch in ext.extension_branches.values())
 
 
 def _check_finite(ext: ExtendedModel) -> None:
@@ -162,8 +163,8 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
         ext.set_homotopy(0.0)
         snap_change = relative_deviation(before, deterministic_forward(ext, inputs, guard=ext,
                                                                       kwargs=kwargs))
-    folded = ext.pipeline.fork()
-    new_values = folded.run(fold_extension, ext.sites, ext.branches).analysis
+    folded = ext.extension_pipeline.fork()
+    new_values = folded.run(fold_extension, ext.extension_sites, ext.extension_branches).analysis
     params = {name: ext.graph_module.get_parameter(name) for name in new_values}
     measured: list[float] = []
 

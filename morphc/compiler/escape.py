@@ -37,16 +37,17 @@ def random_direction_probe(example_inputs: tuple, seed: int = 0,
 
 def escape_scores(ext, probe: Probe | None = None) -> dict[str, float]:
     """``‖∂L/∂B‖`` per site of an extended model, without touching ``.grad`` or BN statistics."""
-    probe = probe or random_direction_probe(ext.traced.example_inputs,
-                                            kwargs=ext.traced.example_kwargs)
-    names = list(ext.branches)
+    probe = probe or random_direction_probe(ext.extension_traced.example_inputs,
+                                            kwargs=ext.extension_traced.example_kwargs)
+    names = list(ext.extension_branches)
     with no_side_effects(ext):
         loss = probe(ext)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
             raise SiteError(f"an escape-score probe must return a scalar loss tensor with "
                             f"autograd on, as probe(module) -> loss_fn(module(x), y); got "
                             f"{loss!r:.80}")
-        grads = torch.autograd.grad(loss, [ext.branches[n].B for n in names], allow_unused=True)
+        grads = torch.autograd.grad(loss, [ext.extension_branches[n].B for n in names],
+                                    allow_unused=True)
     return {n: (float(g.norm()) if g is not None else 0.0) for n, g in zip(names, grads,
                                                                             strict=True)}
 

@@ -90,6 +90,14 @@ def floating_dtype_device(model: nn.Module) -> DtypeDevice | None:
                 None)
 
 
+def public_alias(name: str, what: str) -> property:
+    """``ext.<name>``, the public spelling of ``ext.extension_<name>``, which morphc itself
+    reads: the view Bypass gives a closure answers ``m.<name>`` with the user's model's own
+    attribute of that name (:mod:`morphc.runtime.user_attributes`)."""
+    return property(lambda self: getattr(self, f"extension_{name}"),
+                    doc=f"{what[0].upper()}{what[1:]} (``extension_{name}``).")
+
+
 class ExtendedModel(nn.Module):
     """The extended graph. Calling it computes ``model(x)`` plus every branch.
 
@@ -104,10 +112,10 @@ class ExtendedModel(nn.Module):
                  homotopy: torch.Tensor, config: ExtensionConfig) -> None:
         super().__init__()
         self.graph_module = pipeline.graph_module
-        self.pipeline = pipeline     # the passes that made graph_module, in order
+        self.extension_pipeline = pipeline     # the passes that made graph_module, in order
         object.__setattr__(self, "_model", model)   # the user's object, not a submodule
-        object.__setattr__(self, "branches", dict(branches))
-        self.traced, self.site_table, self.sites = traced, site_table, sites
+        object.__setattr__(self, "extension_branches", dict(branches))
+        self.extension_traced, self.site_table, self.extension_sites = traced, site_table, sites
         self.extension_config = config
         self.register_buffer("_homotopy", homotopy, persistent=False)
         self.contracted = False
@@ -120,27 +128,27 @@ class ExtendedModel(nn.Module):
         weight = self.graph_module.get_parameter(sites[0].weight_name) if sites else homotopy
         self._extended_as = (weight.dtype, weight.device)
 
-    @property
-    def config(self) -> ExtensionConfig:
-        """The extension's settings (``extension_config``, the name morphc itself reads: the
-        view Bypass gives a closure answers ``m.config`` with the user's model's own)."""
-        return self.extension_config
+    config = public_alias("config", "the extension's settings (ExtensionConfig)")
+    sites = public_alias("sites", "the extended sites (Site), in graph order")
+    branches = public_alias("branches", "each site's branch by site name")
+    traced = public_alias("traced", "the user's model as traced (TracedModel)")
+    pipeline = public_alias("pipeline", "the passes that made graph_module, in order")
 
     def example_call(self) -> tuple[tuple, dict]:
         """The example inputs (args, kwargs), converted as the model was since extend: after
         ``ext.double()`` / ``model.to(device)`` the traced examples would no longer fit it. A
         floating tensor of the site weights' old dtype takes their new one; a tensor on their old
         device moves to the new one."""
-        weight = self.graph_module.get_parameter(self.sites[0].weight_name) if self.sites \
+        sites, traced = self.extension_sites, self.extension_traced
+        weight = self.graph_module.get_parameter(sites[0].weight_name) if sites \
             else self._homotopy
-        return converted_like((tuple(self.traced.example_inputs),
-                               dict(self.traced.example_kwargs)),
+        return converted_like((tuple(traced.example_inputs), dict(traced.example_kwargs)),
                               self._extended_as, (weight.dtype, weight.device))
 
     def __reduce_ex__(self, protocol):
         """``torch.save(ext)`` / pickle. torch.export's graph modules do not pickle (closures in
         their hooks): refuse that clearly, naming what does work."""
-        if self.traced.frontend == "export":
+        if self.extension_traced.frontend == "export":
             raise FormatError(
                 "an extended model traced by torch.export cannot be pickled (torch.save(ext)): "
                 "torch's exported modules do not pickle. Save ext.state_dict() (and your "
@@ -155,6 +163,9 @@ class ExtendedModel(nn.Module):
         """A pickled GraphModule comes back without node meta: its tags (which nodes are a
         site, a branch, its add) are what the fold needs to find."""
         tags = state.pop("_node_tags", {})
+        for name in ("config", "sites", "branches", "traced", "pipeline"):  # pickled before
+            if name in state:                                 # morphc read extension_<name>
+                state.setdefault(f"extension_{name}", state.pop(name))
         super().__setstate__(state)
         restore_tags(self.graph_module, tags)
 
@@ -187,10 +198,11 @@ class ExtendedModel(nn.Module):
                 "this extended model was contracted: its branches now live in the user's weights; "
                 "call the model that morphc.contract returned"
             )
-        if self.traced.frontend == "export" and self.training != self.traced.training:
+        traced = self.extension_traced
+        if traced.frontend == "export" and self.training != traced.training:
             return self.shape_graphs.call_in_mode(self, args, kwargs)   # dropout/BN baked in
         try:
-            return self.traced.call(self.graph_module, args, kwargs)
+            return traced.call(self.graph_module, args, kwargs)
         except ShapeError as error:   # refused before any computation: try a graph that fits
             return self.shape_graphs.call(self, args, kwargs, error)
         except RuntimeError as error:
@@ -203,10 +215,10 @@ class ExtendedModel(nn.Module):
         """Why the call failed, when the user's model was converted without its extension
         (``model.double()`` / ``model.to(device)`` after ``extend``): the branches kept the
         old dtype or device, and torch's error would only name two mismatched tensors."""
-        if not self.sites or not self.branches:
+        if not self.extension_sites or not self.extension_branches:
             return None
-        weight = self.graph_module.get_parameter(self.sites[0].weight_name)
-        branch = next(iter(self.branches.values())).A
+        weight = self.graph_module.get_parameter(self.extension_sites[0].weight_name)
+        branch = next(iter(self.extension_branches.values())).A
         if (weight.dtype, weight.device) == (branch.dtype, branch.device):
             return None
         return (f"the model's weights are {weight.dtype} on {weight.device} but its extension's "
@@ -216,11 +228,11 @@ class ExtendedModel(nn.Module):
 
     def extension_parameters(self):
         """The new parameters only (A, a, B, α of every branch)."""
-        for branch in self.branches.values():
+        for branch in self.extension_branches.values():
             yield from branch.parameters()
 
     def named_extension_parameters(self):
-        for name, branch in self.branches.items():
+        for name, branch in self.extension_branches.items():
             for pname, param in branch.named_parameters():
                 yield f"{name}.{pname}", param
 
@@ -239,15 +251,15 @@ class ExtendedModel(nn.Module):
         """Largest violation of the constraint equations over all branches; 0.0 when contraction
         is exact."""
         with torch.no_grad():
-            values = [float(b.constraint_residual()) for b in self.branches.values()]
+            values = [float(b.constraint_residual()) for b in self.extension_branches.values()]
         return max(values, default=0.0)
 
     def train(self, mode: bool = True):
         """Also for an exported graph, which bakes dropout and BatchNorm in the mode it was
         captured in: a call in the other mode runs a graph exported in that mode, with the same
         branches (:meth:`ShapeGraphs.call_in_mode`)."""
-        if self.traced.frontend == "export":
-            for module in [self, *self.branches.values(),
+        if self.extension_traced.frontend == "export":
+            for module in [self, *self.extension_branches.values(),
                            *(gm for _, gm in self.shape_graphs.graphs)]:
                 module.training = mode
             return self
@@ -257,11 +269,11 @@ class ExtendedModel(nn.Module):
         """``.to()`` / ``.double()`` make new tensors; keep one homotopy shared by all branches."""
         super()._apply(fn, recurse)
         self.shape_graphs.apply(fn)
-        for branch in self.branches.values():
+        for branch in self.extension_branches.values():
             branch.homotopy = self._homotopy
         return self
 
     def extra_repr(self) -> str:
         homotopy = "meta" if self._homotopy.device.type == "meta" else self.homotopy
-        return (f"frontend={self.traced.frontend}, sites={[s.name for s in self.sites]}, "
-                f"homotopy={homotopy}")
+        return (f"frontend={self.extension_traced.frontend}, "
+                f"sites={[s.name for s in self.extension_sites]}, homotopy={homotopy}")

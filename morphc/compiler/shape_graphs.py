@@ -133,7 +133,7 @@ class ShapeGraphs:
         for the reason every extra graph is)."""
         entry = self.mode_graphs.get(ext.training)
         if entry is None:
-            primary = ext.traced
+            primary = ext.extension_traced
             try:
                 entry = _branched_graph(ext, primary.example_inputs, primary.example_kwargs,
                                         ext.training)
@@ -148,7 +148,7 @@ class ShapeGraphs:
         return traced.call(gm, args, kwargs)
 
     def _add(self, ext, args: tuple, kwargs: dict, error: ShapeError):
-        primary = ext.traced
+        primary = ext.extension_traced
         positional = {n for n in primary.input_names[:len(args)] if not n.startswith("*")}
         kwargs = {**{k: v for k, v in primary.example_kwargs.items()
                      if k not in kwargs and k not in positional
@@ -209,11 +209,12 @@ def _branched_graph(ext, args: tuple, kwargs: dict, training: bool):
     own branch modules inserted at the matching sites; raises a MorphcError when it cannot be."""
     with _TrainingAs(ext.model, training):
         traced = trace(ext.model, args, frontend="export", kwargs=kwargs,
-                       dynamic_shapes=ext.traced.dynamic_shapes)
+                       dynamic_shapes=ext.extension_traced.dynamic_shapes)
     analysed = Pipeline(traced.graph_module)
-    sites = matching_sites(ext.sites, analysed.run(find_sites).analysis, traced.graph_module)
+    sites = matching_sites(ext.extension_sites, analysed.run(find_sites).analysis,
+                           traced.graph_module)
     if isinstance(sites, str):
         raise ShapeError(sites)
     pipeline = analysed.fork()
-    pipeline.run(insert_extension, sites, ext.branches)
+    pipeline.run(insert_extension, sites, ext.extension_branches)
     return traced, pipeline.graph_module

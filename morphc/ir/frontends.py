@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import io
 import logging
+import re
 import sys
 from collections.abc import Iterator
 
@@ -85,6 +86,37 @@ class Unrecordable(TraceError):
     """A forward no frontend can record faithfully: do not try the next one."""
 
 
+# a reentrant checkpoint's function runs in CheckpointFunction.forward, under torch.no_grad()
+_REENTRANT = re.compile(r'utils[/\\]checkpoint\.py", line \d+, in forward\b')
+
+
+def reentrant_checkpoint(model: nn.Module, where: list[str]) -> Unrecordable:
+    """torch.utils.checkpoint(..., use_reentrant=True): the function runs under no_grad and is
+    recomputed in backward, which neither frontend records (torch.export's graph freezes it and
+    the layers after it). The non-reentrant checkpoint traces, so name it."""
+    return Unrecordable(
+        f"{type(model).__name__} runs {', '.join(where[:5])} inside "
+        "torch.utils.checkpoint.checkpoint(..., use_reentrant=True), which runs them under "
+        "torch.no_grad() and recomputes them in backward: neither torch.fx nor torch.export "
+        "records that (the graph would freeze those layers). Pass use_reentrant=False (what "
+        "PyTorch recommends), which morphc traces; the extended graph then runs those layers "
+        "without recomputation, so a cycle needs their activations' memory")
+
+
+def _module_path(node: fx.Node) -> str:
+    """The innermost module an exported node was computed in (its name if none)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next((path for path, _ in reversed(stack.values()) if path), node.name)
+
+
+def _in_reentrant_checkpoint() -> bool:
+    code = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
+
+
 class _SiteAwareTracer(fx.Tracer):
     """Trace *through* torch.nn modules that have children (e.g. ``MultiheadAttention``,
     ``TransformerEncoderLayer``): as opaque leaves they would hide linear sites inside them.
@@ -100,6 +132,7 @@ class _SiteAwareTracer(fx.Tracer):
         super().__init__(*args, **kwargs)
         self.switched: list[str] = []
         self.inference: list[str] = []      # nodes made under torch.inference_mode()
+        self.reentrant: list[str] = []      # ... inside a reentrant activation checkpoint
         self._modes = _modes()
 
     def trace(self, root, concrete_args=None):
@@ -111,6 +144,8 @@ class _SiteAwareTracer(fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if _modes() != self._modes:
             self.switched.append(node.name)
+            if _in_reentrant_checkpoint():
+                self.reentrant.append(node.name)
         if torch.is_inference_mode_enabled() and not self._modes[0]:
             self.inference.append(node.name)
         return node
@@ -158,6 +193,8 @@ def trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.Grap
                 f"{', '.join(tracer.inference[:5])} under torch.inference_mode(), which neither "
                 "torch.fx nor torch.export records (the graph would train what it freezes); "
                 "use torch.no_grad() there instead, which torch.export keeps")
+        if tracer.reentrant:
+            raise reentrant_checkpoint(model, tracer.reentrant)
         if tracer.switched:
             raise TraceError(
                 f"the forward switches grad mode or autocast (torch.no_grad, torch.autocast, "
@@ -205,7 +242,25 @@ def quiet_export() -> Iterator[None]:
     sys.stderr.write(written.getvalue())      # not reached on failure
 
 
+def cumulative_batchnorms(model: nn.Module) -> list[str]:
+    """BatchNorm layers that, training with ``momentum=None`` (a cumulative moving average),
+    turn ``num_batches_tracked`` into a Python float (``1 / n``): a buffer's value torch.export
+    cannot trace (it reports a data-dependent guard, as for control flow on a tensor)."""
+    return [name or type(model).__name__ for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            and m.track_running_stats and m.momentum is None]
+
+
 def trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> TracedModel:
+    cumulative = cumulative_batchnorms(model)
+    if cumulative:
+        raise Unrecordable(
+            f"BatchNorm {', '.join(cumulative[:5])} has momentum=None (a cumulative moving "
+            "average), which in training mode computes 1 / num_batches_tracked as a Python "
+            "float: torch.export cannot trace a buffer's value into a number. Give it a "
+            "numeric momentum (PyTorch's default is 0.1), or trace in eval() mode; "
+            "torch.fx.symbolic_trace, tried first without dynamic_shapes, keeps BatchNorm as a "
+            "layer and traces it")
     spec = auto_dynamic_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
     # torch.export (2.13) takes no dynamic_shapes for inputs given through **kwargs (an
     # internal assertion): trace static shapes, and let the extended model trace other shapes.
@@ -218,6 +273,11 @@ def trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) ->
         torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
     with no_side_effects(model), capture_shape_log() as messages, quiet_export():
         program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec)
+    reentrant = [_module_path(n) for sub in program.graph_module.modules()
+                 if isinstance(sub, fx.GraphModule) for n in sub.graph.nodes
+                 if _REENTRANT.search(n.meta.get("stack_trace") or "")]
+    if reentrant:
+        raise reentrant_checkpoint(model, list(dict.fromkeys(reentrant)))
     gm = program.module()
     _bind_user_tensors(gm, model)
     names = forward_names(model)

@@ -22,6 +22,7 @@ import dataclasses
 import inspect
 import time
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -113,6 +114,15 @@ def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwar
     if isinstance(given, ExampleInputs):
         kwargs = {**given.kwargs, **(kwargs or {})}
         dynamic_shapes = dynamic_shapes if dynamic_shapes is not None else given.dynamic_shapes
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TraceError(f"kwargs are the keyword inputs by name, a dict such as "
+                         f"{{'attention_mask': mask}}, got {type(kwargs).__name__}; positional "
+                         "inputs go in the args tuple")
+    if dynamic_shapes is not None and not isinstance(dynamic_shapes, Mapping | tuple | list):
+        raise TraceError(f"dynamic_shapes is torch.export's spec, a dict by input name (or a "
+                         f"tuple in input order) such as {{'x': {{0: Dim.AUTO}}}}, got "
+                         f"{type(dynamic_shapes).__name__}; leave it None to let morphc make "
+                         "every dimension the model lets vary dynamic")
     inputs = as_tuple(given)
     kwargs = dict(kwargs or {})
     key = _signature(model, inputs, kwargs, dynamic_shapes, frontend) if cache else None
@@ -152,6 +162,8 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
                 ) from exc
     try:
         traced = trace_export(model, inputs, traced_kwargs, dynamic_shapes)
+    except Unrecordable:
+        raise
     except Exception as exc:
         tried = f"symbolic_trace: {first_line(symbolic_error)}; " if symbolic_error else ""
         line = model_line(exc)

@@ -31,7 +31,7 @@ from torch import nn
 
 from morphc.compiler.extend import check_override_settings, check_width
 from morphc.compiler.extended import floating_dtype_device
-from morphc.errors import BypassError, MorphcError, TraceError
+from morphc.errors import BypassError, MorphcError, SiteError, TraceError
 from morphc.families import get_family
 from morphc.ir.example_inputs import as_tuple, run_example
 from morphc.ir.sites import select_sites, site_patterns
@@ -76,8 +76,10 @@ def check_branch_settings(cfg: BypassConfig) -> None:
     construction: found only when the first cycle starts, it would end Bypass for the run."""
     check_width(cfg.width)
     get_family(cfg.activation)
-    if not callable(cfg.sites) and cfg.sites not in ("all", "auto"):
-        site_patterns(cfg.sites)
+    if not callable(cfg.sites) and cfg.sites not in ("all", "auto") and \
+            not site_patterns(cfg.sites):
+        raise SiteError("sites=[] selects no site, so no cycle could ever start: pass site "
+                        "names or patterns, or leave sites='all' (the default)")
     site_patterns(cfg.exclude, "exclude")
     check_override_settings(cfg.overrides)
 

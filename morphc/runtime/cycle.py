@@ -67,7 +67,7 @@ class Cycle:
     def live_layers(self) -> set[str]:
         """The user's layers the extended graph calls as modules, reading their settings live
         (none once a shape retraced it: the extra graphs are torch.export's)."""
-        traced = self.ext.traced
+        traced = self.ext.extension_traced
         return set() if self.ext.retraces else live_modules(traced.graph_module, traced.frontend)
 
     def outside_ext(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -127,7 +127,7 @@ class Cycle:
         weight = self.config.penalty * ((self.phase_step + 1) / max(self.return_len, 1)) ** 2
         factor = 1.0 / (1.0 + 2.0 * lr * weight)
         with torch.no_grad():
-            for branch in self.ext.branches.values():
+            for branch in self.ext.extension_branches.values():
                 on_c = branch.compiled.project(branch.alpha)
                 branch.alpha.copy_(on_c + factor * (branch.alpha - on_c))
 

@@ -139,9 +139,9 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
             cycle.settings = now
             return False
         self._rollback(f"a layer's setting changed during the cycle ({', '.join(baked[:3])}), "
-                       f"which the extended graph ({cycle.ext.traced.frontend}) holds as a "
-                       "number: the cycle ends here with plain training's state, and the next "
-                       "one traces the model as it is now", to_plain=True, raises=False)
+                       f"which the extended graph ({cycle.ext.extension_traced.frontend}) "
+                       "holds as a number: the cycle ends here with plain training's state, and "
+                       "the next one traces the model as it is now", to_plain=True, raises=False)
         warnings.warn(f"morphc.Bypass ended a cycle: {self.history[-1]['reason']}",
                       RuntimeWarning, stacklevel=5)    # the user's bp.step
         return True

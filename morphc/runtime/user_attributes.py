@@ -21,19 +21,31 @@ from torch._dynamo.eval_frame import OptimizedModule
 from morphc.compiler.extended import ExtendedModel as CompiledExtension
 
 
+def _users_first(name: str) -> property:
+    """``m.<name>`` for a name the extended model has too (``config``, ``sites``, …): the
+    user's model's attribute when it has one (a Hugging Face model's ``m.config.num_labels``),
+    else the extension's. The closure's ``m`` stands for the user's model; morphc itself reads
+    ``extension_<name>``."""
+    def read(self):
+        model = self.__dict__.get("_model")
+        value = None if model is None else getattr(model, name, None)
+        if value is None:
+            return getattr(self, f"extension_{name}")
+        return self._users(name, value)
+
+    return property(read, doc=_users_first.__doc__)
+
+
 class ExtendedModel(CompiledExtension):
     """The compiler's extended model, whose missing attributes are the user's model's (data,
     Parameters, buffers, layers without an extended site). Same name: users and their
     ``wrap`` see the ``ExtendedModel`` the README speaks of."""
 
-    @property
-    def config(self):
-        """The user's model's ``config`` if it has one (a Hugging Face model: a closure's
-        ``m.config.vocab_size``), else the extension's: the closure's ``m`` stands for the
-        user's model, and morphc reads ``extension_config``."""
-        model = self.__dict__.get("_model")
-        mine = None if model is None else getattr(model, "config", None)
-        return self.extension_config if mine is None else mine
+    config = _users_first("config")
+    sites = _users_first("sites")
+    branches = _users_first("branches")
+    traced = _users_first("traced")
+    pipeline = _users_first("pipeline")
 
     def __getattr__(self, name: str):
         try:
@@ -42,9 +54,14 @@ class ExtendedModel(CompiledExtension):
             model = self.__dict__.get("_model")
             if model is None or name.startswith("_"):
                 raise
-        value = getattr(model, name)            # the user's AttributeError when it has none
+        # the user's AttributeError when it has none
+        return self._users(name, getattr(model, name))
+
+    def _users(self, name: str, value):
+        """``value``, the user's model's attribute ``name``, unless it would run layers that
+        are extended outside ``m(...)``: then an AttributeError that says what to do."""
         if isinstance(value, nn.Module):
-            extended = [s.weight_name for s in self.sites
+            extended = [s.weight_name for s in self.extension_sites
                         if s.weight_name.startswith(f"{name}.")]
             if not extended:
                 return value

@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import math
+from os import PathLike
 from pathlib import Path
 
 import torch
@@ -264,10 +265,21 @@ def _read_weights(data: bytes) -> dict[str, torch.Tensor]:
 SUFFIXES = (".json", ".pt", ".py")
 
 
+class PrefixError(FormatError, TypeError, ValueError):
+    """``save`` / ``load`` given no path (``None``, a number, ``""``): a morphc error, and the
+    TypeError / ValueError ``Path(...)`` raised for it before."""
+
+
 def saved_files(prefix, *, reading: bool = False) -> tuple[Path, Path]:
     """``(<prefix>.json, <prefix>.pt)``. A prefix given with one of the saved files' suffixes
     (``model.json``, as a user copies it from a listing) names the same pair. Reading, a
     missing document is a ``FileNotFoundError`` that says what exists instead."""
+    if not isinstance(prefix, str | PathLike) or not Path(prefix).name:
+        swapped = isinstance(prefix, nn.Module) and not reading
+        raise PrefixError(
+            f"expected a path prefix (a str or pathlib.Path such as 'runs/model', naming "
+            f"<prefix>.json and <prefix>.pt), got {prefix!r:.80}"
+            + ("; morphc.save(model, prefix) takes the model first" if swapped else ""))
     prefix = Path(prefix)
     if prefix.suffix in SUFFIXES and not prefix.with_name(prefix.name + ".json").exists():
         prefix = prefix.with_suffix("")

@@ -120,7 +120,7 @@ class Grow(Move):
 
 def _make_permanent(ext: ExtendedModel) -> fx.GraphModule:
     """The extended graph as a standalone architecture (the ``make_permanent`` pass)."""
-    pipeline = Pipeline(ext.graph_module, tuple(ext.pipeline.history))
+    pipeline = Pipeline(ext.graph_module, tuple(ext.extension_pipeline.history))
     pipeline.run(make_permanent)
     pipeline.graph_module.train(ext.training)
     return pipeline.graph_module

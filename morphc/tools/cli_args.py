@@ -7,6 +7,8 @@ with an example of what to write, which argparse reports as a usage error (exit 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 class CLIError(Exception):
@@ -17,6 +19,38 @@ def one_line(error: BaseException) -> str:
     """An exception's message on one line, at most 700 characters."""
     text = " ".join(str(error).split())
     return text if len(text) <= 700 else text[:697] + "..."
+
+
+def _make_writable(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    if not os.access(directory, os.W_OK):
+        raise PermissionError(13, "Permission denied")
+
+
+def writable_dir(path, flag: str) -> Path:
+    """``path`` as a directory that exists (made if need be) and can be written to, else a
+    ``CLIError`` naming ``flag``: checked before minutes of work, not after them."""
+    try:
+        _make_writable(Path(path))
+    except OSError as e:
+        raise CLIError(f"cannot write to {flag} {path}: {e.strerror or e}; choose a writable "
+                       "directory") from e
+    return Path(path)
+
+
+def writable_file(path, flag: str) -> None:
+    """A file ``flag`` will write, checked as :func:`writable_dir` checks a directory: its
+    directory can be written, and it is neither a directory nor a read-only file."""
+    target = Path(path)
+    try:
+        if target.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+        _make_writable(target.parent)
+    except OSError as e:
+        raise CLIError(f"cannot write to {flag} {path}: {e.strerror or e}; choose a writable "
+                       "file path") from e
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

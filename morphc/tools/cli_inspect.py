@@ -15,7 +15,14 @@ import logging
 import sys
 from pathlib import Path
 
-from morphc.tools.cli_args import CLIError, parse_dtype, parse_shape, parse_sites, parse_width
+from morphc.tools.cli_args import (
+    CLIError,
+    parse_dtype,
+    parse_shape,
+    parse_sites,
+    parse_width,
+    writable_file,
+)
 from morphc.tools.model_loader import check_runs, load_model, make_inputs
 
 
@@ -137,6 +144,9 @@ def run_inspect(args) -> int:
     import morphc
     from morphc.tools import graph_diff
 
+    for flag in ("json", "dot", "svg", "png", "html"):   # before the model is made and traced
+        if getattr(args, flag):
+            writable_file(getattr(args, flag), f"--{flag}")
     loaded = load_model(args.factory)
     model = loaded.model
     inputs = make_inputs(args.input_shape, args.input_dtype, loaded)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from morphc import zoo
-from morphc.tools.cli_args import CLIError
+from morphc.tools.cli_args import writable_dir
 
 DEFAULT_SEEDS = 5
 STEPS, LR = 2000, 1e-2       # the bench's teacher_student problem: full-batch Adam
@@ -80,7 +79,7 @@ def compiler_report() -> str:
     ext = morphc.extend(model, inputs, sites="all", width=0.25)
     with torch.no_grad():
         e1 = relative_deviation(model(*inputs), ext(*inputs))
-        for branch in ext.branches.values():
+        for branch in ext.extension_branches.values():
             branch.B.normal_(0, 0.1)
         ext.set_homotopy(0.0)
         extended = ext(*inputs)
@@ -227,7 +226,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     """Run the demo; print the table; save ``loss_curves.png`` and ``results.json``."""
     args = parse_args(argv)
-    out = _output_dir(args.out)          # before minutes of training, not after
+    out = writable_dir(args.out, "--out")   # before minutes of training, not after
     print(compiler_report(), flush=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # a 512×8 MLP: more threads only add synchronisation
@@ -245,18 +244,6 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"saved {out / 'loss_curves.png'} and {out / 'results.json'}")
     return 0
-
-
-def _output_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        raise CLIError(f"cannot write to --out {path}: {e.strerror or e}; choose a writable "
-                       "directory") from e
-    return out
 
 
 def _run_all(args) -> list[dict]:

@@ -179,7 +179,7 @@ def _graph_module_of(obj, inputs: tuple, other) -> fx.GraphModule:
         # the graph contraction produced
         if other.contracted and other.contracted_graph_module is not None:
             return other.contracted_graph_module
-        return other.traced.graph_module
+        return other.extension_traced.graph_module
     return trace(obj, inputs).graph_module
 
 

@@ -135,7 +135,7 @@ def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None, *, kwargs=
     probe = _probe_from(probe)
     if isinstance(model_or_ext, ExtendedModel):
         ext = model_or_ext
-        traced, table, model = ext.traced, ext.site_table, ext.model
+        traced, table, model = ext.extension_traced, ext.site_table, ext.model
         scores = escape_scores(ext, probe) if probe is not None else {}
     else:
         ext, model = None, model_or_ext
@@ -168,8 +168,8 @@ def inspect(model_or_ext: nn.Module, example_inputs=None, probe=None, *, kwargs=
                       list(out_shape or []) or None, params, flops, site.excluded,
                       escape_score=scores.get(site.name),
                       frozen=site.weight_name in frozen)
-        if ext is not None and site.name in ext.branches:
-            branch = ext.branches[site.name]
+        if ext is not None and site.name in ext.extension_branches:
+            branch = ext.extension_branches[site.name]
             row.width, row.family = branch.width, branch.family_name
             row.branch_params = sum(p.numel() for p in branch.parameters())
             row.residual = float(branch.constraint_residual().detach())
