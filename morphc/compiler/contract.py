@@ -115,7 +115,7 @@ def _adds_nothing(ext: ExtendedModel) -> bool:
 def _check_finite(ext: ExtendedModel) -> None:
     """A NaN/inf parameter is a diverged run, not a branch off C: say so (the residual of a NaN
     α read "off the constraint set (residual nan)" and asked for set_homotopy(0.0))."""
-    named = [*((f"branch {site}.{n}", p) for site, branch in ext.branches.items()
+    named = [*((f"branch {site}.{n}", p) for site, branch in ext.extension_branches.items()
                for n, p in branch.named_parameters()), *ext.model.named_parameters()]
     bad = [(n, p) for n, p in named if not bool(torch.isfinite(p).all())]
     if not bad:
