@@ -46,8 +46,8 @@ class TrainerCycle(TrainerProbationSide):
         self._cycle = Cycle(ext, snapshot, group, cfg, started_at=self.step_count,
                             pace=pace() if callable(pace) else 0.0)
         self._cycle.loss_before = sum(self._plain) / len(self._plain)
-        self._event("extend", sites=[s.name for s in ext.extension_sites],
-                    widths={n: b.width for n, b in ext.extension_branches.items()})
+        self._event("extend", sites=[s.name for s in ext.sites],
+                    widths={n: b.width for n, b in ext.branches.items()})
         self._set_return_homotopy()
 
     def _take_beside(self, snapshot: Snapshot) -> PlainBeside | None:
@@ -160,7 +160,7 @@ class TrainerCycle(TrainerProbationSide):
         self._end_cycle()
         self.cycle += 1
         self._event("contract", residual=residual, deviation=deviation, reason=reason,
-                    sites=[s.name for s in cycle.ext.extension_sites], **measures)
+                    sites=[s.name for s in cycle.ext.sites], **measures)
         if reason is None and plain is not None:
             self._start_probation(beside, recent)
 
