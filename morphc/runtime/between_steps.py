@@ -6,14 +6,14 @@ EMA, early stopping or a checkpoint the user takes there reads what it would rea
 so the decisions taken on it are plain training's too, and an edit (a clamp, a load into a
 layer, statistics moved by a forward in training mode) is done to plain training, which keeps it.
 On probation the run is the user's: edits there are seen by version counters
-(:func:`~morphc.runtime.shadow.edited_since`) and warned about. Mixed into
+(:func:`~morphc.runtime.user_edits.edited_since`) and warned about. Mixed into
 :class:`~morphc.Bypass`.
 """
 
 from __future__ import annotations
 
-from morphc.runtime import shadow as beside
-from morphc.runtime.shadow import edited_since
+from morphc.runtime import user_edits as beside
+from morphc.runtime.user_edits import edited_since
 
 
 class BetweenSteps:

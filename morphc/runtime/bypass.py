@@ -45,9 +45,10 @@ from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_group
-from morphc.runtime.shadow import Probation, ResolveBeforeLoad, Shadow, edited_since
+from morphc.runtime.shadow import Probation, Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
+from morphc.runtime.user_edits import ResolveBeforeLoad, edited_since
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
 
 STATE_VERSION = 3

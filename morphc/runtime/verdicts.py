@@ -21,9 +21,10 @@ from morphc.compiler.deviation import deterministic
 from morphc.errors import MorphcError
 from morphc.runtime.config import Accept, OnFailure, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off
-from morphc.runtime.shadow import Probation, edited_since, plain_catches_up, plain_leads
+from morphc.runtime.shadow import Probation, plain_catches_up, plain_leads
 from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import Closure
+from morphc.runtime.user_edits import edited_since
 from morphc.runtime.wrapping import all_reduce_mean
 
 
