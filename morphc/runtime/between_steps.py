@@ -3,7 +3,8 @@
 While plain training runs beside a cycle, the user's tensors show plain training's values
 between steps and the cycle's are set aside (:meth:`Shadow.show_plain`): a validation metric, an
 EMA, early stopping or a checkpoint the user takes there reads what it would read without Bypass,
-so the decisions taken on it are plain training's too, and an edit (a clamp, a load into a
+so the decisions taken on it are plain training's too (the optimizer's per-parameter state
+too: a checkpoint of model and optimizer is plain training's), and an edit (a clamp, a load into a
 layer, statistics moved by a forward in training mode) is done to plain training, which keeps it.
 On probation the run is the user's: edits there are seen by version counters
 (:func:`~morphc.runtime.user_edits.edited_since`) and warned about. Mixed into
@@ -23,7 +24,7 @@ class BetweenSteps:
         """Between the steps of a cycle with plain training beside it, the user's model shows
         plain training's values (:meth:`Shadow.show_plain`)."""
         if self._cycle is not None and self._cycle.shadow is not None:
-            self._cycle.shadow.show_plain()
+            self._cycle.shadow.show_plain(self.optimizer)
 
     def _show_run(self) -> bool:
         """The cycle's values back for a step or a verdict; whether plain's were showing (what
@@ -31,7 +32,7 @@ class BetweenSteps:
         shadow = None if self._cycle is None else self._cycle.shadow
         if shadow is None or not shadow.showing:
             return False
-        shadow.show_run(edited_since(self._weight_versions) or
+        shadow.show_run(self.optimizer, edited_since(self._weight_versions) or
                         edited_since(self._buffer_versions))
         self._count_versions()          # our copies are no edit of the user's
         return True
@@ -41,6 +42,12 @@ class BetweenSteps:
         run = {} if self._cycle is None or self._cycle.shadow is None else \
             self._cycle.shadow.run_values()
         return {k: run.get(id(v), v) for k, v in self._user_model.state_dict().items()}
+
+    def _run_optimizer_state(self) -> dict:
+        """The user's optimizer's state_dict with the run's state where plain's is showing."""
+        shadow = None if self._cycle is None else self._cycle.shadow
+        return self.optimizer.state_dict() if shadow is None else \
+            shadow.run_optimizer_state(self.optimizer)
 
     def _count_versions(self) -> None:
         """While plain training runs beside the run, what the next step compares against."""

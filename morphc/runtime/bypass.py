@@ -39,7 +39,7 @@ from morphc.ir.trace import trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline
 from morphc.runtime.between_steps import BetweenSteps
-from morphc.runtime.config import BypassConfig, Phase
+from morphc.runtime.config import BypassConfig, Phase, no_scaler, one_exclude_pattern
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
@@ -48,28 +48,14 @@ from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_g
 from morphc.runtime.shadow import Probation, Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
-from morphc.runtime.user_edits import ResolveBeforeLoad, edited_since
+from morphc.runtime.user_edits import (
+    ResolveBeforeLoad,
+    ResolveBeforeOptimizerLoad,
+    edited_since,
+)
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
 
 STATE_VERSION = 3
-
-
-def one_exclude_pattern(options: dict) -> dict:
-    """``exclude="fc1"`` is one pattern, as in ``extend``; the config would take the string as
-    an iterable of patterns, one per character."""
-    if isinstance(options.get("exclude"), str):
-        return {**options, "exclude": (options["exclude"],)}
-    return options
-
-
-def no_scaler(options: dict) -> None:
-    """A GradScaler passed as a setting: say why it cannot work and what does, instead of only
-    listing the settings that exist."""
-    if any(isinstance(v, torch.amp.GradScaler) for v in options.values()):
-        raise BypassError("Bypass cannot use a GradScaler: bp.step runs the backward and the "
-                          "optimizer step itself, so nothing scales the loss or unscales the "
-                          "gradients. Train in bfloat16 (torch.autocast(..., dtype=torch."
-                          "bfloat16) inside the closure, no scaler needed) or in float32")
 
 
 def check_branch_settings(cfg: BypassConfig) -> None:
@@ -161,7 +147,9 @@ class Bypass(BetweenSteps, CycleRunner):
         self._probation: Probation | None = None   # plain training after a kept cycle
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0
-        self._load_hooks = ResolveBeforeLoad.on(self, model)
+        self._loading = False      # bp.load_state_dict's own optimizer load resolves nothing
+        self._load_hooks = ResolveBeforeLoad.on(self, model) + \
+            ResolveBeforeOptimizerLoad.on(self, self.optimizer)
 
     # -- what the user calls -----------------------------------------------------------------
     @property
@@ -263,7 +251,8 @@ class Bypass(BetweenSteps, CycleRunner):
         return self._user_model
 
     def _before_load(self) -> None:
-        """Weights about to be loaded into the user's model (:class:`ResolveBeforeLoad`)."""
+        """Weights about to be loaded into the user's model, or a state into its optimizer
+        (:class:`ResolveBeforeLoad`)."""
         if self._cycle is not None or self._probation is not None:
             self.finish()
 
@@ -314,7 +303,7 @@ class Bypass(BetweenSteps, CycleRunner):
                 "quiet_until": self._quiet_until, "disabled": self._disabled,
                 "trigger": self.trigger.state_dict(), "history": list(self.history),
                 "model": self._run_state(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self._run_optimizer_state(),
                 "example_inputs": None if self.example_inputs is None else
                 list(self.example_inputs), "example_kwargs": dict(self.example_kwargs),
                 "extension": extension_state(self._cycle),
@@ -340,7 +329,11 @@ class Bypass(BetweenSteps, CycleRunner):
                                         config=self.config)
             self._cycle.structure = self._traced_structure
             self._cycle.watch_settings(self._user_model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._loading = True
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        finally:
+            self._loading = False
         shadow = (state["extension"] or {}).get("shadow")
         if shadow is not None and self._cycle is not None:   # after the optimizer: it copies it
             self._cycle.shadow = Shadow.from_state(shadow, self._user_model, self.optimizer,

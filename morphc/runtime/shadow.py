@@ -90,6 +90,24 @@ def _copied_parameters(model: nn.Module, copied: nn.Module, memo: dict) -> None:
         memo.setdefault(id(param), mine)
 
 
+def _put_state(state: dict, param: torch.Tensor, value: dict | None) -> None:
+    """One parameter's optimizer state set (in place of the old entry: the order of
+    ``optimizer.state`` is kept), or removed for None."""
+    if value is None:
+        state.pop(param, None)
+    else:
+        state[param] = value
+
+
+def _swap_states(state: dict, pairs, mine: dict) -> list[dict | None]:
+    """The copy's per-parameter optimizer state shown in the user's optimizer (the same dict
+    objects: nothing steps between steps); returns what it held, for :meth:`Shadow.show_run`."""
+    held = [state.get(param) for param, _ in pairs]
+    for param, copy_of in pairs:
+        _put_state(state, param, mine.get(copy_of))
+    return held
+
+
 class Shadow:
     """The user's model and optimizer, copied at a cycle's start and trained plainly."""
 
@@ -124,14 +142,16 @@ class Shadow:
         # kernels round differently from inductor's), else the copy itself
         self.run = self.model if wrap is None else wrap(self.model)
         self.parked: list[torch.Tensor] | None = None   # the run's values while plain's show
+        self.parked_state: list[dict | None] = []      # ... and the run's optimizer state
         self.showing = False
 
     # -- between steps: the user's tensors show plain training ----------------------------------
-    def show_plain(self) -> None:
-        """Between steps of a cycle, plain training's values in the user's tensors and the
-        run's set aside: what the user reads there (a validation metric, an EMA, early
-        stopping, a checkpoint) is what it would be without Bypass, so what they decide on it
-        is too. :meth:`show_run` puts the run's back at the next step."""
+    def show_plain(self, optimizer: torch.optim.Optimizer) -> None:
+        """Between steps of a cycle, plain training's values in the user's tensors and its
+        per-parameter state in the user's ``optimizer``, the run's set aside: what the user
+        reads there (a validation metric, an EMA, early stopping, a checkpoint of model and
+        optimizer) is what it would be without Bypass, so what they decide on it is too.
+        :meth:`show_run` puts the run's back at the next step."""
         mirrored = self.pairs + self.buffers
         if self.showing or any(u.dtype != m.dtype or u.device != m.device or u.shape != m.shape
                                for u, m in mirrored):
@@ -143,14 +163,23 @@ class Shadow:
                 torch._foreach_copy_(self.parked, [user.detach() for user, _ in mirrored])
             torch._foreach_copy_([user.detach() for user, _ in mirrored],
                                  [mine.detach() for _, mine in mirrored])
+        self.parked_state = _swap_states(optimizer.state, self.pairs, self.optimizer.state)
         self.showing = True
 
-    def show_run(self, changed: bool) -> None:
-        """The run's values back in the user's tensors. ``changed``: the user changed them in
-        the meantime (a clamp, a load into a layer, statistics moved by a forward in training
-        mode) — done to plain training's values, so plain training keeps it, as without Bypass."""
+    def show_run(self, optimizer: torch.optim.Optimizer, changed: bool) -> None:
+        """The run's values and optimizer state back in the user's tensors and optimizer.
+        ``changed``: the user changed them in the meantime (a clamp, a load into a layer,
+        statistics moved by a forward in training mode) — done to plain training's values, so
+        plain training keeps it, as without Bypass (an optimizer state edited in place is
+        plain training's own: it is the copy's, shown)."""
         if not self.showing:
             return
+        shown = [optimizer.state.get(param) for param, _ in self.pairs]
+        for (param, _), run in zip(self.pairs, self.parked_state, strict=True):
+            _put_state(optimizer.state, param, run)
+        for (_, mine), plain in zip(self.pairs, shown, strict=True):
+            _put_state(self.optimizer.state, mine, plain)
+        self.parked_state = []
         mirrored = self.pairs + self.buffers
         with torch.no_grad():
             users = [user.detach() for user, _ in mirrored]
@@ -158,6 +187,19 @@ class Shadow:
                 torch._foreach_copy_([mine.detach() for _, mine in mirrored], users)
             torch._foreach_copy_(users, self.parked)
         self.showing = False
+
+    def run_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """``optimizer.state_dict()`` with the run's state where plain's is showing."""
+        if not self.showing:
+            return optimizer.state_dict()
+        shown = [optimizer.state.get(param) for param, _ in self.pairs]
+        for (param, _), run in zip(self.pairs, self.parked_state, strict=True):
+            _put_state(optimizer.state, param, run)
+        try:
+            return optimizer.state_dict()
+        finally:
+            for (param, _), plain in zip(self.pairs, shown, strict=True):
+                _put_state(optimizer.state, param, plain)
 
     def run_values(self) -> dict[int, torch.Tensor]:
         """While plain's values show: the run's, by the id of the user's tensor."""

@@ -1,9 +1,9 @@
-"""What the user does to their model between ``bp.step`` calls, as Bypass sees it.
+"""What the user does to their model and optimizer between ``bp.step`` calls, as Bypass sees it.
 
 In-place edits of weights and buffers are seen by version counters (:func:`edited_since`); loads
-into the model resolve a cycle or probation in flight first (:class:`ResolveBeforeLoad`), as
-``bp.finish()`` does, so resolving it later cannot hand plain training's state, or the state
-from before the cycle, over what was loaded.
+into the model or the optimizer resolve a cycle or probation in flight first
+(:class:`ResolveBeforeLoad`), as ``bp.finish()`` does, so resolving it later cannot hand plain
+training's state, or the state from before the cycle, over what was loaded.
 """
 
 from __future__ import annotations
@@ -76,3 +76,22 @@ def edited_since(versions: list[tuple[torch.Tensor, int]] | None) -> bool:
     that edit, so handing its state over would undo it (buffers: :func:`buffer_versions`)."""
     return versions is not None and any(p._version != v for p, v in versions)
 
+
+class ResolveBeforeOptimizerLoad(ResolveBeforeLoad):
+    """The same, as a ``load_state_dict`` pre-hook on the user's optimizer: a checkpoint's
+    optimizer state loaded mid-cycle (resuming, or restoring a best state — often before the
+    model's) would be set aside with plain training's values between steps, then undone by the
+    cycle's verdict. Acts only on the optimizer Bypass drives (plain training's copy of it
+    carries the hook too)."""
+
+    @classmethod
+    def on(cls, bypass, optimizer: torch.optim.Optimizer) -> list:
+        return [optimizer.register_load_state_dict_pre_hook(cls(bypass))]
+
+    def __call__(self, optimizer, state_dict) -> None:
+        bypass = None if self.ref is None else self.ref()
+        if bypass is not None and optimizer is bypass.optimizer and not bypass._loading:
+            bypass._before_load()
+
+    def __reduce__(self):
+        return ResolveBeforeOptimizerLoad, ()

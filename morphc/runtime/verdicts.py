@@ -269,6 +269,13 @@ class Verdicts:
         probe = self._judged_on(closure)
         if probe is None:
             return
+        if not shadow.follows(self.optimizer) or \
+                model_structure(self._user_model) != shadow.structure:
+            # converted or rebuilt since the last step (a load resolving the probation first,
+            # finish()): plain training's copy cannot run the batches, nor be handed over
+            self._event("probation", loss_after=None, loss_plain=None, to="cycle",
+                        reason="plain training beside the run cannot follow the model's change")
+            return
         mine = self._loss_without_trace(probe, self._user_model)
         with shadow.plain_values():
             plain = self._loss_without_trace(probe, shadow.model)
