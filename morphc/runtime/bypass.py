@@ -342,6 +342,8 @@ class Bypass(BetweenSteps, CycleRunner):
         self._probation = None if probation is None else \
             Probation.from_state(probation, self._user_model, self.optimizer,
                                  self.wrapping.around_copy)
+        if self._probation is not None:
+            self._probation.shadow.keep_outside = not self.wrapping.compile
         self.trigger.load_state_dict(state["trigger"])
         self.log.events[:] = list(state["history"])
         self.step_count, self.cycle = int(state["step"]), int(state["cycle"])

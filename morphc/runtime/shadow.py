@@ -21,6 +21,7 @@ from torch import nn
 
 from morphc.compiler.deviation import cuda_devices
 from morphc.ir.settings import setting_names
+from morphc.runtime.outside_buffers import outside_buffers_kept
 from morphc.runtime.snapshot import model_structure, trained_outside
 from morphc.runtime.steps import (
     Closure,
@@ -144,6 +145,9 @@ class Shadow:
         self.parked: list[torch.Tensor] | None = None   # the run's values while plain's show
         self.parked_state: list[dict | None] = []      # ... and the run's optimizer state
         self.showing = False
+        # on probation the run is the user's and its step moves the statistics of modules the
+        # closure runs outside the model (:mod:`~morphc.runtime.outside_buffers`); this one not
+        self.keep_outside = False
 
     # -- between steps: the user's tensors show plain training ----------------------------------
     def show_plain(self, optimizer: torch.optim.Optimizer) -> None:
@@ -286,7 +290,7 @@ class Shadow:
     def _loss_and_grads(self, closure: Closure) -> torch.Tensor:
         """The closure on the copy, its backward, the gradients on the copy's tensors; raises
         :class:`NonFinite` (its ``loss``: the detached loss) before anything is stepped."""
-        with self.plain_values():
+        with self.plain_values(), outside_buffers_kept(self.model, enabled=self.keep_outside):
             loss, value = loss_of(closure, self.run)
             try:
                 backward_checked(loss, value)

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import morphc
 from tests.helpers import regression_task, state_differences, train_step, training_state
@@ -106,3 +107,85 @@ def test_an_optimizer_state_loaded_mid_cycle_is_what_the_user_keeps(shadow):
     now, then = optimizer.state_dict()["state"], _loaded(kept)["optimizer"]["state"]
     assert [(i, k) for i in then for k in then[i] if not torch.equal(now[i][k], then[i][k])] == []
     bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))      # and trains on from there
+
+
+# -- modules the closure runs outside the model Bypass trains ------------------------------------
+def _gan(with_bypass: bool, steps: int = STEPS):
+    """A DCGAN-style pair: the discriminator has BatchNorm and dropout; both nets have their
+    own Bypass (cycles at steps 4 and 20 for G, 5 and 20 for D); the generator's loss runs
+    the discriminator, whose statistics its forward moves."""
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    d = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.LeakyReLU(0.2), nn.Dropout(0.2),
+                      nn.Linear(16, 1))
+    opt_g = torch.optim.Adam(g.parameters(), 1e-2, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(d.parameters(), 1e-2, betas=(0.5, 0.9))
+    bp_g = _bypass(g, opt_g) if with_bypass else None
+    bp_d = _bypass(d, opt_d, trigger=morphc.Schedule(every=5)) if with_bypass else None
+    for _ in range(steps):
+        real = torch.randn(32, 2) * 0.5 + 1
+        fake = g(torch.randn(32, 4)).detach()
+        train_step(bp_d, d, opt_d, lambda m, real=real, fake=fake:
+                   F.softplus(-m(real)).mean() + F.softplus(m(fake)).mean())
+        z = torch.randn(32, 4)
+        train_step(bp_g, g, opt_g, lambda m, z=z: F.softplus(-d(m(z))).mean())
+    for bp in (bp_g, bp_d):
+        if bp is not None:
+            bp.finish()
+    return training_state(g, opt_g), training_state(d, opt_d), torch.get_rng_state(), bp_g
+
+
+def test_a_gan_whose_cycles_never_pay_is_plain_training_with_batchnorm_in_the_critic():
+    # the generator's cycles called its loss — which runs the discriminator in training mode —
+    # for plain training's copy, at s = 0 and at s = 1: the discriminator's BatchNorm
+    # statistics moved three times per generator step instead of once
+    g0, d0, rng0, _ = _gan(False)
+    g1, d1, rng1, bp_g = _gan(True)
+    assert [e["to"] for e in bp_g.history if e["event"] == "rollback"] == ["plain", "plain"]
+    assert state_differences(g0, g1) == []
+    assert state_differences(d0, d1) == []
+    assert torch.equal(rng0, rng1)
+
+
+def _backbone_run(with_bypass: bool, shadow: bool = True, steps: int = STEPS):
+    """Bypass over the backbone while the optimizer trains the whole model: the head, with its
+    BatchNorm, runs in the closure."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 8))
+    head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 3))
+    whole = nn.Sequential(backbone, head)
+    optimizer = _adam(whole)
+    bp = _bypass(backbone, optimizer, shadow=shadow) if with_bypass else None
+    _, batches = regression_task(0, steps)
+    for x, y in batches:
+        train_step(bp, backbone, optimizer, lambda m, x=x, y=y: F.mse_loss(head(m(x)), y))
+    if bp is not None:
+        bp.finish()
+    return training_state(whole, optimizer), bp
+
+
+def test_a_bypass_over_the_backbone_leaves_the_heads_statistics_as_plain_training_does():
+    plain, _ = _backbone_run(False)
+    mine, bp = _backbone_run(True)
+    assert [e["to"] for e in bp.history if e["event"] == "rollback"] == ["plain", "plain"]
+    assert state_differences(plain, mine) == []
+
+
+def test_without_a_copy_beside_it_the_extended_step_moves_the_heads_statistics_once():
+    # no plain training to stand for: the cycle's own s = 0 pass moves them, once per step
+    # (the s = 1 pass and the verdicts leave them), as plain training's forward would
+    assert _backbone_counts() == STEPS
+
+
+def _backbone_counts():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 8))
+    head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 3))
+    optimizer = _adam(nn.Sequential(backbone, head))
+    bp = _bypass(backbone, optimizer, shadow=False)
+    _, batches = regression_task(0, STEPS)
+    for x, y in batches:
+        bp.step(lambda m, x=x, y=y: F.mse_loss(head(m(x)), y))
+    bp.finish()
+    return int(head[0].num_batches_tracked)
+
