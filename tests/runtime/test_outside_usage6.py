@@ -189,3 +189,59 @@ def _backbone_counts():
     bp.finish()
     return int(head[0].num_batches_tracked)
 
+
+# -- what the user does around each step ---------------------------------------------------------
+def _ema_run(with_bypass: bool, steps: int = STEPS):
+    """SGD with momentum on a net with dropout; an EMA of the weights (swa_utils) updated after
+    every step, and the global seed set by the user every 5 steps (an epoch's habit); the
+    closure accumulates two micro-batches and returns their mean loss in float64."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    bp = _bypass(model, optimizer) if with_bypass else None
+    _, batches = regression_task(0, steps)
+
+    def loss_of(m, x, y):
+        halves = [F.mse_loss(m(xs), ys).double() for xs, ys in
+                  zip(x.chunk(2), y.chunk(2), strict=True)]
+        return sum(halves) / 2
+
+    for i, (x, y) in enumerate(batches):
+        if i % 5 == 0:
+            torch.manual_seed(100 + i)
+        train_step(bp, model, optimizer, lambda m, x=x, y=y: loss_of(m, x, y))
+        ema.update_parameters(model)
+    if bp is not None:
+        bp.finish()
+    averaged = {k: v.clone() for k, v in ema.state_dict().items()}
+    return training_state(model, optimizer), averaged, torch.get_rng_state(), bp
+
+
+def test_an_ema_seeds_and_accumulated_float64_losses_follow_plain_training():
+    plain, plain_ema, plain_rng, _ = _ema_run(False)
+    mine, my_ema, my_rng, bp = _ema_run(True)
+    assert [e["event"] for e in bp.history].count("extend") == 2
+    assert state_differences(plain, mine) == []
+    assert [k for k in plain_ema if not torch.equal(plain_ema[k], my_ema[k])] == []
+    assert torch.equal(plain_rng, my_rng)
+
+
+def _momentum_reset_run(with_bypass: bool):
+    model, batches = regression_task(0, STEPS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    bp = _bypass(model, optimizer) if with_bypass else None
+    for i, (x, y) in enumerate(batches):
+        train_step(bp, model, optimizer, lambda m, x=x, y=y: F.mse_loss(m(x), y))
+        if i in (4, 20):                     # mid-cycle both times
+            optimizer.state.clear()
+    if bp is not None:
+        bp.finish()
+    return training_state(model, optimizer)
+
+
+def test_a_momentum_reset_between_steps_mid_cycle_is_done_to_plain_training():
+    # the reset cleared the cycle's momentum, and the hand-over then brought plain training's
+    # back, never reset: the run went on with momentum plain training would not have had
+    assert state_differences(_momentum_reset_run(False), _momentum_reset_run(True)) == []
