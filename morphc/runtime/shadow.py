@@ -81,6 +81,15 @@ def copy_grad_hooks(pairs) -> None:
                 mine.register_hook(hook)
 
 
+def copy_step_hooks(optimizer: torch.optim.Optimizer, mine: torch.optim.Optimizer) -> None:
+    """Register the user's optimizer step hooks (``register_step_pre_hook`` /
+    ``register_step_post_hook``: a projection onto non-negative weights over
+    ``optimizer.param_groups``) on the copy too: deepcopy drops them, and the copy would step
+    as plain training does not — a hand-over would give weights the hook never projected."""
+    for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        getattr(mine, name).update(getattr(optimizer, name, {}))
+
+
 def _copied_parameters(model: nn.Module, copied: nn.Module, memo: dict) -> None:
     """Enter each copied Parameter in ``memo`` by name: a ``torch.jit.script``-ed submodule
     copies its tensors in C++ without recording them, and the optimizer's copy would then step
@@ -130,6 +139,7 @@ class Shadow:
         self.outside = [(p, memo[id(p)]) for p in trained_outside(model, optimizer)]
         self.pairs += self.outside
         copy_grad_hooks(self.pairs)
+        copy_step_hooks(optimizer, self.optimizer)
         self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
         self.layers = [(user, mine, names) for user, mine in zip(
             model.modules(), self.model.modules(), strict=True) if (names := setting_names(user))]

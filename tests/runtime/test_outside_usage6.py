@@ -245,3 +245,31 @@ def test_a_momentum_reset_between_steps_mid_cycle_is_done_to_plain_training():
     # the reset cleared the cycle's momentum, and the hand-over then brought plain training's
     # back, never reset: the run went on with momentum plain training would not have had
     assert state_differences(_momentum_reset_run(False), _momentum_reset_run(True)) == []
+
+
+def _projected_run(with_bypass: bool):
+    """Non-negative weights kept by an optimizer step hook over the optimizer's own groups."""
+    model, batches = regression_task(0, STEPS)
+    optimizer = _adam(model)
+
+    def non_negative(opt, args, kwargs):
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    param.clamp_(min=0.0)
+
+    optimizer.register_step_post_hook(non_negative)
+    bp = _bypass(model, optimizer) if with_bypass else None
+    for x, y in batches:
+        train_step(bp, model, optimizer, lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    if bp is not None:
+        bp.finish()
+    return training_state(model, optimizer)
+
+
+def test_an_optimizer_step_hook_shapes_plain_training_beside_a_cycle():
+    # deepcopy drops an optimizer's step hooks: plain training's copy stepped without the
+    # projection, and a cycle that did not pay handed over weights that were never projected
+    plain, mine = _projected_run(False), _projected_run(True)
+    assert state_differences(plain, mine) == []
+    assert all(bool((v >= 0).all()) for v in mine[0].values())
