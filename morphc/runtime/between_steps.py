@@ -41,7 +41,24 @@ class BetweenSteps:
         """The user's model's state_dict with the run's values where plain's are showing."""
         run = {} if self._cycle is None or self._cycle.shadow is None else \
             self._cycle.shadow.run_values()
-        return {k: run.get(id(v), v) for k, v in self._user_model.state_dict().items()}
+        return {k: run.get(id(v), v) for k, v in self._own_state_dict().items()}
+
+    def _own_state_dict(self) -> dict:
+        """``state_dict()`` of the user's model for a checkpoint of Bypass, which holds the
+        cycle too: no warning (:meth:`_state_dict_taken`)."""
+        self._reading = True
+        try:
+            return self._user_model.state_dict()
+        finally:
+            self._reading = False
+
+    def _state_dict_taken(self) -> None:
+        """Once per run: a checkpoint of the model alone mid-cycle, with no plain training's
+        values to show (:class:`~morphc.runtime.user_edits.WarnHalfCheckpoint`)."""
+        if self._cycle is not None and self._cycle.shadow is None and \
+                not getattr(self, "_reading", False) and not self._warned_half:
+            self._warned_half = True
+            self._warn(beside.HALF_CHECKPOINT)
 
     def _run_optimizer_state(self) -> dict:
         """The user's optimizer's state_dict with the run's state where plain's is showing."""

@@ -51,6 +51,7 @@ from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.user_edits import (
     ResolveBeforeLoad,
     ResolveBeforeOptimizerLoad,
+    WarnHalfCheckpoint,
     edited_since,
 )
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
@@ -140,7 +141,7 @@ class Bypass(BetweenSteps, CycleRunner):
         self._recent_closures: deque[Closure] = deque(maxlen=self.config.judge_batches)
         self._last_loss: float | None = None
         self._weight_versions = self._buffer_versions = None   # edits between steps
-        self._warned_edited = self._warned_buffers = False
+        self._warned_edited = self._warned_buffers = self._warned_half = False
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, 0   # how long the lr held still
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
@@ -149,7 +150,7 @@ class Bypass(BetweenSteps, CycleRunner):
         self.step_count = self.cycle = self.failures = 0
         self._loading = False      # bp.load_state_dict's own optimizer load resolves nothing
         self._load_hooks = ResolveBeforeLoad.on(self, model) + \
-            ResolveBeforeOptimizerLoad.on(self, self.optimizer)
+            ResolveBeforeOptimizerLoad.on(self, self.optimizer) + WarnHalfCheckpoint.on(self, model)
 
     # -- what the user calls -----------------------------------------------------------------
     @property
@@ -369,7 +370,7 @@ class Bypass(BetweenSteps, CycleRunner):
         if missing:
             raise BypassError(f"the Bypass checkpoint lacks {missing}; pass what "
                               "bp.state_dict() returned")
-        ours, theirs = self._user_model.state_dict(), state["model"]
+        ours, theirs = self._own_state_dict(), state["model"]
         if not isinstance(theirs, Mapping):
             raise BypassError("the Bypass checkpoint's 'model' is not a state_dict")
         wrong = [f"{k}: {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} here"

@@ -95,3 +95,28 @@ class ResolveBeforeOptimizerLoad(ResolveBeforeLoad):
 
     def __reduce__(self):
         return ResolveBeforeOptimizerLoad, ()
+
+
+class WarnHalfCheckpoint(ResolveBeforeLoad):
+    """A ``state_dict`` pre-hook on the user's model: without plain training beside a cycle
+    (``shadow=False``, DDP) its tensors hold, mid-cycle, the cycle's weights without the
+    branches' share — a checkpoint of them is neither plain training nor the cycle's model."""
+
+    @classmethod
+    def on(cls, bypass, model: nn.Module) -> list:
+        return [model.register_state_dict_pre_hook(cls(bypass))]
+
+    def __call__(self, module, prefix, keep_vars) -> None:
+        bypass = None if self.ref is None else self.ref()
+        if bypass is not None and module is bypass._user_model:
+            bypass._state_dict_taken()
+
+    def __reduce__(self):
+        return WarnHalfCheckpoint, ()
+
+
+HALF_CHECKPOINT = ("model.state_dict() was taken mid-cycle without plain training beside it "
+                   "(shadow=False, or DDP): your model's weights lack the extension's share "
+                   "until the cycle folds, so this checkpoint is neither plain training nor the "
+                   "cycle's model. Save bp.state_dict() to resume mid-cycle, or checkpoint "
+                   "when bp.phase == 'train' (after bp.finish() at the end)")

@@ -273,3 +273,28 @@ def test_an_optimizer_step_hook_shapes_plain_training_beside_a_cycle():
     plain, mine = _projected_run(False), _projected_run(True)
     assert state_differences(plain, mine) == []
     assert all(bool((v >= 0).all()) for v in mine[0].values())
+
+
+@pytest.mark.parametrize("shadow", [False, True])
+def test_a_model_checkpoint_mid_cycle_without_plain_training_beside_it_warns(shadow):
+    # without a copy beside the cycle (shadow=False, DDP) the model's weights mid-cycle lack the
+    # branches' share: a checkpoint of them (a rank-0 save every N steps) silently held a model
+    # that neither plain training nor the cycle ever computed
+    model, batches = regression_task(0, STEPS)
+    bp = _bypass(model, _adam(model), shadow=shadow)
+    for x, y in batches[:5]:
+        bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            bp.state_dict()                      # Bypass's own checkpoint holds the cycle
+            if bp.phase == "train":
+                model.state_dict()               # between cycles: the model is whole
+    assert bp.phase != "train"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.state_dict()
+        model.state_dict()
+    said = [str(w.message) for w in caught if "mid-cycle" in str(w.message)]
+    assert len(said) == (0 if shadow else 1)
+    assert not said or "bp.state_dict()" in said[0]
+    bp.finish()
