@@ -62,8 +62,8 @@ from morphc.integrations.sites import module_sites
 from morphc.integrations.trainer_cycle import TrainerCycle
 from morphc.integrations.trainer_probation import TrainerProbation
 from morphc.ir.sites import select_sites
-from morphc.runtime.bypass import check_branch_settings, one_exclude_pattern
-from morphc.runtime.config import BypassConfig, FreePhase, Phase, ReturnMode
+from morphc.runtime.bypass import check_branch_settings
+from morphc.runtime.config import BypassConfig, FreePhase, Phase, ReturnMode, one_exclude_pattern
 from morphc.runtime.cycle import Cycle, may_start
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import loss_sign, training_group

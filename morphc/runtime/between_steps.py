@@ -3,17 +3,18 @@
 While plain training runs beside a cycle, the user's tensors show plain training's values
 between steps and the cycle's are set aside (:meth:`Shadow.show_plain`): a validation metric, an
 EMA, early stopping or a checkpoint the user takes there reads what it would read without Bypass,
-so the decisions taken on it are plain training's too, and an edit (a clamp, a load into a
+so the decisions taken on it are plain training's too (the optimizer's per-parameter state
+too: a checkpoint of model and optimizer is plain training's), and an edit (a clamp, a load into a
 layer, statistics moved by a forward in training mode) is done to plain training, which keeps it.
 On probation the run is the user's: edits there are seen by version counters
-(:func:`~morphc.runtime.shadow.edited_since`) and warned about. Mixed into
+(:func:`~morphc.runtime.user_edits.edited_since`) and warned about. Mixed into
 :class:`~morphc.Bypass`.
 """
 
 from __future__ import annotations
 
-from morphc.runtime import shadow as beside
-from morphc.runtime.shadow import edited_since
+from morphc.runtime import user_edits as beside
+from morphc.runtime.user_edits import edited_since
 
 
 class BetweenSteps:
@@ -23,7 +24,7 @@ class BetweenSteps:
         """Between the steps of a cycle with plain training beside it, the user's model shows
         plain training's values (:meth:`Shadow.show_plain`)."""
         if self._cycle is not None and self._cycle.shadow is not None:
-            self._cycle.shadow.show_plain()
+            self._cycle.shadow.show_plain(self.optimizer)
 
     def _show_run(self) -> bool:
         """The cycle's values back for a step or a verdict; whether plain's were showing (what
@@ -31,7 +32,7 @@ class BetweenSteps:
         shadow = None if self._cycle is None else self._cycle.shadow
         if shadow is None or not shadow.showing:
             return False
-        shadow.show_run(edited_since(self._weight_versions) or
+        shadow.show_run(self.optimizer, edited_since(self._weight_versions) or
                         edited_since(self._buffer_versions))
         self._count_versions()          # our copies are no edit of the user's
         return True
@@ -40,7 +41,30 @@ class BetweenSteps:
         """The user's model's state_dict with the run's values where plain's are showing."""
         run = {} if self._cycle is None or self._cycle.shadow is None else \
             self._cycle.shadow.run_values()
-        return {k: run.get(id(v), v) for k, v in self._user_model.state_dict().items()}
+        return {k: run.get(id(v), v) for k, v in self._own_state_dict().items()}
+
+    def _own_state_dict(self) -> dict:
+        """``state_dict()`` of the user's model for a checkpoint of Bypass, which holds the
+        cycle too: no warning (:meth:`_state_dict_taken`)."""
+        self._reading = True
+        try:
+            return self._user_model.state_dict()
+        finally:
+            self._reading = False
+
+    def _state_dict_taken(self) -> None:
+        """Once per run: a checkpoint of the model alone mid-cycle, with no plain training's
+        values to show (:class:`~morphc.runtime.user_edits.WarnHalfCheckpoint`)."""
+        if self._cycle is not None and self._cycle.shadow is None and \
+                not getattr(self, "_reading", False) and not self._warned_half:
+            self._warned_half = True
+            self._warn(beside.HALF_CHECKPOINT)
+
+    def _run_optimizer_state(self) -> dict:
+        """The user's optimizer's state_dict with the run's state where plain's is showing."""
+        shadow = None if self._cycle is None else self._cycle.shadow
+        return self.optimizer.state_dict() if shadow is None else \
+            shadow.run_optimizer_state(self.optimizer)
 
     def _count_versions(self) -> None:
         """While plain training runs beside the run, what the next step compares against."""

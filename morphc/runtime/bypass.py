@@ -39,36 +39,24 @@ from morphc.ir.trace import trace
 from morphc.passes.find_sites import find_sites
 from morphc.passes.infra import Pipeline
 from morphc.runtime.between_steps import BetweenSteps
-from morphc.runtime.config import BypassConfig, Phase
+from morphc.runtime.config import BypassConfig, Phase, no_scaler, one_exclude_pattern
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_runner import CycleRunner
 from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_group
-from morphc.runtime.shadow import Probation, ResolveBeforeLoad, Shadow, edited_since
+from morphc.runtime.shadow import Probation, Shadow
 from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
+from morphc.runtime.user_edits import (
+    ResolveBeforeLoad,
+    ResolveBeforeOptimizerLoad,
+    WarnHalfCheckpoint,
+    edited_since,
+)
 from morphc.runtime.wrapping import Wrapping, resolve_distributed, unwrap
 
 STATE_VERSION = 3
-
-
-def one_exclude_pattern(options: dict) -> dict:
-    """``exclude="fc1"`` is one pattern, as in ``extend``; the config would take the string as
-    an iterable of patterns, one per character."""
-    if isinstance(options.get("exclude"), str):
-        return {**options, "exclude": (options["exclude"],)}
-    return options
-
-
-def no_scaler(options: dict) -> None:
-    """A GradScaler passed as a setting: say why it cannot work and what does, instead of only
-    listing the settings that exist."""
-    if any(isinstance(v, torch.amp.GradScaler) for v in options.values()):
-        raise BypassError("Bypass cannot use a GradScaler: bp.step runs the backward and the "
-                          "optimizer step itself, so nothing scales the loss or unscales the "
-                          "gradients. Train in bfloat16 (torch.autocast(..., dtype=torch."
-                          "bfloat16) inside the closure, no scaler needed) or in float32")
 
 
 def check_branch_settings(cfg: BypassConfig) -> None:
@@ -155,14 +143,16 @@ class Bypass(BetweenSteps, CycleRunner):
         self._recent_closures: deque[Closure] = deque(maxlen=self.config.judge_batches)
         self._last_loss: float | None = None
         self._weight_versions = self._buffer_versions = None   # edits between steps
-        self._warned_edited = self._warned_buffers = False
+        self._warned_edited = self._warned_buffers = self._warned_half = False
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, 0   # how long the lr held still
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
         self._probation: Probation | None = None   # plain training after a kept cycle
         self._lr_scale = float(self.config.extension_lr_scale)   # halved after a divergence
         self.step_count = self.cycle = self.failures = 0
-        self._load_hooks = ResolveBeforeLoad.on(self, model)
+        self._loading = False      # bp.load_state_dict's own optimizer load resolves nothing
+        self._load_hooks = ResolveBeforeLoad.on(self, model) + \
+            ResolveBeforeOptimizerLoad.on(self, self.optimizer) + WarnHalfCheckpoint.on(self, model)
 
     # -- what the user calls -----------------------------------------------------------------
     @property
@@ -264,7 +254,8 @@ class Bypass(BetweenSteps, CycleRunner):
         return self._user_model
 
     def _before_load(self) -> None:
-        """Weights about to be loaded into the user's model (:class:`ResolveBeforeLoad`)."""
+        """Weights about to be loaded into the user's model, or a state into its optimizer
+        (:class:`ResolveBeforeLoad`)."""
         if self._cycle is not None or self._probation is not None:
             self.finish()
 
@@ -315,7 +306,7 @@ class Bypass(BetweenSteps, CycleRunner):
                 "quiet_until": self._quiet_until, "disabled": self._disabled,
                 "trigger": self.trigger.state_dict(), "history": list(self.history),
                 "model": self._run_state(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self._run_optimizer_state(),
                 "example_inputs": None if self.example_inputs is None else
                 list(self.example_inputs), "example_kwargs": dict(self.example_kwargs),
                 "extension": extension_state(self._cycle),
@@ -341,7 +332,11 @@ class Bypass(BetweenSteps, CycleRunner):
                                         config=self.config)
             self._cycle.structure = self._traced_structure
             self._cycle.watch_settings(self._user_model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._loading = True
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        finally:
+            self._loading = False
         shadow = (state["extension"] or {}).get("shadow")
         if shadow is not None and self._cycle is not None:   # after the optimizer: it copies it
             self._cycle.shadow = Shadow.from_state(shadow, self._user_model, self.optimizer,
@@ -350,6 +345,8 @@ class Bypass(BetweenSteps, CycleRunner):
         self._probation = None if probation is None else \
             Probation.from_state(probation, self._user_model, self.optimizer,
                                  self.wrapping.around_copy)
+        if self._probation is not None:
+            self._probation.shadow.keep_outside = not self.wrapping.compile
         self.trigger.load_state_dict(state["trigger"])
         self.log.events[:] = list(state["history"])
         self.step_count, self.cycle = int(state["step"]), int(state["cycle"])
@@ -375,7 +372,7 @@ class Bypass(BetweenSteps, CycleRunner):
         if missing:
             raise BypassError(f"the Bypass checkpoint lacks {missing}; pass what "
                               "bp.state_dict() returned")
-        ours, theirs = self._user_model.state_dict(), state["model"]
+        ours, theirs = self._own_state_dict(), state["model"]
         if not isinstance(theirs, Mapping):
             raise BypassError("the Bypass checkpoint's 'model' is not a state_dict")
         wrong = [f"{k}: {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} here"

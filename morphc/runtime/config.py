@@ -8,7 +8,27 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from morphc.errors import BypassError
+
+
+def one_exclude_pattern(options: dict) -> dict:
+    """``exclude="fc1"`` is one pattern, as in ``extend``; the config would take the string as
+    an iterable of patterns, one per character."""
+    if isinstance(options.get("exclude"), str):
+        return {**options, "exclude": (options["exclude"],)}
+    return options
+
+
+def no_scaler(options: dict) -> None:
+    """A GradScaler passed as a setting: say why it cannot work and what does, instead of only
+    listing the settings that exist."""
+    if any(isinstance(v, torch.amp.GradScaler) for v in options.values()):
+        raise BypassError("Bypass cannot use a GradScaler: bp.step runs the backward and the "
+                          "optimizer step itself, so nothing scales the loss or unscales the "
+                          "gradients. Train in bfloat16 (torch.autocast(..., dtype=torch."
+                          "bfloat16) inside the closure, no scaler needed) or in float32")
 
 
 class Phase(enum.StrEnum):

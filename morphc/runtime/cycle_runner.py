@@ -18,6 +18,7 @@ from morphc.ir.python_numbers import BakedNumber
 from morphc.runtime.config import FreePhase, OnFailure, Phase, ReturnMode
 from morphc.runtime.cycle import Cycle
 from morphc.runtime.cycle_start import CycleStart
+from morphc.runtime.outside_buffers import outside_buffers_kept
 from morphc.runtime.plain_training import PlainTraining
 from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import (
@@ -183,19 +184,25 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
         params = [p for g in self.optimizer.param_groups for p in g["params"]] + \
             cycle.group.params
         first = not cycle.saw_extension_grad
+        # modules the closure runs outside the model (a head, a GAN's other net): their
+        # statistics move once a step, in plain training's step when its copy runs beside
+        eager, beside = not self.wrapping.compile, cycle.shadow is not None
+        roots = (self._user_model, ext)
         if joint:
             ext.set_homotopy(0.0)                       # the model a fold would keep ...
-            loss, value = loss_of(closure, self.model, self._reduce())
-            if first:
-                no_backward_yet(params)
-            backward_checked(loss, value)
+            with outside_buffers_kept(*roots, enabled=eager and beside):
+                loss, value = loss_of(closure, self.model, self._reduce())
+                if first:
+                    no_backward_yet(params)
+                backward_checked(loss, value)
             grads = set_aside(params)                   # safe from a closure's zero_grad()
             ext.set_homotopy(1.0)                       # ... and the free one, whose forward
             buffers, kept = self._back_up_buffers()     # must not move BN statistics: they
-        loss, value = loss_of(closure, self.model, self._reduce())      # belong to s = 0
-        if first and not joint:
-            no_backward_yet(params)
-        backward_checked(loss, value)
+        with outside_buffers_kept(*roots, enabled=eager and (beside or joint)):  # belong to s = 0
+            loss, value = loss_of(closure, self.model, self._reduce())
+            if first and not joint:
+                no_backward_yet(params)
+            backward_checked(loss, value)
         if joint:                                       # after backward: autograd saved them
             put_back(buffers, kept)
             add_back(params, grads)

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from morphc.compiler.deviation import cuda_devices
 from morphc.ir.settings import setting_names
+from morphc.runtime.outside_buffers import outside_buffers_kept
 from morphc.runtime.snapshot import model_structure, trained_outside
 from morphc.runtime.steps import (
     Closure,
@@ -70,69 +70,6 @@ class Probation:
                    int(state["until"]), None if lead is None else float(lead))
 
 
-def weight_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
-    """Each parameter with its in-place version counter, at the end of a step."""
-    return [(p, p._version) for p in model.parameters()]
-
-
-def buffer_versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
-    """Each buffer with its version counter: a forward in training mode between steps (a
-    metric without ``model.eval()``) moves BatchNorm's statistics."""
-    return [(b, b._version) for b in model.buffers()]
-
-
-EDITED = ("the model's weights were changed between bp.step calls while plain training ran "
-          "beside a kept cycle's run (its probation: a clamp, a projection, a copy_ into a "
-          "weight): plain training cannot follow such edits, so the probation ends here and "
-          "your run is kept. To keep the guarantee, constrain weights inside the model "
-          "(torch.nn.utils.parametrize) instead of editing them after a step")
-BUFFERS_MOVED = ("the model ran in training mode between bp.step calls while plain training ran "
-                 "beside a kept cycle's run (its probation), and moved its buffers (BatchNorm "
-                 "statistics): plain training's copy never sees that forward, so a hand-over "
-                 "gives statistics without it. Evaluate under model.eval() (torch.no_grad() "
-                 "alone does not keep BatchNorm from updating)")
-
-
-class ResolveBeforeLoad:
-    """A ``load_state_dict`` pre-hook on the user's model: weights loaded mid-cycle or on
-    probation (early stopping restoring its best state, a checkpoint) first resolve what is in
-    flight, as ``bp.finish()`` does — else resolving it later (the next step, ``finish``) hands
-    plain training's state, or the state from before the cycle, over what was loaded. Holds
-    Bypass weakly; a copy of the model (deepcopy, an EMA) keeps it but is not the model it
-    watches, and a pickled model takes an inert one."""
-
-    def __init__(self, bypass=None) -> None:
-        self.ref = None if bypass is None else weakref.ref(bypass)
-
-    @classmethod
-    def on(cls, bypass, model: nn.Module) -> list:
-        """Hooked on every submodule (the handles): torch runs a load's hooks from the module
-        it is called on down, and a load into one layer is a load too. A torch.jit.script-ed
-        submodule takes no hooks; a load through its parents still reaches theirs."""
-        hook = cls(bypass)
-        return [m.register_load_state_dict_pre_hook(hook) for m in model.modules()
-                if not isinstance(m, torch.jit.ScriptModule)]
-
-    def __call__(self, module, state_dict, prefix, *args) -> None:
-        bypass = None if self.ref is None else self.ref()   # acts once, where the load began:
-        if bypass is not None and not prefix and \
-                any(module is m for m in bypass._user_model.modules()):   # not on a copy
-            bypass._before_load()
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        return ResolveBeforeLoad, ()
-
-
-def edited_since(versions: list[tuple[torch.Tensor, int]] | None) -> bool:
-    """Whether the user changed weights in place since :func:`weight_versions` (a clamp or a
-    projection after each step, a copy_ into a weight): plain training beside the run never got
-    that edit, so handing its state over would undo it (buffers: :func:`buffer_versions`)."""
-    return versions is not None and any(p._version != v for p, v in versions)
-
-
 def copy_grad_hooks(pairs) -> None:
     """Register each user tensor's gradient hooks (``param.register_hook``: a pruning mask,
     per-element clipping) on its copy: deepcopy drops them, and the copy would not train as
@@ -144,6 +81,15 @@ def copy_grad_hooks(pairs) -> None:
                 mine.register_hook(hook)
 
 
+def copy_step_hooks(optimizer: torch.optim.Optimizer, mine: torch.optim.Optimizer) -> None:
+    """Register the user's optimizer step hooks (``register_step_pre_hook`` /
+    ``register_step_post_hook``: a projection onto non-negative weights over
+    ``optimizer.param_groups``) on the copy too: deepcopy drops them, and the copy would step
+    as plain training does not — a hand-over would give weights the hook never projected."""
+    for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        getattr(mine, name).update(getattr(optimizer, name, {}))
+
+
 def _copied_parameters(model: nn.Module, copied: nn.Module, memo: dict) -> None:
     """Enter each copied Parameter in ``memo`` by name: a ``torch.jit.script``-ed submodule
     copies its tensors in C++ without recording them, and the optimizer's copy would then step
@@ -152,6 +98,24 @@ def _copied_parameters(model: nn.Module, copied: nn.Module, memo: dict) -> None:
                                      copied.named_parameters(remove_duplicate=False),
                                      strict=True):
         memo.setdefault(id(param), mine)
+
+
+def _put_state(state: dict, param: torch.Tensor, value: dict | None) -> None:
+    """One parameter's optimizer state set (in place of the old entry: the order of
+    ``optimizer.state`` is kept), or removed for None."""
+    if value is None:
+        state.pop(param, None)
+    else:
+        state[param] = value
+
+
+def _swap_states(state: dict, pairs, mine: dict) -> list[dict | None]:
+    """The copy's per-parameter optimizer state shown in the user's optimizer (the same dict
+    objects: nothing steps between steps); returns what it held, for :meth:`Shadow.show_run`."""
+    held = [state.get(param) for param, _ in pairs]
+    for param, copy_of in pairs:
+        _put_state(state, param, mine.get(copy_of))
+    return held
 
 
 class Shadow:
@@ -175,6 +139,7 @@ class Shadow:
         self.outside = [(p, memo[id(p)]) for p in trained_outside(model, optimizer)]
         self.pairs += self.outside
         copy_grad_hooks(self.pairs)
+        copy_step_hooks(optimizer, self.optimizer)
         self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
         self.layers = [(user, mine, names) for user, mine in zip(
             model.modules(), self.model.modules(), strict=True) if (names := setting_names(user))]
@@ -188,14 +153,19 @@ class Shadow:
         # kernels round differently from inductor's), else the copy itself
         self.run = self.model if wrap is None else wrap(self.model)
         self.parked: list[torch.Tensor] | None = None   # the run's values while plain's show
+        self.parked_state: list[dict | None] = []      # ... and the run's optimizer state
         self.showing = False
+        # on probation the run is the user's and its step moves the statistics of modules the
+        # closure runs outside the model (:mod:`~morphc.runtime.outside_buffers`); this one not
+        self.keep_outside = False
 
     # -- between steps: the user's tensors show plain training ----------------------------------
-    def show_plain(self) -> None:
-        """Between steps of a cycle, plain training's values in the user's tensors and the
-        run's set aside: what the user reads there (a validation metric, an EMA, early
-        stopping, a checkpoint) is what it would be without Bypass, so what they decide on it
-        is too. :meth:`show_run` puts the run's back at the next step."""
+    def show_plain(self, optimizer: torch.optim.Optimizer) -> None:
+        """Between steps of a cycle, plain training's values in the user's tensors and its
+        per-parameter state in the user's ``optimizer``, the run's set aside: what the user
+        reads there (a validation metric, an EMA, early stopping, a checkpoint of model and
+        optimizer) is what it would be without Bypass, so what they decide on it is too.
+        :meth:`show_run` puts the run's back at the next step."""
         mirrored = self.pairs + self.buffers
         if self.showing or any(u.dtype != m.dtype or u.device != m.device or u.shape != m.shape
                                for u, m in mirrored):
@@ -207,14 +177,23 @@ class Shadow:
                 torch._foreach_copy_(self.parked, [user.detach() for user, _ in mirrored])
             torch._foreach_copy_([user.detach() for user, _ in mirrored],
                                  [mine.detach() for _, mine in mirrored])
+        self.parked_state = _swap_states(optimizer.state, self.pairs, self.optimizer.state)
         self.showing = True
 
-    def show_run(self, changed: bool) -> None:
-        """The run's values back in the user's tensors. ``changed``: the user changed them in
-        the meantime (a clamp, a load into a layer, statistics moved by a forward in training
-        mode) — done to plain training's values, so plain training keeps it, as without Bypass."""
+    def show_run(self, optimizer: torch.optim.Optimizer, changed: bool) -> None:
+        """The run's values and optimizer state back in the user's tensors and optimizer.
+        ``changed``: the user changed them in the meantime (a clamp, a load into a layer,
+        statistics moved by a forward in training mode) — done to plain training's values, so
+        plain training keeps it, as without Bypass (an optimizer state edited in place is
+        plain training's own: it is the copy's, shown)."""
         if not self.showing:
             return
+        shown = [optimizer.state.get(param) for param, _ in self.pairs]
+        for (param, _), run in zip(self.pairs, self.parked_state, strict=True):
+            _put_state(optimizer.state, param, run)
+        for (_, mine), plain in zip(self.pairs, shown, strict=True):
+            _put_state(self.optimizer.state, mine, plain)
+        self.parked_state = []
         mirrored = self.pairs + self.buffers
         with torch.no_grad():
             users = [user.detach() for user, _ in mirrored]
@@ -222,6 +201,19 @@ class Shadow:
                 torch._foreach_copy_([mine.detach() for _, mine in mirrored], users)
             torch._foreach_copy_(users, self.parked)
         self.showing = False
+
+    def run_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """``optimizer.state_dict()`` with the run's state where plain's is showing."""
+        if not self.showing:
+            return optimizer.state_dict()
+        shown = [optimizer.state.get(param) for param, _ in self.pairs]
+        for (param, _), run in zip(self.pairs, self.parked_state, strict=True):
+            _put_state(optimizer.state, param, run)
+        try:
+            return optimizer.state_dict()
+        finally:
+            for (param, _), plain in zip(self.pairs, shown, strict=True):
+                _put_state(optimizer.state, param, plain)
 
     def run_values(self) -> dict[int, torch.Tensor]:
         """While plain's values show: the run's, by the id of the user's tensor."""
@@ -308,7 +300,7 @@ class Shadow:
     def _loss_and_grads(self, closure: Closure) -> torch.Tensor:
         """The closure on the copy, its backward, the gradients on the copy's tensors; raises
         :class:`NonFinite` (its ``loss``: the detached loss) before anything is stepped."""
-        with self.plain_values():
+        with self.plain_values(), outside_buffers_kept(self.model, enabled=self.keep_outside):
             loss, value = loss_of(closure, self.run)
             try:
                 backward_checked(loss, value)

@@ -21,9 +21,11 @@ from morphc.compiler.deviation import deterministic
 from morphc.errors import MorphcError
 from morphc.runtime.config import Accept, OnFailure, ReturnMode
 from morphc.runtime.cycle import Cycle, back_off
-from morphc.runtime.shadow import Probation, edited_since, plain_catches_up, plain_leads
+from morphc.runtime.outside_buffers import outside_buffers_kept
+from morphc.runtime.shadow import Probation, plain_catches_up, plain_leads
 from morphc.runtime.snapshot import model_structure
 from morphc.runtime.steps import Closure
+from morphc.runtime.user_edits import edited_since
 from morphc.runtime.wrapping import all_reduce_mean
 
 
@@ -228,6 +230,7 @@ class Verdicts:
         length = self.config.probation_len
         if cycle.shadow is not None and length > 0:
             self._probation = Probation(cycle.shadow, self.step_count + length, lead)
+            cycle.shadow.keep_outside = not self.wrapping.compile   # the run's step moves them
 
     def _step_on_probation(self, closure: Closure) -> torch.Tensor:
         """The shadow's plain step, then the user's (its RNG draws from a fork, as in a
@@ -267,6 +270,13 @@ class Verdicts:
         shadow = probation.shadow
         probe = self._judged_on(closure)
         if probe is None:
+            return
+        if not shadow.follows(self.optimizer) or \
+                model_structure(self._user_model) != shadow.structure:
+            # converted or rebuilt since the last step (a load resolving the probation first,
+            # finish()): plain training's copy cannot run the batches, nor be handed over
+            self._event("probation", loss_after=None, loss_plain=None, to="cycle",
+                        reason="plain training beside the run cannot follow the model's change")
             return
         mine = self._loss_without_trace(probe, self._user_model)
         with shadow.plain_values():
@@ -319,13 +329,15 @@ class Verdicts:
         keeps no graph), unless the closure differentiates inside (a gradient penalty, a
         physics-informed residual): autograd then says a tensor does not require grad, and from
         then on this run judges with autograd on, as in a training step."""
-        try:
-            value = _judged(probe, model, self._judge_with_grad)
+        try:     # modules run outside ``model`` (a head with BatchNorm) are left as found too
+            with outside_buffers_kept(model, enabled=not self.wrapping.compile):
+                value = _judged(probe, model, self._judge_with_grad)
         except RuntimeError as exc:
             if self._judge_with_grad or "require grad" not in str(exc):
                 raise
             self._judge_with_grad = True
-            value = _judged(probe, model, True)
+            with outside_buffers_kept(model, enabled=not self.wrapping.compile):
+                value = _judged(probe, model, True)
         value *= self._sign
         if self.distributed and reduce:
             value = all_reduce_mean(value, next(model.parameters()).device)
