@@ -12,6 +12,7 @@ step leaves them as it found them.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -23,16 +24,19 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 def outside_buffers_kept(*roots: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Put back, after the block (forward and backward: autograd may have saved them), the
     buffers of every module run in it that is none of ``roots``' modules (whose buffers the
-    caller handles). Found by a global forward pre-hook held only for the block; off when
-    ``enabled`` is False (torch.compile would trace the hook into its graphs)."""
+    caller handles). Found by a global forward pre-hook held only for the block, which answers
+    this thread's calls only (a model another thread runs meanwhile is not the closure's); off
+    when ``enabled`` is False (torch.compile would trace the hook into its graphs)."""
     if not enabled:
         yield
         return
     seen = {id(m) for root in roots for m in root.modules()}
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    owner = threading.get_ident()
+
     def record(module: nn.Module, args) -> None:
-        if id(module) in seen:
+        if id(module) in seen or threading.get_ident() != owner:
             return
         seen.add(id(module))
         for buf in module.buffers(recurse=False):

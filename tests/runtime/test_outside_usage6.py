@@ -298,3 +298,21 @@ def test_a_model_checkpoint_mid_cycle_without_plain_training_beside_it_warns(sha
     assert len(said) == (0 if shadow else 1)
     assert not said or "bp.state_dict()" in said[0]
     bp.finish()
+
+
+def test_statistics_kept_during_a_closure_call_are_this_threads_modules_only():
+    """A model another thread trains meanwhile (a data-loading or evaluation thread) keeps what
+    its own forward did; a module the closure runs outside the model is put back."""
+    import threading
+
+    from morphc.runtime.outside_buffers import outside_buffers_kept
+
+    root, head, other = nn.Linear(2, 2), nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    x = torch.randn(8, 2) + 3.0
+    with outside_buffers_kept(root):
+        head(root(x))
+        worker = threading.Thread(target=lambda: other(x))
+        worker.start()
+        worker.join()
+    assert torch.equal(head.running_mean, torch.zeros(2))
+    assert not torch.equal(other.running_mean, torch.zeros(2))
