@@ -148,3 +148,13 @@ def test_bypass_with_an_empty_site_list_is_refused_at_construction():
     model = nn.Sequential(nn.Linear(4, 2))
     with pytest.raises(morphc.SiteError, match=r"sites=\[\] selects no site"):
         morphc.Bypass(model, torch.optim.SGD(model.parameters(), lr=0.1), sites=[])
+
+
+def test_extending_a_model_space_says_which_of_its_models_to_pass():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    space = morphc.ModelSpace(model, (torch.randn(2, 3),))
+    with pytest.raises(morphc.TraceError, match=r"space\.module\(node\)"):
+        morphc.extend(space, (torch.randn(2, 3),))
+    with pytest.raises(morphc.TraceError, match="needs an nn.Module, got list$"):
+        morphc.extend([model], (torch.randn(2, 3),))
+    assert morphc.extend(space.module(), (torch.randn(2, 3),)).model is space.module()

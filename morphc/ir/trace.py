@@ -102,7 +102,10 @@ def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwar
     'symbolic_trace'
     """
     if not isinstance(model, nn.Module):
-        raise TraceError(f"morphc needs an nn.Module, got {type(model).__name__}")
+        space = callable(getattr(model, "module", None))    # a ModelSpace holds many models
+        raise TraceError(f"morphc needs an nn.Module, got {type(model).__name__}" + (
+            ": pass one of its models, e.g. space.module(node) (space.best()[1] for the best "
+            "scored)" if space else ""))
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError(
             f"{type(model).__name__} is TorchScript (torch.jit.script / torch.jit.trace): compiled "
