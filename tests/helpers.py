@@ -8,18 +8,21 @@ import morphc
 import morphc.compiler.deviation
 
 
-def train_extension(ext, inputs, steps=5, lr=1e-2, seed=0):
+def train_extension(ext, inputs, steps=5, lr=1e-2, seed=0, kwargs=None):
     """A few Adam steps on a random regression target, so every branch moves off B = 0.
-    Outputs may be any pytree (dict, namedtuple, tuple with None): every floating leaf counts."""
+    Outputs may be any pytree (dict, namedtuple, tuple with None): every floating leaf counts.
+    ``kwargs``: keyword inputs (HF models), passed with ``inputs`` at every call."""
     gen = torch.Generator().manual_seed(seed)
+    kwargs = kwargs or {}
     with torch.no_grad():
-        outs = _floating_leaves(ext(*inputs))
+        outs = _floating_leaves(ext(*inputs, **kwargs))
     targets = [torch.randn(out.shape, generator=gen, dtype=out.dtype) for out in outs]
     opt = torch.optim.Adam(ext.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
         loss = sum(torch.nn.functional.mse_loss(out, target)
-                   for out, target in zip(_floating_leaves(ext(*inputs)), targets, strict=True))
+                   for out, target in zip(_floating_leaves(ext(*inputs, **kwargs)), targets,
+                                          strict=True))
         loss.backward()
         opt.step()
     return ext

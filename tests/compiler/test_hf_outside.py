@@ -134,19 +134,6 @@ def _expert_weights(model):
     return {n for n, p in model.named_parameters() if ".experts." in n and p.dim() == 3}
 
 
-class _Called:
-    """``train_extension`` calls ``ext(*inputs)``; these models take keyword inputs."""
-
-    def __init__(self, ext, kwargs):
-        self.ext, self.kwargs = ext, kwargs
-
-    def __call__(self):
-        return self.ext(**self.kwargs)
-
-    def parameters(self):
-        return self.ext.parameters()
-
-
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if c.slow else n
                                   for n, c in CASES.items()])
 def test_outside_model_extends_exactly_and_contracts_into_its_own_parameters(name):
@@ -164,7 +151,7 @@ def test_outside_model_extends_exactly_and_contracts_into_its_own_parameters(nam
             assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
         else:
             assert max(max_rel(a, b) for a, b in zip(expected, got, strict=True)) <= 1e-6
-    train_extension(_Called(ext, kwargs), (), steps=3)
+    train_extension(ext, (), steps=3, kwargs=kwargs)
     assert any(b.B.abs().max() > 0 for b in ext.branches.values())
     ext.set_homotopy(0.0)
     assert ext.constraint_residual() == 0.0

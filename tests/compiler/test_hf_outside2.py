@@ -195,19 +195,6 @@ def _run(module, kwargs):
         return _floating_leaves(module(**kwargs))
 
 
-class _Called:
-    """``train_extension`` calls ``ext(*inputs)``; these models take keyword inputs."""
-
-    def __init__(self, ext, kwargs):
-        self.ext, self.kwargs = ext, kwargs
-
-    def __call__(self):
-        return self.ext(**self.kwargs)
-
-    def parameters(self):
-        return self.ext.parameters()
-
-
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if c.slow else n
                                   for n, c in CASES.items()])
 def test_outside_hf_model_extends_exactly_and_contracts_into_its_own_parameters(name):
@@ -222,7 +209,7 @@ def test_outside_hf_model_extends_exactly_and_contracts_into_its_own_parameters(
     assert not missing, f"linear weights neither sites nor listed exclusions: {missing}"
     for kw, expected in zip(shapes, before, strict=True):                      # E1
         assert all(torch.equal(a, b) for a, b in zip(expected, _run(ext, kw), strict=True))
-    train_extension(_Called(ext, kwargs), (), steps=3)
+    train_extension(ext, (), steps=3, kwargs=kwargs)
     ext.set_homotopy(0.0)
     folded = [_run(ext, kw) for kw in shapes]
     assert max(max_rel(a, b) for a, b in zip(before[0], folded[0], strict=True)) > 1e-4
