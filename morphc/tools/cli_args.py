@@ -21,36 +21,40 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 700 else text[:697] + "..."
 
 
+def _writable(path, flag: str, kind: str, check) -> None:
+    """Run ``check(Path(path))``; an OSError becomes a ``CLIError`` naming ``flag``."""
+    try:
+        check(Path(path))
+    except OSError as e:
+        raise CLIError(f"cannot write to {flag} {path}: {e.strerror or e}; choose a writable "
+                       f"{kind}") from e
+
+
 def _make_writable(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if not os.access(directory, os.W_OK):
         raise PermissionError(13, "Permission denied")
 
 
+def _file_writable(target: Path) -> None:
+    if target.is_dir():
+        raise IsADirectoryError(21, "Is a directory")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise PermissionError(13, "Permission denied")
+    _make_writable(target.parent)
+
+
 def writable_dir(path, flag: str) -> Path:
     """``path`` as a directory that exists (made if need be) and can be written to, else a
     ``CLIError`` naming ``flag``: checked before minutes of work, not after them."""
-    try:
-        _make_writable(Path(path))
-    except OSError as e:
-        raise CLIError(f"cannot write to {flag} {path}: {e.strerror or e}; choose a writable "
-                       "directory") from e
+    _writable(path, flag, "directory", _make_writable)
     return Path(path)
 
 
 def writable_file(path, flag: str) -> None:
     """A file ``flag`` will write, checked as :func:`writable_dir` checks a directory: its
     directory can be written, and it is neither a directory nor a read-only file."""
-    target = Path(path)
-    try:
-        if target.is_dir():
-            raise IsADirectoryError(21, "Is a directory")
-        if target.exists() and not os.access(target, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-        _make_writable(target.parent)
-    except OSError as e:
-        raise CLIError(f"cannot write to {flag} {path}: {e.strerror or e}; choose a writable "
-                       "file path") from e
+    _writable(path, flag, "file path", _file_writable)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
