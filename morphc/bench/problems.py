@@ -120,7 +120,7 @@ PROBLEMS: dict[str, Problem] = {p.name: p for p in [
                     "plain training leaves the initial plateau slowly",
         make_data=xor_data, make_model=xor_model, loss_fn=F.mse_loss,
         steps=3000, quick_steps=400, target_loss=XOR_SUCCESS, lr=1e-2, sgd_lr=0.1,
-        test_metric=xor_accuracy, higher_is_better=True, optimizer="sgd", seeds=40,
+        test_metric=xor_accuracy, higher_is_better=True, optimizer="sgd", seeds=50,
         quick_seeds=2, success_loss=XOR_SUCCESS),
     Problem(
         name="teacher_student_narrow",
