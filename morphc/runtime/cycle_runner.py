@@ -77,7 +77,10 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
                        "same objects); the optimizer must take the extension's parameters")
             return self._fault(cycle, closure, reason, exc)
         except BaseException:            # KeyboardInterrupt: leave the user whole, then stop
-            self._rollback("interrupted", raises=False)
+            # plain training's state: its copy either took this batch's step or, interrupted
+            # itself, put everything back — a user who catches it and trains on keeps the
+            # cycle's steps, as without Bypass
+            self._rollback("interrupted", raises=False, to_plain=True)
             raise
         self._count_step(value)
         was_free = cycle.phase is Phase.BYPASS

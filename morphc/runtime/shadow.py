@@ -100,6 +100,16 @@ def _copied_parameters(model: nn.Module, copied: nn.Module, memo: dict) -> None:
         memo.setdefault(id(param), mine)
 
 
+def _copied_tensor(param: torch.Tensor) -> torch.Tensor:
+    """A copy of ``param`` to train plainly: the same value, kind and ``requires_grad``, no
+    gradient and no hooks (:func:`copy_grad_hooks` adds the user's)."""
+    with torch.no_grad():
+        mine = param.detach().clone()
+    if isinstance(param, nn.Parameter):
+        return nn.Parameter(mine, requires_grad=param.requires_grad)
+    return mine.requires_grad_(param.requires_grad)
+
+
 def _put_state(state: dict, param: torch.Tensor, value: dict | None) -> None:
     """One parameter's optimizer state set (in place of the old entry: the order of
     ``optimizer.state`` is kept), or removed for None."""
@@ -171,7 +181,7 @@ class Shadow:
                                for u, m in mirrored):
             return
         with torch.no_grad():
-            if self.parked is None:
+            if self.parked is None or len(self.parked) != len(mirrored):   # a tensor joined
                 self.parked = [user.detach().clone() for user, _ in mirrored]
             else:
                 torch._foreach_copy_(self.parked, [user.detach() for user, _ in mirrored])
@@ -224,11 +234,12 @@ class Shadow:
 
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the shadow can keep taking the user's steps: the same param groups. A group
-        the user added mid-cycle (unfreezing a layer) joins here too, over the copies of its
-        parameters; one holding a tensor outside the model has no counterpart. A model the user
-        converted (``model.double()``, ``.to(device)``) has none either: the copy's tensors are
-        of the old dtype and device, it would fail the user's batch and could not be handed
-        over."""
+        the user added mid-cycle joins here too, over the copies of its parameters (unfreezing
+        a layer) — a tensor outside the model (a new head the closure runs) is copied now, as
+        it is: it has not been stepped yet, so its value is plain training's. A model the user
+        converted (``model.double()``, ``.to(device)``) has no counterpart: the copy's tensors
+        are of the old dtype and device, it would fail the user's batch and could not be
+        handed over."""
         if any(param.dtype != mine.dtype or param.device != mine.device
                for param, mine in self.pairs):
             return False
@@ -236,8 +247,14 @@ class Shadow:
         if not added:
             return len(optimizer.param_groups) == len(self.optimizer.param_groups)
         copies = dict(self.pairs)
-        if any(p not in copies for g in added for p in g["params"]):
+        new = [p for g in added for p in g["params"] if p not in copies]
+        if any(p in optimizer.state for p in new):   # stepped already: plain's value is lost
             return False
+        for param in dict.fromkeys(new):
+            copies[param] = _copied_tensor(param)
+            self.outside.append((param, copies[param]))
+            self.pairs.append((param, copies[param]))
+            copy_grad_hooks([(param, copies[param])])
         for group in added:
             self.optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
                                             "params": [copies[p] for p in group["params"]]})

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from morphc.errors import BypassError
 
@@ -63,6 +64,67 @@ def no_backward_yet(params: Iterable[nn.Parameter]) -> None:
                           "backward and the optimizer step. Return the loss without calling "
                           "backward (clip with max_grad_norm=; accumulate micro-batches by "
                           "returning the mean of their losses)")
+
+
+_optimizer_steps = [0, None]      # steps any optimizer of this process took; the hook's handle
+
+
+def _count_optimizer_step(*_) -> None:
+    _optimizer_steps[0] += 1
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps any optimizer of this process has taken since this was first
+    asked (a global step post-hook, registered once)."""
+    if _optimizer_steps[1] is None:
+        _optimizer_steps[1] = register_optimizer_step_post_hook(_count_optimizer_step)
+    return _optimizer_steps[0]
+
+
+def watched_for_grads(groups: list[dict], keep: int = 2) -> list[nn.Parameter]:
+    """The first and last trainable parameters of the optimizer (``keep`` spread between), that
+    :func:`grads_left` watches: a backward by hand through the model reaches them all, and
+    reading every parameter's gradient each step costs a large model more than the check is
+    worth (~1 ms at 300 parameters)."""
+    params = [p for g in groups for p in g["params"] if p.requires_grad]
+    if len(params) <= keep:
+        return params
+    return [params[round(i * (len(params) - 1) / (keep - 1))] for i in range(keep)]
+
+
+def grads_left(params: list[nn.Parameter]) -> tuple[int, list[tuple]]:
+    """The optimizer steps taken so far, and each parameter with its version counter and its
+    gradient as a step leaves it (and that gradient's version): what :func:`no_grads_added`
+    compares at the next step."""
+    return optimizer_steps(), [(p, p._version, p.grad, None if p.grad is None else
+                                p.grad._version) for p in params]
+
+
+def no_grads_added(left: tuple[int, list[tuple]] | None) -> None:
+    """Raise when a backward ran between two steps and left gradients that no optimizer step
+    took (micro-batches accumulated by hand before the step meant to take them): the next
+    step's ``zero_grad`` would drop them without a word, and the run would train on the last
+    micro-batch alone. Gradients cleared or zeroed between steps are nothing lost; after any
+    optimizer step in between, or with the parameter moved, they are another loss's (a GAN's
+    generator loss through the discriminator, another Bypass over the same optimizer), which
+    plain training drops too."""
+    if left is None or optimizer_steps() != left[0]:
+        return
+    for param, version, grad, grad_version in left[1]:
+        now = param.grad
+        if now is None or param._version != version or \
+                now is grad and now._version == grad_version:
+            continue
+        with torch.no_grad():
+            if bool(_values(now).any()):
+                raise BypassError(
+                    "a backward ran between bp.step calls and left gradients on the model "
+                    "that no optimizer step took (gradient accumulation by hand?): bp.step does "
+                    "zero_grad, backward and the optimizer step, so it would drop them. "
+                    "Accumulate micro-batches inside one closure — lambda m: sum(F.mse_loss("
+                    "m(x), y) for x, y in micro) / len(micro) — one bp.step per optimizer step; "
+                    "gradients not meant for a step (a diagnostic), clear with "
+                    "optimizer.zero_grad() before bp.step")
 
 
 def backward_checked(loss: torch.Tensor, value: float) -> None:
