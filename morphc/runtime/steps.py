@@ -94,22 +94,22 @@ def watched_for_grads(groups: list[dict], keep: int = 2) -> list[nn.Parameter]:
 
 def grads_left(params: list[nn.Parameter]) -> tuple[int, list[tuple]]:
     """The optimizer steps taken so far, and each parameter with its version counter and its
-    gradient as a step leaves it (and that gradient's version): what :func:`no_grads_added`
+    gradient as a step leaves it (and that gradient's version): what :func:`grads_dropped`
     compares at the next step."""
     return optimizer_steps(), [(p, p._version, p.grad, None if p.grad is None else
                                 p.grad._version) for p in params]
 
 
-def no_grads_added(left: tuple[int, list[tuple]] | None) -> None:
-    """Raise when a backward ran between two steps and left gradients that no optimizer step
-    took (micro-batches accumulated by hand before the step meant to take them): the next
-    step's ``zero_grad`` would drop them without a word, and the run would train on the last
-    micro-batch alone. Gradients cleared or zeroed between steps are nothing lost; after any
-    optimizer step in between, or with the parameter moved, they are another loss's (a GAN's
-    generator loss through the discriminator, another Bypass over the same optimizer), which
-    plain training drops too."""
+def grads_dropped(left: tuple[int, list[tuple]] | None) -> bool:
+    """Whether a backward ran between two steps and left gradients that no optimizer step took
+    (micro-batches accumulated by hand before the step meant to take them): the next step's
+    ``zero_grad`` drops them, as a plain loop's ``zero_grad`` would, and a user who meant to
+    accumulate should hear it. Gradients cleared or zeroed between steps are nothing lost;
+    after any optimizer step in between, or with the parameter moved, they are another loss's
+    (a GAN's generator loss through the discriminator, another Bypass over the same
+    optimizer)."""
     if left is None or optimizer_steps() != left[0]:
-        return
+        return False
     for param, version, grad, grad_version in left[1]:
         now = param.grad
         if now is None or param._version != version or \
@@ -117,14 +117,8 @@ def no_grads_added(left: tuple[int, list[tuple]] | None) -> None:
             continue
         with torch.no_grad():
             if bool(_values(now).any()):
-                raise BypassError(
-                    "a backward ran between bp.step calls and left gradients on the model "
-                    "that no optimizer step took (gradient accumulation by hand?): bp.step does "
-                    "zero_grad, backward and the optimizer step, so it would drop them. "
-                    "Accumulate micro-batches inside one closure — lambda m: sum(F.mse_loss("
-                    "m(x), y) for x, y in micro) / len(micro) — one bp.step per optimizer step; "
-                    "gradients not meant for a step (a diagnostic), clear with "
-                    "optimizer.zero_grad() before bp.step")
+                return True
+    return False
 
 
 def backward_checked(loss: torch.Tensor, value: float) -> None:

@@ -4,6 +4,8 @@ optimizer, SWA, freezing, pickling without ``finish``. A run whose cycles never 
 plain training ends, bit for bit; what cannot work is a typed error that says what to do."""
 
 import pickle
+import re
+import warnings
 
 import pytest
 import torch
@@ -91,20 +93,22 @@ def test_a_head_added_to_the_optimizer_mid_cycle_trains_as_plain_training_does()
 
 
 # -- gradients that reach the model between steps ------------------------------------------------
-def test_gradients_accumulated_by_hand_between_steps_are_a_typed_error():
+def test_gradients_accumulated_by_hand_between_steps_are_named_once():
     # bp.step's zero_grad dropped the micro-batches' gradients without a word: the run trained
-    # on every second batch alone, behind plain training's accumulated steps
+    # on every second batch alone, behind plain training's accumulated steps. It still drops
+    # them, as a plain loop's zero_grad does (a diagnostic backward between steps is legal
+    # PyTorch), but says so once, with how to accumulate
     model, batches = regression_task(0, STEPS)
     bp = _bypass(model, _adam(model))
-    with pytest.raises(morphc.BypassError, match="accumulat.*one closure.*zero_grad"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for i, (x, y) in enumerate(batches):
             if i % 2 == 0:
                 (F.mse_loss(model(x), y) / 2).backward()
             else:
                 bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y) / 2)
-    assert i == 3, "raised at the first step that would drop them (after the first bp.step)"
-    bp.optimizer.zero_grad()                     # what the message says: training goes on
-    bp.step(lambda m, x=x, y=y: F.mse_loss(m(x), y))
+    named = [w for w in caught if re.search("accumulate.*one closure.*zero_grad", str(w.message))]
+    assert len(named) == 1, [str(w.message) for w in caught]
     assert bp.finish() is model
 
 
