@@ -55,6 +55,7 @@ from collections import deque
 import torch
 from torch import nn
 
+from morphc.compiler.extended import already_extended
 from morphc.errors import BypassError, SiteError
 from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.plain import PlainBeside, Replay
@@ -172,10 +173,13 @@ class TrainerBypass(TrainerCycle):
         runs a micro-batch given to :meth:`record_inputs` again and returns ``(loss, share)``,
         so plain training can step beside a cycle; ``clip_plain()``: the trainer's clipping of
         the gradients it leaves."""
-        if self._probation is not None:    # left by a run that never reached its end
-            if self.model is model:
+        if self._probation is not None or self._cycle is not None:   # left by a run that
+            if self.model is model:                                      # never reached its end
                 self.resolve("training started again")
             self._probation, self._beside, self._inputs = None, None, []
+        refused = already_extended(model, "a trainer's Bypass callback")
+        if refused:
+            raise BypassError(refused)
         self.detach()
         self.model, self.optimizer = model, raw_optimizer(optimizer)
         self._replay, self._clip = replay, clip_plain

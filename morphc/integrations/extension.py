@@ -21,6 +21,7 @@ from torch import nn
 from morphc.compiler.contract import VERIFY_TOLERANCE
 from morphc.compiler.deviation import relative_deviation
 from morphc.compiler.extend import _option, resolve_width
+from morphc.compiler.extended import IN_PLACE_MARK
 from morphc.compiler.write import write_weights
 from morphc.errors import ContractionError
 from morphc.ir.branch import BypassBranch
@@ -43,6 +44,8 @@ class InPlaceExtension:
     >>> torch.equal(model(x), before), ext.removed
     (True, True)
     """
+
+    _morphc_in_place_extension = True   # IN_PLACE_MARK: morphc.extend / Bypass refuse one
 
     def __init__(self, model: nn.Module, sites: list[Site], modules: dict[str, nn.Module], *,
                  width: int | float = 8, activation: str = "tanh", overrides=None,
@@ -84,6 +87,7 @@ class InPlaceExtension:
             self.probes[name] = (x[:_PROBE_ROWS] if x.dim() > 1 else x).detach()
             return output + branch(x)
 
+        setattr(add_branch, IN_PLACE_MARK, True)   # morphc.extend / Bypass refuse a hooked model
         return add_branch
 
     # -- what a Cycle asks of an extension --------------------------------------------------------
