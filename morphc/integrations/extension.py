@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from morphc.compiler.contract import VERIFY_TOLERANCE
+from morphc.compiler.contract import VERIFY_TOLERANCE, refuse_non_finite
 from morphc.compiler.deviation import relative_deviation
 from morphc.compiler.extend import _option, resolve_width
 from morphc.compiler.extended import IN_PLACE_MARK
@@ -130,7 +130,9 @@ class InPlaceExtension:
         """Write the branches into the sites' own Parameters (on C only) and remove the hooks;
         returns the largest relative deviation of a site's output, folded vs extended, on the
         last input it saw (autocast off). Refused (weights untouched, hooks kept) when that
-        exceeds the tolerance of the weights' dtype."""
+        exceeds the tolerance of the weights' dtype, or when a parameter is NaN/inf (training
+        diverged: said as ``morphc.contract`` says it, not as a residual of nan)."""
+        refuse_non_finite(self.branches, self.model)
         residual = self.constraint_residual()
         if residual != 0.0:
             raise ContractionError(f"the branches are off the constraint set (residual "
