@@ -162,6 +162,8 @@ class TrainerBypass(TrainerCycle):
         self._step_groups: list[dict] = []        # the user's groups' settings for this step
         self._stepped = False     # optimizer.step() ran; after_step (the step's end) not yet
         self._ended_early = False  # resolve() ended this step's cycle before after_step
+        self._versions = None      # on probation: each weight's version (edits between steps)
+        self._warned_edited = False
 
     # -- joining and leaving the trainer ---------------------------------------------------------
     def attach(self, model: nn.Module, optimizer, *, max_grad_norm: float | None = None,
@@ -310,6 +312,7 @@ class TrainerBypass(TrainerCycle):
             self._probation_step(value, inputs)
         else:
             self._plain_step(value)
+        self._count_versions()
 
     def _pending_value(self) -> float:
         """This step's training loss, from its micro-batches' recorded losses."""
@@ -319,6 +322,7 @@ class TrainerBypass(TrainerCycle):
     # -- the optimizer's step hooks: the extension's group joins only inside step() --------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
         self._restore_free_buffers()
+        self._ended_by_edit()             # on probation: an edit since the last step's end
         cycle = self._cycle
         if cycle is None and self._beside is None:
             return
@@ -335,6 +339,7 @@ class TrainerBypass(TrainerCycle):
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         self._stepped = True
+        self._count_versions()            # the step's own change is not an edit
         cycle = self._cycle
         if cycle is not None and cycle.group.attached:
             cycle.group.detach()

@@ -1,6 +1,10 @@
 """Trainer integrations, third round of what earlier rounds noticed and left alone. Each test
 failed before its fix.
 
+- Weights edited in place during a trainer probation (a callback's clamp, a checkpoint's values
+  copied in) were undone when plain training beside the run, which never got the edit, was
+  handed over at the probation's end; now the edit ends the probation and the run is kept, as
+  ``morphc.Bypass`` does.
 - A trainer run whose training went NaN at a cycle's last step (its loss, taken before the
   optimizer step, was finite) reported "off the constraint set (residual nan)" — advice to set
   the homotopy to 0 — where ``morphc.contract`` says the run diverged.
@@ -15,6 +19,9 @@ from torch import nn
 
 import morphc
 from morphc.integrations import InPlaceExtension, TrainerBypass, module_sites
+from morphc.integrations.plain import PlainBeside
+from morphc.runtime.cycle import Cycle
+from tests.helpers import state_differences, training_state
 
 
 def _mlp():
@@ -79,3 +86,83 @@ def test_a_trainer_cycle_whose_weights_went_nan_is_rolled_back_as_diverged(end_a
     assert "constraint set" not in reason and "halved" in reason
     # no plain training beside it (no replay): the state from before the extension, bit for bit
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+# -- weights edited during a probation are the user's -----------------------------------------
+PROBATION = dict(bypass_steps=2, return_steps=3, width=4, min_lr_fraction=0.0, verbose=False,
+                 probation_steps=4)      # a cycle at step 3 is kept at 8, judged again at 12
+
+
+@pytest.fixture
+def plain_overtakes(monkeypatch):
+    """Every cycle pays and is kept (plain training beside it reports +10 while it runs), and
+    then plain training leads (-10): its state is handed over at the probation's end."""
+    step = PlainBeside.step
+
+    def shifted(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        self.losses[-1] += 10.0 if len(self.losses) <= 5 else -10.0
+        return self.losses[-1]
+
+    monkeypatch.setattr(PlainBeside, "step", shifted)
+    monkeypatch.setattr(Cycle, "pays", lambda self, before, after: True)
+
+
+def _edit(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.clamp_(-0.05, 0.05)
+
+
+def _own_loop(bypass, edit_at: int | None, where: str = "after", steps: int = 16):
+    """A trainer's loop around TrainerBypass whose user edits the weights in place once, at
+    step ``edit_at``: after the step's end (``"after"``, a callback running after morphc's or
+    at the next step's begin) or between ``optimizer.step()`` and it (``"before"``)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 4, generator=g)
+    y = x @ torch.randn(4, 1, generator=g)
+    bypass.attach(model, optimizer, replay=lambda b: (F.mse_loss(model(b[0]), b[1]), False))
+    for step in range(1, steps + 1):
+        batch = (x[step % 8 * 32:][:32], y[step % 8 * 32:][:32])
+        optimizer.zero_grad()
+        bypass.before_micro_batch()
+        bypass.record_inputs(batch)
+        loss = F.mse_loss(model(batch[0]), batch[1])
+        loss.backward()
+        optimizer.step()
+        bypass.record_loss(loss)
+        if step == edit_at and where == "before":
+            _edit(model)
+        bypass.after_step(step)
+        if step == edit_at and where == "after":
+            _edit(model)
+    bypass.finish()
+    return training_state(model, optimizer)
+
+
+def _probations(bypass):
+    return [(e["step"], e["to"]) for e in bypass.history if e["event"] == "probation"]
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_weights_edited_during_a_trainer_probation_end_it_keeping_the_run(plain_overtakes, where):
+    # was: plain training beside the run never got the edit, and at the probation's end (step
+    # 12) its state was handed over — the clamp (a checkpoint's values, a projection) undone
+    without = _own_loop(TrainerBypass(morphc.Schedule(at=[3]), **{**PROBATION,
+                                                                     "probation_steps": 0}),
+                        edit_at=10, where=where)
+    bypass = TrainerBypass(morphc.Schedule(at=[3]), **PROBATION)
+    with pytest.warns(UserWarning, match=r"plain training cannot follow such edits"):
+        mine = _own_loop(bypass, edit_at=10, where=where)
+    assert _probations(bypass) == [(10, "cycle")]      # at the edit, not at step 12
+    assert "edited" in [e for e in bypass.history if e["event"] == "probation"][0]["reason"]
+    assert state_differences(mine, without) == []      # the user's run, edit and all
+
+
+def test_without_an_edit_the_probation_still_hands_plain_training_over(plain_overtakes):
+    bypass = TrainerBypass(morphc.Schedule(at=[3]), **PROBATION)
+    _own_loop(bypass, edit_at=None)
+    assert _probations(bypass) == [(12, "plain")]
