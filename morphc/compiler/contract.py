@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -112,24 +113,32 @@ def _adds_nothing(ext: ExtendedModel) -> bool:
     return all(not bool(torch.any(branch.B != 0)) for branch in ext.extension_branches.values())
 
 
-def _check_finite(ext: ExtendedModel) -> None:
-    """A NaN/inf parameter is a diverged run, not a branch off C: say so (the residual of a NaN
-    α read "off the constraint set (residual nan)" and asked for set_homotopy(0.0))."""
-    named = [*((f"branch {site}.{n}", p) for site, branch in ext.extension_branches.items()
-               for n, p in branch.named_parameters()), *ext.model.named_parameters()]
+def diverged(branches: Mapping[str, nn.Module], model: nn.Module) -> str | None:
+    """Which parameters of the branches or of the model they extend are NaN/inf — a diverged
+    run, not a branch off C (the residual of a NaN α read "off the constraint set (residual
+    nan)" and asked for set_homotopy(0.0)) — and why it happens; None when every one is finite.
+    Shared by ``morphc.contract`` and the trainer integrations' in-place fold."""
+    named = [*((f"branch {site}.{n}", p) for site, branch in branches.items()
+               for n, p in branch.named_parameters()), *model.named_parameters()]
     bad = [(n, p) for n, p in named if not bool(torch.isfinite(p).all())]
     if not bad:
-        return
+        return None
     names = ", ".join(n for n, _ in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4
                                                 else "")
     half = any(p.dtype == torch.float16 for _, p in bad)
-    raise ContractionError(
-        f"parameters are not finite (NaN/inf): {names}. Training diverged, and nothing "
-        "non-finite folds exactly; nothing was written. Restore a checkpoint or extend again"
-        + (" — in float16, Adam's default eps=1e-8 rounds to 0, and at B = 0 the branch's A "
-           "and α have zero gradient, so their first Adam step is 0/0 = NaN: pass eps=1e-4 "
-           "(or more), or train in float32 with torch.autocast" if half else
-           ", with a lower learning rate") + ".")
+    return (f"parameters are not finite (NaN/inf): {names}. Training diverged, and nothing "
+            "non-finite folds exactly"
+            + (" — in float16, Adam's default eps=1e-8 rounds to 0, and at B = 0 the branch's A "
+               "and α have zero gradient, so their first Adam step is 0/0 = NaN: pass eps=1e-4 "
+               "(or more), or train in float32 with torch.autocast" if half else ""))
+
+
+def refuse_non_finite(branches: Mapping[str, nn.Module], model: nn.Module) -> None:
+    """:func:`diverged` as a ``ContractionError``, before anything is written."""
+    why = diverged(branches, model)
+    if why is not None:
+        raise ContractionError(f"{why}. Nothing was written; restore a checkpoint or extend "
+                               "again, with a lower learning rate.")
 
 
 def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) -> nn.Module:
@@ -149,7 +158,7 @@ def contract(ext: ExtendedModel, *, force: bool = False, verify: bool = True) ->
         raise ContractionError("this extended model was already contracted")
     check_owner(ext)
     check_device(ext)
-    _check_finite(ext)
+    refuse_non_finite(ext.extension_branches, ext.model)
     inputs, kwargs = ext.example_call()
     residual = ext.constraint_residual()
     snap_change = None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from morphc.compiler.escape import Probe, escape_scores, rank_sites
-from morphc.compiler.extended import ExtendedModel, ExtensionConfig
+from morphc.compiler.extended import ExtendedModel, ExtensionConfig, already_extended
 from morphc.errors import SiteError, TraceError
 from morphc.families import get_family
 from morphc.ir.branch import BypassBranch
@@ -145,6 +145,9 @@ def extend(model: nn.Module, example_inputs=None, sites: SiteSpec = "auto", widt
     >>> [s.name for s in ext.sites]
     ['0', '2']
     """
+    refused = already_extended(model, "morphc.extend")
+    if refused:
+        raise TraceError(refused)
     if isinstance(model, nn.Module) and any(
             t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
         raise TraceError(f"{type(model).__name__} is on the meta device (no values to trace, "

@@ -277,3 +277,42 @@ class ExtendedModel(nn.Module):
         homotopy = "meta" if self._homotopy.device.type == "meta" else self.homotopy
         return (f"frontend={self.extension_traced.frontend}, "
                 f"sites={[s.name for s in self.extension_sites]}, homotopy={homotopy}")
+
+
+# set (True) on an in-place extension (``morphc.integrations``' ``InPlaceExtension``) and on the
+# forward hooks it puts on a model's site modules, so the layers below it can recognise both
+IN_PLACE_MARK = "_morphc_in_place_extension"
+
+
+def already_extended(model, entry: str) -> str | None:
+    """Why ``model`` is no model for ``entry`` (``"morphc.extend"``, ``"Bypass"``) to extend,
+    with what to pass instead; None when it is one. Extending an extension would also extend its
+    branches (their ``B`` is a linear site) and make its site names ``graph_module.*``; branches
+    hooked on in place would be traced into the graph and stay there after they are folded."""
+    if getattr(model, IN_PLACE_MARK, False):
+        return (f"{entry} got an in-place extension (bypass branches a trainer callback hooked "
+                "onto a model), not a model: once it is folded (ext.fold()) or removed "
+                "(ext.remove()) pass its model, ext.model")
+    if not isinstance(model, nn.Module):
+        return None
+    if isinstance(model, ExtendedModel):
+        if model.contracted:
+            return (f"{entry} got an ExtendedModel that morphc.contract already folded: its "
+                    "branches live in the user's weights now; pass the model contract "
+                    "returned (ext.model)")
+        return (f"{entry} got a model that is already extended (a morphc ExtendedModel): pass "
+                "the model it extends, ext.model, to start afresh, or morphc.contract(ext) "
+                "first to keep what the branches learned and pass the model it returns")
+    inner = [name for name, m in model.named_modules() if isinstance(m, ExtendedModel)]
+    if inner:
+        return (f"{entry} got a {type(model).__name__} whose submodule {inner[0]!r} is a morphc "
+                "ExtendedModel: put the model it extends there instead (ext.model; after "
+                "morphc.contract(ext) to keep what its branches learned)")
+    hooked = [name or "(the model)" for name, m in model.named_modules()
+              if any(getattr(h, IN_PLACE_MARK, False) for h in m._forward_hooks.values())]
+    if hooked:
+        return (f"{entry} got a {type(model).__name__} with bypass branches hooked onto "
+                f"{hooked} in place (a trainer callback's cycle in flight): they would be "
+                "traced into the graph and stay there after they are folded or removed; resolve "
+                "the cycle first (callback.bypass.resolve(reason), or after training)")
+    return None

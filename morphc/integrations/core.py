@@ -55,6 +55,7 @@ from collections import deque
 import torch
 from torch import nn
 
+from morphc.compiler.extended import already_extended
 from morphc.errors import BypassError, SiteError
 from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.plain import PlainBeside, Replay
@@ -161,6 +162,8 @@ class TrainerBypass(TrainerCycle):
         self._step_groups: list[dict] = []        # the user's groups' settings for this step
         self._stepped = False     # optimizer.step() ran; after_step (the step's end) not yet
         self._ended_early = False  # resolve() ended this step's cycle before after_step
+        self._versions = None      # on probation: each weight's version (edits between steps)
+        self._warned_edited = False
 
     # -- joining and leaving the trainer ---------------------------------------------------------
     def attach(self, model: nn.Module, optimizer, *, max_grad_norm: float | None = None,
@@ -172,10 +175,13 @@ class TrainerBypass(TrainerCycle):
         runs a micro-batch given to :meth:`record_inputs` again and returns ``(loss, share)``,
         so plain training can step beside a cycle; ``clip_plain()``: the trainer's clipping of
         the gradients it leaves."""
-        if self._probation is not None:    # left by a run that never reached its end
-            if self.model is model:
+        if self._probation is not None or self._cycle is not None:   # left by a run that
+            if self.model is model:                                      # never reached its end
                 self.resolve("training started again")
             self._probation, self._beside, self._inputs = None, None, []
+        refused = already_extended(model, "a trainer's Bypass callback")
+        if refused:
+            raise BypassError(refused)
         self.detach()
         self.model, self.optimizer = model, raw_optimizer(optimizer)
         self._replay, self._clip = replay, clip_plain
@@ -306,6 +312,7 @@ class TrainerBypass(TrainerCycle):
             self._probation_step(value, inputs)
         else:
             self._plain_step(value)
+        self._count_versions()
 
     def _pending_value(self) -> float:
         """This step's training loss, from its micro-batches' recorded losses."""
@@ -315,6 +322,7 @@ class TrainerBypass(TrainerCycle):
     # -- the optimizer's step hooks: the extension's group joins only inside step() --------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
         self._restore_free_buffers()
+        self._ended_by_edit()             # on probation: an edit since the last step's end
         cycle = self._cycle
         if cycle is None and self._beside is None:
             return
@@ -331,6 +339,7 @@ class TrainerBypass(TrainerCycle):
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         self._stepped = True
+        self._count_versions()            # the step's own change is not an edit
         cycle = self._cycle
         if cycle is not None and cycle.group.attached:
             cycle.group.detach()

@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from morphc.compiler.contract import VERIFY_TOLERANCE
+from morphc.compiler.contract import VERIFY_TOLERANCE, refuse_non_finite
 from morphc.compiler.deviation import relative_deviation
 from morphc.compiler.extend import _option, resolve_width
+from morphc.compiler.extended import IN_PLACE_MARK
 from morphc.compiler.write import write_weights
 from morphc.errors import ContractionError
 from morphc.ir.branch import BypassBranch
@@ -43,6 +44,8 @@ class InPlaceExtension:
     >>> torch.equal(model(x), before), ext.removed
     (True, True)
     """
+
+    _morphc_in_place_extension = True   # IN_PLACE_MARK: morphc.extend / Bypass refuse one
 
     def __init__(self, model: nn.Module, sites: list[Site], modules: dict[str, nn.Module], *,
                  width: int | float = 8, activation: str = "tanh", overrides=None,
@@ -84,6 +87,7 @@ class InPlaceExtension:
             self.probes[name] = (x[:_PROBE_ROWS] if x.dim() > 1 else x).detach()
             return output + branch(x)
 
+        setattr(add_branch, IN_PLACE_MARK, True)   # morphc.extend / Bypass refuse a hooked model
         return add_branch
 
     # -- what a Cycle asks of an extension --------------------------------------------------------
@@ -126,7 +130,9 @@ class InPlaceExtension:
         """Write the branches into the sites' own Parameters (on C only) and remove the hooks;
         returns the largest relative deviation of a site's output, folded vs extended, on the
         last input it saw (autocast off). Refused (weights untouched, hooks kept) when that
-        exceeds the tolerance of the weights' dtype."""
+        exceeds the tolerance of the weights' dtype, or when a parameter is NaN/inf (training
+        diverged: said as ``morphc.contract`` says it, not as a residual of nan)."""
+        refuse_non_finite(self.branches, self.model)
         residual = self.constraint_residual()
         if residual != 0.0:
             raise ContractionError(f"the branches are off the constraint set (residual "

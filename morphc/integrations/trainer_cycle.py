@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from morphc.compiler.contract import diverged
 from morphc.errors import BypassError, MorphcError
 from morphc.integrations.extension import InPlaceExtension
 from morphc.integrations.plain import PlainBeside
@@ -111,6 +112,8 @@ class TrainerCycle(TrainerProbationSide):
         if self.step_count == cycle.started_at:
             self._withdraw(reason)
             return
+        if self._diverged(f"{reason} during the {cycle.phase} phase"):
+            return
         on_c = cycle.ext.constraint_residual() == 0.0
         if cycle.phase is Phase.RETURN and self._cycle_losses and on_c:
             self._close(reason)
@@ -125,6 +128,8 @@ class TrainerCycle(TrainerProbationSide):
         """return → accept or roll back → fold (exact, verified) → training goes on, with plain
         training beside it on probation (not when resolved early: ``reason``)."""
         cycle = self._cycle
+        if self._diverged(f"{reason} during the {cycle.phase} phase" if reason else None):
+            return
         before = cycle.loss_before
         recent = self._cycle_losses[-self.window:]
         after = sum(recent) / len(recent)
@@ -163,6 +168,21 @@ class TrainerCycle(TrainerProbationSide):
                     sites=[s.name for s in cycle.ext.sites], **measures)
         if reason is None and plain is not None:
             self._start_probation(beside, recent)
+
+    def _diverged(self, when: str | None) -> bool:
+        """Parameters that went NaN/inf at the cycle's last optimizer step, whose loss (taken
+        before the step) was finite: rolled back as a non-finite loss is, and said as
+        ``morphc.contract`` says it (a NaN α used to read "off the constraint set (residual
+        nan)")."""
+        cycle = self._cycle
+        why = diverged(cycle.ext.branches, self.model)
+        if why is None:
+            return False
+        self._lr_scale *= 0.5
+        self._rollback(f"{when or 'at the end of the return phase'} (step {cycle.phase_step}): "
+                       f"{why}; the next cycle's extension lr is halved (scale "
+                       f"{self._lr_scale:g})")
+        return True
 
     def _end_mid_step(self, reason: str) -> None:
         """Resolved between the trainer's ``optimizer.step()`` and the step's end (weights loaded,

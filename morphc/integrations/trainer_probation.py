@@ -10,6 +10,9 @@ the run's last ``window`` steps vs plain training's on the same steps — and if
 better its state (weights, buffers, optimizer state) is handed over. If plain training is behind
 but closed the gap by more than what is left, the probation goes on for another
 ``probation_steps`` (:func:`~morphc.runtime.shadow.plain_catches_up`). No cycle starts meanwhile.
+Weights edited in place between steps (a callback's clamp or ``copy_``; a ``load_state_dict``
+resolves the probation first instead) end the probation keeping the run: plain training's copy
+never got the edit, and handing it over would undo it (as ``morphc.Bypass`` does).
 
 Cost while a probation runs, as during a cycle: one more copy of the parameters, buffers and
 optimizer state, each step's micro-batches held until the step's end, and one more
@@ -24,10 +27,19 @@ flight at once (never longer), so a checkpoint never holds a state a later hand-
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from morphc.integrations.plain import PlainBeside
 from morphc.runtime.cycle import back_off
 from morphc.runtime.shadow import plain_catches_up, plain_leads
+from morphc.runtime.user_edits import edited_since, weight_versions
+
+EDITED = ("the model's weights were changed in place between the trainer's optimizer steps while "
+          "plain training ran beside a kept cycle's run (its probation: a callback's clamp, "
+          "projection or copy_ into a weight): plain training cannot follow such edits, so the "
+          "probation ends here and your run is kept. To keep the guarantee, constrain weights "
+          "inside the model (torch.nn.utils.parametrize), or load them with load_state_dict, "
+          "which morphc sees")
 
 
 @dataclasses.dataclass
@@ -66,9 +78,32 @@ class TrainerProbationSide:
         recent = pairs[-self.window:]
         return (sum(p for _, p in recent) - sum(r for r, _ in recent)) / len(recent)
 
+    def _count_versions(self) -> None:
+        """On probation, each weight's version now: what the next check compares against (the
+        optimizer's step, the fold and plain training's replay change them; a user's edit
+        between those points is what :meth:`_ended_by_edit` looks for)."""
+        self._versions = None if self._probation is None else weight_versions(self.model)
+
+    def _ended_by_edit(self) -> bool:
+        """Weights edited in place since :meth:`_count_versions`: plain training beside the run
+        never got the edit, so handing its state over would undo it. The probation ends, the
+        run is kept (warned once per run)."""
+        if self._probation is None or not edited_since(self._versions):
+            return False
+        self._probation, self._beside, self._inputs, self._versions = None, None, [], None
+        self._event("probation", loss_after=None, loss_plain=None, to="cycle",
+                    reason="weights edited in place between steps")
+        if not self._warned_edited:
+            self._warned_edited = True
+            warnings.warn(EDITED, stacklevel=4)
+        return True
+
     def _probation_step(self, value: float, inputs: list) -> None:
         """Plain training's step beside the run, the run's own (the trigger watches, no cycle
         starts), and at the end of the probation its verdict."""
+        if self._ended_by_edit():
+            self._plain_step(value)
+            return
         probation = self._probation
         self._step_beside(inputs)
         if self._beside is None:
@@ -90,6 +125,8 @@ class TrainerProbationSide:
         """Judge a probation in flight now. Between the trainer's ``optimizer.step()`` and the
         step's end (a load from a callback) plain training takes that step first, so a
         hand-over is where a run without morphc is now, not one step behind."""
+        if self._ended_by_edit():
+            return
         if self._stepped:
             inputs, self._inputs = self._inputs, []
             self._step_beside(inputs)

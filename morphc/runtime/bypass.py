@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from morphc.compiler.extend import check_override_settings, check_width
-from morphc.compiler.extended import floating_dtype_device
+from morphc.compiler.extended import already_extended, floating_dtype_device
 from morphc.errors import BypassError, MorphcError, SiteError, TraceError
 from morphc.families import get_family
 from morphc.ir.example_inputs import as_tuple, run_example
@@ -96,6 +96,9 @@ class Bypass(BetweenSteps, CycleRunner):
     def __init__(self, model: nn.Module, optimizer, trigger: Trigger | None = None,
                  **options) -> None:
         model, was_ddp, was_compiled = unwrap(model)
+        refused = already_extended(model, "Bypass")
+        if refused:
+            raise BypassError(refused)
         if not isinstance(model, nn.Module):
             raise BypassError(f"Bypass trains an nn.Module, got {type(model).__name__}: wrap a "
                               "function in a Module whose parameters are its weights")

@@ -308,6 +308,14 @@ class ModelSpace:
         from morphc.space.space_files import space_to_dot
         return space_to_dot(self)
 
+    @classmethod
+    def load(cls, directory, example_inputs, *, kwargs=None, dynamic_shapes=None) -> ModelSpace:
+        """The space ``space.save(directory, weights="all")`` wrote, every node with its weights;
+        the example inputs are not saved (pass them as to ``ModelSpace``). The files are data:
+        see :mod:`morphc.space.space_loading`."""
+        from morphc.space.space_loading import load_space
+        return load_space(directory, example_inputs, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+
     def save(self, directory, *, weights: str = "best") -> dict:
         """Write ``space.json``, ``space.dot`` (+ ``space.svg`` with Graphviz) and the best
         architecture (``best.json`` / ``best.pt`` / ``best.py``); see ``morphc.space.saving``."""

@@ -288,7 +288,8 @@ def saved_files(prefix, *, reading: bool = False) -> tuple[Path, Path]:
         hint = "pass the prefix morphc.save was given (it writes <prefix>.json and <prefix>.pt)"
         if (prefix / "best.json").is_file():
             hint = (f"{prefix} is a saved ModelSpace: load its best architecture with "
-                    f"morphc.load('{prefix / 'best'}')")
+                    f"morphc.load('{prefix / 'best'}'), or the whole space (saved with "
+                    f"weights='all') with morphc.ModelSpace.load('{prefix}', example_inputs)")
         raise FileNotFoundError(f"no saved architecture at {document}; {hint}")
     return document, prefix.with_name(prefix.name + ".pt")
 

@@ -1,0 +1,240 @@
+"""Reading back a saved model space (``space.save(directory, weights="all")``) — data only.
+
+``space.json`` holds the graph of architectures (nodes, moves, scores, refusals) and
+``nodes/<hash>.{json,pt}`` each node's architecture and weights, written by
+:mod:`morphc.space.space_files`. Loading checks every field of ``space.json`` strictly (exact
+fields, strict JSON types, node ids that are architecture hashes and nothing else, since they
+name files), builds each architecture with :func:`morphc.space.loading.load` (validated,
+allow-listed, ``weights_only=True``, digests checked) and then requires the structural hash of
+what it built to be the node's id. An extended node (temporary branches, saved as its graph) is
+rebuilt by applying the recorded ``Extend`` move again to its restored parent, loading its
+saved weights and homotopy, and checking it computes exactly what the saved graph computes.
+Nothing from a file is evaluated or executed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import networkx as nx
+import torch
+
+from morphc.compiler.deviation import deterministic_forward
+from morphc.compiler.extended import ExtendedModel
+from morphc.errors import FormatError, MorphcError
+from morphc.ir.branch import BypassBranch
+from morphc.ir.example_inputs import ExampleInputs
+from morphc.space.architecture import architecture_hash
+from morphc.space.encoding import SPACE_FORMAT, VERSION
+from morphc.space.graph import ModelSpace
+from morphc.space.loading import _read_document, load
+from morphc.space.move_base import annotate, failure
+from morphc.space.moves import Extend
+from morphc.space.schema import _fields, _typed
+
+_SPACE_KEYS = {"format", "version", "root", "best", "tolerance", "train_tolerance",
+               "steps_spent", "nodes", "edges", "rejected"}
+_NODE_KEYS = {"id", "order", "kind", "summary", "params", "steps", "visits", "score", "scores",
+              "architecture"}
+_EDGE_KEYS = {"source", "target", "move", "spec", "change", "change_train", "count", "order"}
+_EXTEND_KEYS = {"move", "sites", "width", "activation", "seed"}
+_NODE_ID = re.compile(r"[0-9a-f]{16}")     # architecture_hash: 8 bytes in hex; names files
+
+
+def _count(value, where: str) -> int:
+    value = _typed(value, int, where)
+    if value < 0:
+        raise FormatError(f"{where}: expected a count ≥ 0, got {value}")
+    return value
+
+
+def _number(value, where: str, *, null: bool = False) -> float | None:
+    if value is None and null:
+        return None
+    value = float(_typed(value, (int, float), where))
+    if not math.isfinite(value):
+        raise FormatError(f"{where}: expected a finite number, got {value}")
+    return value
+
+
+def _node_id(value, where: str) -> str:
+    if type(value) is not str or not _NODE_ID.fullmatch(value):
+        raise FormatError(f"{where}: expected an architecture hash (16 hex digits), got "
+                          f"{value!r:.80}")
+    return value
+
+
+def _read_node(spec, index: int) -> dict:
+    where = f"nodes[{index}]"
+    _fields(spec, _NODE_KEYS, where)
+    node = {"id": _node_id(spec["id"], f"{where}.id"),
+            "order": _count(spec["order"], f"{where}.order"),
+            "kind": _typed(spec["kind"], str, f"{where}.kind"),
+            "summary": _typed(spec["summary"], str, f"{where}.summary"),
+            "params": _count(spec["params"], f"{where}.params"),
+            "steps": _count(spec["steps"], f"{where}.steps"),
+            "visits": _count(spec["visits"], f"{where}.visits"),
+            "score": _number(spec["score"], f"{where}.score", null=True),
+            "scores": [], "error": None}
+    if node["kind"] not in ("graph", "extended"):
+        raise FormatError(f"{where}.kind: expected 'graph' or 'extended', got {node['kind']!r}")
+    for j, pair in enumerate(_typed(spec["scores"], list, f"{where}.scores")):
+        if type(pair) is not list or len(pair) != 2:
+            raise FormatError(f"{where}.scores[{j}]: expected [steps, score]")
+        node["scores"].append([_count(pair[0], f"{where}.scores[{j}]"),
+                               _number(pair[1], f"{where}.scores[{j}]", null=True)])
+    architecture = _typed(spec["architecture"], dict, f"{where}.architecture")
+    if set(architecture) == {"error"}:
+        node["error"] = _typed(architecture["error"], str, f"{where}.architecture.error")
+    return node
+
+
+def _read_edge(spec, index: int, ids: set[str]) -> dict:
+    where = f"edges[{index}]"
+    _fields(spec, _EDGE_KEYS, where)
+    edge = {"source": _node_id(spec["source"], f"{where}.source"),
+            "target": _node_id(spec["target"], f"{where}.target"),
+            "move": _typed(spec["move"], str, f"{where}.move"),
+            "spec": _typed(spec["spec"], dict, f"{where}.spec"),
+            "change": _number(spec["change"], f"{where}.change"),
+            "change_train": _number(spec["change_train"], f"{where}.change_train"),
+            "count": _count(spec["count"], f"{where}.count"),
+            "order": _count(spec["order"], f"{where}.order")}
+    for end in ("source", "target"):
+        if edge[end] not in ids:
+            raise FormatError(f"{where}.{end}: {edge[end]} is no node of the space")
+    return edge
+
+
+def _read_rejected(spec, index: int) -> dict:
+    where = f"rejected[{index}]"
+    _fields(spec, {"from", "move", "reason"}, where)
+    return {key: _typed(spec[key], str, f"{where}.{key}") for key in ("from", "move", "reason")}
+
+
+def _extend_move(spec: dict, where: str) -> Extend:
+    """The recorded ``Extend`` move, rebuilt from its fields (typed; nothing else accepted)."""
+    _fields(spec, _EXTEND_KEYS, where)
+    sites = spec["sites"]
+    if not (type(sites) is str or type(sites) is list and all(type(s) is str for s in sites)):
+        raise FormatError(f"{where}.sites: expected a string or a list of strings")
+    return Extend(sites=sites, width=_count(spec["width"], f"{where}.width"),
+                  activation=_typed(spec["activation"], str, f"{where}.activation"),
+                  seed=_typed(spec["seed"], int, f"{where}.seed"))
+
+
+def _extended(saved, parent, move: Extend, inputs: ExampleInputs, where: str) -> ExtendedModel:
+    """The extended node again: ``move`` on its restored parent, then its saved weights and
+    homotopy; it must compute exactly what the saved graph computes."""
+    try:
+        ext = move(parent, inputs)
+        ext.graph_module.load_state_dict(saved.state_dict(), strict=True)
+    except (MorphcError, RuntimeError) as exc:
+        raise FormatError(f"{where}: the recorded {move} does not rebuild the saved extended "
+                          f"architecture ({exc})") from exc
+    homotopy = {float(m.homotopy) for m in saved.modules() if isinstance(m, BypassBranch)}
+    if len(homotopy) != 1:
+        raise FormatError(f"{where}: its branches do not share one homotopy ({homotopy})")
+    ext.set_homotopy(homotopy.pop())
+    ext.train(saved.training)
+    args, kwargs = tuple(inputs), dict(inputs.kwargs)
+    if not _same_output(deterministic_forward(ext, args, kwargs=kwargs),
+                        deterministic_forward(saved, args, kwargs=kwargs)):
+        raise FormatError(f"{where}: the rebuilt extended architecture does not compute what "
+                          "the saved one computes")
+    return ext
+
+
+def _same_output(a, b) -> bool:
+    leaves_a, leaves_b = (torch.utils._pytree.tree_leaves(t) for t in (a, b))
+    return len(leaves_a) == len(leaves_b) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip(leaves_a, leaves_b, strict=True))
+
+
+def _module(directory: Path, node: dict, edges: list[dict], modules: dict, inputs,
+            prefix: Path | None = None):
+    """Node ``node``'s architecture with its weights (``prefix``: another saved copy of it, such
+    as ``best``), checked against its id."""
+    where = f"node {node['id']}"
+    saved = load(prefix or directory / "nodes" / node["id"])
+    if node["kind"] == "extended":
+        made = [e for e in edges if e["target"] == node["id"] and e["spec"].get("move") == "Extend"
+                and e["source"] in modules and not isinstance(modules[e["source"]], ExtendedModel)]
+        if not made:
+            raise FormatError(f"{where} is extended, but no recorded Extend move leads to it "
+                              "from a restored architecture")
+        module = _extended(saved, modules[made[0]["source"]], _extend_move(
+            made[0]["spec"], f"the Extend move into {node['id']}"), inputs, where)
+    else:
+        module = saved
+        try:
+            annotate(module, inputs)      # the shapes moves read, as ModelSpace records them
+        except Exception as exc:
+            raise FormatError(f"{where} fails on the example inputs ({failure(exc)}): pass the "
+                              "inputs the space was made with") from exc
+    if architecture_hash(module) != node["id"]:
+        raise FormatError(f"{where}: the saved architecture hashes to {architecture_hash(module)},"
+                          " not to its id (the files were edited or belong to another node)")
+    return module
+
+
+def load_space(directory, example_inputs, *, kwargs=None, dynamic_shapes=None):
+    """The :class:`~morphc.space.graph.ModelSpace` saved in ``directory`` by
+    ``space.save(directory, weights="all")``, with every node's weights, scores, moves and
+    refusals, and the best weights ever evaluated. The example inputs are not saved: pass them
+    as to ``ModelSpace(...)``. Anything that does not validate is a ``FormatError``."""
+    directory = Path(directory)
+    document = directory / "space.json"
+    if not document.is_file():
+        raise FileNotFoundError(f"no saved model space at {directory} (no space.json); "
+                                "space.save(directory, weights='all') writes one")
+    data = _fields(_read_document(document), _SPACE_KEYS, "space.json")
+    if data["format"] != SPACE_FORMAT or data["version"] != VERSION:
+        raise FormatError(f"not a {SPACE_FORMAT} v{VERSION} file (format {data['format']!r}, "
+                          f"version {data['version']!r}); save the space with this morphc")
+    nodes = [_read_node(spec, i) for i, spec in enumerate(_typed(data["nodes"], list, "nodes"))]
+    ids = {node["id"] for node in nodes}
+    if len(ids) != len(nodes) or not nodes:
+        raise FormatError("space.json: node ids must be unique, and there must be a root")
+    edges = [_read_edge(spec, i, ids)
+             for i, spec in enumerate(_typed(data["edges"], list, "edges"))]
+    root = _node_id(data["root"], "root")
+    best = None if data["best"] is None else _node_id(data["best"], "best")
+    if root not in ids or best is not None and best not in ids:
+        raise FormatError("space.json: root and best must be nodes of the space")
+    lost = [n["id"] for n in nodes if n["error"] is not None]
+    if lost:
+        raise FormatError(f"nodes {lost} could not be saved as data ({nodes[0]['error']!s:.200}"
+                          "...), so this space cannot be restored whole")
+    if not (directory / "nodes").is_dir():
+        raise FormatError(f"{directory} holds no node weights (saved with weights='best' or "
+                          "'none'): load its best architecture with morphc.load(directory / "
+                          "'best'), or save the space with space.save(directory, weights='all')")
+    space = ModelSpace.__new__(ModelSpace)
+    space.example_inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
+    space.tolerance = _number(data["tolerance"], "tolerance")
+    space.train_tolerance = _number(data["train_tolerance"], "train_tolerance")
+    space.steps_spent = _count(data["steps_spent"], "steps_spent")
+    space.rejected = [_read_rejected(spec, i)
+                      for i, spec in enumerate(_typed(data["rejected"], list, "rejected"))]
+    space.root, space._best, space.graph = root, None, nx.DiGraph()
+    modules: dict = {}
+    for node in sorted(nodes, key=lambda n: (n["kind"] == "extended", n["order"])):
+        modules[node["id"]] = _module(directory, node, edges, modules, space.example_inputs)
+    for node in sorted(nodes, key=lambda n: n["order"]):
+        attrs = {k: node[k] for k in ("order", "kind", "summary", "params", "steps", "visits",
+                                      "score", "scores")}
+        space.graph.add_node(node["id"], module=modules[node["id"]], **attrs)
+    for edge in sorted(edges, key=lambda e: e["order"]):
+        space.graph.add_edge(edge["source"], edge["target"],
+                             **{k: v for k, v in edge.items() if k not in ("source", "target")})
+    if best is not None:
+        scored = [s for _, s in space.graph.nodes[best]["scores"] if s is not None]
+        best_node = next(n for n in nodes if n["id"] == best)
+        space._best = (max(scored, default=math.nan), best,
+                       _module(directory, best_node, edges, modules, space.example_inputs,
+                               prefix=directory / "best"))
+    return space
