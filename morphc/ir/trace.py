@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import sys
 import time
+import warnings
 import weakref
 from collections.abc import Mapping
 
@@ -33,6 +36,7 @@ from morphc.ir.failure_site import loss_hint, model_line
 from morphc.ir.frontends import (
     Unrecordable,
     _SiteAwareTracer,  # noqa: F401  extended models pickled before the frontends moved name it here
+    fast_path_notes,
     has_forward_hooks,
     hook_notes,
     trace_export,
@@ -141,11 +145,24 @@ def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwar
     return traced
 
 
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside morphc and torch: a warning names the
+    user's line whichever public function (extend, inspect, Bypass) traced."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and any(os.sep + part + os.sep in frame.f_code.co_filename
+                                    for part in ("morphc", "passes", "torch")):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
     traced_kwargs = _run_once(model, inputs, kwargs)
     notes = [] if traced_kwargs is kwargs else [
         "use_cache=True returns a cache object torch.export cannot flatten: traced with "
         "use_cache=False (the extended model returns no cache)"]
+    for note in fast_path_notes(model):
+        warnings.warn(f"morphc: {note}", UserWarning, stacklevel=_outside_stacklevel())
+        notes.append(note)
     symbolic_error = None
     if frontend in ("auto", "symbolic_trace") and dynamic_shapes is None:
         try:
