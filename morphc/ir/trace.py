@@ -55,6 +55,28 @@ def _unflattenable(output) -> list[str]:
                    if not isinstance(x, torch.Tensor | int | float | bool | str | type(None))})
 
 
+def _object_inputs(model: nn.Module, args: tuple, kwargs: dict) -> str:
+    """The inputs that hold objects torch.export cannot flatten (a ``DynamicCache`` given as
+    ``past_key_values``, an unregistered dataclass), as ``"past_key_values is a DynamicCache"``;
+    empty when there are none."""
+    try:
+        named = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        named = {**{f"input {i}": a for i, a in enumerate(args)}, **kwargs}
+    found = [f"{name} is a {' and '.join(bad)}" for name, value in named.items()
+             for bad in [_unflattenable(value)] if bad]
+    return "; ".join(found)
+
+
+def _object_input_hint(objects: str) -> str:
+    if "Cache" in objects:
+        return ("A cache is for generating token by token, not for training: extend with the "
+                "inputs of a whole forward (the full sequence, no past_key_values, "
+                "use_cache=False), which is what Bypass trains on.")
+    return ("Pass tensors (or containers of them), or register the input's class once before "
+            "extending: torch.utils._pytree.register_dataclass(YourClass).")
+
+
 def _run_once(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Run the model on the example inputs; returns the kwargs to trace with."""
     output = run_example(model, args, kwargs)
@@ -186,6 +208,12 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
         raise
     except Exception as exc:
         tried = f"symbolic_trace: {first_line(symbolic_error)}; " if symbolic_error else ""
+        objects = _object_inputs(model, inputs, traced_kwargs)
+        if objects:
+            raise TraceError(
+                f"could not trace {type(model).__name__}: {objects}, which torch.export cannot "
+                f"take as an input ({tried}torch.export: {first_line(exc)}). "
+                + _object_input_hint(objects)) from exc
         line = model_line(exc)
         raise TraceError(
             f"could not trace {type(model).__name__}: {tried}torch.export: {first_line(exc)}"
