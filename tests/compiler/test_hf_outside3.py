@@ -19,9 +19,7 @@ tf = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 import morphc  # noqa: E402
-from tests.compiler.test_hf_outside2 import Case, _ids, _run  # noqa: E402
-from tests.helpers import max_rel, train_extension  # noqa: E402
-from tests.ir.test_sites import linear_operator_weights  # noqa: E402
+from tests.compiler.test_hf_outside2 import Case, _ids, check_extends_and_contracts  # noqa: E402
 
 V, H = 99, 32
 _ENC = dict(vocab_size=V, hidden_size=H, intermediate_size=37, num_hidden_layers=2,
@@ -84,26 +82,7 @@ CASES = {
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if c.slow else n
                                   for n, c in CASES.items()])
 def test_outside_hf_head_extends_exactly_and_contracts_into_its_own_parameters(name):
-    case = CASES[name]
-    torch.manual_seed(0)
-    model, kwargs = case.make().eval(), case.inputs()
-    shapes = [kwargs, case.alt()]
-    before = [_run(model, kw) for kw in shapes]
-    params = dict(model.named_parameters())
-    ext = morphc.extend(model, (), kwargs=kwargs, sites="all", width=3, seed=1)
-    missing = linear_operator_weights(model) - ext.site_table.covered()
-    assert not missing, f"linear weights neither sites nor listed exclusions: {missing}"
-    for kw, expected in zip(shapes, before, strict=True):                      # E1
-        assert all(torch.equal(a, b) for a, b in zip(expected, _run(ext, kw), strict=True))
-    train_extension(ext, (), steps=3, kwargs=kwargs)
-    ext.set_homotopy(0.0)
-    folded = [_run(ext, kw) for kw in shapes]
-    assert max(max_rel(a, b) for a, b in zip(before[0], folded[0], strict=True)) > 1e-4
-    assert morphc.contract(ext) is model
-    assert all(p is params[n] for n, p in model.named_parameters())
-    for kw, expected in zip(shapes, folded, strict=True):                      # C1
-        got = _run(model, kw)
-        assert max(max_rel(a, b) for a, b in zip(expected, got, strict=True)) <= case.tolerance
+    check_extends_and_contracts(CASES[name])
 
 
 def test_a_cache_given_as_past_key_values_is_refused_saying_what_to_pass():
