@@ -76,7 +76,9 @@ def _build_site(key, uses: Uses, taken: set[str]) -> Site:
                 bool(use.weight.weight_norm) != bool(ref.weight_norm):
             site.excluded = (f"weight {site.weight_name} is used by different operators "
                              f"({first.kind} at {first.node.name}, {use.kind} at "
-                             f"{use.node.name})")
+                             f"{use.node.name}), as when a decoder reuses an encoder's W as "
+                             "Wᵀ: one folded update would change both; give each its own "
+                             "weight (untie them) to extend it")
         if use.bias is None or uses.other.get(id(use.bias.tensor)):
             site.bias_foldable = False
     tensor_key = id(ref.tensor)
@@ -94,10 +96,30 @@ def _build_site(key, uses: Uses, taken: set[str]) -> Site:
     if not ref.tensor.is_floating_point():
         site.excluded = (f"weight {site.weight_name} is {ref.tensor.dtype}: activation "
                          "families and their constraint sets are real-valued")
-    if ref.rows is not None and ref.weight_norm is None and \
-            any(k[0] == tensor_key and k[1] is None for k in uses.site):
-        site.excluded = f"weight {site.weight_name} is used both whole and by row slices"
+    clash = _overlapping_rows(ref, uses) if ref.weight_norm is None else None
+    if clash is not None:
+        site.excluded = (f"weight {site.weight_name} is read by overlapping row ranges "
+                         f"({_rows_text(ref.rows)} and {clash}): each range's "
+                         "branch would fold its own update into the shared rows; read disjoint "
+                         "row slices (or the same one) to extend them")
     return site
+
+
+def _overlapping_rows(ref, uses: Uses) -> str | None:
+    """Rows of the same parameter another site reads that overlap ``ref``'s without being them
+    (a whole use overlaps every slice): two folds would both write the shared rows."""
+    size0 = ref.tensor.shape[0]
+    mine = ref.rows or (0, size0)
+    for tensor_key, rows in uses.site:
+        theirs = rows or (0, size0)
+        if tensor_key == id(ref.tensor) and theirs != mine and \
+                theirs[0] < mine[1] and mine[0] < theirs[1]:
+            return _rows_text(rows)
+    return None
+
+
+def _rows_text(rows: tuple[int, int] | None) -> str:
+    return "whole" if rows is None else f"rows {rows[0]}:{rows[1]}"
 
 
 def _check_other_uses(gm, uses: Uses) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from morphc.errors import TraceError
 from morphc.ir.mode_flags import follow_mode
@@ -62,6 +62,32 @@ def hook_notes(model: nn.Module) -> list[str]:
     return [f"forward hooks on {', '.join(n or '(the model)' for n in hooked)} were traced into "
             "the graph: what they compute is kept, but they ran once at trace time, so their "
             "side effects (logging, storing activations) do not happen on the extended model"]
+
+
+# modules whose eager forward, in eval() under torch.no_grad(), takes PyTorch's fused fast path
+_FAST_PATH = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+def fast_path_notes(model: nn.Module) -> list[str]:
+    """Both frontends trace with grad enabled, where these modules run their standard path; in
+    eval() under torch.no_grad() the eager model runs fused kernels instead (rounding apart) and,
+    given a padding mask, nested tensors that return 0 at padded positions. No graph records
+    that path, so the extended model cannot match it there: say so, and what makes them agree."""
+    names: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, _FAST_PATH) and not m.training and \
+                not any(name.startswith(f"{outer}.") or not outer for outer in names):
+            names.append(name)
+    names = [name or type(model).__name__ for name in names]
+    if not names or not torch.backends.mha.get_fastpath_enabled():
+        return []
+    return [f"{', '.join(names[:4])}{' …' if len(names) > 4 else ''} in eval() mode: under "
+            "torch.no_grad() PyTorch runs their fused inference fast path (with a padding mask, "
+            "nested tensors that give 0 at padded positions), which no graph records; the "
+            "extended model computes their standard path, what the model computes with grad "
+            "enabled, so under no_grad the two differ by rounding, and at padded positions "
+            "entirely. torch.backends.mha.set_fastpath_enabled(False) makes the model take "
+            "the standard path too (bit for bit)"]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -117,6 +143,37 @@ def _in_reentrant_checkpoint() -> bool:
     return frame is not None
 
 
+# Sequence packing reads its lengths as values (``torch.as_tensor(lengths)``, sorting them), which
+# a Proxy cannot give: recorded as calls, the packed sequence flows into the RNN (a leaf) whole.
+_PACKING = (nn.utils.rnn.pack_padded_sequence, nn.utils.rnn.pad_packed_sequence,
+            nn.utils.rnn.pack_sequence, nn.utils.rnn.unpack_sequence,
+            nn.utils.rnn.pad_sequence, nn.utils.rnn.unpad_sequence)
+
+
+def _is_packed(x) -> bool:
+    return isinstance(x, nn.utils.rnn.PackedSequence)
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp through packed sequences: it rebuilds each namedtuple output with
+    TensorMetadata in place of its tensors, which PackedSequence's constructor rejects. A node
+    that takes or makes one records its tensors' metadata with the packed sequence as a tuple."""
+
+    def run_node(self, n: fx.Node):
+        operands = self.fetch_args_kwargs_from_env(n)
+        if not (n.op == "call_function" and n.target in _PACKING or
+                any(map(_is_packed, torch.utils._pytree.tree_leaves(operands,
+                                                                    is_leaf=_is_packed)))):
+            return super().run_node(n)
+        result = fx.Interpreter.run_node(self, n)
+        plain = torch.utils._pytree.tree_map_only(nn.utils.rnn.PackedSequence, tuple, result,
+                                                  is_leaf=_is_packed)
+        n.meta["tensor_meta"] = torch.utils._pytree.tree_map_only(
+            torch.Tensor, _extract_tensor_metadata, plain)
+        n.meta["type"] = type(result)
+        return result
+
+
 class _SiteAwareTracer(fx.Tracer):
     """Trace *through* torch.nn modules that have children (e.g. ``MultiheadAttention``,
     ``TransformerEncoderLayer``): as opaque leaves they would hide linear sites inside them.
@@ -128,8 +185,9 @@ class _SiteAwareTracer(fx.Tracer):
     torch.no_grad():``) are listed in ``switched``: the graph would run them in the caller's
     mode, training what the forward froze or computing in another dtype."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_PACKING)
+        self._autowrap_search.append(nn.utils.rnn)     # nn.utils.rnn.pack_padded_sequence(...)
         self.switched: list[str] = []
         self.inference: list[str] = []      # nodes made under torch.inference_mode()
         self.reentrant: list[str] = []      # ... inside a reentrant activation checkpoint
@@ -138,7 +196,13 @@ class _SiteAwareTracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         with torch.enable_grad():
             self._modes = _modes()
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
+        # a wrapped call's code registers fx.wrap("torch.nn.utils.rnn.pack_padded_sequence"),
+        # a qualified name every later fx trace (torch.export's too) then fails to patch
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in _PACKING:
+                node.meta.pop("is_wrapped", None)
+        return graph
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -205,7 +269,7 @@ def trace_symbolic(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.Grap
     # also proves the graph runs on these inputs; ShapeProp prints the traceback of a node that
     # fails before raising, which here only means "try torch.export" and is not the user's error
     with no_side_effects(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        ShapeProp(gm).propagate(*inputs)
+        _ShapeProp(gm).propagate(*inputs)
     return gm, notes
 
 

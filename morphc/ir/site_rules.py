@@ -285,16 +285,37 @@ def _resolve(gm, arg) -> _Ref | None:
             return _Ref(inner[0], inner[1], [(split.args[0], split), (split, arg), (arg, None)],
                         rows=rows[arg.args[1]])
         return None
-    if arg.target is aten.slice.Tensor:
-        inner = _param_node(gm, arg.args[0])
-        if inner and _arg(arg, 1, "dim", 0) == 0 and _arg(arg, 4, "step", 1) == 1:
-            size0 = inner[1].shape[0]
-            start = _arg(arg, 2, "start", 0) or 0
-            stop = min(_arg(arg, 3, "end", size0) or size0, size0)
-            if isinstance(start, int) and isinstance(stop, int):
-                return _Ref(inner[0], inner[1], [(arg.args[0], arg), (arg, None)],
-                            rows=(start, stop))
+    inner = _param_node(gm, arg.args[0]) if arg.args else None
+    rows = _row_slice(arg, inner[1].shape[0]) if inner else None
+    if rows is not None:
+        return _Ref(inner[0], inner[1], [(arg.args[0], arg), (arg, None)], rows=rows)
     return None
+
+
+def _row_slice(node: fx.Node, size0: int) -> tuple[int, int] | None:
+    """The rows ``[start, stop)`` a unit-step slice along dimension 0 takes, bounds normalised
+    as Python does (``W[-k:]``, ``W[a:-b]``; ``W[:k]`` is ``getitem`` under symbolic_trace,
+    ``aten.slice`` under torch.export); None for any other indexing or an empty slice."""
+    if node.target is aten.slice.Tensor:
+        if _arg(node, 1, "dim", 0) != 0:
+            return None
+        piece = slice(_arg(node, 2, "start", None), _arg(node, 3, "end", None),
+                      _arg(node, 4, "step", None))
+    elif node.target is operator.getitem:
+        index = node.args[1]
+        if isinstance(index, tuple):     # W[a:b, :] and W[a:b, ...]
+            if not index or any(i is not Ellipsis and i != slice(None) for i in index[1:]):
+                return None
+            index = index[0]
+        if not isinstance(index, slice):
+            return None
+        piece = index
+    else:
+        return None
+    if not all(v is None or isinstance(v, int) for v in (piece.start, piece.stop, piece.step)):
+        return None
+    start, stop, step = piece.indices(size0)
+    return (start, stop) if step == 1 and stop > start else None
 
 
 def resolve_broadcast(gm, arg) -> tuple[_Ref | None, str]:

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import sys
 import time
+import warnings
 import weakref
 from collections.abc import Mapping
 
@@ -33,6 +36,7 @@ from morphc.ir.failure_site import loss_hint, model_line
 from morphc.ir.frontends import (
     Unrecordable,
     _SiteAwareTracer,  # noqa: F401  extended models pickled before the frontends moved name it here
+    fast_path_notes,
     has_forward_hooks,
     hook_notes,
     trace_export,
@@ -49,6 +53,28 @@ def _unflattenable(output) -> list[str]:
     leaves = torch.utils._pytree.tree_leaves(output)
     return sorted({type(x).__name__ for x in leaves
                    if not isinstance(x, torch.Tensor | int | float | bool | str | type(None))})
+
+
+def _object_inputs(model: nn.Module, args: tuple, kwargs: dict) -> str:
+    """The inputs that hold objects torch.export cannot flatten (a ``DynamicCache`` given as
+    ``past_key_values``, an unregistered dataclass), as ``"past_key_values is a DynamicCache"``;
+    empty when there are none."""
+    try:
+        named = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        named = {**{f"input {i}": a for i, a in enumerate(args)}, **kwargs}
+    found = [f"{name} is a {' and '.join(bad)}" for name, value in named.items()
+             for bad in [_unflattenable(value)] if bad]
+    return "; ".join(found)
+
+
+def _object_input_hint(objects: str) -> str:
+    if "Cache" in objects:
+        return ("A cache is for generating token by token, not for training: extend with the "
+                "inputs of a whole forward (the full sequence, no past_key_values, "
+                "use_cache=False), which is what Bypass trains on.")
+    return ("Pass tensors (or containers of them), or register the input's class once before "
+            "extending: torch.utils._pytree.register_dataclass(YourClass).")
 
 
 def _run_once(model: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -141,11 +167,24 @@ def trace(model: nn.Module, example_inputs=None, frontend: str = "auto", *, kwar
     return traced
 
 
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside morphc and torch: a warning names the
+    user's line whichever public function (extend, inspect, Bypass) traced."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and any(os.sep + part + os.sep in frame.f_code.co_filename
+                                    for part in ("morphc", "passes", "torch")):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
     traced_kwargs = _run_once(model, inputs, kwargs)
     notes = [] if traced_kwargs is kwargs else [
         "use_cache=True returns a cache object torch.export cannot flatten: traced with "
         "use_cache=False (the extended model returns no cache)"]
+    for note in fast_path_notes(model):
+        warnings.warn(f"morphc: {note}", UserWarning, stacklevel=_outside_stacklevel())
+        notes.append(note)
     symbolic_error = None
     if frontend in ("auto", "symbolic_trace") and dynamic_shapes is None:
         try:
@@ -169,6 +208,12 @@ def _trace(model, inputs, kwargs, dynamic_shapes, frontend) -> TracedModel:
         raise
     except Exception as exc:
         tried = f"symbolic_trace: {first_line(symbolic_error)}; " if symbolic_error else ""
+        objects = _object_inputs(model, inputs, traced_kwargs)
+        if objects:
+            raise TraceError(
+                f"could not trace {type(model).__name__}: {objects}, which torch.export cannot "
+                f"take as an input ({tried}torch.export: {first_line(exc)}). "
+                + _object_input_hint(objects)) from exc
         line = model_line(exc)
         raise TraceError(
             f"could not trace {type(model).__name__}: {tried}torch.export: {first_line(exc)}"

@@ -15,17 +15,28 @@ from torch import nn
 
 @contextlib.contextmanager
 def no_side_effects(module: nn.Module) -> Iterator[None]:
-    """Run probe forwards without leaving a trace: buffers (BatchNorm statistics) and the RNG
-    state are restored afterwards."""
-    saved = {name: buf.detach().clone() for name, buf in module.named_buffers()}
+    """Run probe forwards without leaving a trace: buffers (BatchNorm statistics), the weights a
+    forward rewrites in place (an embedding's ``max_norm``) and the RNG state are restored
+    afterwards."""
+    saved = {name: t.detach().clone() for name, t in [*module.named_buffers(),
+                                                      *_rewritten_by_forward(module)]}
     with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:
             with torch.no_grad():
-                for name, buf in module.named_buffers():
+                for name, t in [*module.named_buffers(), *_rewritten_by_forward(module)]:
                     if name in saved:
-                        buf.copy_(saved[name])
+                        t.copy_(saved[name])
+
+
+def _rewritten_by_forward(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters the forward itself writes in place: ``nn.Embedding(max_norm=...)`` renormalises
+    the rows it looks up (``embedding_renorm_``), so a probe run would change the user's weights.
+    Only these are copied: a copy of every weight would double a large model's memory."""
+    return [(f"{name}.weight" if name else "weight", m.weight) for name, m in
+            module.named_modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)
+            and m.max_norm is not None and isinstance(m.weight, torch.Tensor)]
 
 
 @contextlib.contextmanager

@@ -198,7 +198,12 @@ def _run(module, kwargs):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if c.slow else n
                                   for n, c in CASES.items()])
 def test_outside_hf_model_extends_exactly_and_contracts_into_its_own_parameters(name):
-    case = CASES[name]
+    check_extends_and_contracts(CASES[name])
+
+
+def check_extends_and_contracts(case: Case) -> None:
+    """E1 at the example inputs (and ``case.alt``), a few training steps, ``set_homotopy(0)``,
+    C1 into the user's own Parameters: what each outside-in Hugging Face file runs per case."""
     torch.manual_seed(0)
     model, kwargs = case.make().train(case.train), case.inputs()
     shapes = [kwargs] + ([case.alt()] if case.alt else [])
