@@ -236,7 +236,7 @@ def _reject_constant(name: str):
 def _read_document(path: Path) -> dict:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:   # also an int past Python's digit limit
         raise FormatError(f"{path} is not a JSON document: {exc}") from exc
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object")
