@@ -27,6 +27,7 @@ from morphc.compiler.extended import ExtendedModel
 from morphc.errors import FormatError, MorphcError
 from morphc.ir.branch import BypassBranch
 from morphc.ir.example_inputs import ExampleInputs
+from morphc.ir.tags import EXTENSION_PREFIX
 from morphc.space.architecture import architecture_hash
 from morphc.space.encoding import SPACE_FORMAT, VERSION
 from morphc.space.graph import ModelSpace
@@ -161,7 +162,10 @@ def _extended(saved, parent, move: Extend, inputs: ExampleInputs, where: str) ->
     """The extended node again: ``move`` on its restored parent, then its saved weights and
     homotopy; it must compute exactly what the saved graph computes. The move's width must be
     the saved branches' (checked before the move allocates anything)."""
-    widths = {m.width for m in saved.modules() if isinstance(m, BypassBranch)}
+    # its temporary branches only: grown and deepened ones came with the parent
+    branches = [m for name, m in saved.named_modules()
+                if name.startswith(f"{EXTENSION_PREFIX}.") and isinstance(m, BypassBranch)]
+    widths = {m.width for m in branches}
     if widths != {move.width}:
         raise FormatError(f"{where}: the recorded {move} does not match the saved extended "
                           f"architecture (branch widths {sorted(widths)})")
@@ -171,7 +175,7 @@ def _extended(saved, parent, move: Extend, inputs: ExampleInputs, where: str) ->
     except (MorphcError, RuntimeError) as exc:
         raise FormatError(f"{where}: the recorded {move} does not rebuild the saved extended "
                           f"architecture ({exc})") from exc
-    homotopy = {float(m.homotopy) for m in saved.modules() if isinstance(m, BypassBranch)}
+    homotopy = {float(m.homotopy) for m in branches}
     if len(homotopy) != 1:
         raise FormatError(f"{where}: its branches do not share one homotopy ({homotopy})")
     ext.set_homotopy(homotopy.pop())

@@ -172,3 +172,19 @@ def test_moves_on_an_lstm_over_packed_sequences():
     ext = space.apply(morphc.Extend(sites="all", width=2))
     space.module(ext).set_homotopy(0.0)
     assert space.apply(morphc.Contract(), ext) == space.root
+
+
+def test_an_extended_node_over_grown_and_deepened_branches_loads_back(tmp_path):
+    """The loader took every BypassBranch in the saved graph for the extension's: with a grown
+    or deepened parent, a homotopy set off 1 was "not shared" and widths differed."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    space = morphc.ModelSpace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), (x,))
+    parent = space.apply(morphc.Grow(sites=["0"], width=3),
+                         space.apply(morphc.Deepen(at="_1")))
+    ext = space.apply(morphc.Extend(sites="all", width=2), parent)
+    space.module(ext).set_homotopy(0.25)
+    space.save(tmp_path, weights="all")
+    loaded = morphc.ModelSpace.load(tmp_path, (x,))
+    assert loaded.module(ext).homotopy == 0.25
+    assert torch.equal(loaded.module(ext)(x), space.module(ext)(x))
