@@ -44,7 +44,7 @@ from torch import fx, nn
 
 from morphc.errors import FormatError
 from morphc.space.codec import _check_settings, _construct, build_module, decode_arg
-from morphc.space.encoding import GRAPH_FORMAT, VERSION, graph_to_json
+from morphc.space.encoding import GRAPH_FORMAT, check_version, graph_to_json
 from morphc.space.schema import (
     _DENIED_METHODS,
     _OPS,
@@ -196,9 +196,7 @@ def graph_from_json(data: dict, state: dict | None = None) -> fx.GraphModule:
     it reads (see the module docstring); raises ``FormatError`` on anything else. With
     ``state`` (the weights to load), sizes are checked against it before allocating."""
     _fields(data, _DOC_KEYS, "architecture")
-    if data["format"] != GRAPH_FORMAT or data["version"] != VERSION:
-        raise FormatError(f"not a {GRAPH_FORMAT} v{VERSION} file (format {data['format']!r}, "
-                          f"version {data['version']!r}); re-save it with this morphc version")
+    check_version(data, GRAPH_FORMAT)
     check_identifier(data["class_name"], "class name")
     training = _typed(data["training"], bool, "training")
     root = _root_from_json(data, state)

@@ -29,7 +29,7 @@ from morphc.ir.branch import BypassBranch
 from morphc.ir.example_inputs import ExampleInputs
 from morphc.ir.tags import EXTENSION_PREFIX
 from morphc.space.architecture import architecture_hash
-from morphc.space.encoding import SPACE_FORMAT, VERSION
+from morphc.space.encoding import SPACE_FORMAT, check_version
 from morphc.space.graph import ModelSpace
 from morphc.space.loading import PrefixError, _read_document, load
 from morphc.space.move_base import annotate, failure
@@ -236,9 +236,7 @@ def load_space(directory, example_inputs, *, kwargs=None, dynamic_shapes=None):
         raise NotASpaceError(f"no saved model space at {directory} (no space.json file); "
                              "space.save(directory, weights='all') writes one")
     data = _fields(_read_document(document), _SPACE_KEYS, "space.json")
-    if data["format"] != SPACE_FORMAT or data["version"] != VERSION:
-        raise FormatError(f"not a {SPACE_FORMAT} v{VERSION} file (format {data['format']!r}, "
-                          f"version {data['version']!r}); save the space with this morphc")
+    check_version(data, SPACE_FORMAT)
     nodes = [_read_node(spec, i) for i, spec in enumerate(_typed(data["nodes"], list, "nodes"))]
     ids = {node["id"] for node in nodes}
     if len(ids) != len(nodes) or not nodes:

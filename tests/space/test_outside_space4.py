@@ -188,3 +188,16 @@ def test_an_extended_node_over_grown_and_deepened_branches_loads_back(tmp_path):
     loaded = morphc.ModelSpace.load(tmp_path, (x,))
     assert loaded.module(ext).homotopy == 0.25
     assert torch.equal(loaded.module(ext)(x), space.module(ext)(x))
+
+
+@pytest.mark.parametrize("version,advice", [(3, r"newer morphc \(v3\); upgrade morphc"),
+                                            (1, r"older morphc \(v1\); save it again")])
+def test_a_file_from_another_morphc_version_says_which_way_to_go(saved, tmp_path, version,
+                                                                 advice):
+    """Both used to say "save it with this morphc", which a file from a newer one cannot be."""
+    with pytest.raises(morphc.FormatError, match=advice):
+        _load(saved, tmp_path, _json(lambda d, n: d.update(version=version)))
+    best = tmp_path / "copy" / "best.json"
+    best.write_text(json.dumps({**json.loads(best.read_text()), "version": version}))
+    with pytest.raises(morphc.FormatError, match=advice):
+        morphc.load(best, check_digest=False)
