@@ -252,10 +252,12 @@ def load_space(directory, example_inputs, *, kwargs=None, dynamic_shapes=None):
     best = None if data["best"] is None else _node_id(data["best"], "best")
     if root not in ids or best is not None and best not in ids:
         raise FormatError("space.json: root and best must be nodes of the space")
-    lost = [n["id"] for n in nodes if n["error"] is not None]
+    lost = [n for n in nodes if n["error"] is not None]
     if lost:
-        raise FormatError(f"nodes {lost} could not be saved as data ({nodes[0]['error']!s:.200}"
-                          "...), so this space cannot be restored whole")
+        raise FormatError(f"nodes {[n['id'] for n in lost]} could not be saved as data "
+                          f"({lost[0]['error']:.200}"
+                          "...), so this space cannot be restored whole; its moves and scores "
+                          "are in space.json: make a space from your model and apply them again")
     if not (directory / "nodes").is_dir():
         raise FormatError(f"{directory} holds no node weights (saved with weights='best' or "
                           "'none'): load its best architecture with morphc.load(directory / "

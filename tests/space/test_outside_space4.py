@@ -201,3 +201,12 @@ def test_a_file_from_another_morphc_version_says_which_way_to_go(saved, tmp_path
     best.write_text(json.dumps({**json.loads(best.read_text()), "version": version}))
     with pytest.raises(morphc.FormatError, match=advice):
         morphc.load(best, check_digest=False)
+
+
+def test_a_node_that_could_not_be_saved_is_named_with_its_own_error(saved, tmp_path):
+    """The message quoted the root's error (None) whichever node was lost."""
+    def lose(data, nodes):
+        next(n for n in data["nodes"] if n["id"] == nodes["wide"])["architecture"] = {
+            "error": "function f is not in the allow-list"}
+    with pytest.raises(morphc.FormatError, match=r"could not be saved as data \(function f "):
+        _load(saved, tmp_path, _json(lose))
