@@ -231,9 +231,21 @@ def _reject_constant(name: str):
     raise FormatError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique: ``json`` would keep the last of two, silently."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen = [key for key, _ in pairs]
+        twice = sorted({key for key in seen if seen.count(key) > 1})
+        raise FormatError(f"the keys {twice!r:.200} appear twice in one object (which one "
+                          "counts is ambiguous); keep one of each")
+    return data
+
+
 def _read_document(path: Path) -> dict:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant,
+                          object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:   # also an int past Python's digit limit
         raise FormatError(f"{path} is not a JSON document: {exc}") from exc
     if not isinstance(data, dict):

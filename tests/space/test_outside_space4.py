@@ -210,3 +210,14 @@ def test_a_node_that_could_not_be_saved_is_named_with_its_own_error(saved, tmp_p
             "error": "function f is not in the allow-list"}
     with pytest.raises(morphc.FormatError, match=r"could not be saved as data \(function f "):
         _load(saved, tmp_path, _json(lose))
+
+
+def test_a_key_given_twice_is_refused_not_resolved_to_the_last(saved, tmp_path):
+    """json keeps the last of two keys: a second "best" replaced the saved one silently."""
+    def twice(directory, nodes):
+        path = directory / "space.json"
+        text = path.read_text()
+        assert text.startswith("{")
+        path.write_text(f'{{"best": "{nodes["root"]}", ' + text[1:])
+    with pytest.raises(morphc.FormatError, match=r"\['best'\] appear twice"):
+        _load(saved, tmp_path, twice)
