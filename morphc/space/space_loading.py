@@ -189,10 +189,20 @@ def _extended(saved, parent, move: Extend, inputs: ExampleInputs, where: str) ->
 
 
 def _same_output(a, b) -> bool:
+    """Bit for bit, NaN where NaN is: a node whose training diverged is restored too."""
     leaves_a, leaves_b = (torch.utils._pytree.tree_leaves(t) for t in (a, b))
     return len(leaves_a) == len(leaves_b) and all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-        for x, y in zip(leaves_a, leaves_b, strict=True))
+        _same_leaf(x, y) for x, y in zip(leaves_a, leaves_b, strict=True))
+
+
+def _same_leaf(x, y) -> bool:
+    if not isinstance(x, torch.Tensor):
+        return x == y or x != x and y != y          # NaN != NaN
+    if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if not (x.is_floating_point() or x.is_complex()):
+        return torch.equal(x, y)
+    return bool(torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all())
 
 
 def _module(directory: Path, node: dict, edges: list[dict], modules: dict, inputs,

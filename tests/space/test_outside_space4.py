@@ -221,3 +221,17 @@ def test_a_key_given_twice_is_refused_not_resolved_to_the_last(saved, tmp_path):
         path.write_text(f'{{"best": "{nodes["root"]}", ' + text[1:])
     with pytest.raises(morphc.FormatError, match=r"\['best'\] appear twice"):
         _load(saved, tmp_path, twice)
+
+
+def test_a_space_with_a_diverged_extended_node_loads_back(tmp_path):
+    """NaN != NaN: the rebuilt extended node of a diverged run 'did not compute what was
+    saved', so one diverged child made the whole space unloadable."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    space = morphc.ModelSpace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), (x,))
+    ext = space.apply(morphc.Extend(sites="all", width=2))
+    with torch.no_grad():
+        space.module(ext).graph_module.get_parameter("morphc_ext.2.B").fill_(float("nan"))
+    space.save(tmp_path, weights="all")
+    out = morphc.ModelSpace.load(tmp_path, (x,)).module(ext)(x)
+    assert out.isnan().all() and out.shape == (6, 3)
