@@ -30,7 +30,7 @@ from morphc.ir.example_inputs import ExampleInputs
 from morphc.ir.tags import EXTENSION_PREFIX
 from morphc.space.architecture import architecture_hash
 from morphc.space.encoding import SPACE_FORMAT, check_version
-from morphc.space.graph import ModelSpace
+from morphc.space.graph import ModelSpace, _parameter_count, summarize
 from morphc.space.loading import PrefixError, _read_document, load
 from morphc.space.move_base import annotate, failure
 from morphc.space.moves import Extend
@@ -229,6 +229,11 @@ def _module(directory: Path, node: dict, edges: list[dict], modules: dict, input
     if architecture_hash(module) != node["id"]:
         raise FormatError(f"{where}: the saved architecture hashes to {architecture_hash(module)},"
                           " not to its id (the files were edited or belong to another node)")
+    found = {"params": _parameter_count(module), "summary": summarize(module)}
+    for key, value in found.items():
+        if prefix is None and node[key] != value:     # what space.json says of the node
+            raise FormatError(f"{where}: space.json says {key} {node[key]!r:.80}, its "
+                              f"architecture has {value!r}; re-save the space")
     return module
 
 

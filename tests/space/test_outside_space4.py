@@ -235,3 +235,11 @@ def test_a_space_with_a_diverged_extended_node_loads_back(tmp_path):
     space.save(tmp_path, weights="all")
     out = morphc.ModelSpace.load(tmp_path, (x,)).module(ext)(x)
     assert out.isnan().all() and out.shape == (6, 3)
+
+
+@pytest.mark.parametrize("key,value", [("params", 1), ("summary", "L4-800 relu L800-3")])
+def test_node_facts_in_space_json_must_match_the_architecture(saved, tmp_path, key, value):
+    """params and summary were taken from space.json as written: an edited file gave a loaded
+    space that reported another architecture than the one it held."""
+    with pytest.raises(morphc.FormatError, match=rf"space\.json says {key}"):
+        _load(saved, tmp_path, _json(lambda d, n: d["nodes"][0].update({key: value})))
