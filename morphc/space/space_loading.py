@@ -248,8 +248,10 @@ def load_space(directory, example_inputs, *, kwargs=None, dynamic_shapes=None):
     directory = Path(directory)
     document = directory / "space.json"
     if not document.is_file():
-        raise NotASpaceError(f"no saved model space at {directory} (no space.json file); "
-                             "space.save(directory, weights='all') writes one")
+        hint = (f"; pass the directory that holds it, {directory.parent}"
+                if directory.is_file() else "")
+        raise NotASpaceError(f"no saved model space at {directory} (no space.json file in "
+                             f"it); space.save(directory, weights='all') writes one{hint}")
     data = _fields(_read_document(document), _SPACE_KEYS, "space.json")
     check_version(data, SPACE_FORMAT)
     nodes = [_read_node(spec, i) for i, spec in enumerate(_typed(data["nodes"], list, "nodes"))]

@@ -139,8 +139,10 @@ def test_something_that_is_not_a_saved_space_is_a_format_error(saved, tmp_path, 
     x, _, directory = saved
     (tmp_path / "empty").mkdir()
     path = {"empty": tmp_path / "empty", "file": directory / "space.json", None: None}[where]
-    with pytest.raises(morphc.FormatError, match=r"space\.save"):
+    with pytest.raises(morphc.FormatError, match=r"space\.save") as error:
         morphc.ModelSpace.load(path, (x,))
+    if where == "file":          # the space.json itself: name the directory to pass
+        assert f"pass the directory that holds it, {directory}" in str(error.value)
     if where is not None:     # what it raised before, too
         with pytest.raises(FileNotFoundError):
             morphc.ModelSpace.load(path, (x,))
