@@ -23,6 +23,24 @@ from morphc.space.schema import function_name
 GRAPH_FORMAT, SPACE_FORMAT, VERSION = "morphc.graph", "morphc.space", 2
 
 
+def check_version(data: dict, expected: str) -> None:
+    """``data`` is a ``expected`` file of this ``VERSION``; else a ``FormatError`` that says
+    what to do: a newer file needs a newer morphc, an older one re-saving (the format
+    changed)."""
+    found, version = data["format"], data["version"]
+    if found == expected and version == VERSION:
+        return
+    if found == expected and type(version) is int and version > VERSION:
+        advice = (f"it was written by a newer morphc (v{version}); upgrade morphc to load it, "
+                  "or save it again with this one")
+    elif found == expected and type(version) is int:
+        advice = f"it was written by an older morphc (v{version}); save it again with this one"
+    else:
+        advice = "it is not a file morphc wrote, or was edited"
+    raise FormatError(f"not a {expected} v{VERSION} file (format {found!r:.80}, version "
+                      f"{version!r:.80}): {advice}")
+
+
 def _owner(gm: fx.GraphModule, target: str):
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)

@@ -44,7 +44,7 @@ from torch import fx, nn
 
 from morphc.errors import FormatError
 from morphc.space.codec import _check_settings, _construct, build_module, decode_arg
-from morphc.space.encoding import GRAPH_FORMAT, VERSION, graph_to_json
+from morphc.space.encoding import GRAPH_FORMAT, check_version, graph_to_json
 from morphc.space.schema import (
     _DENIED_METHODS,
     _OPS,
@@ -196,9 +196,7 @@ def graph_from_json(data: dict, state: dict | None = None) -> fx.GraphModule:
     it reads (see the module docstring); raises ``FormatError`` on anything else. With
     ``state`` (the weights to load), sizes are checked against it before allocating."""
     _fields(data, _DOC_KEYS, "architecture")
-    if data["format"] != GRAPH_FORMAT or data["version"] != VERSION:
-        raise FormatError(f"not a {GRAPH_FORMAT} v{VERSION} file (format {data['format']!r}, "
-                          f"version {data['version']!r}); re-save it with this morphc version")
+    check_version(data, GRAPH_FORMAT)
     check_identifier(data["class_name"], "class name")
     training = _typed(data["training"], bool, "training")
     root = _root_from_json(data, state)
@@ -233,10 +231,22 @@ def _reject_constant(name: str):
     raise FormatError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique: ``json`` would keep the last of two, silently."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen = [key for key, _ in pairs]
+        twice = sorted({key for key in seen if seen.count(key) > 1})
+        raise FormatError(f"the keys {twice!r:.200} appear twice in one object (which one "
+                          "counts is ambiguous); keep one of each")
+    return data
+
+
 def _read_document(path: Path) -> dict:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant,
+                          object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:   # also an int past Python's digit limit
         raise FormatError(f"{path} is not a JSON document: {exc}") from exc
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object")

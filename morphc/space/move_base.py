@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from morphc.compiler.extended import ExtendedModel
 from morphc.errors import MoveError
 from morphc.ir.example_inputs import ExampleInputs
+from morphc.ir.frontends import _ShapeProp
 from morphc.ir.tags import FRONTEND
 from morphc.ir.trace import trace
 from morphc.ir.traced_model import TracedModel
@@ -48,11 +48,13 @@ def _placeholder_values(gm: fx.GraphModule, inputs: ExampleInputs) -> tuple:
 
 
 def annotate(module: nn.Module, inputs: tuple) -> None:
-    """Record each node's shape (``node.meta['tensor_meta']``) without touching BN statistics."""
+    """Record each node's shape (``node.meta['tensor_meta']``) without touching BN statistics.
+    The tracer's ShapeProp: plain ShapeProp fails on a packed sequence (LSTM over
+    ``pack_padded_sequence``), rebuilding it with metadata where its tensors were."""
     gm = graph_of(module)
     held = io.StringIO()      # ShapeProp prints a traceback before raising; the error says it
     with no_side_effects(gm), torch.no_grad(), contextlib.redirect_stderr(held):
-        ShapeProp(gm).propagate(*_placeholder_values(gm, ExampleInputs.of(inputs)))
+        _ShapeProp(gm).propagate(*_placeholder_values(gm, ExampleInputs.of(inputs)))
 
 
 def failure(exc: BaseException) -> str:

@@ -94,7 +94,9 @@ class Contract(Move):
         if not isinstance(module, ExtendedModel):
             raise MoveError("Contract needs an extended architecture (the result of Extend); "
                             "to remove grown branches use Ungrow")
-        return contract(module)
+        # contract returns the model Extend was given, in the mode it had then (the parent's
+        # mode at that time); the architecture it leads to computes in the extended one's mode
+        return contract(module).train(module.training)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from os import PathLike
 from pathlib import Path
 
 import networkx as nx
@@ -26,10 +27,11 @@ from morphc.compiler.extended import ExtendedModel
 from morphc.errors import FormatError, MorphcError
 from morphc.ir.branch import BypassBranch
 from morphc.ir.example_inputs import ExampleInputs
+from morphc.ir.tags import EXTENSION_PREFIX
 from morphc.space.architecture import architecture_hash
-from morphc.space.encoding import SPACE_FORMAT, VERSION
-from morphc.space.graph import ModelSpace
-from morphc.space.loading import _read_document, load
+from morphc.space.encoding import SPACE_FORMAT, check_version
+from morphc.space.graph import ModelSpace, _parameter_count, summarize
+from morphc.space.loading import PrefixError, _read_document, load
 from morphc.space.move_base import annotate, failure
 from morphc.space.moves import Extend
 from morphc.space.schema import _fields, _typed
@@ -41,22 +43,51 @@ _NODE_KEYS = {"id", "order", "kind", "summary", "params", "steps", "visits", "sc
 _EDGE_KEYS = {"source", "target", "move", "spec", "change", "change_train", "count", "order"}
 _EXTEND_KEYS = {"move", "sites", "width", "activation", "seed"}
 _NODE_ID = re.compile(r"[0-9a-f]{16}")     # architecture_hash: 8 bytes in hex; names files
+_MAX_COUNT = 2 ** 63      # what a count can be when torch (a seed, a size) gets it
+
+
+class NotASpaceError(FormatError, FileNotFoundError):
+    """The directory holds no saved space (or misses files of one): a ``FormatError``, and the
+    ``FileNotFoundError`` it was before."""
 
 
 def _count(value, where: str) -> int:
     value = _typed(value, int, where)
-    if value < 0:
-        raise FormatError(f"{where}: expected a count ≥ 0, got {value}")
+    if not 0 <= value < _MAX_COUNT:
+        raise FormatError(f"{where}: expected a count in [0, 2**63), got {value!r:.40}")
     return value
 
 
-def _number(value, where: str, *, null: bool = False) -> float | None:
+def _number(value, where: str, *, null: bool = False, minimum: float = -math.inf
+            ) -> float | None:
     if value is None and null:
         return None
-    value = float(_typed(value, (int, float), where))
-    if not math.isfinite(value):
-        raise FormatError(f"{where}: expected a finite number, got {value}")
+    value = _typed(value, (int, float), where)
+    try:
+        value = float(value)       # an int past 1e308 overflows
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value) or value < minimum:
+        bound = "" if minimum == -math.inf else f" ≥ {minimum:g}"
+        raise FormatError(f"{where}: expected a finite number{bound}, got {value:.3g}")
     return value
+
+
+def _node_files(directory: Path, name: str, what: str) -> Path:
+    """The prefix of one saved architecture in the space (``nodes/<hash>`` or ``best``): both
+    files there, regular files inside ``directory`` (a symlink out of it is refused)."""
+    prefix = directory / name
+    for suffix in (".json", ".pt"):
+        path = prefix.with_name(prefix.name + suffix)
+        if not path.is_file():
+            raise NotASpaceError(f"{what}: {path} is missing (or not a file), so this space "
+                                 "cannot be restored whole; copy the directory "
+                                 "space.save(directory, weights='all') wrote with all its files")
+        if not path.resolve().is_relative_to(directory.resolve()):
+            raise FormatError(f"{what}: {path} leads out of {directory} (to "
+                              f"{path.resolve()}); a saved space holds its own files — copy "
+                              "them in instead of linking")
+    return prefix
 
 
 def _node_id(value, where: str) -> str:
@@ -102,6 +133,8 @@ def _read_edge(spec, index: int, ids: set[str]) -> dict:
             "change_train": _number(spec["change_train"], f"{where}.change_train"),
             "count": _count(spec["count"], f"{where}.count"),
             "order": _count(spec["order"], f"{where}.order")}
+    if type(edge["spec"].get("move")) is not str:
+        raise FormatError(f"{where}.spec.move: expected the move's class name")
     for end in ("source", "target"):
         if edge[end] not in ids:
             raise FormatError(f"{where}.{end}: {edge[end]} is no node of the space")
@@ -127,14 +160,22 @@ def _extend_move(spec: dict, where: str) -> Extend:
 
 def _extended(saved, parent, move: Extend, inputs: ExampleInputs, where: str) -> ExtendedModel:
     """The extended node again: ``move`` on its restored parent, then its saved weights and
-    homotopy; it must compute exactly what the saved graph computes."""
+    homotopy; it must compute exactly what the saved graph computes. The move's width must be
+    the saved branches' (checked before the move allocates anything)."""
+    # its temporary branches only: grown and deepened ones came with the parent
+    branches = [m for name, m in saved.named_modules()
+                if name.startswith(f"{EXTENSION_PREFIX}.") and isinstance(m, BypassBranch)]
+    widths = {m.width for m in branches}
+    if widths != {move.width}:
+        raise FormatError(f"{where}: the recorded {move} does not match the saved extended "
+                          f"architecture (branch widths {sorted(widths)})")
     try:
         ext = move(parent, inputs)
         ext.graph_module.load_state_dict(saved.state_dict(), strict=True)
     except (MorphcError, RuntimeError) as exc:
         raise FormatError(f"{where}: the recorded {move} does not rebuild the saved extended "
                           f"architecture ({exc})") from exc
-    homotopy = {float(m.homotopy) for m in saved.modules() if isinstance(m, BypassBranch)}
+    homotopy = {float(m.homotopy) for m in branches}
     if len(homotopy) != 1:
         raise FormatError(f"{where}: its branches do not share one homotopy ({homotopy})")
     ext.set_homotopy(homotopy.pop())
@@ -148,10 +189,20 @@ def _extended(saved, parent, move: Extend, inputs: ExampleInputs, where: str) ->
 
 
 def _same_output(a, b) -> bool:
+    """Bit for bit, NaN where NaN is: a node whose training diverged is restored too."""
     leaves_a, leaves_b = (torch.utils._pytree.tree_leaves(t) for t in (a, b))
     return len(leaves_a) == len(leaves_b) and all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-        for x, y in zip(leaves_a, leaves_b, strict=True))
+        _same_leaf(x, y) for x, y in zip(leaves_a, leaves_b, strict=True))
+
+
+def _same_leaf(x, y) -> bool:
+    if not isinstance(x, torch.Tensor):
+        return x == y or x != x and y != y          # NaN != NaN
+    if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if not (x.is_floating_point() or x.is_complex()):
+        return torch.equal(x, y)
+    return bool(torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all())
 
 
 def _module(directory: Path, node: dict, edges: list[dict], modules: dict, inputs,
@@ -159,7 +210,7 @@ def _module(directory: Path, node: dict, edges: list[dict], modules: dict, input
     """Node ``node``'s architecture with its weights (``prefix``: another saved copy of it, such
     as ``best``), checked against its id."""
     where = f"node {node['id']}"
-    saved = load(prefix or directory / "nodes" / node["id"])
+    saved = load(prefix or _node_files(directory, f"nodes/{node['id']}", where))
     if node["kind"] == "extended":
         made = [e for e in edges if e["target"] == node["id"] and e["spec"].get("move") == "Extend"
                 and e["source"] in modules and not isinstance(modules[e["source"]], ExtendedModel)]
@@ -178,6 +229,11 @@ def _module(directory: Path, node: dict, edges: list[dict], modules: dict, input
     if architecture_hash(module) != node["id"]:
         raise FormatError(f"{where}: the saved architecture hashes to {architecture_hash(module)},"
                           " not to its id (the files were edited or belong to another node)")
+    found = {"params": _parameter_count(module), "summary": summarize(module)}
+    for key, value in found.items():
+        if prefix is None and node[key] != value:     # what space.json says of the node
+            raise FormatError(f"{where}: space.json says {key} {node[key]!r:.80}, its "
+                              f"architecture has {value!r}; re-save the space")
     return module
 
 
@@ -186,37 +242,47 @@ def load_space(directory, example_inputs, *, kwargs=None, dynamic_shapes=None):
     ``space.save(directory, weights="all")``, with every node's weights, scores, moves and
     refusals, and the best weights ever evaluated. The example inputs are not saved: pass them
     as to ``ModelSpace(...)``. Anything that does not validate is a ``FormatError``."""
+    if not isinstance(directory, str | PathLike) or not str(directory):
+        raise PrefixError(f"expected the directory space.save wrote (a str or pathlib.Path), "
+                          f"got {directory!r:.80}")
     directory = Path(directory)
     document = directory / "space.json"
     if not document.is_file():
-        raise FileNotFoundError(f"no saved model space at {directory} (no space.json); "
-                                "space.save(directory, weights='all') writes one")
+        hint = (f"; pass the directory that holds it, {directory.parent}"
+                if directory.is_file() else "")
+        raise NotASpaceError(f"no saved model space at {directory} (no space.json file in "
+                             f"it); space.save(directory, weights='all') writes one{hint}")
     data = _fields(_read_document(document), _SPACE_KEYS, "space.json")
-    if data["format"] != SPACE_FORMAT or data["version"] != VERSION:
-        raise FormatError(f"not a {SPACE_FORMAT} v{VERSION} file (format {data['format']!r}, "
-                          f"version {data['version']!r}); save the space with this morphc")
+    check_version(data, SPACE_FORMAT)
     nodes = [_read_node(spec, i) for i, spec in enumerate(_typed(data["nodes"], list, "nodes"))]
     ids = {node["id"] for node in nodes}
     if len(ids) != len(nodes) or not nodes:
         raise FormatError("space.json: node ids must be unique, and there must be a root")
     edges = [_read_edge(spec, i, ids)
              for i, spec in enumerate(_typed(data["edges"], list, "edges"))]
+    for what, keys in (("node orders", [n["order"] for n in nodes]),
+                       ("edge orders", [e["order"] for e in edges]),
+                       ("edges", [(e["source"], e["target"]) for e in edges])):
+        if len(set(keys)) != len(keys):    # a graph would merge them: not what was saved
+            raise FormatError(f"space.json: {what} must be unique (each is recorded once)")
     root = _node_id(data["root"], "root")
     best = None if data["best"] is None else _node_id(data["best"], "best")
     if root not in ids or best is not None and best not in ids:
         raise FormatError("space.json: root and best must be nodes of the space")
-    lost = [n["id"] for n in nodes if n["error"] is not None]
+    lost = [n for n in nodes if n["error"] is not None]
     if lost:
-        raise FormatError(f"nodes {lost} could not be saved as data ({nodes[0]['error']!s:.200}"
-                          "...), so this space cannot be restored whole")
+        raise FormatError(f"nodes {[n['id'] for n in lost]} could not be saved as data "
+                          f"({lost[0]['error']:.200}"
+                          "...), so this space cannot be restored whole; its moves and scores "
+                          "are in space.json: make a space from your model and apply them again")
     if not (directory / "nodes").is_dir():
         raise FormatError(f"{directory} holds no node weights (saved with weights='best' or "
                           "'none'): load its best architecture with morphc.load(directory / "
                           "'best'), or save the space with space.save(directory, weights='all')")
     space = ModelSpace.__new__(ModelSpace)
     space.example_inputs = ExampleInputs.of(example_inputs, kwargs, dynamic_shapes)
-    space.tolerance = _number(data["tolerance"], "tolerance")
-    space.train_tolerance = _number(data["train_tolerance"], "train_tolerance")
+    space.tolerance = _number(data["tolerance"], "tolerance", minimum=0.0)
+    space.train_tolerance = _number(data["train_tolerance"], "train_tolerance", minimum=0.0)
     space.steps_spent = _count(data["steps_spent"], "steps_spent")
     space.rejected = [_read_rejected(spec, i)
                       for i, spec in enumerate(_typed(data["rejected"], list, "rejected"))]
@@ -236,5 +302,5 @@ def load_space(directory, example_inputs, *, kwargs=None, dynamic_shapes=None):
         best_node = next(n for n in nodes if n["id"] == best)
         space._best = (max(scored, default=math.nan), best,
                        _module(directory, best_node, edges, modules, space.example_inputs,
-                               prefix=directory / "best"))
+                               prefix=_node_files(directory, "best", "the best weights")))
     return space
