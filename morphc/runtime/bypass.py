@@ -265,7 +265,8 @@ class Bypass(BetweenSteps, CycleRunner):
             self._check_buffers()
         if edited:
             self._warn_edited()
-        if self._cycle is not None and not self._changed_since(self._cycle, modes=False):
+        if self._cycle is not None and not self._changed_since(self._cycle, modes=False,
+                                                                 settings=False):
             with self._whole_on_error(self._cycle):
                 self._close_cycle(self._last_closure, finishing=True)
         if self._probation is not None and edited:

@@ -56,6 +56,8 @@ class Cycle:
         self._outside: tuple[int, list] | None = None   # :meth:`outside_ext`
         self.watch: SettingsWatch | None = None   # the user's layers' settings (Dropout.p)
         self.settings: tuple = ()                  # ... as the cycle follows them
+        self.ran_modes: tuple | None = None   # the modes its graph ran the last step in
+        self._live: set[int] | None = None    # the layers its symbolic graph calls live
         if config.bypass_steps == 0:
             self.enter_return(config.return_steps)
 
@@ -69,6 +71,31 @@ class Cycle:
         (none once a shape retraced it: the extra graphs are torch.export's)."""
         traced = self.ext.extension_traced
         return set() if self.ext.retraces else live_modules(traced.graph_module, traced.frontend)
+
+    def graph_modes(self, modules: list[nn.Module]) -> tuple[bool, ...] | None:
+        """The mode the extended graph ran each of the user's ``modules`` in, as it stands
+        after a step (None: it cannot tell). A symbolically traced graph calls the user's own
+        leaf layers (Dropout, BatchNorm) as modules, which read their flag live; what it traced
+        through keeps the traced mode, flipped with the graph's own flag where
+        :func:`~morphc.ir.mode_flags.follow_mode` made it read that. An exported graph bakes
+        every mode in: the traced ones, or all in the extension's mode where it runs a graph
+        exported again in the other (``ShapeGraphs.call_in_mode``); so do the graphs exported
+        for other shapes, in the traced root's mode."""
+        ext, traced, baked = self.ext, self.ext.extension_traced, self.structure[1]
+        if ext.retraces:
+            uniform = all(flag == traced.training for flag in baked)
+            return baked if uniform and ext.training == traced.training else None
+        if traced.frontend != "symbolic_trace":
+            return baked if ext.training == traced.training else (ext.training,) * len(baked)
+        gm = ext.graph_module
+        if self._live is None:
+            self._live = {id(gm.get_submodule(str(node.target))) for node in gm.graph.nodes
+                          if node.op == "call_module"}
+        live = self._live
+        flips = gm.training != traced.training and \
+            not any("self.training" in note for note in traced.notes)
+        return tuple(module.training if id(module) in live else flag != flips
+                     for module, flag in zip(modules, baked, strict=True))
 
     def outside_ext(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Of ``params``, those the extended model does not hold (found again only when the

@@ -47,7 +47,11 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
     def _cycle_step(self, closure: Closure) -> torch.Tensor:
         """One step of the extended model; any fault rolls the cycle back."""
         cycle = self._cycle
-        if self._changed_since(cycle):
+        if cycle.shadow is not None and not cycle.shadow.follows(self.optimizer):
+            cycle.shadow = None                      # a param group added mid-cycle
+        # with plain training's copy beside, a mode is judged as the closure leaves it
+        # (:meth:`_modes_followed`): a validation's model.eval() between steps is no change
+        if self._changed_since(cycle, modes=cycle.shadow is None):
             return self._train_step(closure)
         try:
             loss, value = self._steps_beside_shadow(cycle, closure)
@@ -82,6 +86,9 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
             # cycle's steps, as without Bypass
             self._rollback("interrupted", raises=False, to_plain=True)
             raise
+        if cycle.shadow is not None and not self._modes_followed(cycle):
+            self._count_step(float(cycle.plain_loss))
+            return cycle.plain_loss
         self._count_step(value)
         was_free = cycle.phase is Phase.BYPASS
         with self._whole_on_error(cycle):
@@ -107,16 +114,17 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
         plain run the user then gets; fed plain training's, they act as without Bypass."""
         return cycle.plain_loss if cycle.plain_loss is not None else loss.detach()
 
-    def _changed_since(self, cycle: Cycle, modes: bool = True) -> bool:
+    def _changed_since(self, cycle: Cycle, modes: bool = True, settings: bool = True) -> bool:
         """The user replaced or added a layer since the cycle began (or, with ``modes``, put
-        one in another train/eval mode for the steps that follow): the extended graph still
+        one in another train/eval mode than the graph was traced in): the extended graph still
         runs the old layers and can never fold into the new ones. End the cycle — plain
         training's state from the copy beside it (the layers the user put in keep their own
-        values), else the state from before it — and tell the caller to train plainly."""
+        values), else the state from before it — and tell the caller to train plainly. With
+        ``settings``, a layer's setting the graph holds as a number too."""
         now = model_structure(self._user_model)
         if cycle.structure is None or now == cycle.structure or \
                 not modes and now[0] == cycle.structure[0]:
-            return modes and self._settings_baked(cycle)
+            return settings and self._settings_baked(cycle)
         self._buffer_modules = None
         what = "a layer replaced or added" if now[0] != cycle.structure[0] else \
             "a layer put in another train/eval mode"
@@ -124,6 +132,34 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
                        "it as it was, so the cycle ends here and the next one extends the model "
                        "as it is now", to_plain=True, raises=False)
         return True
+
+    def _modes_followed(self, cycle: Cycle) -> bool:
+        """After a step beside plain training's copy: whether the extended graph ran every
+        layer in the mode the closure ran plain training's model in (from the user's modes,
+        :meth:`Shadow.follow_modes`), as each first call found them. A closure's ``m.train()``
+        after a validation's ``model.eval()``, or a layer the graph calls live put in eval
+        mode, is followed. A mode the graph has baked in (torch.export; what symbolic_trace
+        traced through) is not: the cycle ends with plain training's state, which took this
+        batch's step. Either way the user's layers are left in the modes the closure left
+        plain training's model in, as without Bypass."""
+        shadow = cycle.shadow
+        users = [user for user, _ in shadow.modules]
+        ran = cycle.ran_modes if cycle.ran_modes is not None else cycle.graph_modes(users)
+        ran, plain = ran or None, shadow.modes()          # (): the graph could not tell
+        followed = ran == plain
+        if not followed:
+            where = "its graphs traced again for other shapes" if ran is None else ", ".join(
+                [name or "the model" for (name, _), flag, mine in zip(
+                    self._user_model.named_modules(), ran, plain, strict=True)
+                 if flag != mine][:3])
+            self._rollback(f"the model changed during the cycle (a layer put in another "
+                           f"train/eval mode than the extended graph "
+                           f"({cycle.ext.extension_traced.frontend}) runs it in: {where}): the "
+                           "cycle ends here with plain training's state, and the next one "
+                           "extends the model as it is now", to_plain=True, raises=False)
+        for user, mine in shadow.modules:
+            user.training = mine.training
+        return followed
 
     def _settings_baked(self, cycle: Cycle) -> bool:
         """The user changed a layer's setting since the last step (a dropout schedule's
@@ -173,8 +209,17 @@ class CycleRunner(PlainTraining, CycleStart, Verdicts):
         if shadow is None:
             return self._extended_step(cycle, closure)
         cycle.plain_loss = shadow.step(closure, self.optimizer, self.config.max_grad_norm)
-        with shadow.rng_apart():
-            return self._extended_step(cycle, closure)
+        users, cycle.ran_modes = [user for user, _ in shadow.modules], None
+
+        def note_modes(*_):               # the modes the graph runs in, at its first call
+            if cycle.ran_modes is None:
+                cycle.ran_modes = cycle.graph_modes(users) or ()
+        noted = cycle.ext.register_forward_pre_hook(note_modes)    # (compiled: not called)
+        try:
+            with shadow.rng_apart():
+                return self._extended_step(cycle, closure)
+        finally:
+            noted.remove()
 
     def _extended_step(self, cycle: Cycle, closure: Closure):
         ext, cfg = cycle.ext, self.config

@@ -151,6 +151,8 @@ class Shadow:
         copy_grad_hooks(self.pairs)
         copy_step_hooks(optimizer, self.optimizer)
         self.buffers = list(zip(model.buffers(), self.model.buffers(), strict=True))
+        self.modules = list(zip(model.modules(), self.model.modules(), strict=True))
+        self.ran_modes: tuple[bool, ...] | None = None   # :meth:`modes`
         self.layers = [(user, mine, names) for user, mine in zip(
             model.modules(), self.model.modules(), strict=True) if (names := setting_names(user))]
         # made once: the shadow steps on every step of a cycle
@@ -275,6 +277,7 @@ class Shadow:
             if mine.requires_grad != param.requires_grad:
                 mine.requires_grad_(param.requires_grad)
         self._follow_settings()
+        self.follow_modes()
         self.optimizer.zero_grad(set_to_none=True)
         buffers = [mine for _, mine in self.buffers]
         if buffers:
@@ -283,6 +286,9 @@ class Shadow:
         for param, _ in self.swapped() + self.inside:   # the user's last step's (the user's
             param.grad = None                           # own step zeroes them before its own)
         rng = None if self.reads_user else self._rng_state()
+        self.ran_modes = None
+        noted = None if self.run is not self.model else \
+            self.model.register_forward_pre_hook(self._note_modes)   # compiled: not traced in
         try:
             loss = self._loss_and_grads(closure)
             if not self.reads_user and any(p.grad is not None for p, _ in self.inside):
@@ -301,6 +307,9 @@ class Shadow:
             zero_grads(self.params)
             put_back(buffers, self.backup)
             raise
+        finally:
+            if noted is not None:
+                noted.remove()
         clip(self.params, max_grad_norm)
         self.optimizer.step()
         return loss.detach()
@@ -313,6 +322,25 @@ class Shadow:
                 value = vars(user).get(key)
                 if vars(mine).get(key) != value:
                     setattr(mine, key, value)
+
+    def follow_modes(self) -> None:
+        """The train/eval mode of each user's layer on its copy (a validation's
+        ``model.eval()`` between steps, BatchNorm frozen with ``model.bn.eval()``): the closure
+        then runs the copy from the modes plain training's model is in, as it runs the user's."""
+        for user, mine in self.modules:
+            if mine.training != user.training:
+                mine.training = user.training
+
+    def modes(self) -> tuple[bool, ...]:
+        """The modes the last step ran the copy in, layer by layer in the user's order (as
+        its first call found them; compiled, as the closure left them)."""
+        if self.ran_modes is not None:
+            return self.ran_modes
+        return tuple(mine.training for _, mine in self.modules)
+
+    def _note_modes(self, *_) -> None:
+        if self.ran_modes is None:
+            self.ran_modes = tuple(mine.training for _, mine in self.modules)
 
     def _loss_and_grads(self, closure: Closure) -> torch.Tensor:
         """The closure on the copy, its backward, the gradients on the copy's tensors; raises

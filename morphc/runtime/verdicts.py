@@ -238,8 +238,9 @@ class Verdicts:
         cycle step does: what the user's scheduler sees is what it sees without Bypass."""
         shadow = self._probation.shadow
         edited = edited_since(self._weight_versions)
+        # a mode is no change here: the copy takes the user's modes before each step
         if edited or not shadow.follows(self.optimizer) or \
-                model_structure(self._user_model) != shadow.structure:   # keep ours
+                model_structure(self._user_model)[0] != shadow.structure[0]:   # keep ours
             self._probation = None
             self._event("probation", loss_after=None, loss_plain=None, to="cycle",
                         reason="plain training beside the run cannot follow the optimizer's or "
@@ -272,12 +273,13 @@ class Verdicts:
         if probe is None:
             return
         if not shadow.follows(self.optimizer) or \
-                model_structure(self._user_model) != shadow.structure:
+                model_structure(self._user_model)[0] != shadow.structure[0]:
             # converted or rebuilt since the last step (a load resolving the probation first,
             # finish()): plain training's copy cannot run the batches, nor be handed over
             self._event("probation", loss_after=None, loss_plain=None, to="cycle",
                         reason="plain training beside the run cannot follow the model's change")
             return
+        shadow.follow_modes()                # judged from the modes the user's model is in
         mine = self._loss_without_trace(probe, self._user_model)
         with shadow.plain_values():
             plain = self._loss_without_trace(probe, shadow.model)
