@@ -13,7 +13,10 @@ On probation the run is the user's: edits there are seen by version counters
 
 from __future__ import annotations
 
+import warnings
+
 from morphc.runtime import user_edits as beside
+from morphc.runtime.steps import grads_dropped, grads_left, watched_for_grads
 from morphc.runtime.user_edits import edited_since
 
 
@@ -85,3 +88,27 @@ class BetweenSteps:
         if not self._warned_buffers and edited_since(self._buffer_versions):
             self._warned_buffers = True
             self._warn(beside.BUFFERS_MOVED)
+
+    def _warn_grads_dropped(self) -> None:
+        """A backward between steps left gradients no optimizer step took (accumulation by
+        hand): ``bp.step``'s ``zero_grad`` drops them as a plain loop's does — say so once."""
+        if not self._warned_grads and grads_dropped(self._grads_left):
+            self._warned_grads = True
+            warnings.warn(
+                "a backward ran between bp.step calls and left gradients on the model that no "
+                "optimizer step took: bp.step does zero_grad, backward and the optimizer step, so "
+                "it drops them, as a plain loop's zero_grad would. To accumulate micro-batches, "
+                "do it inside one closure — lambda m: sum(F.mse_loss(m(x), y) for x, y in micro) "
+                "/ len(micro) — one bp.step per optimizer step; for gradients not meant for a "
+                "step (a diagnostic), call optimizer.zero_grad() before bp.step to silence this",
+                UserWarning, stacklevel=3)
+
+    def _note_grads_left(self) -> None:
+        """What :meth:`_warn_grads_dropped` compares at the next step: the gradients as this
+        step leaves them, on the parameters :func:`grads_left` reads (found again when a
+        group grew or joined)."""
+        groups = self.optimizer.param_groups
+        sizes = tuple(len(g["params"]) for g in groups)
+        if sizes != self._grads_watched[0]:
+            self._grads_watched = (sizes, watched_for_grads(groups))
+        self._grads_left = grads_left(self._grads_watched[1])

@@ -46,7 +46,7 @@ from morphc.runtime.cycle_state import extension_state, restore_cycle
 from morphc.runtime.events import EventLog
 from morphc.runtime.optimizer_group import loss_sign, make_optimizer, training_group
 from morphc.runtime.shadow import Probation, Shadow
-from morphc.runtime.steps import Closure, grads_dropped, grads_left, watched_for_grads
+from morphc.runtime.steps import Closure
 from morphc.runtime.triggers import Plateau, Trigger
 from morphc.runtime.user_edits import (
     ResolveBeforeLoad,
@@ -148,8 +148,7 @@ class Bypass(BetweenSteps, CycleRunner):
         self._weight_versions = self._buffer_versions = None   # edits between steps
         self._grads_left: tuple | None = None    # a backward between steps (steps.py)
         self._grads_watched: tuple = ((), [])    # (group sizes, the parameters it reads)
-        self._warned_edited = self._warned_buffers = self._warned_half = False
-        self._warned_grads = False
+        self._warned_edited = self._warned_buffers = self._warned_half = self._warned_grads = False
         self._peak_lr = float(training_group(self.optimizer).get("lr", 0.0))
         self._lr_seen, self._lr_changed_at = self._peak_lr, 0   # how long the lr held still
         self._unpaid, self._quiet_until, self._disabled = 0, 0, None
@@ -218,16 +217,7 @@ class Bypass(BetweenSteps, CycleRunner):
             raise BypassError(
                 f"bp.step expects a closure `module -> loss` (e.g. lambda m: F.mse_loss(m(x), "
                 f"y)), got {type(closure).__name__}: Bypass calls it on the module to train now")
-        if not self._warned_grads and grads_dropped(self._grads_left):
-            self._warned_grads = True
-            warnings.warn(
-                "a backward ran between bp.step calls and left gradients on the model that no "
-                "optimizer step took: bp.step does zero_grad, backward and the optimizer step, so "
-                "it drops them, as a plain loop's zero_grad would. To accumulate micro-batches, "
-                "do it inside one closure — lambda m: sum(F.mse_loss(m(x), y) for x, y in micro) "
-                "/ len(micro) — one bp.step per optimizer step; for gradients not meant for a "
-                "step (a diagnostic), call optimizer.zero_grad() before bp.step to silence this",
-                UserWarning, stacklevel=2)
+        self._warn_grads_dropped()
         self._last_closure = closure
         self._show_run()
         if self._probation is not None:      # a cycle's plain copy took what the user did
@@ -245,15 +235,7 @@ class Bypass(BetweenSteps, CycleRunner):
         finally:     # what the next step compares, while plain training runs beside the run
             self._show_plain()
             self._count_versions()
-            self._grads_left = grads_left(self._watched_for_grads())
-
-    def _watched_for_grads(self) -> list[nn.Parameter]:
-        """The parameters :func:`grads_left` reads, found again when a group grew or joined."""
-        groups = self.optimizer.param_groups
-        sizes = tuple(len(g["params"]) for g in groups)
-        if sizes != self._grads_watched[0]:
-            self._grads_watched = (sizes, watched_for_grads(groups))
-        return self._grads_watched[1]
+            self._note_grads_left()
 
     def finish(self) -> nn.Module:
         """The user's own model object, in its own architecture. Never trains: a cycle still in

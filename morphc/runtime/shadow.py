@@ -22,6 +22,14 @@ from torch import nn
 from morphc.compiler.deviation import cuda_devices
 from morphc.ir.settings import setting_names
 from morphc.runtime.outside_buffers import outside_buffers_kept
+from morphc.runtime.shadow_copies import (
+    copied_parameters,
+    copied_tensor,
+    copy_grad_hooks,
+    copy_step_hooks,
+    put_state,
+    swap_states,
+)
 from morphc.runtime.snapshot import model_structure, trained_outside
 from morphc.runtime.steps import (
     Closure,
@@ -70,64 +78,6 @@ class Probation:
                    int(state["until"]), None if lead is None else float(lead))
 
 
-def copy_grad_hooks(pairs) -> None:
-    """Register each user tensor's gradient hooks (``param.register_hook``: a pruning mask,
-    per-element clipping) on its copy: deepcopy drops them, and the copy would not train as
-    plain training does — a hand-over would grow pruned weights back."""
-    for param, mine in pairs:
-        present = {id(hook) for hook in (mine._backward_hooks or {}).values()}
-        for hook in (param._backward_hooks or {}).values():
-            if id(hook) not in present:
-                mine.register_hook(hook)
-
-
-def copy_step_hooks(optimizer: torch.optim.Optimizer, mine: torch.optim.Optimizer) -> None:
-    """Register the user's optimizer step hooks (``register_step_pre_hook`` /
-    ``register_step_post_hook``: a projection onto non-negative weights over
-    ``optimizer.param_groups``) on the copy too: deepcopy drops them, and the copy would step
-    as plain training does not — a hand-over would give weights the hook never projected."""
-    for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
-        getattr(mine, name).update(getattr(optimizer, name, {}))
-
-
-def _copied_parameters(model: nn.Module, copied: nn.Module, memo: dict) -> None:
-    """Enter each copied Parameter in ``memo`` by name: a ``torch.jit.script``-ed submodule
-    copies its tensors in C++ without recording them, and the optimizer's copy would then step
-    fresh tensors of its own that the copied model never reads."""
-    for (_, param), (_, mine) in zip(model.named_parameters(remove_duplicate=False),
-                                     copied.named_parameters(remove_duplicate=False),
-                                     strict=True):
-        memo.setdefault(id(param), mine)
-
-
-def _copied_tensor(param: torch.Tensor) -> torch.Tensor:
-    """A copy of ``param`` to train plainly: the same value, kind and ``requires_grad``, no
-    gradient and no hooks (:func:`copy_grad_hooks` adds the user's)."""
-    with torch.no_grad():
-        mine = param.detach().clone()
-    if isinstance(param, nn.Parameter):
-        return nn.Parameter(mine, requires_grad=param.requires_grad)
-    return mine.requires_grad_(param.requires_grad)
-
-
-def _put_state(state: dict, param: torch.Tensor, value: dict | None) -> None:
-    """One parameter's optimizer state set (in place of the old entry: the order of
-    ``optimizer.state`` is kept), or removed for None."""
-    if value is None:
-        state.pop(param, None)
-    else:
-        state[param] = value
-
-
-def _swap_states(state: dict, pairs, mine: dict) -> list[dict | None]:
-    """The copy's per-parameter optimizer state shown in the user's optimizer (the same dict
-    objects: nothing steps between steps); returns what it held, for :meth:`Shadow.show_run`."""
-    held = [state.get(param) for param, _ in pairs]
-    for param, copy_of in pairs:
-        _put_state(state, param, mine.get(copy_of))
-    return held
-
-
 class Shadow:
     """The user's model and optimizer, copied at a cycle's start and trained plainly."""
 
@@ -135,7 +85,7 @@ class Shadow:
                  wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
         memo: dict = {}
         self.model = copy.deepcopy(model, memo)       # the optimizer's copy then steps the
-        _copied_parameters(model, self.model, memo)   # copied parameters (the same memo)
+        copied_parameters(model, self.model, memo)   # copied parameters (the same memo)
         self.optimizer = copy.deepcopy(optimizer, memo)
         self.pairs = [(param, memo[id(param)]) for param in model.parameters()]
         self.inside = list(self.pairs)
@@ -189,7 +139,7 @@ class Shadow:
                 torch._foreach_copy_(self.parked, [user.detach() for user, _ in mirrored])
             torch._foreach_copy_([user.detach() for user, _ in mirrored],
                                  [mine.detach() for _, mine in mirrored])
-        self.parked_state = _swap_states(optimizer.state, self.pairs, self.optimizer.state)
+        self.parked_state = swap_states(optimizer.state, self.pairs, self.optimizer.state)
         self.showing = True
 
     def show_run(self, optimizer: torch.optim.Optimizer, changed: bool) -> None:
@@ -202,9 +152,9 @@ class Shadow:
             return
         shown = [optimizer.state.get(param) for param, _ in self.pairs]
         for (param, _), run in zip(self.pairs, self.parked_state, strict=True):
-            _put_state(optimizer.state, param, run)
+            put_state(optimizer.state, param, run)
         for (_, mine), plain in zip(self.pairs, shown, strict=True):
-            _put_state(self.optimizer.state, mine, plain)
+            put_state(self.optimizer.state, mine, plain)
         self.parked_state = []
         mirrored = self.pairs + self.buffers
         with torch.no_grad():
@@ -220,12 +170,12 @@ class Shadow:
             return optimizer.state_dict()
         shown = [optimizer.state.get(param) for param, _ in self.pairs]
         for (param, _), run in zip(self.pairs, self.parked_state, strict=True):
-            _put_state(optimizer.state, param, run)
+            put_state(optimizer.state, param, run)
         try:
             return optimizer.state_dict()
         finally:
             for (param, _), plain in zip(self.pairs, shown, strict=True):
-                _put_state(optimizer.state, param, plain)
+                put_state(optimizer.state, param, plain)
 
     def run_values(self) -> dict[int, torch.Tensor]:
         """While plain's values show: the run's, by the id of the user's tensor."""
@@ -253,7 +203,7 @@ class Shadow:
         if any(p in optimizer.state for p in new):   # stepped already: plain's value is lost
             return False
         for param in dict.fromkeys(new):
-            copies[param] = _copied_tensor(param)
+            copies[param] = copied_tensor(param)
             self.outside.append((param, copies[param]))
             self.pairs.append((param, copies[param]))
             copy_grad_hooks([(param, copies[param])])
