@@ -97,18 +97,27 @@ def _node_id(value, where: str) -> str:
     return value
 
 
+def _text(value, where: str) -> str:
+    return _typed(value, str, where)
+
+
+def _number_or_null(value, where: str) -> float | None:
+    return _number(value, where, null=True)
+
+
+def _read_fields(spec: dict, where: str, readers: dict) -> dict:
+    """Each named field of ``spec`` through its reader, which names it by its place in the file
+    (``nodes[3].order``) when it refuses it."""
+    return {key: read(spec[key], f"{where}.{key}") for key, read in readers.items()}
+
+
 def _read_node(spec, index: int) -> dict:
     where = f"nodes[{index}]"
     _fields(spec, _NODE_KEYS, where)
-    node = {"id": _node_id(spec["id"], f"{where}.id"),
-            "order": _count(spec["order"], f"{where}.order"),
-            "kind": _typed(spec["kind"], str, f"{where}.kind"),
-            "summary": _typed(spec["summary"], str, f"{where}.summary"),
-            "params": _count(spec["params"], f"{where}.params"),
-            "steps": _count(spec["steps"], f"{where}.steps"),
-            "visits": _count(spec["visits"], f"{where}.visits"),
-            "score": _number(spec["score"], f"{where}.score", null=True),
-            "scores": [], "error": None}
+    node = _read_fields(spec, where, {
+        "id": _node_id, "order": _count, "kind": _text, "summary": _text, "params": _count,
+        "steps": _count, "visits": _count, "score": _number_or_null})
+    node.update(scores=[], error=None)
     if node["kind"] not in ("graph", "extended"):
         raise FormatError(f"{where}.kind: expected 'graph' or 'extended', got {node['kind']!r}")
     for j, pair in enumerate(_typed(spec["scores"], list, f"{where}.scores")):
@@ -125,14 +134,10 @@ def _read_node(spec, index: int) -> dict:
 def _read_edge(spec, index: int, ids: set[str]) -> dict:
     where = f"edges[{index}]"
     _fields(spec, _EDGE_KEYS, where)
-    edge = {"source": _node_id(spec["source"], f"{where}.source"),
-            "target": _node_id(spec["target"], f"{where}.target"),
-            "move": _typed(spec["move"], str, f"{where}.move"),
-            "spec": _typed(spec["spec"], dict, f"{where}.spec"),
-            "change": _number(spec["change"], f"{where}.change"),
-            "change_train": _number(spec["change_train"], f"{where}.change_train"),
-            "count": _count(spec["count"], f"{where}.count"),
-            "order": _count(spec["order"], f"{where}.order")}
+    edge = _read_fields(spec, where, {
+        "source": _node_id, "target": _node_id, "move": _text,
+        "spec": lambda value, at: _typed(value, dict, at), "change": _number,
+        "change_train": _number, "count": _count, "order": _count})
     if type(edge["spec"].get("move")) is not str:
         raise FormatError(f"{where}.spec.move: expected the move's class name")
     for end in ("source", "target"):
